@@ -1,0 +1,30 @@
+// The extension hkd._C: every op's schema, declared once. Kernels attach per backend in
+// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(hkd, CPU, m)) and csrc/cuda/*.cpp (TORCH_LIBRARY_IMPL(hkd, CUDA, m));
+// autograd and fake (meta) kernels are registered from Python, in hkd/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef HKD_CUDA_ARCHITECTURES
+#define HKD_CUDA_ARCHITECTURES ""
+#endif
+
+TORCH_LIBRARY(hkd, m) {
+  // --- spectral (2x2 rotation-scaling) generators: hkd/ops/spectral.py ---------------------------
+  // --- dense generators, matrix exponential: hkd/ops/dense.py --------------------------------------
+}
+
+// `import hkd._C` loads the library, which registers the ops above statically; the module itself
+// only says how it was built.
+static PyModuleDef hkd_module = {PyModuleDef_HEAD_INIT, "_C", "hkd's compiled ops (torch.ops.hkd)", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&hkd_module);
+  if (module == nullptr) return nullptr;
+#ifdef HKD_WITH_CUDA
+  PyModule_AddObject(module, "WITH_CUDA", Py_NewRef(Py_True));
+#else
+  PyModule_AddObject(module, "WITH_CUDA", Py_NewRef(Py_False));
+#endif
+  PyModule_AddStringConstant(module, "CUDA_ARCHITECTURES", HKD_CUDA_ARCHITECTURES);
+  return module;
+}

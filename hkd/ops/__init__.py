@@ -1,0 +1,9 @@
+"""Koopman propagation ops: one Python front per op (validation, backend choice, autograd, fake kernels).
+
+Backends: "reference" (plain PyTorch, the definition), "cpu" (C++), "cuda" (CUDA), "triton", and "auto".
+"""
+
+from hkd.ops import reference
+from hkd.ops._backend import BACKENDS
+
+__all__ = ["BACKENDS", "reference"]

@@ -1,0 +1,5 @@
+"""Triton kernels, installed as hkd.kernels. Importing them needs triton; the rest of hkd does not.
+
+On a machine without a GPU they run under the Triton interpreter: set TRITON_INTERPRET=1 before
+they are imported.
+"""
