@@ -5,5 +5,7 @@ Backends: "reference" (plain PyTorch, the definition), "cpu" (C++), "cuda" (CUDA
 
 from hkd.ops import reference
 from hkd.ops._backend import BACKENDS
+from hkd.ops.dense import dense_propagate, expm
+from hkd.ops.spectral import spectral_propagate
 
-__all__ = ["BACKENDS", "reference"]
+__all__ = ["BACKENDS", "dense_propagate", "expm", "reference", "spectral_propagate"]
