@@ -70,4 +70,12 @@ def section(config: dict[str, Any], name: str, cls: type[T]) -> T:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     """A config dataclass as plain YAML/JSON-friendly values (tuples become lists)."""
-    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(obj)))
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(obj))
