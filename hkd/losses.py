@@ -1,0 +1,126 @@
+"""The distance of Algorithm 1: lambda1 * MSE + lambda2 * perceptual, per sample.
+
+    d(x_hat, x_eps) = lambda1 * mean((x_hat - x_eps)^2) + lambda2 * P(x_hat, x_eps),
+    lambda1 = lambda1_start * (lambda1_end / lambda1_start) ** (epoch / epochs)   (paper: 10^(-3 epoch / epochs))
+
+P is one of
+* "lpips":        LPIPS (the `lpips` package) with an AlexNet or VGG backbone. The backbone's ImageNet weights are
+                  read from the torch hub cache ($TORCH_HOME/hub/checkpoints, the file torchvision would download)
+                  or from a path the user gives; never fetched. Images are in [-1, 1]; grey images are repeated to
+                  3 channels and images smaller than `lpips_resize` are upsampled bilinearly (AlexNet needs >= ~32 px).
+* "pseudo_huber": sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(C H W) (improved consistency training), weight-free.
+* "none":         no perceptual term.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PERCEPTUAL = ("lpips", "pseudo_huber", "none")
+
+
+def lambda1_schedule(epoch: float, epochs: int, start: float = 1.0, end: float = 1e-3) -> float:
+    """Weight of the MSE term: decays geometrically from `start` (epoch 0) towards `end` (epoch = epochs)."""
+    return start * (end / start) ** (epoch / max(epochs, 1))
+
+
+def pseudo_huber(x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample sqrt(||x - y||^2 + c^2) - c, c = 0.00054 sqrt(C H W); shape (B,)."""
+    c = 0.00054 * x[0].numel() ** 0.5
+    squared = (x.float() - y.float()).square().flatten(1).sum(1)
+    return torch.sqrt(squared + c * c) - c
+
+
+def _backbone_weights_file(net: str, weights: str | os.PathLike | None) -> Path:
+    """The ImageNet backbone weights: the user's path, else torchvision's file in the local torch hub cache."""
+    import torchvision
+
+    enum = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights}[net]
+    url = enum.IMAGENET1K_V1.url
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"LPIPS backbone weights {str(path)!r} not found (expected torchvision's {url})")
+        return path
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"LPIPS needs the {net} ImageNet backbone weights, and nothing is downloaded at run time: put {url} "
+            f"at {path} (the torch hub cache, set by $TORCH_HOME), or pass train.lpips_weights=PATH; "
+            "or use train.perceptual=pseudo_huber (weight-free)"
+        )
+    return path
+
+
+class LPIPS(nn.Module):
+    """LPIPS of the `lpips` package with its backbone loaded from a local file; frozen, per-sample output (B,)."""
+
+    def __init__(self, net: str = "alex", weights: str | os.PathLike | None = None, resize: int = 224):
+        super().__init__()
+        if net not in ("alex", "vgg"):
+            raise ValueError(f"lpips_net must be 'alex' or 'vgg', not {net!r}")
+        try:
+            import lpips
+        except ImportError as error:
+            raise ImportError("perceptual=lpips needs the lpips package: pip install 'hkd[lpips]'") from error
+        path = _backbone_weights_file(net, weights)
+        try:
+            backbone = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"LPIPS backbone weights {str(path)!r} could not be read: {error}") from error
+        # pnet_rand=True only skips torchvision's download: the backbone is overwritten from `path` just below.
+        with warnings.catch_warnings():  # torchvision's deprecation note on lpips' `pretrained=` argument
+            warnings.simplefilter("ignore", UserWarning)
+            self.lpips = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+        # lpips splits torchvision's `features` Sequential into slices that keep the layer indices as names
+        sliced = self.lpips.net.state_dict()
+        try:
+            state = {key: backbone["features." + key.split(".", 1)[1]] for key in sliced}
+            self.lpips.net.load_state_dict(state)
+        except (KeyError, RuntimeError) as error:
+            raise ValueError(f"{str(path)!r} is not a torchvision {net} ImageNet state dict: {error}") from error
+        self.resize = resize
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> LPIPS:
+        return super().train(False)  # always in eval mode (no dropout in the metric)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        if self.resize and min(x.shape[-2:]) < self.resize:
+            x, y = (F.interpolate(v.float(), size=(self.resize, self.resize), mode="bilinear") for v in (x, y))
+        return self.lpips(x.float(), y.float()).flatten()
+
+
+class Distance(nn.Module):
+    """Per-sample lambda1 * MSE + lambda2 * perceptual; `forward(x_hat, x_eps, lambda1) -> (B,)`."""
+
+    def __init__(
+        self,
+        perceptual: str = "pseudo_huber",
+        lambda2: float = 1.0,
+        lpips_net: str = "alex",
+        lpips_weights: str | None = None,
+        lpips_resize: int = 224,
+    ):
+        super().__init__()
+        if perceptual not in PERCEPTUAL:
+            raise ValueError(f"perceptual must be one of {', '.join(PERCEPTUAL)}, not {perceptual!r}")
+        self.perceptual, self.lambda2 = perceptual, lambda2
+        self.lpips = LPIPS(lpips_net, lpips_weights, lpips_resize) if perceptual == "lpips" else None
+
+    def forward(self, x_hat: Tensor, x_eps: Tensor, lambda1: float) -> Tensor:
+        loss = lambda1 * (x_hat.float() - x_eps.float()).square().flatten(1).mean(1)
+        if self.perceptual == "pseudo_huber":
+            loss = loss + self.lambda2 * pseudo_huber(x_hat, x_eps)
+        elif self.perceptual == "lpips":
+            loss = loss + self.lambda2 * self.lpips(x_hat, x_eps)
+        return loss
