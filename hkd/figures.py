@@ -1,0 +1,101 @@
+"""Plotting helpers shared by the analysis, editing and evaluation commands (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write a file through a temporary name and os.replace: an interrupted run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a figure as PNG atomically and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            fig.savefig(file, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def tile(images: Tensor, nrow: int = 8, padding: int = 1) -> np.ndarray:
+    """Images (N, C, H, W) in [-1, 1] as one (H', W') or (H', W', 3) array in [0, 1] for imshow (white padding)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
+    n, c, h, w = x.shape
+    ncol = min(nrow, n)
+    rows = -(-n // ncol)
+    grid = np.ones((c, rows * (h + padding) + padding, ncol * (w + padding) + padding), np.float32)
+    for i in range(n):
+        top, left = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
+        grid[:, top : top + h, left : left + w] = x[i]
+    return grid[0] if c == 1 else grid.transpose(1, 2, 0)
+
+
+def show_images(ax: plt.Axes, images: Tensor, title: str = "", nrow: int = 8) -> None:
+    ax.imshow(tile(images, nrow), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def image_table(
+    cells: list[list[Tensor]], row_labels: list[str], col_labels: list[str], title: str, nrow: int = 4
+) -> plt.Figure:
+    """A figure with one image grid per (row, column), rows and columns labelled."""
+    rows, cols = len(cells), len(cells[0])
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.6, 1.9 * rows + 0.6), squeeze=False)
+    for i in range(rows):
+        for j in range(cols):
+            show_images(axes[i][j], cells[i][j], col_labels[j] if i == 0 else "", nrow)
+        axes[i][0].set_ylabel(row_labels[i], fontsize=9)
+    fig.suptitle(title)
+    return fig
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_list(x: Tensor) -> list:
+    return torch.as_tensor(x).detach().cpu().tolist()

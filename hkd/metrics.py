@@ -1,0 +1,250 @@
+"""Evaluation metrics: FID (Inception, through torch-fidelity), the offline digits metrics, teacher fidelity.
+
+Images everywhere are float tensors (N, C, H, W) in the model's pixel range [-1, 1].
+
+* FID: torch-fidelity's Inception-v3 (the TF-FID port). Nothing downloads at run time: its weights come from
+  `weights=`, the environment variable HKD_INCEPTION_WEIGHTS, or torch's hub cache; otherwise a clear error
+  says where to get the file and where to put it.
+* Digits metrics (offline, for the embedded 16x16 digits): a small CNN classifier trained deterministically on
+  scikit-learn's bundled digits on first use (about two seconds on a CPU) and cached. "FD-digits" is the
+  Frechet distance between the classifier's penultimate features of two image sets; the recognisable rate is
+  the fraction of samples the classifier assigns to one class with confidence >= 0.9.
+* Teacher fidelity: MSE, pseudo-Huber and classifier-feature distance between HKD's one-step image and the
+  teacher's ODE endpoint for the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hkd.losses import pseudo_huber
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+CONFIDENT = 0.9  # a sample is "recognisable" when the classifier's top probability reaches this
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frechet distance
+
+
+def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (unbiased) covariance of features (N, D), in float64."""
+    features = features.double().flatten(1)
+    if features.shape[0] < 2:
+        raise ValueError(f"Frechet statistics need at least 2 samples, got {features.shape[0]}")
+    return features.mean(0), torch.cov(features.T).reshape(features.shape[1], features.shape[1])
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), through symmetric eigendecompositions (float64)."""
+    mu1, sigma1, mu2, sigma2 = (t.double() for t in (mu1, sigma1, mu2, sigma2))
+    eigenvalues, eigenvectors = torch.linalg.eigh(sigma1)
+    sqrt1 = eigenvectors @ torch.diag(eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+    cross = torch.linalg.eigvalsh(sqrt1 @ sigma2 @ sqrt1).clamp(min=0).sqrt().sum()
+    value = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * cross
+    return float(value.clamp(min=0))
+
+
+def frechet_distance_features(features1: Tensor, features2: Tensor) -> float:
+    return frechet_distance(*gaussian_stats(features1), *gaussian_stats(features2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FID through torch-fidelity
+
+
+def inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """The Inception-v3 weight file: `path`, else $HKD_INCEPTION_WEIGHTS, else torch's hub cache; never downloads."""
+    candidates = [Path(p) for p in (path, os.environ.get("HKD_INCEPTION_WEIGHTS")) if p]
+    if path is None:
+        candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"FID needs torch-fidelity's Inception-v3 weights ({INCEPTION_FILE}); looked in "
+        f"{', '.join(map(str, candidates))}. Download {INCEPTION_URL} on a machine with network access and pass "
+        "its path (--inception-weights PATH or HKD_INCEPTION_WEIGHTS=PATH), or put it in that hub folder. "
+        "For the embedded digits use the offline metric instead (fd_digits)."
+    )
+
+
+class _UInt8Images(torch.utils.data.Dataset):
+    """[-1, 1] float images as the uint8 RGB tensors torch-fidelity expects."""
+
+    def __init__(self, images: Tensor):
+        images = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        self.images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.images[i]
+
+
+def fid(images1: Tensor, images2: Tensor, *, weights: str | os.PathLike | None = None) -> float:
+    """FID between two image sets (N, 1 or 3, H, W) in [-1, 1] (torch-fidelity, Inception-v3 pool3 features)."""
+    try:
+        import torch_fidelity
+    except ImportError as error:
+        raise ImportError("FID needs torch-fidelity: pip install 'hkd[fid]' (or pip install torch-fidelity)") from error
+    for name, images in (("images1", images1), ("images2", images2)):
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"fid: {name} must be (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    path = inception_weights(weights)
+    metrics = torch_fidelity.calculate_metrics(
+        input1=_UInt8Images(images1),
+        input2=_UInt8Images(images2),
+        fid=True,
+        feature_extractor_weights_path=str(path),
+        cuda=torch.cuda.is_available(),
+        cache=False,
+        verbose=False,
+    )
+    return float(metrics["frechet_inception_distance"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The offline digits classifier
+
+
+def digits_dataset(size: int = 16) -> tuple[Tensor, Tensor]:
+    """The embedded digits (hkd.data.digits): images (1797, 1, size, size) in [-1, 1] and labels."""
+    from hkd.data import digits
+
+    return digits.load(size=size)
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for 1x16x16 digits; `features` is its 64-d penultimate layer (the Frechet feature space)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(64, 10)
+
+    def features(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or tuple(images.shape[1:]) != (1, 16, 16):
+            raise ValueError(f"the digits classifier takes (N, 1, 16, 16) images in [-1, 1], got {tuple(images.shape)}")
+        return self.body(images.float())
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+def train_digits_classifier(epochs: int = 20, seed: int = 0) -> tuple[DigitsClassifier, float]:
+    """Deterministic (fixed seed, one thread, holdout = every 5th image); about 2 s on a CPU. Returns the model and
+    its holdout accuracy."""
+    images, labels = digits_dataset()
+    holdout = torch.arange(len(images)) % 5 == 0
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)  # the same weights whatever the machine's thread count
+        try:
+            model = DigitsClassifier()
+            optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+            x, y = images[~holdout], labels[~holdout]
+            for _ in range(epochs):
+                for batch in torch.randperm(len(x)).split(128):
+                    shift = torch.randint(-1, 2, (2,)).tolist()  # +-1 pixel jitter: robust to generated samples
+                    loss = F.cross_entropy(model(torch.roll(x[batch], shift, dims=(2, 3))), y[batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+        finally:
+            torch.set_num_threads(threads)
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        accuracy = (model(images[holdout]).argmax(1) == labels[holdout]).float().mean().item()
+    return model, accuracy
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("HKD_CACHE_DIR") or Path.home() / ".cache" / "hkd")
+
+
+_CLASSIFIER: DigitsClassifier | None = None
+
+
+def digits_classifier() -> DigitsClassifier:
+    """The cached classifier (memory, then $HKD_CACHE_DIR or ~/.cache/hkd, then trained and written atomically)."""
+    global _CLASSIFIER
+    if _CLASSIFIER is not None:
+        return _CLASSIFIER
+    images, _ = digits_dataset()  # the cache key covers the recipe and the exact pixels it was trained on
+    recipe = hashlib.sha256(images.numpy().tobytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    path = _cache_dir() / f"digits_classifier_{recipe}.pt"
+    model = DigitsClassifier()
+    try:
+        model.load_state_dict(torch.load(path, weights_only=True))
+        model.eval().requires_grad_(False)
+    except (FileNotFoundError, RuntimeError, EOFError, OSError):
+        model, _ = train_digits_classifier()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
+                torch.save(model.state_dict(), handle)
+            os.replace(handle.name, path)
+        except OSError:  # a read-only home: keep it in memory only
+            pass
+    _CLASSIFIER = model
+    return model
+
+
+@torch.no_grad()
+def digits_features(images: Tensor, batch_size: int = 512) -> tuple[Tensor, Tensor]:
+    """Penultimate features (N, 64) and class probabilities (N, 10) of images (N, 1, 16, 16) in [-1, 1]."""
+    model = digits_classifier()
+    features = torch.cat([model.features(b.cpu()) for b in images.split(batch_size)])
+    return features, model.head(features).softmax(1)
+
+
+def digits_metrics(samples: Tensor, reference: Tensor | None = None) -> dict[str, float]:
+    """FD-digits of samples against `reference` (default: the whole embedded dataset) and the recognisable rate."""
+    features, probabilities = digits_features(samples)
+    reference_features, _ = digits_features(digits_dataset()[0] if reference is None else reference)
+    confidence = probabilities.max(1).values
+    return {
+        "fd_digits": frechet_distance_features(features, reference_features),
+        "recognisable": float((confidence >= CONFIDENT).float().mean()),
+        "class_entropy": float(_entropy(probabilities.argmax(1).bincount(minlength=10).float())),
+    }
+
+
+def _entropy(counts: Tensor) -> Tensor:
+    """Entropy (nats) of the predicted-class histogram: log(10) = 2.30 when all classes are equally present."""
+    p = counts / counts.sum()
+    return -(p[p > 0] * p[p > 0].log()).sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teacher fidelity
+
+
+def teacher_fidelity(images: Tensor, teacher_images: Tensor) -> dict[str, float]:
+    """Distances between a model's images and the teacher's endpoints for the same noise (lower is closer)."""
+    if images.shape != teacher_images.shape:
+        raise ValueError(f"teacher fidelity: shapes differ, {tuple(images.shape)} vs {tuple(teacher_images.shape)}")
+    images, teacher_images = images.detach().float().cpu(), teacher_images.detach().float().cpu()
+    out = {
+        "mse": float((images - teacher_images).square().mean()),
+        "pseudo_huber": float(pseudo_huber(images, teacher_images).mean()),
+    }
+    if tuple(images.shape[1:]) == (1, 16, 16):  # perceptual distance in the digits classifier's feature space
+        a, b = digits_features(images)[0], digits_features(teacher_images)[0]
+        out["feature_distance"] = float((a - b).square().sum(1).sqrt().mean())
+    return out

@@ -1,0 +1,99 @@
+"""Editing maths: regions, component selection (nested in r), swaps (r = 0 exact, r = 1 full), constraints."""
+
+import pytest
+import torch
+
+from hkd import editing
+from hkd.propagator import HKDPropagator
+
+SHAPES = [(6, 8, 8), (4, 4, 4)]
+
+
+def random_propagator(generator="spectral", per_position=True):
+    propagator = HKDPropagator(SHAPES, generator=generator, per_position=per_position)
+    with torch.no_grad():
+        for p in propagator.parameters():
+            p.normal_()
+    return propagator
+
+
+def random_latents(batch=2):
+    return [torch.randn(batch, *shape, dtype=torch.float64) for shape in SHAPES]
+
+
+def test_region_masks():
+    lower = editing.region_mask(5, 4, "lower")
+    assert lower.shape == (5, 4) and lower[2:].all() and not lower[:2].any()
+    assert torch.equal(editing.region_mask(4, 4, "upper"), ~editing.region_mask(4, 4, "lower"))
+    assert torch.equal(editing.region_mask(4, 6, "left"), ~editing.region_mask(4, 6, "right"))
+    assert editing.region_mask(3, 3, "all").all()
+    with pytest.raises(ValueError, match="region must be one of"):
+        editing.region_mask(4, 4, "middle")
+
+
+def test_component_selection_is_nested_sized_and_inside_band_and_region():
+    propagator = random_propagator()
+    previous = None
+    for r in (0.0, 0.1, 0.5, 0.9, 1.0):
+        chosen, _ = editing.component_masks(propagator, "high", "lower", r, seed=3)
+        for level, mask in enumerate(chosen):
+            band = propagator.band_mask(level, "high")
+            region = editing.region_mask(*SHAPES[level][1:], "lower")
+            eligible = band & region
+            assert not (mask & ~eligible).any()
+            assert int(mask.sum()) == round(r * int(eligible.sum()))
+            if previous is not None:
+                assert not (previous[level] & ~mask).any()  # nested: r grows, the set only grows
+        previous = chosen
+    with pytest.raises(ValueError, match="fraction r"):
+        editing.component_masks(propagator, "high", "lower", 1.5)
+
+
+@pytest.mark.parametrize("generator,per_position", [("spectral", True), ("spectral", False), ("dense", True)])
+def test_swap_r0_is_exact_and_r1_all_bands_everywhere_is_the_reference(generator, per_position):
+    propagator = random_propagator(generator, per_position)
+    z, z_ref = random_latents(), random_latents()
+    chosen, regions = editing.component_masks(propagator, "high", "lower", 0.0)
+    for a, b in zip(editing.swap(propagator, z, z_ref, chosen, regions), z, strict=True):
+        assert torch.equal(a, b)
+    chosen, regions = editing.component_masks(propagator, editing.BAND_ALL, "all", 1.0)
+    for a, b in zip(editing.swap(propagator, z, z_ref, chosen, regions), z_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("per_position", [True, False])
+def test_swap_changes_only_the_region_and_the_band(per_position):
+    propagator = random_propagator("spectral", per_position)
+    z, z_ref = random_latents(), random_latents()
+    chosen, regions = editing.component_masks(propagator, "low", "lower", 1.0)
+    edited = editing.swap(propagator, z, z_ref, chosen, regions)
+    for level, (a, b, r) in enumerate(zip(edited, z, z_ref, strict=True)):
+        h = SHAPES[level][1]
+        assert torch.equal(a[..., : h // 2, :], b[..., : h // 2, :])  # upper half untouched
+        band = propagator.band_mask(level, "low").repeat_interleave(2, dim=0)
+        band = band if per_position else band[:, None, None].expand(-1, *SHAPES[level][1:])
+        lower = torch.zeros(SHAPES[level][1:], dtype=torch.bool)
+        lower[h // 2 :] = True
+        swapped = band & lower
+        torch.testing.assert_close(a[:, swapped], r[:, swapped], rtol=1e-12, atol=1e-12)
+        assert torch.equal(a[:, ~swapped], b[:, ~swapped])
+
+
+def test_constraints():
+    known, x = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    mask = torch.rand(1, 1, 4, 4) > 0.5
+    out = editing.inpaint_constraint(known, mask)(x)
+    assert torch.equal(out[..., mask[0, 0]], known[..., mask[0, 0]])
+    assert torch.equal(out[..., ~mask[0, 0]], x[..., ~mask[0, 0]])
+    gray = torch.randn(2, 1, 4, 4)
+    colourise = editing.colourise_constraint(gray)
+    out = colourise(x)
+    torch.testing.assert_close(out.mean(1, keepdim=True), gray)
+    torch.testing.assert_close(colourise(out), out)  # a projection
+    torch.testing.assert_close(out - out.mean(1, keepdim=True), x - x.mean(1, keepdim=True))  # chroma kept
+
+
+def test_blend_times():
+    assert editing.blend_times(80.0, 0.002, 1) == [80.0]
+    times = editing.blend_times(80.0, 0.002, 4)
+    assert times[0] == pytest.approx(80) and len(times) == 4 and times == sorted(times, reverse=True)

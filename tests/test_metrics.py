@@ -1,0 +1,91 @@
+"""Metrics: Frechet distance against closed forms and scipy, the offline digits classifier, FID's missing weights."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from hkd import metrics
+
+
+def test_frechet_distance_matches_scipy_sqrtm_formula():
+    a, b = (
+        torch.randn(200, 6, dtype=torch.float64),
+        torch.randn(150, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64),
+    )
+    b = b + torch.randn(6, dtype=torch.float64)
+    mu1, s1 = a.mean(0).numpy(), np.cov(a.numpy(), rowvar=False)
+    mu2, s2 = b.mean(0).numpy(), np.cov(b.numpy(), rowvar=False)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert metrics.frechet_distance_features(a, b) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_of_diagonal_gaussians_has_its_closed_form():
+    mu1, mu2 = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    v1, v2 = torch.rand(5, dtype=torch.float64) + 0.1, torch.rand(5, dtype=torch.float64) + 0.1
+    expected = (mu1 - mu2).square().sum() + (v1.sqrt() - v2.sqrt()).square().sum()
+    got = metrics.frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2))
+    assert got == pytest.approx(float(expected), rel=1e-10)
+    assert metrics.frechet_distance(mu1, torch.diag(v1), mu1, torch.diag(v1)) == pytest.approx(0, abs=1e-10)
+
+
+def test_gaussian_stats_needs_two_samples():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        metrics.gaussian_stats(torch.randn(1, 4))
+
+
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory):
+    """A fresh cache folder: the classifier is trained once for this module (about 2 s) and written there."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HKD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    mp.setattr(metrics, "_CLASSIFIER", None)
+    yield
+    mp.undo()
+
+
+def test_digits_classifier_is_accurate_deterministic_and_cached(classifier_cache, tmp_path):
+    model = metrics.digits_classifier()
+    cached = list(metrics._cache_dir().glob("digits_classifier_*.pt"))
+    assert len(cached) == 1
+    images, labels = metrics.digits_dataset()
+    holdout = torch.arange(len(images)) % 5 == 0
+    accuracy = (model(images[holdout]).argmax(1) == labels[holdout]).float().mean()
+    assert accuracy > 0.9
+    retrained, _ = metrics.train_digits_classifier()  # same recipe, same weights
+    for x, y in zip(model.state_dict().values(), retrained.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_digits_metrics_separate_real_from_noise_and_mode_collapse(classifier_cache):
+    images, labels = metrics.digits_dataset()
+    real = metrics.digits_metrics(images[1::2], images[::2])
+    noise = metrics.digits_metrics(torch.rand(400, 1, 16, 16) * 2 - 1, images[::2])
+    one_class = metrics.digits_metrics(images[1::2][labels[1::2] == 3], images[::2])
+    assert real["fd_digits"] < noise["fd_digits"] / 10
+    assert real["fd_digits"] < one_class["fd_digits"] / 10
+    assert real["recognisable"] > 0.8 > 0.2 > noise["recognisable"]
+    assert one_class["class_entropy"] < 0.5 < 2.2 < real["class_entropy"]
+
+
+def test_teacher_fidelity_is_zero_for_identical_images(classifier_cache):
+    x = torch.rand(6, 1, 16, 16) * 2 - 1
+    same = metrics.teacher_fidelity(x, x)
+    assert same["mse"] == 0 and same["feature_distance"] == 0 and same["pseudo_huber"] == pytest.approx(0, abs=1e-6)
+    other = metrics.teacher_fidelity(x, x + 0.1)
+    assert other["mse"] == pytest.approx(0.01, rel=1e-4) and other["pseudo_huber"] > 0
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.teacher_fidelity(x, x[:3])
+
+
+def test_fid_without_inception_weights_says_how_to_provide_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("HKD_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="Inception-v3 weights.*HKD_INCEPTION_WEIGHTS"):
+        metrics.inception_weights()
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        metrics.inception_weights(tmp_path / "missing.pth")
+    weights = tmp_path / "hub" / "checkpoints" / metrics.INCEPTION_FILE
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    assert metrics.inception_weights() == weights
