@@ -65,6 +65,15 @@ def spectrum_summary(spectrum: Tensor) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The model's trajectory (HKDModel: encode(x_t, t), propagate(latents, t_from, t_to), decode(latents), T, eps)
+
+
+def initial_latents(model, noise: Tensor) -> list[Tensor]:
+    """E(x_T) for x_T = T noise, noise standard normal."""
+    return model.encode(noise * model.T, model.T)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Bands on latents
 
 
@@ -95,7 +104,7 @@ def rewind(propagator, latents_eps: list[Tensor], latents_t: list[Tensor], band:
 @torch.no_grad()
 def band_images(model, noise: Tensor) -> dict[str, dict[str, Tensor]]:
     """{"decode"|"contribution": {f"{band}/{level or 'all'}": images}} plus {"full": {"": x_eps}}."""
-    z = model.propagate(model.encode_noise(noise), model.T, model.eps)
+    z = model.propagate(initial_latents(model, noise), model.T, model.eps)
     full = model.decode(z)
     out = {"full": {"": full}, "decode": {}, "contribution": {}}
     for band in BANDS:
@@ -109,7 +118,7 @@ def band_images(model, noise: Tensor) -> dict[str, dict[str, Tensor]]:
 @torch.no_grad()
 def cumulative_effect(model, noise: Tensor, times: Tensor) -> dict[str, Tensor]:
     """Per band, progress_b(t) over `times` (descending, T .. eps), and the rewound decodes x_b(t) (time-major)."""
-    z_T = model.encode_noise(noise)
+    z_T = initial_latents(model, noise)
     z_eps = model.propagate(z_T, model.T, model.eps)
     x_eps = model.decode(z_eps)
     out = {}

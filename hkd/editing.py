@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor
 
+from hkd.analysis import initial_latents
+
 BAND_ALL = "all"
 REGIONS = ("lower", "upper", "left", "right", "all")
 
@@ -118,8 +120,8 @@ def frequency_edit(
     t_edit = midpoint(model) if t_edit is None else float(t_edit)
     if not model.eps <= t_edit <= model.T:
         raise ValueError(f"t_edit must lie in [eps, T] = [{model.eps}, {model.T}], got {t_edit}")
-    z = model.propagate(model.encode_noise(noise), model.T, t_edit)
-    z_ref = model.propagate(model.encode_noise(reference_noise), model.T, t_edit)
+    z = model.propagate(initial_latents(model, noise), model.T, t_edit)
+    z_ref = model.propagate(initial_latents(model, reference_noise), model.T, t_edit)
     finish = lambda latents: model.decode(model.propagate(latents, t_edit, model.eps))
     edited = []
     for r in ratios:
@@ -156,8 +158,82 @@ def blend_along_trajectory(model, noise: Tensor, constraint, *, steps: int = 4, 
     """Predict the endpoint at each time, impose the constraint, re-noise to the next time; returns the last x_0."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     times = blend_times(model.T, model.eps, steps)
-    x0 = constraint(model.decode(model.propagate(model.encode_noise(noise), model.T, model.eps)))
+    x0 = constraint(model.decode(model.propagate(initial_latents(model, noise), model.T, model.eps)))
     for t in times[1:]:
         fresh = torch.randn(x0.shape, generator=generator).to(x0)
         x0 = constraint(model.decode(model.propagate(model.encode(x0 + t * fresh, t), t, model.eps)))
     return x0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `hkd edit`: the figures
+
+
+def run(
+    model,
+    out_dir,
+    *,
+    num: int = 4,
+    ratios: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9),
+    band: str = "high",
+    region: str = "lower",
+    t_edit: float | None = None,
+    known: Tensor | None = None,
+    steps: int = 4,
+    seed: int = 0,
+) -> list:
+    """Frequency edits (the chosen band and the all-band baseline, a grid over r), inpainting of the region of
+    `known` images (default: none) and, for 3-channel models, colourisation of their luminance. Returns the files."""
+    from pathlib import Path
+
+    from hkd import figures
+
+    out_dir = Path(out_dir)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    shape = (num, model.img_channels, model.img_resolution, model.img_resolution)
+    noise, reference_noise = (torch.randn(shape, generator=generator).to(device) for _ in range(2))
+    written, summary = [], {"band": band, "region": region, "ratios": list(ratios)}
+    for name in (band, BAND_ALL):
+        result = frequency_edit(model, noise, reference_noise, list(ratios), band=name, region=region, t_edit=t_edit)
+        cells = [
+            [result["unedited"][i : i + 1], *[e[i : i + 1] for e in result["edited"]], result["reference"][i : i + 1]]
+            for i in range(num)
+        ]
+        labels = ["unedited", *[f"r = {r:g}" for r in ratios], "reference"]
+        title = (
+            f"{'All-band mixing (baseline)' if name == BAND_ALL else f'{band} band'}: {region} region swapped "
+            f"at t = {result['t_edit']:.3g}"
+        )
+        fig = figures.image_table(cells, [f"sample {i}" for i in range(num)], labels, title, nrow=1)
+        written.append(figures.save_figure(fig, out_dir / f"edit_{name}.png"))
+        change = [(e - result["unedited"]).square().mean().sqrt().item() for e in result["edited"]]
+        summary[f"rms_change_{name}"] = change
+        summary["t_edit"] = result["t_edit"]
+    if known is not None:
+        known = known[:num].to(device)
+        where = region_mask(*known.shape[-2:], region).to(known)
+        mask = 1 - where  # the region is unknown, the rest is given
+        inpainted = blend_along_trajectory(model, noise[: len(known)], inpaint_constraint(known, mask), steps=steps)
+        rows = [known, known * mask + (1 - mask) * -1, inpainted]
+        fig = figures.image_table(
+            [[r] for r in rows],
+            ["known", f"given (no {region} half)", "inpainted"],
+            [f"blending along the trajectory, {steps} steps"],
+            "Inpainting",
+            nrow=num,
+        )
+        written.append(figures.save_figure(fig, out_dir / "inpaint.png"))
+        if known.shape[1] == 3:
+            gray = known.mean(1, keepdim=True)
+            coloured = blend_along_trajectory(model, noise[: len(known)], colourise_constraint(gray), steps=steps)
+            fig = figures.image_table(
+                [[known], [gray.expand_as(known)], [coloured]],
+                ["original", "gray", "colourised"],
+                [f"{steps} steps"],
+                "Colourisation",
+                nrow=num,
+            )
+            written.append(figures.save_figure(fig, out_dir / "colourise.png"))
+    written.append(figures.write_json(out_dir / "edit.json", summary))
+    return written

@@ -77,7 +77,11 @@ def image_table(
 ) -> plt.Figure:
     """A figure with one image grid per (row, column), rows and columns labelled."""
     rows, cols = len(cells), len(cells[0])
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.6, 1.9 * rows + 0.6), squeeze=False)
+    h, w = tile(cells[0][0], nrow).shape[:2]
+    width = 2.4 if w >= h else 2.4 * w / h  # inches per cell, keeping the grids' aspect
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(width * cols + 0.8, width * h / w * rows + 0.35 * rows + 0.6), squeeze=False
+    )
     for i in range(rows):
         for j in range(cols):
             show_images(axes[i][j], cells[i][j], col_labels[j] if i == 0 else "", nrow)

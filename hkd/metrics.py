@@ -248,3 +248,151 @@ def teacher_fidelity(images: Tensor, teacher_images: Tensor) -> dict[str, float]
         a, b = digits_features(images)[0], digits_features(teacher_images)[0]
         out["feature_distance"] = float((a - b).square().sum(1).sqrt().mean())
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `hkd eval`: the comparison table, and `hkd ablate`: the paper's ablation at the embedded scale
+
+ABLATION = (  # name, model.koopman, train.consistency, model.hierarchy, the paper's CIFAR-10 FID
+    ("direct regression", False, False, True, 5.72),
+    ("Koopman, no trajectory loss", True, False, True, 5.57),
+    ("Koopman + trajectory loss, no hierarchy", True, True, False, 4.78),
+    ("HKD (all three)", True, True, True, 3.30),
+)
+
+
+def _batched(fn, noise: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([fn(chunk).float().cpu() for chunk in noise.split(batch_size)])
+
+
+@torch.no_grad()
+def one_step(model, noise: Tensor, batch_size: int = 256) -> Tensor:
+    """HKD's one-step images from standard-normal noise (x_T = T noise)."""
+    device = next(model.parameters()).device
+    return _batched(lambda n: model.generate(n.to(device)), noise, batch_size)
+
+
+@torch.no_grad()
+def teacher_samples(teacher, noise: Tensor, num_steps: int, batch_size: int = 256) -> Tensor:
+    """The teacher's Heun endpoint (2 num_steps - 1 evaluations) from standard-normal noise."""
+    from hkd.teacher import heun_sampler
+
+    device = next(teacher.parameters()).device
+    return _batched(lambda n: heun_sampler(teacher, n.to(device), num_steps)[1][-1], noise, batch_size)
+
+
+def sample_metrics(images: Tensor, teacher_endpoint: Tensor, *, inception_weights=None, reference=None) -> dict:
+    """Every metric that applies: the digits metrics for 1x16x16 images, FID when Inception weights are given (or
+    found), teacher fidelity. `reference`: the real images for FD / FID (default: the embedded digits)."""
+    out = {}
+    if tuple(images.shape[1:]) == (1, 16, 16):
+        out.update(digits_metrics(images, reference))
+    if inception_weights is not None or tuple(images.shape[1:]) != (1, 16, 16):
+        if reference is None:
+            raise ValueError("FID needs reference images (the dataset) for images other than the embedded digits")
+        out["fid"] = fid(images, reference, weights=inception_weights)
+    out.update(teacher_fidelity(images, teacher_endpoint))
+    return out
+
+
+COLUMNS = ("fd_digits", "recognisable", "class_entropy", "fid", "mse", "pseudo_huber", "feature_distance")
+
+
+def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str, notes: str = "") -> list[Path]:
+    """rows: dicts with "name", "evaluations" and metric keys; written as NAME.md and NAME.json (atomically)."""
+    from hkd import figures
+
+    extra = [k for k in rows[0] if k not in ("name", "evaluations", *COLUMNS)] if rows else []
+    columns = [c for c in COLUMNS if any(c in row for row in rows)] + extra
+    header = ["model", "evaluations", *columns]
+    table = figures.markdown_table(
+        header, [[r["name"], r.get("evaluations"), *[r.get(c) for c in columns]] for r in rows]
+    )
+    out_dir = Path(out_dir)
+    return [
+        figures.atomic_write(out_dir / f"{name}.md", f"# {title}\n\n{notes}\n\n{table}"),
+        figures.write_json(out_dir / f"{name}.json", rows),
+    ]
+
+
+METRIC_NOTES = (
+    "fd_digits: Frechet distance in the digits classifier's 64-d feature space to the embedded digits (lower is "
+    "better); recognisable: fraction of samples classified with confidence >= 0.9; class_entropy: entropy of the "
+    "predicted classes (log 10 = 2.30 for all ten digits equally often); mse, pseudo_huber, feature_distance: "
+    "distance to the teacher's 35-evaluation endpoint for the same noise (lower is closer)."
+)
+
+
+def evaluate(
+    model,
+    teacher,
+    *,
+    baseline=None,
+    num: int = 500,
+    seed: int = 0,
+    few_steps: int = 2,
+    inception_weights=None,
+    reference: Tensor | None = None,
+    out_dir: str | Path = "runs/eval",
+) -> tuple[list[dict], list[Path]]:
+    """The `hkd eval` table: teacher at 35 and at 2 few_steps - 1 evaluations, HKD one step, the direct one-step
+    regression baseline (a model trained with model.koopman=false and train.consistency=false), same noise."""
+    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    noise = torch.randn(num, *shape, generator=torch.Generator().manual_seed(seed))
+    endpoint = teacher_samples(teacher, noise, 18)
+    candidates = [("teacher (Heun, 18 steps)", 35, endpoint)]
+    candidates.append(
+        (f"teacher (Heun, {few_steps} steps)", 2 * few_steps - 1, teacher_samples(teacher, noise, few_steps))
+    )
+    candidates.append(("HKD (one step)", 1, one_step(model, noise)))
+    if baseline is not None:
+        candidates.append(("direct regression baseline (one step)", 1, one_step(baseline, noise)))
+    rows = [
+        {
+            "name": name,
+            "evaluations": evaluations,
+            **sample_metrics(images, endpoint, inception_weights=inception_weights, reference=reference),
+        }
+        for name, evaluations, images in candidates
+    ]
+    notes = f"{num} samples, noise seed {seed}. " + METRIC_NOTES
+    return rows, write_table(rows, out_dir, "eval", "HKD against its teacher and the one-step baseline", notes)
+
+
+def ablate(config: dict, teacher, *, out_dir: str | Path, num: int = 500, seed: int = 0, log=print):
+    """The paper's four ablation configurations, trained with `config` (same data, steps, batch and seed: equal
+    budgets) through hkd.train.train, each in out_dir/<name>/ (a finished run is reused, an interrupted one resumed),
+    then evaluated on the same noise. Returns (rows, written files)."""
+    from hkd import train as training
+    from hkd.config import apply_overrides
+    from hkd.model import HKDModel
+
+    out_dir = Path(out_dir)
+    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    noise = torch.randn(num, *shape, generator=torch.Generator().manual_seed(seed))
+    endpoint = teacher_samples(teacher, noise, 18)
+    rows = []
+    for name, koopman, consistency, hierarchy, paper in ABLATION:
+        run = out_dir / name.replace(" ", "_").replace(",", "").replace("+", "and").replace("(", "").replace(")", "")
+        switches = [f"model.koopman={koopman}", f"model.hierarchy={hierarchy}", f"train.consistency={consistency}"]
+        cfg = apply_overrides(config, [*switches, f"train.out={run}"])
+        log(f"ablation: {name} ({', '.join(switches)}) -> {run}")
+        if (run / "model").is_dir():
+            model = HKDModel.from_pretrained(run / "model")
+        else:
+            model = training.train(cfg, resume=(run / training.CHECKPOINT_NAME).is_file(), log=log)["ema"]
+        row = {"name": name, "koopman": koopman, "trajectory_loss": consistency, "hierarchy": hierarchy}
+        row.update(sample_metrics(one_step(model.eval(), noise), endpoint))
+        rows.append({**row, "paper_fid_cifar10": paper})
+    notes = (
+        f"Equal budgets: every run uses the same train section ({_budget(config)}); {num} samples, noise seed {seed}. "
+        "paper_fid_cifar10: the paper's FID-50k on CIFAR-10 for the same switches (another scale and metric: compare "
+        "the ordering, not the values). " + METRIC_NOTES
+    )
+    return rows, write_table(rows, out_dir, "ablation", "Ablation (the paper's four configurations)", notes)
+
+
+def _budget(config: dict) -> str:
+    train = config.get("train") or {}
+    keys = ("epochs", "max_steps", "batch", "lr", "time_samples", "seed")
+    return ", ".join(f"{k}={train[k]}" for k in keys if k in train) or "the trainer's defaults"
