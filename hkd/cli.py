@@ -44,12 +44,155 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+# -- evaluation, analysis, editing, ablation (issue 8) -------------------------------------------------------------
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    return torch.device(name)
+
+
+def _model(path: str, device):
+    from hkd.model import HKDModel
+
+    try:
+        return HKDModel.from_pretrained(path).to(device).eval()
+    except ValueError as error:  # a mismatched or corrupt checkpoint
+        raise UserError(f"{path}: {error}") from error
+
+
+def _teacher(path: str, device):
+    from hkd.teacher import load_teacher
+
+    try:
+        return load_teacher(path, device)
+    except ValueError as error:
+        raise UserError(f"{path}: {error}") from error
+
+
+def _print_written(paths) -> None:
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from hkd import metrics
+
+    device = _device(args.device)
+    model, teacher = _model(args.model, device), _teacher(args.teacher, device)
+    baseline = _model(args.baseline, device) if args.baseline else None
+    rows, written = metrics.evaluate(
+        model, teacher, baseline=baseline, num=args.num, seed=args.seed, few_steps=args.few_steps,
+        inception_weights=args.inception_weights, out_dir=args.out,
+    )  # fmt: skip
+    print(written[0].read_text())
+    _print_written(written)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    import torch
+
+    from hkd import analysis
+
+    model = _model(args.model, _device(args.device))
+    shape = (args.num, model.img_channels, model.img_resolution, model.img_resolution)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+    summary = analysis.analyze(model, noise.to(next(model.parameters()).device), args.out, num_times=args.times)
+    _print_written(summary["written"])
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from hkd import editing
+
+    model = _model(args.model, _device(args.device))
+    known = None
+    if args.known == "digits":
+        from hkd.data import digits
+
+        known = digits.load(size=model.img_resolution)[0][args.seed :: 97][: args.num]
+        if known.shape[1] != model.img_channels:
+            raise UserError(f"--known digits: the model makes {model.img_channels}-channel images")
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    written = editing.run(
+        model, args.out, num=args.num, ratios=ratios, band=args.band, region=args.region, t_edit=args.t_edit,
+        known=known, steps=args.steps, seed=args.seed,
+    )  # fmt: skip
+    _print_written(written)
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from hkd import config, metrics
+
+    try:
+        cfg = config.load(args.config, args.overrides)
+    except config.ConfigError as error:
+        raise UserError(str(error)) from error
+    teacher = _teacher(args.teacher, _device(args.device))
+    rows, written = metrics.ablate(cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed)
+    print(written[0].read_text())
+    _print_written(written)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("info", help="versions, and which propagation backends are built and usable here")
     p.set_defaults(func=cmd_info)
+
+    device = dict(choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: the GPU if any)")
+    p = sub.add_parser("eval", help="table: teacher at 35 and few evaluations, HKD one step, one-step baseline")
+    p.add_argument("--model", required=True, help="HKD model folder (save_pretrained, e.g. RUN/model)")
+    p.add_argument("--teacher", required=True, help="the teacher (teacher.pt or its folder, or a diffusers folder)")
+    p.add_argument("--baseline", help="direct one-step regression model folder (model.koopman=false, "
+                   "train.consistency=false; `hkd ablate` trains it as 'direct regression')")  # fmt: skip
+    p.add_argument("--num", type=int, default=500, help="samples per row (default 500)")
+    p.add_argument("--few-steps", type=int, default=2, help="Heun steps of the cheap teacher row (2 -> 3 evaluations)")
+    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file: adds FID")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every row)")
+    p.add_argument("--out", default="runs/eval", help="folder for eval.md and eval.json")
+    p.add_argument("--device", **device)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="spectral analysis: eigenvalues, band decodes, cumulative effect, spectra")
+    p.add_argument("--model", required=True, help="HKD model folder (save_pretrained)")
+    p.add_argument("--num", type=int, default=8, help="samples to decode per band (default 8)")
+    p.add_argument("--times", type=int, default=12, help="times from T to eps for the cumulative effect")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--out", default="runs/analysis", help="folder for the figures, analysis.md and analysis.json")
+    p.add_argument("--device", **device)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("edit", help="frequency-targeted editing (grid over r), all-band baseline, inpainting")
+    p.add_argument("--model", required=True, help="HKD model folder (save_pretrained)")
+    p.add_argument("--band", choices=("low", "middle", "high"), default="high", help="band to swap (default high)")
+    p.add_argument("--region", choices=("lower", "upper", "left", "right", "all"), default="lower",
+                   help="spatial region whose components are swapped (default lower half)")  # fmt: skip
+    p.add_argument("--ratios", default="0,0.1,0.3,0.5,0.7,0.9", help="fractions r of the components to swap")
+    p.add_argument("--t-edit", type=float, help="time of the edit (default: the trajectory midpoint)")
+    p.add_argument("--known", choices=("digits", "none"), default="digits",
+                   help="known images for inpainting the region (default: embedded digits)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=4, help="blending steps along the trajectory for inpainting")
+    p.add_argument("--num", type=int, default=4, help="images per figure (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--out", default="runs/edit", help="folder for the figures and edit.json")
+    p.add_argument("--device", **device)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("ablate", help="train and evaluate the paper's four ablation configurations, equal budgets")
+    p.add_argument("--config", default="digits", help="training config (name or YAML path; default digits)")
+    p.add_argument("overrides", nargs="*", help="config overrides a.b=value, applied to all four runs")
+    p.add_argument("--teacher", required=True, help="the teacher whose trajectories the store holds")
+    p.add_argument("--num", type=int, default=500, help="evaluation samples (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation noise seed")
+    p.add_argument("--out", default="runs/ablation", help="folder for the four runs and ablation.md/json")
+    p.add_argument("--device", **device)
+    p.set_defaults(func=cmd_ablate)
     return parser
 
 
