@@ -1,8 +1,9 @@
 """Hierarchical Koopman Diffusion: encoder -> per-level linear Koopman evolution exp(tau A) -> decoder."""
 
 from hkd import ops
+from hkd.model import HKDModel, ModelConfig
 from hkd.propagator import HKDPropagator
 from hkd.unet import UNet
 
 __version__ = "0.1.0"
-__all__ = ["HKDPropagator", "UNet", "ops", "__version__"]
+__all__ = ["HKDModel", "HKDPropagator", "ModelConfig", "UNet", "ops", "__version__"]

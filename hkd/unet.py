@@ -129,6 +129,14 @@ class UNet(nn.Module):
                 f"img_resolution {img_resolution} must be divisible by 2^(levels - 1) = {2 ** (levels - 1)}"
             )
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
+        self.architecture = dict(  # the remaining constructor arguments, for copying weights between equal nets
+            model_channels=model_channels,
+            channel_mult=tuple(channel_mult),
+            num_blocks=num_blocks,
+            attn_resolutions=tuple(attn_resolutions),
+            dropout=dropout,
+            embed_noise=embed_noise,
+        )
         emb = 4 * model_channels if embed_noise else 0
         if embed_noise:
             self.map_noise = PositionalEmbedding(model_channels)

@@ -1,0 +1,260 @@
+"""HKDModel: encoder E -> per-level Koopman evolution exp(tau A^(l)) -> decoder D, on the teacher's U-Net.
+
+    x_hat(x_t, t) = D({ exp(tau(t, eps) A^(l)) E^(l)(x_t, t) }_l),   tau(t_from, t_to) = c(t_to) - c(t_from)
+
+E and D are the down and up paths of one hkd.unet.UNet (the latents are its skips, one tensor per resolution; see
+hkd.unet), A^(l) live in an hkd.propagator.HKDPropagator. Time is EDM's: sigma(t) = t, x_t = x_0 + t n,
+T = sigma_max, eps = sigma_min; the clock c is t itself ("identity", the paper) or ln t ("log").
+
+Choices (where the paper is silent):
+* The encoder, with encoder_sees_noise=True, sees the input as the teacher's network does: c_in(t) x_t and the
+  noise label c_noise(t) = ln(t) / 4. With False it is an autonomous observable g(x_t): the fixed scale c_in(T)
+  and label c_noise(T) for every t.
+* The decoder runs as the teacher's network does at sigma = T, where its output is a prediction of the image:
+  D(z) = c_out(T) F_up(z, c_noise(T)), in the teacher's denoised-image space. From the teacher's weights and A = 0,
+  the one-step output is then the teacher's denoiser D(x_T; T) (minus c_skip(T) x_T, 4e-5 x_T at T = 80).
+* koopman=False (ablation): the evolution is the identity (the generators stay zero and frozen).
+  hierarchy=False (ablation): only the deepest level (the bottleneck's resolution) has a learnable generator; the
+  other levels' generators stay zero and frozen, so those skips reach the decoder un-evolved.
+  Frozen means requires_grad=False, which DDP and the optimiser then skip.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from hkd.config import ConfigError, section, to_dict
+from hkd.propagator import HKDPropagator
+from hkd.unet import UNet
+
+WEIGHTS_NAME, CONFIG_NAME, FORMAT = "model.safetensors", "config.json", "hkd-model"
+CLOCKS = ("identity", "log")
+
+
+@dataclass
+class ModelConfig:
+    """The `model:` section of a run config."""
+
+    img_resolution: int = 32
+    img_channels: int = 3
+    model_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+    generator: str = "spectral"  # "spectral" (2x2 rotation-scaling blocks) or "dense"
+    per_position: bool = True  # one generator per spatial position, or one per level
+    backend: str = "auto"  # of the propagation ops
+    clock: str = "identity"  # c(t) = t ("identity", the paper) or ln t ("log")
+    encoder_sees_noise: bool = True
+    koopman: bool = True
+    hierarchy: bool = True
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+
+
+UNET_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+
+
+class HKDModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.clock not in CLOCKS:
+            raise ConfigError(f"model.clock must be one of {CLOCKS}, got {config.clock!r}")
+        if not 0 < config.sigma_min < config.sigma_max:
+            raise ConfigError(f"need 0 < model.sigma_min < model.sigma_max, got {config.sigma_min}, {config.sigma_max}")
+        self.config = config
+        self.img_resolution, self.img_channels = config.img_resolution, config.img_channels
+        self.T, self.eps, self.sigma_data = config.sigma_max, config.sigma_min, config.sigma_data
+        unet_args = {name: getattr(config, name) for name in UNET_FIELDS}
+        self.net = UNet(config.img_resolution, config.img_channels, config.img_channels, **unet_args)
+        self.propagator = HKDPropagator(self.net.latent_shapes, config.generator, config.per_position, config.backend)
+        for level, parameters in enumerate(self._generators_per_level()):
+            learnable = config.koopman and (config.hierarchy or level == len(self.net.latent_shapes) - 1)
+            for p in parameters:
+                p.requires_grad_(learnable)
+        self._fixed = None  # (key, FixedStepPropagator) for generate(), see _one_step_propagator
+
+    def _generators_per_level(self) -> list[list[nn.Parameter]]:
+        if self.propagator.generator == "spectral":
+            return [[a, b] for a, b in zip(self.propagator.alphas, self.propagator.betas, strict=True)]
+        return [[A] for A in self.propagator.generators]
+
+    # Time ----------------------------------------------------------------------------------------------------------
+
+    def clock(self, t: Tensor | float) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if (t <= 0).any():
+            raise ValueError(f"times must be positive (EDM sigma), got {t}")
+        return t if self.config.clock == "identity" else t.log()
+
+    def tau(self, t_from: Tensor | float, t_to: Tensor | float) -> Tensor:
+        """The Koopman time step from t_from to t_to: c(t_to) - c(t_from) (float64; scalar or per sample)."""
+        return self.clock(t_to) - self.clock(t_from)
+
+    def _sigma(self, t: Tensor | float, batch: int, device: torch.device) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
+        if t.numel() not in (1, batch):
+            raise ValueError(f"t must be a scalar or have one entry per sample ({batch}), got {t.numel()} entries")
+        return t.expand(batch)
+
+    # The three stages ----------------------------------------------------------------------------------------------
+
+    def check_images(self, x: Tensor, what: str = "x_t") -> None:
+        expected = (self.img_channels, self.img_resolution, self.img_resolution)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"{what} must have shape (B, {', '.join(map(str, expected))}) for this model, got {tuple(x.shape)}"
+            )
+
+    def encode(self, x_t: Tensor, t: Tensor | float) -> list[Tensor]:
+        """E(x_t): the latents at time t (t a scalar or one per sample)."""
+        self.check_images(x_t)
+        sigma = self._sigma(t if self.config.encoder_sees_noise else self.T, x_t.shape[0], x_t.device)
+        c_in = 1 / (sigma**2 + self.sigma_data**2).sqrt()
+        return self.net.encode(c_in.reshape(-1, 1, 1, 1) * x_t.float(), sigma.log() / 4)
+
+    def propagate(self, latents: list[Tensor], t_from: Tensor | float, t_to: Tensor | float) -> list[Tensor]:
+        """exp(tau(t_from, t_to) A^(l)) z^(l) for every level, in one op call (the identity when koopman=False)."""
+        if not self.config.koopman:
+            return list(latents)
+        return self.propagator(latents, self.tau(t_from, t_to).to(latents[0].device))
+
+    def decode(self, latents: list[Tensor]) -> Tensor:
+        """D(z): an image in the teacher's denoised-image space (float32)."""
+        B, T, sd = latents[0].shape[0], self.T, self.sigma_data
+        labels = torch.full((B,), math.log(T) / 4, device=latents[0].device)
+        return T * sd / math.sqrt(T**2 + sd**2) * self.net.decode(latents, labels).float()
+
+    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """x_hat at eps from x_t: D(exp(tau(t, eps) A) E(x_t, t))."""
+        return self.decode(self.propagate(self.encode(x_t, t), t, self.eps))
+
+    # Generation ----------------------------------------------------------------------------------------------------
+
+    def _one_step_propagator(self):
+        """propagator.at(tau(T, eps)), rebuilt whenever a generator changes (in-place updates bump _version)."""
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.propagator.parameters())
+        if self._fixed is None or self._fixed[0] != key:
+            self._fixed = (key, self.propagator.at(self.tau(self.T, self.eps).float()))
+        return self._fixed[1]
+
+    def generate(self, noise: Tensor) -> Tensor:
+        """One step: x_eps from x_T = noise (the caller passes sigma_max * randn). Without autograd and with
+        koopman=True the evolution is the cached fixed step propagator.at(tau(T, eps))."""
+        self.check_images(noise, "noise")
+        if torch.is_grad_enabled() or not self.config.koopman:
+            return self(noise, self.T)
+        return self.decode(self._one_step_propagator()(self.encode(noise, self.T)))
+
+    def trajectory(self, noise: Tensor, times: Tensor | list[float]) -> Tensor:
+        """Decoded states at each of `times` (in (0, T]) from x_T = noise, closed form after one encoder pass:
+        D(exp(tau(T, s) A) E(x_T)) for s in times. Returns (len(times), B, C, H, W)."""
+        self.check_images(noise, "noise")
+        times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
+        z_T = self.encode(noise, self.T)
+        return torch.stack([self.decode(self.propagate(z_T, self.T, s)) for s in times])
+
+    # Weights -------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_teacher(cls, teacher: nn.Module, config: ModelConfig | None = None) -> HKDModel:
+        """An HKDModel whose encoder and decoder are the teacher's U-Net (hkd.teacher.EDMPrecond or a bare UNet),
+        generators zero. Without `config`, the U-Net sizes, image size and sigma_data come from the teacher; with
+        it, they must match the teacher's."""
+        net = getattr(teacher, "net", teacher)
+        if not isinstance(net, UNet):
+            raise TypeError(
+                f"from_teacher needs an hkd.unet.UNet or an EDMPrecond around one, got {type(net).__name__}"
+            )
+        if not net.architecture["embed_noise"] or net.in_channels != net.out_channels:
+            raise ValueError("from_teacher needs a teacher UNet with embed_noise=True and in_channels == out_channels")
+        found = {name: net.architecture[name] for name in UNET_FIELDS}
+        found |= dict(img_resolution=net.img_resolution, img_channels=net.in_channels)
+        if hasattr(teacher, "sigma_data"):
+            found["sigma_data"] = teacher.sigma_data
+        if config is None:
+            config = ModelConfig(**found)
+        differ = {k: (getattr(config, k), v) for k, v in found.items() if _plain(getattr(config, k)) != _plain(v)}
+        if differ:
+            raise ValueError(
+                "model config does not match the teacher: "
+                + ", ".join(f"{k}={ours!r} (teacher {theirs!r})" for k, (ours, theirs) in differ.items())
+            )
+        model = cls(config)
+        model.net.load_state_dict(net.state_dict())
+        return model.to(next(net.parameters()).device)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """directory/model.safetensors (weights) and directory/config.json (format and model config), each atomic."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        config = json.dumps({"format": FORMAT, "version": 1, "model": to_dict(self.config)}, indent=2)
+        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": FORMAT}))
+        _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(config + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> HKDModel:
+        """The model written by save_pretrained; a missing, corrupt or mismatched file is an error naming it."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(
+                    f"{directory / name} not found (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})"
+                )
+        try:
+            saved = json.loads((directory / CONFIG_NAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{directory / CONFIG_NAME} is corrupt: {error}") from error
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            raise ValueError(f"{directory / CONFIG_NAME} is not an HKD model config (format {FORMAT!r})")
+        model = cls(section(saved, "model", ModelConfig))
+        try:
+            state = load_file(str(directory / WEIGHTS_NAME))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{directory / WEIGHTS_NAME} is corrupt or not a safetensors file: {error}") from error
+        ours = model.state_dict()
+        missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+        shapes = [
+            f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+            for k, v in ours.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        if missing or unexpected or shapes:
+            problems = [f"missing {missing[:5]}" * bool(missing), f"unexpected {unexpected[:5]}" * bool(unexpected)]
+            problems += [f"shapes {shapes[:5]}" * bool(shapes)]
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: {'; '.join(p for p in problems if p)}"
+            )
+        model.load_state_dict(state)
+        return model.to(device)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
