@@ -269,7 +269,7 @@ def _batched(fn, noise: Tensor, batch_size: int) -> Tensor:
 def one_step(model, noise: Tensor, batch_size: int = 256) -> Tensor:
     """HKD's one-step images from standard-normal noise (x_T = T noise)."""
     device = next(model.parameters()).device
-    return _batched(lambda n: model.generate(n.to(device)), noise, batch_size)
+    return _batched(lambda n: model.generate(n.to(device) * model.T), noise, batch_size)
 
 
 @torch.no_grad()
@@ -359,10 +359,11 @@ def evaluate(
     return rows, write_table(rows, out_dir, "eval", "HKD against its teacher and the one-step baseline", notes)
 
 
-def ablate(config: dict, teacher, *, out_dir: str | Path, num: int = 500, seed: int = 0, log=print):
+def ablate(config: dict, teacher, *, out_dir: str | Path, num: int = 500, seed: int = 0, dataset=None, log=print):
     """The paper's four ablation configurations, trained with `config` (same data, steps, batch and seed: equal
     budgets) through hkd.train.train, each in out_dir/<name>/ (a finished run is reused, an interrupted one resumed),
-    then evaluated on the same noise. Returns (rows, written files)."""
+    then evaluated on the same noise. `dataset`: trajectories for hkd.train.train (default: train.store).
+    Returns (rows, written files)."""
     from hkd import train as training
     from hkd.config import apply_overrides
     from hkd.model import HKDModel
@@ -380,7 +381,8 @@ def ablate(config: dict, teacher, *, out_dir: str | Path, num: int = 500, seed: 
         if (run / "model").is_dir():
             model = HKDModel.from_pretrained(run / "model")
         else:
-            model = training.train(cfg, resume=(run / training.CHECKPOINT_NAME).is_file(), log=log)["ema"]
+            resume = (run / training.CHECKPOINT_NAME).is_file()
+            model = training.train(cfg, resume=resume, dataset=dataset, log=log)["ema"]
         row = {"name": name, "koopman": koopman, "trajectory_loss": consistency, "hierarchy": hierarchy}
         row.update(sample_metrics(one_step(model.eval(), noise), endpoint))
         rows.append({**row, "paper_fid_cifar10": paper})

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hkd import analysis
+from hkd.model import HKDModel, ModelConfig
 from hkd.propagator import HKDPropagator
 
 SHAPES = [(6, 8, 8), (4, 4, 4)]
@@ -17,6 +18,20 @@ def random_propagator(generator="spectral", per_position=True):
         for p in propagator.parameters():
             p.normal_()
     return propagator
+
+
+def tiny_model(clock="identity", channels=1, **config):
+    """A tiny HKD model with random generators and a non-zero output layer (so that decodes differ)."""
+    model = HKDModel(
+        ModelConfig(
+            img_resolution=8, img_channels=channels, model_channels=8, channel_mult=(1, 2), clock=clock, **config
+        )
+    )
+    with torch.no_grad():
+        for p in model.propagator.parameters():
+            p.normal_(0, 0.05)
+        model.net.out_conv.weight.normal_(0, 0.3)
+    return model.eval()
 
 
 def random_latents(batch=3):
@@ -95,3 +110,27 @@ def test_default_times_run_from_T_to_eps():
     times = analysis.default_times(80.0, 0.002, 7)
     assert times[0] == pytest.approx(80) and times[-1] == pytest.approx(0.002)
     assert bool((times[1:] < times[:-1]).all())
+
+
+def test_analyze_writes_every_figure_and_table(tmp_path):
+    model = tiny_model()
+    summary = analysis.analyze(model, torch.randn(2, 1, 8, 8), tmp_path, num_times=4)
+    names = {p.split("/")[-1] for p in summary["written"]}
+    expected = {"eigenvalues.png", "eigenvalue_maps.png", "bands.png", "band_contributions.png", "cumulative.png"}
+    assert expected | {"cumulative_decodes.png", "power_spectrum.png", "analysis.md", "analysis.json"} == names
+    assert all((tmp_path / name).stat().st_size > 0 for name in names)
+    for band in analysis.BANDS:  # progress runs from 0 at T to 1 at eps
+        progress = summary["cumulative"][band]
+        assert progress[0] == pytest.approx(0, abs=1e-6) and progress[-1] == pytest.approx(1, abs=1e-6)
+    assert "high decode" in (tmp_path / "analysis.md").read_text()
+
+
+def test_band_images_keep_bands_and_contributions_add_up():
+    model = tiny_model()
+    noise = torch.randn(2, 1, 8, 8)
+    images = analysis.band_images(model, noise)
+    torch.testing.assert_close(images["full"][""], model.generate(noise * model.T), rtol=1e-4, atol=1e-5)
+    z = model.propagate(analysis.initial_latents(model, noise), model.T, model.eps)
+    high = model.decode(analysis.project(model.propagator, z, "high"))
+    torch.testing.assert_close(images["decode"]["high/all"], high)
+    assert not torch.allclose(images["decode"]["high/all"], images["decode"]["low/all"])

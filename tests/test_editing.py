@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_analysis import tiny_model
 
 from hkd import editing
 from hkd.propagator import HKDPropagator
@@ -97,3 +98,45 @@ def test_blend_times():
     assert editing.blend_times(80.0, 0.002, 1) == [80.0]
     times = editing.blend_times(80.0, 0.002, 4)
     assert times[0] == pytest.approx(80) and len(times) == 4 and times == sorted(times, reverse=True)
+
+
+@pytest.mark.parametrize("clock", ["identity", "log"])
+def test_midpoint_is_half_way_in_the_koopman_clock(clock):
+    model = tiny_model(clock=clock)
+    expected = (model.T + model.eps) / 2 if clock == "identity" else (model.T * model.eps) ** 0.5
+    assert editing.midpoint(model) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frequency_edit_r0_reproduces_the_unedited_image_and_r1_swaps_the_band():
+    model = tiny_model()
+    noise, reference = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    result = editing.frequency_edit(model, noise, reference, [0.0, 0.5, 1.0], band="high", region="lower")
+    assert torch.equal(result["edited"][0], result["unedited"])  # r = 0: bit for bit
+    torch.testing.assert_close(result["unedited"], model.generate(noise * model.T), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(result["edited"][2], result["unedited"])
+    everything = editing.frequency_edit(model, noise, reference, [1.0], band="all", region="all")
+    torch.testing.assert_close(everything["edited"][0], everything["reference"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="t_edit must lie in"):
+        editing.frequency_edit(model, noise, reference, [0.5], t_edit=100.0)
+
+
+def test_blending_with_everything_known_returns_the_known_image_and_one_step_is_generation():
+    model = tiny_model()
+    noise, known = torch.randn(2, 1, 8, 8), torch.rand(2, 1, 8, 8) * 2 - 1
+    everything = editing.blend_along_trajectory(model, noise, editing.inpaint_constraint(known, torch.ones(1)))
+    assert torch.equal(everything, known)
+    nothing = editing.blend_along_trajectory(model, noise, lambda x: x, steps=1)
+    torch.testing.assert_close(nothing, model.generate(noise * model.T), rtol=1e-4, atol=1e-5)
+    mask = editing.region_mask(8, 8, "upper").float()
+    half = editing.blend_along_trajectory(model, noise, editing.inpaint_constraint(known, mask), steps=3)
+    assert torch.equal(half[..., :4, :], known[..., :4, :])
+    assert not torch.allclose(half[..., 4:, :], known[..., 4:, :])
+
+
+def test_edit_run_writes_its_figures(tmp_path):
+    model = tiny_model(channels=3)
+    known = torch.rand(2, 3, 8, 8) * 2 - 1
+    written = editing.run(model, tmp_path, num=2, ratios=(0.0, 0.5), known=known, steps=2)
+    names = sorted(p.name for p in written)
+    assert names == ["colourise.png", "edit.json", "edit_all.png", "edit_high.png", "inpaint.png"]
+    assert all(p.stat().st_size > 0 for p in written)
