@@ -89,3 +89,52 @@ def test_fid_without_inception_weights_says_how_to_provide_them(tmp_path, monkey
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"")
     assert metrics.inception_weights() == weights
+
+
+def tiny_teacher():
+    from hkd.data import DataConfig
+    from hkd.teacher import TeacherConfig, build_net
+
+    teacher = build_net(DataConfig(), TeacherConfig(model_channels=8, channel_mult=(1, 2)))
+    teacher.img_channels, teacher.img_resolution = 1, 16
+    return teacher.eval().requires_grad_(False)
+
+
+def tiny_config(tmp_path):
+    model = dict(img_resolution=16, img_channels=1, model_channels=8, channel_mult=[1, 2])
+    train = dict(batch=4, epochs=1, max_steps=2, progress=False, sample_every=0, sample_count=4, out=str(tmp_path))
+    return {"model": model, "train": train}
+
+
+def test_evaluate_writes_the_comparison_table(classifier_cache, tmp_path):
+    from hkd.model import HKDModel, ModelConfig
+
+    teacher = tiny_teacher()
+    model = HKDModel(ModelConfig(**tiny_config(tmp_path)["model"])).eval()
+    rows, written = metrics.evaluate(model, teacher, baseline=model, num=8, out_dir=tmp_path)
+    assert [r["evaluations"] for r in rows] == [35, 3, 1, 1]
+    assert rows[0]["mse"] == 0  # the teacher's 35-evaluation endpoint is the fidelity reference
+    assert rows[2]["mse"] == rows[3]["mse"] > 0
+    assert {"fd_digits", "recognisable", "pseudo_huber", "feature_distance"} <= set(rows[2])
+    text = written[0].read_text()
+    assert "HKD (one step)" in text and "| teacher (Heun, 2 steps) | 3 |" in text
+    assert [p.name for p in written] == ["eval.md", "eval.json"]
+
+
+@pytest.mark.slow
+def test_ablation_trains_the_four_configurations_with_equal_budgets(classifier_cache, tmp_path):
+    from hkd.teacher import heun_sampler
+
+    teacher = tiny_teacher()
+    times, states = heun_sampler(teacher, torch.randn(8, 1, 16, 16), num_steps=3)
+    dataset = [{"states": states[:-1, i].float(), "times": times[:-1].float()} for i in range(8)]  # t > 0
+    rows, written = metrics.ablate(tiny_config(tmp_path), teacher, out_dir=tmp_path, num=8, dataset=dataset)
+    assert [(r["koopman"], r["trajectory_loss"], r["hierarchy"]) for r in rows] == [
+        (k, c, h) for _, k, c, h, _ in metrics.ABLATION
+    ]
+    assert [r["paper_fid_cifar10"] for r in rows] == [5.72, 5.57, 4.78, 3.30]
+    runs = sorted(p for p in tmp_path.iterdir() if (p / "model").is_dir())
+    assert len(runs) == 4
+    # a rerun reuses the finished runs and gives the same table
+    again, _ = metrics.ablate(tiny_config(tmp_path), teacher, out_dir=tmp_path, num=8, dataset=dataset)
+    assert again == rows
