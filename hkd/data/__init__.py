@@ -1,0 +1,107 @@
+"""Image datasets (the embedded digits, an image folder, CIFAR-10 from disk) and the PF-ODE trajectory store.
+
+`load_dataset(DataConfig)` returns a map-style Dataset of images (C, H, W) float32 in [-1, 1]. Nothing is ever
+downloaded: a dataset that is not on disk is a FileNotFoundError that says where it was looked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class DataConfig:
+    """The `data` section. name: digits (embedded, default), folder (images under `root`), cifar10 (torchvision's
+    python version under `root`, never downloaded)."""
+
+    name: str = "digits"
+    resolution: int = 16
+    channels: int = 1
+    root: str | None = None
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one tensor (N, C, H, W)."""
+
+    def __init__(self, images: Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.images[i]
+
+
+class ImageFolder(Dataset):
+    """Every image file under `root` (recursively, sorted), center-cropped to a square and resized to
+    `resolution`, as `channels` = 1 (grey) or 3 (RGB) channels in [-1, 1]. Files are read lazily."""
+
+    def __init__(self, root: str | Path, resolution: int, channels: int = 3):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {str(self.root)!r} not found")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(self.root)!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 or 3 for an image folder, got {channels}")
+        self.resolution, self.channels = resolution, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as image:
+            image = image.convert("L" if self.channels == 1 else "RGB")
+            w, h = image.size
+            s = min(w, h)
+            image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            image = image.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+            x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        x = x.reshape(self.resolution, self.resolution, self.channels).permute(2, 0, 1)
+        return x.float() / 127.5 - 1
+
+
+def cifar10(root: str | Path) -> TensorImages:
+    """CIFAR-10's 50000 training images (3, 32, 32) from torchvision's python version on disk."""
+    import torchvision
+
+    try:
+        data = torchvision.datasets.CIFAR10(str(root), train=True, download=False)
+    except RuntimeError as error:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found under {str(root)!r} (expected {str(Path(root) / 'cifar-10-batches-py')!r}, "
+            "torchvision's python version; hkd never downloads it)"
+        ) from error
+    return TensorImages(torch.from_numpy(data.data).permute(0, 3, 1, 2).float() / 127.5 - 1)
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """The images named by the `data` section, checked against its resolution and channels."""
+    if cfg.name == "digits":
+        from hkd.data import digits
+
+        if cfg.channels != 1:
+            raise ValueError(f"the digits are grey: data.channels must be 1, got {cfg.channels}")
+        return TensorImages(digits.load(size=cfg.resolution)[0])
+    if cfg.name in ("folder", "cifar10") and not cfg.root:
+        raise ValueError(f"data.name={cfg.name} needs data.root (a folder on disk)")
+    if cfg.name == "folder":
+        return ImageFolder(cfg.root, cfg.resolution, cfg.channels)
+    if cfg.name == "cifar10":
+        if (cfg.resolution, cfg.channels) != (32, 3):
+            raise ValueError(
+                f"CIFAR-10 is 32x32 RGB: set data.resolution=32 data.channels=3 (got {cfg.resolution}, {cfg.channels})"
+            )
+        return cifar10(cfg.root)
+    raise ValueError(f"unknown data.name {cfg.name!r} (digits, folder, cifar10)")

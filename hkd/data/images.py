@@ -1,0 +1,39 @@
+"""Image grids as PNG (Pillow), for looking at samples: `save_grid(images, path, nrow)`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, *, scale: int = 1, padding: int = 1) -> None:
+    """Save images (N, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG grid of `nrow` columns, each pixel repeated
+    `scale` times (small images are easier to look at enlarged). Written atomically (temp file + os.replace)."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"save_grid expects images (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    n, c, h, w = x.shape
+    ncol = min(nrow, n)
+    nrows = -(-n // ncol)
+    grid = np.zeros((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), np.uint8)
+    for i in range(n):
+        top, left = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
+        grid[:, top : top + h, left : left + w] = x[i].numpy()
+    grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
+    image = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            image.save(file, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
