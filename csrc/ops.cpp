@@ -11,6 +11,12 @@
 TORCH_LIBRARY(hkd, m) {
   // --- spectral (2x2 rotation-scaling) generators: hkd/ops/spectral.py ---------------------------
   // --- dense generators, matrix exponential: hkd/ops/dense.py --------------------------------------
+  // A (..., n, n) -> exp(A); expm_backward(A, grad) = L(A^T, grad), the adjoint of the Frechet derivative
+  m.def("expm(Tensor A) -> Tensor");
+  m.def("expm_backward(Tensor A, Tensor grad) -> Tensor");
+  // z (B, d, P), A (d, d) or (P, d, d), tau (B,) -> exp(tau_b A_p) z[b, :, p] (truncated Taylor, substeps)
+  m.def("dense_action(Tensor z, Tensor A, Tensor tau) -> Tensor");
+  m.def("dense_action_backward(Tensor grad, Tensor z, Tensor A, Tensor tau) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import hkd._C` loads the library, which registers the ops above statically; the module itself

@@ -1,0 +1,362 @@
+// CPU kernels of the dense ops (hkd/ops/dense.py): expm, expm_backward (adjoint Frechet derivative),
+// dense_action (exp(tau_b A_p) z[b, :, p]). One matrix or one cache-sized block of the state per task
+// (at::parallel_for); a small register-blocked GEMM compiled for AVX-512, AVX2 and SSE2, chosen at run time.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "expm.h"
+
+namespace {
+
+using hkd::expm::Plan;
+
+#define HKD_INLINE inline __attribute__((always_inline))
+
+template <typename T, int VB>
+struct Vec {
+  typedef T type __attribute__((vector_size(VB)));
+};
+
+// C[i, j] = rs[i * rs_stride] * sum_k L[i, k] R[k, j]; then Y[i, j] += C[i, j] when Y is given.
+template <typename T, int VB, int MR>
+HKD_INLINE void gemm_rows(int i0, int N, int K, const T* L, long ldl, const T* R, long ldr, T* C, long ldc,
+                          const T* rs, long rs_stride, T* Y, long ldy) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int W = VB / sizeof(T);
+  int j = 0;
+  for (; j + 2 * W <= N; j += 2 * W) {
+    V acc0[MR], acc1[MR];
+    for (int r = 0; r < MR; ++r) acc0[r] = V{} , acc1[r] = V{};
+    for (int k = 0; k < K; ++k) {
+      V b0, b1;
+      std::memcpy(&b0, R + k * ldr + j, VB);
+      std::memcpy(&b1, R + k * ldr + j + W, VB);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const T a = L[(i0 + r) * ldl + k];
+        acc0[r] += a * b0;
+        acc1[r] += a * b1;
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      const T s = rs[(i0 + r) * rs_stride];
+      V c0 = s * acc0[r], c1 = s * acc1[r];
+      T* c = C + (i0 + r) * ldc + j;
+      std::memcpy(c, &c0, VB);
+      std::memcpy(c + W, &c1, VB);
+      if (Y) {
+        T* y = Y + (i0 + r) * ldy + j;
+        V y0, y1;
+        std::memcpy(&y0, y, VB);
+        std::memcpy(&y1, y + W, VB);
+        y0 += c0, y1 += c1;
+        std::memcpy(y, &y0, VB);
+        std::memcpy(y + W, &y1, VB);
+      }
+    }
+  }
+  for (; j < N; ++j) {
+    for (int r = 0; r < MR; ++r) {
+      T acc = 0;
+      for (int k = 0; k < K; ++k) acc += L[(i0 + r) * ldl + k] * R[k * ldr + j];
+      const T c = rs[(i0 + r) * rs_stride] * acc;
+      C[(i0 + r) * ldc + j] = c;
+      if (Y) Y[(i0 + r) * ldy + j] += c;
+    }
+  }
+}
+
+template <typename T, int VB>
+HKD_INLINE void gemm(int M, int N, int K, const T* L, long ldl, const T* R, long ldr, T* C, long ldc,
+                     const T* rs = nullptr, long rs_stride = 0, T* Y = nullptr, long ldy = 0) {
+  static const T one = 1;
+  if (!rs) rs = &one, rs_stride = 0;
+  constexpr int MR = VB >= 64 ? 8 : 4;
+  int i = 0;
+  for (; i + MR <= M; i += MR) gemm_rows<T, VB, MR>(i, N, K, L, ldl, R, ldr, C, ldc, rs, rs_stride, Y, ldy);
+  for (; i < M; ++i) gemm_rows<T, VB, 1>(i, N, K, L, ldl, R, ldr, C, ldc, rs, rs_stride, Y, ldy);
+}
+
+template <typename T>
+double norm1(const T* A, int n, long row_stride, long col_stride) {
+  double best = 0;
+  for (int j = 0; j < n; ++j) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += std::abs(double(A[i * row_stride + j * col_stride]));
+    if (std::isnan(s)) return s;
+    best = std::max(best, s);
+  }
+  return best;
+}
+
+// exp(A) (n x n, row-major) with plan p; with E, also the Frechet derivative L(A, E) of the same approximant.
+// work: (2 q + 4) n^2 elements.
+template <typename T, int VB>
+HKD_INLINE void expm_matrix(const T* A, const T* E, T* out, T* Lout, int n, Plan p, T* work) {
+  const long nn = long(n) * n;
+  if (!p.finite) {
+    std::fill(out, out + nn, std::numeric_limits<T>::quiet_NaN());
+    if (Lout) std::fill(Lout, Lout + nn, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
+  const int m = p.degree, q = hkd::expm::ps_block(m);
+  T* pw[8];   // pw[i] = X^i, i = 1..q
+  T* dpw[8];  // their derivatives in direction E / 2^s
+  for (int i = 1; i <= q; ++i) pw[i] = work + (i - 1) * nn, dpw[i] = work + (q + i - 1) * nn;
+  T *Y = work + 2 * q * nn, *tmp = Y + nn, *dY = tmp + nn, *dtmp = dY + nn;
+  const T scale = std::ldexp(T(1), -p.steps);
+  for (long k = 0; k < nn; ++k) pw[1][k] = A[k] * scale;
+  if (E)
+    for (long k = 0; k < nn; ++k) dpw[1][k] = E[k] * scale;
+  for (int i = 2; i <= q; ++i) {
+    gemm<T, VB>(n, n, n, pw[i - 1], n, pw[1], n, pw[i], n);
+    if (E) {
+      gemm<T, VB>(n, n, n, dpw[i - 1], n, pw[1], n, dpw[i], n);
+      gemm<T, VB>(n, n, n, pw[i - 1], n, dpw[1], n, tmp, n);
+      for (long k = 0; k < nn; ++k) dpw[i][k] += tmp[k];
+    }
+  }
+  auto c = [m](int k) { return k <= m ? T(hkd::expm::inv_factorial(k)) : T(0); };
+  // dst (+)= B_j = sum_{i<q} c(jq + i) X^i, ddst (+)= its derivative
+  auto block = [&](int j, T* dst, T* ddst) {
+    for (int i = 1; i < q; ++i) {
+      const T ci = c(j * q + i);
+      for (long k = 0; k < nn; ++k) dst[k] += ci * pw[i][k];
+      if (E)
+        for (long k = 0; k < nn; ++k) ddst[k] += ci * dpw[i][k];
+    }
+    for (int d = 0; d < n; ++d) dst[d * (n + 1)] += c(j * q);
+  };
+  std::fill(Y, Y + nn, T(0));
+  if (E) std::fill(dY, dY + nn, T(0));
+  int j = m / q;
+  if (m % q == 0) {  // B_{m/q} = c(m) I: fold it in without a product
+    --j;
+    const T cm = c(m);
+    for (long k = 0; k < nn; ++k) Y[k] = cm * pw[q][k];
+    if (E)
+      for (long k = 0; k < nn; ++k) dY[k] = cm * dpw[q][k];
+  }
+  block(j, Y, dY);
+  for (--j; j >= 0; --j) {  // Y <- B_j + X^q Y
+    if (E) {
+      gemm<T, VB>(n, n, n, dpw[q], n, Y, n, dtmp, n);
+      gemm<T, VB>(n, n, n, pw[q], n, dY, n, tmp, n);
+      for (long k = 0; k < nn; ++k) dY[k] = dtmp[k] + tmp[k];
+    }
+    gemm<T, VB>(n, n, n, pw[q], n, Y, n, tmp, n);
+    std::swap(Y, tmp);
+    std::fill(tmp, tmp + nn, T(0));
+    block(j, Y, dY);
+  }
+  for (int i = 0; i < p.steps; ++i) {  // squaring: Y <- Y^2, dY <- Y dY + dY Y
+    if (E) {
+      gemm<T, VB>(n, n, n, Y, n, dY, n, dtmp, n);
+      gemm<T, VB>(n, n, n, dY, n, Y, n, tmp, n);
+      for (long k = 0; k < nn; ++k) dY[k] = dtmp[k] + tmp[k];
+    }
+    gemm<T, VB>(n, n, n, Y, n, Y, n, tmp, n);
+    std::swap(Y, tmp);
+  }
+  std::memcpy(out, Y, nn * sizeof(T));
+  if (E) std::memcpy(Lout, dY, nn * sizeof(T));
+}
+
+// One block of the state, rows x cols, evolved in place by s substeps of T_m(h A): in "row" mode the rows are
+// samples (state S (rows x d), S <- S A^T, per-row h), in "column" mode one sample's positions (S (d x cols),
+// S <- A S, one h). y: the state and result; v, w: scratch of the same size; hk: rows scratch.
+template <typename T, int VB>
+HKD_INLINE void action_block(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, Plan p, T* y,
+                             T* v, T* w, T* hk) {
+  const long size = long(rows) * cols;
+  for (int step = 0; step < p.steps; ++step) {
+    std::memcpy(v, y, size * sizeof(T));
+    for (int k = 1; k <= p.degree; ++k) {
+      if (row_mode) {
+        for (int r = 0; r < rows; ++r) hk[r] = h[r] / T(k);
+        gemm<T, VB>(rows, cols, d, v, cols, Aop, d, w, cols, hk, 1, y, cols);
+      } else {
+        hk[0] = h[0] / T(k);
+        gemm<T, VB>(rows, cols, d, Aop, d, v, cols, w, cols, hk, 0, y, cols);
+      }
+      std::swap(v, w);
+    }
+  }
+}
+
+// ---- instruction-set variants: the same code compiled three times, chosen once at run time ----------------
+#define HKD_VARIANT(NAME, TARGET, VB)                                                                            \
+  template <typename T>                                                                                          \
+  __attribute__((target(TARGET))) void NAME##_expm(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) { \
+    expm_matrix<T, VB>(A, E, out, L, n, p, w);                                                                   \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  __attribute__((target(TARGET))) void NAME##_action(bool row_mode, int rows, int cols, const T* Aop, int d,    \
+                                                     const T* h, Plan p, T* y, T* v, T* w, T* hk) {             \
+    action_block<T, VB>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);                                        \
+  }
+HKD_VARIANT(avx512, "avx512f,avx512dq", 64)
+HKD_VARIANT(avx2, "avx2,fma", 32)
+HKD_VARIANT(sse2, "sse2", 16)
+
+enum class Isa { avx512, avx2, sse2 };
+Isa isa() {
+  static const Isa value = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? Isa::avx512
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")    ? Isa::avx2
+                                                                                                 : Isa::sse2;
+  return value;
+}
+
+template <typename T>
+void expm_dispatch(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) {
+  switch (isa()) {
+    case Isa::avx512: return avx512_expm<T>(A, E, out, L, n, p, w);
+    case Isa::avx2: return avx2_expm<T>(A, E, out, L, n, p, w);
+    default: return sse2_expm<T>(A, E, out, L, n, p, w);
+  }
+}
+
+template <typename T>
+void action_dispatch(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, Plan p, T* y, T* v, T* w,
+                     T* hk) {
+  switch (isa()) {
+    case Isa::avx512: return avx512_action<T>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);
+    case Isa::avx2: return avx2_action<T>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);
+    default: return sse2_action<T>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);
+  }
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "hkd::", name, ": expected CPU tensors");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "hkd::", name,
+              ": expected float32 or float64, got ", t.scalar_type());
+}
+
+// ---- ops --------------------------------------------------------------------------------------------------
+// exp(A) for A (..., n, n); with grad, the adjoint of the Frechet derivative: L(A^T, grad), using the plan of A.
+at::Tensor expm_impl(const at::Tensor& A_in, const at::Tensor* grad_in) {
+  check_float(A_in, "expm");
+  TORCH_CHECK(A_in.dim() >= 2 && A_in.size(-1) == A_in.size(-2), "hkd::expm: expected (..., n, n), got ",
+              A_in.sizes());
+  const int n = A_in.size(-1);
+  at::Tensor A = A_in.contiguous().reshape({-1, n, n});
+  at::Tensor G = grad_in ? grad_in->to(A.scalar_type()).contiguous().reshape({-1, n, n}) : at::Tensor();
+  at::Tensor out = at::empty_like(A);
+  const int64_t count = A.size(0);
+  if (count == 0 || n == 0) return out.reshape(A_in.sizes());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "hkd_expm_cpu", [&] {
+    const scalar_t* a = A.data_ptr<scalar_t>();
+    const scalar_t* g = G.defined() ? G.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const bool is_double = std::is_same_v<scalar_t, double>;
+    const long nn = long(n) * n;
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> work((2 * 8 + 6) * nn), expA(nn);
+      scalar_t* at_ = work.data() + (2 * 8 + 4) * nn;
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* ab = a + b * nn;
+        const Plan p = hkd::expm::expm_plan(norm1(ab, n, n, 1), is_double);
+        if (!g) {
+          expm_dispatch<scalar_t>(ab, nullptr, o + b * nn, nullptr, n, p, work.data());
+        } else {  // L(A^T, G) = L(A, G^T)^T: evaluate with A^T
+          for (int i = 0; i < n; ++i)
+            for (int j = 0; j < n; ++j) at_[i * n + j] = ab[j * n + i];
+          expm_dispatch<scalar_t>(at_, g + b * nn, expA.data(), o + b * nn, n, p, work.data());
+        }
+      }
+    });
+  });
+  return out.reshape(A_in.sizes());
+}
+
+at::Tensor expm_cpu(const at::Tensor& A) { return expm_impl(A, nullptr); }
+at::Tensor expm_backward_cpu(const at::Tensor& A, const at::Tensor& grad) { return expm_impl(A, &grad); }
+
+// z (B, d, P); A (d, d) shared or (P, d, d) per position; tau (B,). One plan for the call, from
+// max_b |tau_b| * max_p ||A_p||_1 (the same plan as hkd.ops.dense._action_plan).
+at::Tensor dense_action_cpu(const at::Tensor& z_in, const at::Tensor& A_in, const at::Tensor& tau_in) {
+  check_float(z_in, "dense_action");
+  TORCH_CHECK(z_in.dim() == 3, "hkd::dense_action: z must be (B, d, P), got ", z_in.sizes());
+  const int64_t B = z_in.size(0), d = z_in.size(1), P = z_in.size(2);
+  const bool shared = A_in.dim() == 2;
+  TORCH_CHECK((shared && A_in.size(0) == d && A_in.size(1) == d) ||
+                  (A_in.dim() == 3 && A_in.size(0) == P && A_in.size(1) == d && A_in.size(2) == d),
+              "hkd::dense_action: A must be (d, d) or (P, d, d) for z ", z_in.sizes(), ", got ", A_in.sizes());
+  TORCH_CHECK(tau_in.dim() == 1 && tau_in.size(0) == B, "hkd::dense_action: tau must be (B,), got ", tau_in.sizes());
+  at::Tensor z = z_in.contiguous();
+  at::Tensor A = A_in.to(z.scalar_type()).contiguous();
+  at::Tensor tau = tau_in.to(z.scalar_type()).contiguous();
+  at::Tensor out = at::empty_like(z);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "hkd_dense_action_cpu", [&] {
+    using T = scalar_t;
+    const bool is_double = std::is_same_v<T, double>;
+    const T* zp = z.data_ptr<T>();
+    const T* ap = A.data_ptr<T>();
+    const T* tp = tau.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    double tau_max = 0, a_max = 0;
+    for (int64_t b = 0; b < B; ++b) tau_max = std::max(tau_max, std::abs(double(tp[b])));
+    for (int64_t p = 0; p < A.numel() / (d * d); ++p) {
+      const double nrm = norm1(ap + p * d * d, d, d, 1);
+      a_max = std::isnan(nrm) || std::isnan(a_max) ? NAN : std::max(a_max, nrm);
+    }
+    const double norm = tau_max * a_max;
+    const Plan plan = hkd::expm::action_plan(std::isnan(a_max) ? NAN : norm, is_double);
+    if (!plan.finite || !std::isfinite(tau_max)) {
+      out.fill_(std::numeric_limits<T>::quiet_NaN());
+      return;
+    }
+    std::vector<T> h(B);
+    for (int64_t b = 0; b < B; ++b) h[b] = tp[b] / T(plan.steps);
+    // block size: three state blocks in about 192 KiB (L2)
+    const int64_t budget = std::max<int64_t>(16, (192 * 1024) / (3 * int64_t(sizeof(T)) * d));
+    if (shared && P > 1) {  // column mode: task = (sample, block of positions), S <- A S
+      const int64_t pb = std::min<int64_t>(P, budget), nblk = (P + pb - 1) / pb;
+      at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> buf(3 * d * pb + 1);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t b = t / nblk, p0 = (t % nblk) * pb, cols = std::min(pb, P - p0);
+          T *y = buf.data(), *v = y + d * cols, *w = v + d * cols, *hk = buf.data() + 3 * d * pb;
+          for (int64_t i = 0; i < d; ++i) std::memcpy(y + i * cols, zp + (b * d + i) * P + p0, cols * sizeof(T));
+          action_dispatch<T>(false, d, cols, ap, d, &h[b], plan, y, v, w, hk);
+          for (int64_t i = 0; i < d; ++i) std::memcpy(op + (b * d + i) * P + p0, y + i * cols, cols * sizeof(T));
+        }
+      });
+    } else {  // row mode: task = (position, block of samples), S (rows x d) <- S A_p^T
+      const int64_t nb = std::min<int64_t>(B, budget), nblk = (B + nb - 1) / nb;
+      at::Tensor At = A.transpose(-1, -2).contiguous();
+      const T* atp = At.data_ptr<T>();
+      at::parallel_for(0, P * nblk, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> buf(3 * nb * d + nb);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t p = t / nblk, b0 = (t % nblk) * nb, rows = std::min(nb, B - b0);
+          T *y = buf.data(), *v = y + rows * d, *w = v + rows * d, *hk = buf.data() + 3 * nb * d;
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t i = 0; i < d; ++i) y[r * d + i] = zp[((b0 + r) * d + i) * P + p];
+          action_dispatch<T>(true, rows, d, atp + (shared ? 0 : p * d * d), d, &h[b0], plan, y, v, w, hk);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t i = 0; i < d; ++i) op[((b0 + r) * d + i) * P + p] = y[r * d + i];
+        }
+      });
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hkd, CPU, m) {
+  m.impl("expm", &expm_cpu);
+  m.impl("expm_backward", &expm_backward_cpu);
+  m.impl("dense_action", &dense_action_cpu);
+}
