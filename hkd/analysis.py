@@ -130,7 +130,8 @@ def cumulative_effect(model, noise: Tensor, times: Tensor) -> dict[str, Tensor]:
             ]
         )
         distance = (decodes - x_eps).flatten(2).norm(dim=2).mean(1)  # (times,)
-        out[band] = 1 - distance / distance[0].clamp(min=1e-12)
+        # NaN for a band whose rewinding changes nothing (an empty band, e.g. while A = 0)
+        out[band] = 1 - distance / distance[0] if distance[0] > 0 else torch.full_like(distance, float("nan"))
         out[f"{band}/decodes"] = decodes
     return out
 

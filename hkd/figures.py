@@ -78,7 +78,7 @@ def image_table(
     """A figure with one image grid per (row, column), rows and columns labelled."""
     rows, cols = len(cells), len(cells[0])
     h, w = tile(cells[0][0], nrow).shape[:2]
-    width = 2.4 if w >= h else 2.4 * w / h  # inches per cell, keeping the grids' aspect
+    width = (2.4 if w >= 40 else 1.5) * min(1.0, w / h)  # inches per cell, keeping the grids' aspect
     fig, axes = plt.subplots(
         rows, cols, figsize=(width * cols + 0.8, width * h / w * rows + 0.35 * rows + 0.6), squeeze=False
     )
