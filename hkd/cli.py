@@ -132,7 +132,10 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         cfg = config.load(args.config, args.overrides)
     except config.ConfigError as error:
         raise UserError(str(error)) from error
-    teacher = _teacher(args.teacher, _device(args.device))
+    teacher_path = args.teacher or (cfg.get("train") or {}).get("teacher")
+    if not teacher_path:
+        raise UserError("--teacher is needed (or train.teacher in the config): the ablation evaluates against it")
+    teacher = _teacher(teacher_path, _device(args.device))
     rows, written = metrics.ablate(cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed)
     print(written[0].read_text())
     _print_written(written)
@@ -187,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="train and evaluate the paper's four ablation configurations, equal budgets")
     p.add_argument("--config", default="digits", help="training config (name or YAML path; default digits)")
     p.add_argument("overrides", nargs="*", help="config overrides a.b=value, applied to all four runs")
-    p.add_argument("--teacher", required=True, help="the teacher whose trajectories the store holds")
+    p.add_argument("--teacher", help="the teacher whose trajectories the store holds (default: train.teacher)")
     p.add_argument("--num", type=int, default=500, help="evaluation samples (default 500)")
     p.add_argument("--seed", type=int, default=0, help="evaluation noise seed")
     p.add_argument("--out", default="runs/ablation", help="folder for the four runs and ablation.md/json")
