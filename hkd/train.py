@@ -1,0 +1,452 @@
+"""Training HKD (Algorithm 1 of the paper): one CPU to many GPUs.
+
+Each iteration, for every trajectory {x_t} of the batch (states stored on the teacher's time grid):
+
+    S = {t_1, ..., t_(s-1)} (sampled from the stored grid) + {T}
+    x_hat(t) = model(x_t, t) = D({exp((eps - t) A^(l)) E^(l)(x_t)}_l)          for t in S
+    loss     = mean over the batch and S of  lambda1 * MSE(x_hat, x_eps) + lambda2 * P(x_hat, x_eps)
+
+Times. The states exist only at the grid points the teacher's solver visited, so the times are grid points, never
+interpolated (interpolating between Heun states would feed the model states no PF-ODE trajectory passes through).
+`time_sampling: uniform` draws t ~ U[eps, T] as in the paper and takes the nearest grid point (the probability of a
+grid point is the length of its cell); `grid` draws grid indices uniformly (denser near eps on the EDM grid).
+`consistency: false` (the ablation without the trajectory-consistency loss) uses t = T only.
+
+Everything random in a step is a function of (seed, step) or (seed, epoch): the shuffle (DistributedSampler, reseeded
+each epoch) and the times (a generator seeded by the step, drawn for the whole global batch and split like the data).
+So resuming is exact, and N ranks see the same samples and times as one process with the same global batch.
+
+Runs: `hkd train --config NAME [a.b=value ...] [--resume]`, or `torchrun --nproc_per_node=8 -m hkd.cli train ...`
+(DDP: NCCL on GPU, gloo on CPU; the global batch `train.batch` is split across ranks; rank 0 writes everything).
+Run folder (`train.out`): checkpoint.pt (atomic, every `checkpoint_every` steps, at the end and on SIGTERM/SIGINT),
+log.csv, samples/step_XXXXXXXX.png (one-step samples of the EMA model from fixed noise), tensorboard/ (when the
+tensorboard package is installed), model/ (the final EMA model, save_pretrained).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from hkd import checkpoint
+from hkd.config import section, to_dict
+from hkd.losses import PERCEPTUAL, Distance, lambda1_schedule
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_FIELDS = ("step", "epoch", "loss", "lambda1", "lr", "grad_norm", "skipped", "seconds")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The `train:` section."""
+
+    out: str = "runs/hkd"  # run folder
+    store: str | None = None  # trajectory store folder (hkd trajectories --out)
+    teacher: str | None = None  # teacher checkpoint: E and D start as its U-Net (Algorithm 1, step 1); None: random
+    batch: int = 64  # global batch (trajectories per step, all ranks together)
+    epochs: int = 100
+    max_steps: int | None = None  # stop earlier (the schedules still run over `epochs`)
+    lr: float = 1e-3
+    lr_decay: float = 0.95  # exponential learning-rate decay per epoch
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    ema: float = 0.999  # EMA decay per step (0: the EMA is the model)
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with a GradScaler; bf16/fp16 need a GPU)
+    time_samples: int = 4  # s - 1 intermediate times per trajectory (plus T)
+    time_sampling: str = "uniform"  # uniform (t ~ U[eps, T], nearest grid point) | grid (uniform grid index)
+    consistency: bool = True  # trajectory-consistency loss; false: only t = T
+    perceptual: str = "pseudo_huber"  # lpips | pseudo_huber | none
+    lambda1_start: float = 1.0  # MSE weight decays geometrically from start to end over the epochs
+    lambda1_end: float = 1e-3
+    lambda2: float = 1.0  # weight of the perceptual term
+    lpips_net: str = "alex"
+    lpips_weights: str | None = None  # backbone weights file (default: the torch hub cache)
+    lpips_resize: int = 224
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    sample_every: int = 1000  # 0: only at the end
+    sample_count: int = 64
+    seed: int = 0
+    workers: int = 0  # DataLoader worker processes per rank
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = {
+            "precision": (self.precision, ("fp32", "bf16", "fp16")),
+            "time_sampling": (self.time_sampling, ("uniform", "grid")),
+            "perceptual": (self.perceptual, PERCEPTUAL),
+            "on_nonfinite": (self.on_nonfinite, ("stop", "skip")),
+        }
+        for key, (value, choices) in checks.items():
+            if value not in choices:
+                raise ValueError(f"train.{key} must be one of {', '.join(choices)}, not {value!r}")
+        for key in ("batch", "epochs", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.time_samples < 0:
+            raise ValueError(f"train.time_samples must be >= 0, got {self.time_samples}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"train.ema must be in [0, 1), got {self.ema}")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf (train.on_nonfinite = stop)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Algorithm 1
+
+
+def sample_time_indices(times: Tensor, u: Tensor, mode: str) -> Tensor:
+    """Grid indices (B, n) of the input times, from uniform draws u (B, n) in [0, 1); times (B, K) is each
+    trajectory's stored grid. Candidates: every stored state but x_eps (the one at the smallest time, t = 0 in a
+    store: EDM's last step goes to sigma = 0). uniform: the candidate nearest to t = eps + u (T - eps), eps the
+    smallest candidate time (so t ~ U[eps, T] as in the paper, on the grid); grid: a uniformly chosen candidate."""
+    last = times.argmin(1, keepdim=True)  # x_eps
+    if mode == "grid":
+        index = (u * (times.shape[1] - 1)).long().clamp_(max=times.shape[1] - 2)
+        return index + (index >= last).long()
+    candidates = times.scatter(1, last, math.inf)
+    lo, hi = candidates.min(1, keepdim=True).values, times.max(1, keepdim=True).values
+    t = lo + u.to(times.dtype) * (hi - lo)
+    return (candidates[:, None, :] - t[:, :, None]).abs().argmin(-1)
+
+
+def trajectory_loss(
+    model: nn.Module, states: Tensor, times: Tensor, u: Tensor, distance: Distance, lambda1: float, mode: str
+) -> Tensor:
+    """Algorithm 1's loss for a batch of trajectories: states (B, K, C, H, W) at times (B, K); u (B, s-1) uniform
+    draws choosing the intermediate times (s-1 may be 0). One forward pass over all B * s (x_t, t) pairs."""
+    rows = torch.arange(states.shape[0], device=states.device)[:, None]
+    index = torch.cat([sample_time_indices(times, u, mode), times.argmax(1, keepdim=True)], dim=1)  # + T
+    x_t, t = states[rows, index].flatten(0, 1), times[rows, index].flatten()
+    x_eps = states[rows[:, 0], times.argmin(1)]
+    x_hat = model(x_t, t)
+    return distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def _distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA GPU is available")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def build_model(config: dict[str, Any], teacher: nn.Module | None = None) -> nn.Module:
+    """HKDModel of the `model:` section. With a teacher (Algorithm 1, step 1), encoder and decoder start as its
+    U-Net, and the sizes the section leaves out are the teacher's."""
+    from hkd.model import HKDModel, ModelConfig
+
+    if teacher is None:
+        return HKDModel(section(config, "model", ModelConfig))
+    model = HKDModel.from_teacher(teacher)
+    if not config.get("model"):
+        return model
+    settings = {"model": {**to_dict(model.config), **config["model"]}}
+    return HKDModel.from_teacher(teacher, section(settings, "model", ModelConfig))
+
+
+def build_dataset(config: dict[str, Any], cfg: TrainConfig, teacher: nn.Module | None, model: nn.Module):
+    """The store at train.store; refused (naming the differences) unless it was made with the `trajectories:`
+    settings of this config, by this teacher (when given), with images of the model's shape."""
+    from hkd.data.store import TrajectoryConfig, TrajectoryDataset, expectation
+
+    if cfg.store is None:
+        raise ValueError("train.store is not set: make a store with `hkd trajectories` and pass train.store=DIR")
+    teacher_hash = getattr(teacher, "identity", {}).get("hash") if teacher is not None else None
+    shape = (model.img_channels, model.img_resolution, model.img_resolution) if hasattr(model, "img_channels") else None
+    expect = expectation(section(config, "trajectories", TrajectoryConfig), teacher_hash, shape)
+    return TrajectoryDataset(cfg.store, expect=expect)
+
+
+def _trajectories(item: Any) -> tuple[Tensor, Tensor]:
+    """(states (B, K, C, H, W), times (B, K)) of a collated batch: a dict with "states" and "times"."""
+    if not isinstance(item, dict) or "states" not in item or "times" not in item:
+        raise TypeError("a trajectory dataset item is a dict with 'states' (K, C, H, W) and 'times' (K,)")
+    return item["states"], item["times"]
+
+
+class _Batches:
+    """This rank's batches of dataset indices, from (epoch, position in the epoch) on; disjoint across ranks."""
+
+    def __init__(self, dataset, local_batch: int, rank: int, world: int, seed: int):
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.local_batch = local_batch
+        self.steps_per_epoch = len(self.sampler) // local_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {len(dataset)} trajectories, fewer than one global batch "
+                f"({local_batch * world}); lower train.batch"
+            )
+
+    def epoch(self, epoch: int, start: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        indices = list(self.sampler)
+        b = self.local_batch
+        return [indices[i * b : (i + 1) * b] for i in range(start, self.steps_per_epoch)]
+
+
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+            p_ema.lerp_(p.detach(), 1 - decay)
+        for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+
+class _Log:
+    """CSV (and TensorBoard when installed) on rank 0. On resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, out: Path, step: int):
+        self.path = out / "log.csv"
+        rows = []
+        if step and self.path.exists():
+            with open(self.path, newline="") as file:
+                rows = [r for r in csv.DictReader(file) if int(r["step"]) <= step]
+        self.file = open(self.path, "w", newline="")  # noqa: SIM115 (closed in close())
+        self.csv = csv.DictWriter(self.file, LOG_FIELDS)
+        self.csv.writeheader()
+        self.csv.writerows(rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(out / "tensorboard", purge_step=step or None)
+        except ImportError:
+            self.tensorboard = None
+
+    def write(self, row: dict[str, float]) -> None:
+        self.csv.writerow(row)
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key in ("loss", "lambda1", "lr", "grad_norm"):
+                self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    config: dict[str, Any],
+    *,
+    resume: bool = False,
+    model: nn.Module | None = None,
+    dataset=None,
+    log=print,
+) -> dict[str, Any]:
+    """Train HKD as configured (`train:` section, plus `model:` when `model` is not given). `dataset` items are dicts
+    with "states" (K, C, H, W) and "times" (K,) (default: the store at train.store). Returns {"step", "checkpoint",
+    "losses": [(step, mean loss since the previous log row)], "skipped"}; rank 0's run folder holds the rest."""
+    cfg = section(config, "train", TrainConfig)
+    rank, world, device = _distributed(cfg.device)
+    if cfg.batch % world:
+        raise ValueError(f"train.batch = {cfg.batch} must be divisible by the number of processes ({world})")
+    if cfg.precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"train.precision={cfg.precision} needs a GPU; use fp32 on the CPU")
+    out = Path(cfg.out)
+    path = out / CHECKPOINT_NAME
+    if resume and not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    if not resume and path.is_file():
+        raise ValueError(f"{path} exists: pass --resume to continue that run, or choose another train.out")
+
+    torch.manual_seed(cfg.seed)
+    distance = Distance(cfg.perceptual, cfg.lambda2, cfg.lpips_net, cfg.lpips_weights, cfg.lpips_resize).to(device)
+    teacher = None
+    if cfg.teacher is not None and (model is None or dataset is None):
+        from hkd.teacher import load_teacher
+
+        teacher = load_teacher(cfg.teacher)
+    raw = build_model(config, teacher) if model is None else model
+    dataset = build_dataset(config, cfg, teacher, raw) if dataset is None else dataset
+    raw = raw.to(device)
+    T = float(dataset[0]["times"].max())
+    if hasattr(raw, "T") and not math.isclose(T, raw.T, rel_tol=1e-6):
+        raise ValueError(f"the trajectories start at T = {T}, the model at model.sigma_max = {raw.T}")
+    ema = copy.deepcopy(raw).requires_grad_(False).eval()
+    net = raw
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(raw.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    batches = _Batches(dataset, cfg.batch // world, rank, world, cfg.seed)
+    steps_per_epoch = batches.steps_per_epoch
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    intermediate = cfg.time_samples if cfg.consistency else 0
+
+    step, skipped, losses, running, count = 0, 0, [], 0.0, 0  # running, count: loss sum since the last log row
+    if resume:
+        state = checkpoint.load(path, map_location=device)
+        if "model" in config and state["config"].get("model") != config["model"]:
+            raise ValueError(f"{path} was trained with another model section: {state['config'].get('model')}")
+        raw.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step, skipped, losses = state["step"], state["skipped"], [tuple(x) for x in state["losses"]]
+        running, count = state["running"]
+        log(f"resumed from {path} at step {step} (epoch {step // steps_per_epoch})")
+
+    def save() -> None:
+        if rank == 0:
+            state = {
+                "format": "hkd-train",
+                "config": config,
+                "model": raw.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "skipped": skipped,
+                "losses": losses,
+                "running": (running, count),
+            }
+            checkpoint.save(path, state)
+
+    def samples() -> None:
+        if rank != 0:
+            return
+        from hkd.data.images import save_grid
+
+        states, times = _trajectories(torch.utils.data.default_collate([dataset[0]]))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        noise = torch.randn(cfg.sample_count, *states.shape[2:], generator=generator) * times.max()
+        with torch.no_grad():
+            images = ema.generate(noise.to(device)) if hasattr(ema, "generate") else ema(noise.to(device), times.max())
+        save_grid(images, out / "samples" / f"step_{step:08d}.png", nrow=int(math.sqrt(cfg.sample_count)), scale=2)
+
+    logger = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        logger = _Log(out, step)
+    progress = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, initial=step, desc="hkd train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    last_log = time.perf_counter()
+    net.train()
+    stop_flag = torch.zeros((), device=device)
+    with checkpoint.StopSignal() as stop:
+        while step < total:
+            epoch, position = divmod(step, steps_per_epoch)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=batches.epoch(epoch, position), num_workers=cfg.workers
+            )
+            for item in loader:
+                states, times = (x.to(device, torch.float32, non_blocking=True) for x in _trajectories(item))
+                # the times of the whole global batch from (seed, step); this rank's rows, as the sampler splits data
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+                u = torch.rand(cfg.batch, intermediate, generator=generator, dtype=torch.float64)[rank::world]
+                lambda1 = lambda1_schedule(step / steps_per_epoch, cfg.epochs, cfg.lambda1_start, cfg.lambda1_end)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = trajectory_loss(net, states, times, u.to(device), distance, lambda1, cfg.time_sampling)
+                value = loss.item()
+                finite = torch.tensor(float(math.isfinite(value)), device=device)
+                if world > 1:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not finite:
+                    if cfg.on_nonfinite == "stop":
+                        last = f"{path} (step {checkpoint.load(path)['step']})" if path.exists() else "none yet"
+                        raise NonFiniteLoss(
+                            f"the loss is {value} at step {step} (epoch {epoch}); the last good checkpoint "
+                            f"is {last}. Lower train.lr, set train.grad_clip, use train.precision=fp32, or set "
+                            "train.on_nonfinite=skip"
+                        )
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm = float("nan")
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    limit = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                    grad_norm = float(nn.utils.clip_grad_norm_(raw.parameters(), limit))
+                    scaler.step(optimizer)
+                    scaler.update()
+                    _ema_update(ema, raw, cfg.ema)
+                    running, count = running + value, count + 1
+                step += 1
+                if step % steps_per_epoch == 0:
+                    scheduler.step()
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{value:.4f}", epoch=step // steps_per_epoch, refresh=False)
+                if step % cfg.log_every == 0 or step == total:
+                    if world > 1:  # every rank's local mean: their average is the global batch's mean
+                        totals = torch.tensor([running, count], dtype=torch.float64, device=device)
+                        dist.all_reduce(totals)
+                        running, count = float(totals[0]), int(totals[1])
+                    mean = running / max(count, 1)
+                    losses.append((step, mean))
+                    now = time.perf_counter()
+                    if logger is not None:
+                        row = dict(step=step, epoch=step / steps_per_epoch, loss=mean, lambda1=lambda1)
+                        row.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, skipped=skipped)
+                        logger.write({**row, "seconds": now - last_log})
+                    running, count, last_log = 0.0, 0, now
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    samples()
+                stop_flag.fill_(stop.requested is not None)
+                if world > 1:
+                    dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
+                if step % cfg.checkpoint_every == 0 or step == total or stop_flag:
+                    save()
+                if stop_flag or step == total:
+                    break
+            if stop_flag:
+                break
+    if progress is not None:
+        progress.close()
+    if stop_flag:
+        log(f"stopped at step {step}: {path} written; continue with --resume")
+    elif rank == 0:
+        samples()
+        if hasattr(ema, "save_pretrained"):
+            ema.save_pretrained(out / "model")
+    if logger is not None:
+        logger.close()
+    if world > 1:
+        dist.barrier()
+    return {"step": step, "checkpoint": path, "losses": losses, "skipped": skipped, "model": raw, "ema": ema}
