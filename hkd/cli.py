@@ -141,6 +141,23 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     _print_written(written)
 
 
+# -- generation (issue 5) -----------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from hkd.model import generate_to
+
+    model = _model(args.model, _device(args.device))
+    try:
+        written = generate_to(
+            model, args.out, args.num, seed=args.seed, trajectory=args.trajectory, npz=args.npz,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    _print_written(written)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
@@ -196,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/ablation", help="folder for the four runs and ablation.md/json")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_ablate)
+    p = sub.add_parser("generate", help="one-step samples of a trained HKD model (PNG grid and files, optional .npz)")
+    p.add_argument("--model", required=True, help="model folder (save_pretrained: config.json + model.safetensors)")
+    p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--trajectory", type=int, default=0, metavar="K", help="also K states from T to eps per sample")
+    p.add_argument("--npz", action="store_true", help="also samples.npz (float32 arrays)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default 256)")
+    p.add_argument("--device", **device)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

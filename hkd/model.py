@@ -82,7 +82,7 @@ class HKDModel(nn.Module):
             learnable = config.koopman and (config.hierarchy or level == len(self.net.latent_shapes) - 1)
             for p in parameters:
                 p.requires_grad_(learnable)
-        self._fixed = None  # (key, FixedStepPropagator) for generate(), see _one_step_propagator
+        self._fixed = None  # (generators, FixedStepPropagator) for generate(), see _one_step_propagator
 
     def _generators_per_level(self) -> list[list[nn.Parameter]]:
         if self.propagator.generator == "spectral":
@@ -142,11 +142,18 @@ class HKDModel(nn.Module):
     # Generation ----------------------------------------------------------------------------------------------------
 
     def _one_step_propagator(self):
-        """propagator.at(tau(T, eps)), rebuilt whenever a generator changes (in-place updates bump _version)."""
-        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.propagator.parameters())
-        if self._fixed is None or self._fixed[0] != key:
-            self._fixed = (key, self.propagator.at(self.tau(self.T, self.eps).float()))
-        return self._fixed[1]
+        """propagator.at(tau(T, eps)), cached with a copy of the generators it was made from and rebuilt when they
+        differ (an optimiser step, load_state_dict, .to(), an edit through .data: a comparison, cheap next to the
+        U-Net)."""
+        current = list(self.propagator.parameters())
+        cached = self._fixed
+        if cached is None or not all(
+            a.device == b.device and a.dtype == b.dtype and torch.equal(a, b)
+            for a, b in zip(cached[0], current, strict=True)
+        ):
+            snapshot = [p.detach().clone() for p in current]
+            cached = self._fixed = (snapshot, self.propagator.at(self.tau(self.T, self.eps).float()))
+        return cached[1]
 
     def generate(self, noise: Tensor) -> Tensor:
         """One step: x_eps from x_T = noise (the caller passes sigma_max * randn). Without autograd and with
@@ -258,3 +265,65 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# `hkd generate` ------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_to(
+    model: HKDModel,
+    out: str | os.PathLike,
+    num: int,
+    *,
+    seed: int = 0,
+    trajectory: int = 0,
+    npz: bool = False,
+    batch_size: int = 256,
+) -> list[Path]:
+    """One-step samples from noise of `seed` (drawn on the CPU: the same images on any device), written to `out`:
+    grid.png, samples/NNNNNN.png; with trajectory=K, K states from T to eps (log-spaced times, closed form) per
+    sample as trajectories/NNNNNN.png strips and trajectory_grid.png (one row per sample); with npz, samples.npz
+    (images (N, C, H, W) float32, and trajectory (N, K, C, H, W) with times (K,)). Returns the paths written."""
+    from hkd.data.images import save_grid
+
+    if num < 1 or trajectory < 0 or trajectory == 1 or batch_size < 1:
+        raise ValueError(
+            f"need num >= 1, batch_size >= 1 and trajectory 0 or >= 2, got {num}, {batch_size}, {trajectory}"
+        )
+    out, device = Path(out), next(model.parameters()).device
+    shape = (num, model.img_channels, model.img_resolution, model.img_resolution)
+    noise = model.T * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    times = torch.logspace(math.log10(model.T), math.log10(model.eps), trajectory, dtype=torch.float64)
+    if trajectory:
+        times[0], times[-1] = model.T, model.eps  # exact ends
+    images, states = [], []
+    for batch in noise.split(batch_size):
+        images.append(model.generate(batch.to(device)).cpu())
+        if trajectory:
+            states.append(model.trajectory(batch.to(device), times).transpose(0, 1).cpu())  # (b, K, C, H, W)
+    images = torch.cat(images)
+    scale = max(1, 64 // model.img_resolution)
+    written = [out / "grid.png"]
+    save_grid(images, written[0], nrow=math.ceil(math.sqrt(num)), scale=scale)
+    for i, image in enumerate(images):
+        save_grid(image[None], out / "samples" / f"{i:06d}.png", scale=scale, padding=0)
+    written.append(out / "samples")
+    arrays = {"images": images.numpy()}
+    if trajectory:
+        states = torch.cat(states)
+        for i, strip in enumerate(states):
+            save_grid(strip, out / "trajectories" / f"{i:06d}.png", nrow=trajectory, scale=scale)
+        save_grid(states.flatten(0, 1), out / "trajectory_grid.png", nrow=trajectory, scale=scale)
+        written += [out / "trajectories", out / "trajectory_grid.png"]
+        arrays |= {"trajectory": states.numpy(), "times": times.numpy()}
+    if npz:
+        import numpy as np
+
+        def write(path: Path) -> None:
+            with open(path, "wb") as file:
+                np.savez(file, seed=seed, **arrays)
+
+        _atomic_write(out / "samples.npz", write)
+        written.append(out / "samples.npz")
+    return written

@@ -69,6 +69,8 @@ def test_per_sample_times_and_the_cached_one_step_propagator():
         model.propagator.generators[0].mul_(-2)  # in place, as an optimiser step: the cache must notice
         torch.testing.assert_close(model.generate(noise), model(noise, 80.0))
         assert (model.generate(noise) - first).abs().max() > 1e-4
+        model.propagator.generators[1].data.mul_(0.5)  # through .data (no version bump)
+        torch.testing.assert_close(model.generate(noise), model(noise, 80.0))
 
 
 def test_ablations_freeze_the_right_generators():
@@ -160,3 +162,26 @@ def test_from_teacher_edm_precond():
     x = 80 * torch.randn(2, 3, 8, 8)
     c_skip = 0.25 / (80**2 + 0.25)
     torch.testing.assert_close(model.generate(x) + c_skip * x, denoiser(x, 80.0), rtol=1e-4, atol=1e-5)
+
+
+def test_hkd_generate_command(tmp_path, capsys):
+    import numpy as np
+
+    from hkd.cli import main
+
+    model = tiny_model(img_channels=1)
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "out"
+    args = ["generate", "--model", str(tmp_path / "m"), "--num", "3", "--out", str(out), "--device", "cpu"]
+    assert main([*args, "--trajectory", "4", "--npz", "--seed", "7"]) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert (out / "grid.png").is_file() and (out / "trajectory_grid.png").is_file()
+    assert len(list((out / "trajectories").iterdir())) == 3
+    saved = np.load(out / "samples.npz")
+    noise = 80 * torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(saved["images"]), model.generate(noise))
+    assert saved["trajectory"].shape == (3, 4, 1, 8, 8) and saved["times"][0] == 80.0
+    torch.testing.assert_close(saved["trajectory"][:, -1], saved["images"], rtol=1e-4, atol=1e-5)
+    assert main(["generate", "--model", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err

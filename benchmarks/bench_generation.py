@@ -1,0 +1,105 @@
+"""Generation throughput: HKD one step vs the teacher's EDM Heun sampler (18 steps = 35 evaluations), same backbone,
+same batch, same device, one run. Prints images/s side by side and the ratio.
+
+    python benchmarks/bench_generation.py [--preset digits|cifar] [--batch 64] [--device cpu|cuda] [--repeats 3]
+
+The weights are random (the speed does not depend on them): the teacher is EDMPrecond(UNet) as hkd.teacher builds
+it, HKD is HKDModel.from_teacher(teacher) with random generators. "HKD one step" is model.generate (encoder, the
+cached fixed step propagator.at(tau(T, eps)), decoder); the propagation layer alone is timed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from hkd.model import HKDModel, ModelConfig
+from hkd.unet import UNet
+
+PRESETS = {  # (resolution, channels, U-Net sizes)
+    "digits": (16, 1, dict(model_channels=16, channel_mult=(1, 2, 2), num_blocks=1)),  # hkd/configs/digits.yaml
+    "cifar": (32, 3, dict(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2)),
+}
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def teacher_sampler(denoiser):
+    """hkd.teacher's Heun sampler when it is there; otherwise 35 plain evaluations of the same denoiser."""
+    try:
+        from hkd.teacher import heun_sampler
+
+        return "Heun sampler, 18 steps (35 evaluations)", lambda noise: heun_sampler(denoiser, noise, num_steps=18)
+    except ImportError:
+        sigmas = torch.linspace(80, 0.002, 35)
+        return "35 denoiser evaluations (hkd.teacher not available)", lambda noise: [denoiser(noise, s) for s in sigmas]
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=PRESETS, default="digits")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backend", default="auto", help="propagation backend")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    resolution, channels, sizes = PRESETS[args.preset]
+
+    from hkd.teacher import EDMPrecond
+
+    net = UNet(resolution, channels, channels, **sizes)
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    teacher = EDMPrecond(net).to(device).eval()
+    noise = torch.randn(args.batch, channels, resolution, resolution, device=device)
+    name, sample = teacher_sampler(teacher)
+    t_teacher = timed(lambda: sample(noise), device, args.repeats)
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"preset {args.preset} ({resolution}x{resolution}x{channels}, {sizes}), batch {args.batch}, {hw}")
+    print(f"{'method':58s} {'s/batch':>9s} {'images/s':>10s} {'vs teacher':>10s}")
+    print(f"{'teacher: ' + name:58s} {t_teacher:9.4f} {args.batch / t_teacher:10.1f} {1.0:9.1f}x")
+    t_eval = timed(lambda: teacher(noise * 80, 80.0), device, args.repeats)
+    print(f"{'teacher: one evaluation (reference point)':58s} {t_eval:9.4f} {args.batch / t_eval:10.1f} "
+          f"{t_teacher / t_eval:9.1f}x")  # fmt: skip
+    for generator, per_position in [("spectral", True), ("dense", False), ("dense", True)]:
+        config = ModelConfig(
+            img_resolution=resolution, img_channels=channels, generator=generator, per_position=per_position,
+            backend=args.backend, **sizes,
+        )  # fmt: skip
+        bench_hkd(HKDModel.from_teacher(teacher, config).eval(), 80 * noise, t_teacher, device, args.repeats)
+
+
+def bench_hkd(model, x_T, t_teacher, device, repeats) -> None:
+    for p in model.propagator.parameters():
+        p.data.normal_(0, 1e-3)
+    batch, config = x_T.shape[0], model.config
+    t_hkd = timed(lambda: model.generate(x_T), device, repeats)
+    label = f"HKD one step ({config.generator}, {'per position' if config.per_position else 'shared'})"
+    print(f"{label:58s} {t_hkd:9.4f} {batch / t_hkd:10.1f} {t_teacher / t_hkd:9.1f}x")
+    latents = model.encode(x_T, 80.0)
+    tau = model.tau(80.0, model.eps)
+    fixed = model.propagator.at(tau.float())
+    t_layer = timed(lambda: model.propagator(latents, tau), device, repeats)
+    t_fixed = timed(lambda: fixed(latents), device, repeats)
+    print(f"{'  layer alone: forward(latents, tau) / at(tau) apply':58s} {t_layer:9.5f} / {t_fixed:.5f}")
+
+
+if __name__ == "__main__":
+    main()
