@@ -10,6 +10,13 @@
 
 TORCH_LIBRARY(hkd, m) {
   // --- spectral (2x2 rotation-scaling) generators: hkd/ops/spectral.py ---------------------------
+  // exp(tau A_l) z_l for every level l at once (convention: hkd/ops/reference.py). alphas[l], betas[l]:
+  // (d_l/2,) or (d_l/2, *S_l), in the latents' opmath dtype like tau, which is 0-d or (B,).
+  m.def("spectral_propagate(Tensor[] latents, Tensor[] alphas, Tensor[] betas, Tensor tau) -> Tensor[]");
+  // Gradients of the above; a part not asked for (need_*) comes back as an empty list / empty tensor.
+  m.def(
+      "spectral_propagate_backward(Tensor[] grads, Tensor[] latents, Tensor[] alphas, Tensor[] betas, Tensor tau, "
+      "bool need_latents, bool need_params, bool need_tau) -> (Tensor[], Tensor[], Tensor[], Tensor)");
   // --- dense generators, matrix exponential: hkd/ops/dense.py --------------------------------------
   // A (..., n, n) -> exp(A); expm_backward(A, grad) = L(A^T, grad), the adjoint of the Frechet derivative
   m.def("expm(Tensor A) -> Tensor");

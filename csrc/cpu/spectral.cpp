@@ -1,0 +1,333 @@
+// CPU kernels of hkd::spectral_propagate and its backward (maths in csrc/spectral.h).
+//
+// One parallel region spans all levels: the index space is every level's flattened (pair k, position p)
+// plane, cut into units of U (k, p) entries. The thread owning a unit loops over the batch, so the
+// parameter gradients of its (k, p) reduce over the batch in that thread (no atomics), and with a shared
+// tau the rotations are computed once per (k, p) and reused for the whole batch. For one sample a unit's
+// planes 2k, 2k+1 are contiguous memory: each thread streams through large blocks, and the inner loops
+// over positions vectorise (float32: cloned for AVX-512, AVX2 and baseline x86-64, chosen at load time).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+// The float comparisons in the polynomial exp of spectral.h only if-convert (and so vectorise) when
+// they may not trap; the kernels never inspect floating-point exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#include "spectral.h"
+
+namespace hkd::spectral {
+
+// Checks shared by the CPU and CUDA glue: everything a kernel relies on for memory safety.
+void check_inputs(at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau) {
+  TORCH_CHECK(!latents.empty(), "spectral_propagate: empty list of levels");
+  TORCH_CHECK(alphas.size() == latents.size() && betas.size() == latents.size(),
+              "spectral_propagate: ", latents.size(), " latents but ", alphas.size(), " alphas and ", betas.size(),
+              " betas");
+  const auto& z0 = latents[0];
+  TORCH_CHECK(z0.dim() >= 2, "spectral_propagate: level 0 latent must be (B, d, *S), got ", z0.sizes());
+  TORCH_CHECK(at::isFloatingType(z0.scalar_type()), "spectral_propagate: latents must be floating point");
+  const auto param_type = at::toOpMathType(z0.scalar_type());
+  const int64_t batch = z0.size(0);
+  for (size_t l = 0; l < latents.size(); ++l) {
+    const auto &z = latents[l], &alpha = alphas[l], &beta = betas[l];
+    TORCH_CHECK(z.dim() >= 2 && z.size(0) == batch && z.size(1) % 2 == 0 && z.is_contiguous(),
+                "spectral_propagate: level ", l, " latent ", z.sizes(), " must be contiguous (", batch,
+                ", even d, *S)");
+    TORCH_CHECK(z.scalar_type() == z0.scalar_type(), "spectral_propagate: level ", l, " dtype differs from level 0");
+    TORCH_CHECK(alpha.sizes() == beta.sizes() && alpha.dim() >= 1 && alpha.size(0) == z.size(1) / 2 &&
+                    (alpha.dim() == 1 || alpha.sizes().slice(1) == z.sizes().slice(2)),
+                "spectral_propagate: level ", l, " alpha ", alpha.sizes(), " and beta ", beta.sizes(),
+                " must both be (d/2,) or (d/2, *S) for the latent ", z.sizes());
+    TORCH_CHECK(alpha.scalar_type() == param_type && beta.scalar_type() == param_type && alpha.is_contiguous() &&
+                    beta.is_contiguous(),
+                "spectral_propagate: level ", l, " alpha and beta must be contiguous ", param_type);
+    for (const auto* t : {&z, &alpha, &beta})
+      TORCH_CHECK(t->device() == z0.device(), "spectral_propagate: level ", l, " tensors on different devices");
+  }
+  TORCH_CHECK(tau.scalar_type() == param_type && (tau.dim() == 0 || (tau.dim() == 1 && tau.size(0) == batch)) &&
+                  tau.device() == z0.device(),
+              "spectral_propagate: tau must be a ", param_type, " scalar or (", batch, ",) tensor on ", z0.device(),
+              ", got ", tau.sizes());
+}
+
+namespace {
+
+template <typename scalar_t>
+struct Level {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* z;
+  const scalar_t* grad;  // backward only
+  scalar_t* out;         // evolved latent, or its gradient in the backward
+  const acc_t *alpha, *beta;
+  acc_t *grad_alpha, *grad_beta;  // (d/2, P) even for shared parameters (summed over P afterwards)
+  int64_t pairs, positions;
+  bool per_position;
+};
+
+// A unit: entries [q0, q1) of one level's flattened (k, p) space, q = k P + p.
+template <typename scalar_t>
+struct Unit {
+  const Level<scalar_t>& L;
+  int64_t q0, q1;
+  // Calls f(q, n, offset): runs of n entries q.. of one pair, whose x plane starts at `offset` for sample 0.
+  template <typename F>
+  void for_each_run(F&& f) const {
+    const int64_t P = L.positions;
+    for (int64_t q = q0; q < q1;) {
+      const int64_t k = q / P, n = std::min((k + 1) * P, q1) - q;
+      f(q, n, q + k * P);
+      q += n;
+    }
+  }
+  // the unit's alpha and beta as per-entry arrays (shared parameters broadcast over positions)
+  void parameters(at::opmath_type<scalar_t>* a, at::opmath_type<scalar_t>* w) const {
+    for_each_run([&](int64_t q, int64_t n, int64_t) {
+      const int64_t k = q / L.positions;
+      if (L.per_position)
+        std::copy_n(L.alpha + q, n, a + (q - q0)), std::copy_n(L.beta + q, n, w + (q - q0));
+      else
+        std::fill_n(a + (q - q0), n, L.alpha[k]), std::fill_n(w + (q - q0), n, L.beta[k]);
+    });
+  }
+};
+
+template <typename scalar_t>
+[[gnu::always_inline]] inline void forward_unit_impl(const Unit<scalar_t>& u, int64_t batch,
+                                                     const at::opmath_type<scalar_t>* tau, bool per_sample_tau) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto& L = u.L;
+  const int64_t m = u.q1 - u.q0, P = L.positions, plane = 2 * L.pairs * P;
+  std::vector<acc_t> buffer((per_sample_tau ? 2 : 5) * m);
+  acc_t *A = buffer.data(), *W = A + m, *S = W + m, *C = S + m, *N = C + m;
+  u.parameters(A, W);
+  if (!per_sample_tau)  // one rotation per (k, p), reused over the batch
+    for (int64_t i = 0; i < m; ++i) {
+      const auto r = rotation(A[i], W[i], tau[0]);
+      S[i] = r.scale, C[i] = r.cos, N[i] = r.sin;
+    }
+  for (int64_t b = 0; b < batch; ++b) {
+    const acc_t t = tau[per_sample_tau ? b : 0];
+    u.for_each_run([&](int64_t q, int64_t n, int64_t offset) {
+      const scalar_t* __restrict__ x = L.z + b * plane + offset;
+      const scalar_t* __restrict__ y = x + P;
+      scalar_t* __restrict__ xo = L.out + b * plane + offset;
+      scalar_t* __restrict__ yo = xo + P;
+      const int64_t j = q - u.q0;
+      const acc_t *__restrict__ a = A + j, *__restrict__ w = W + j;
+      const acc_t *__restrict__ s = S + j, *__restrict__ c = C + j, *__restrict__ sn = N + j;
+      acc_t xe, ye;
+      if (per_sample_tau)
+        for (int64_t i = 0; i < n; ++i) {
+          evolve(rotation(a[i], w[i], t), acc_t(x[i]), acc_t(y[i]), xe, ye);
+          xo[i] = xe, yo[i] = ye;
+        }
+      else
+        for (int64_t i = 0; i < n; ++i) {
+          evolve(Rotation<acc_t>{s[i], c[i], sn[i]}, acc_t(x[i]), acc_t(y[i]), xe, ye);
+          xo[i] = xe, yo[i] = ye;
+        }
+    });
+  }
+}
+
+// Backward of one unit. tau_partial: this unit's row of per-sample (or, for a shared tau, one) d/dtau sums.
+// Terms = the generator terms P, Q (needed for the parameter and tau gradients).
+template <bool Latents, bool Terms, typename scalar_t>
+[[gnu::always_inline]] inline void backward_unit_impl(const Unit<scalar_t>& u, int64_t batch,
+                                                      const at::opmath_type<scalar_t>* tau, bool per_sample_tau,
+                                                      at::opmath_type<scalar_t>* tau_partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto& L = u.L;
+  const int64_t m = u.q1 - u.q0, P = L.positions, plane = 2 * L.pairs * P;
+  std::vector<acc_t> buffer(5 * m);  // alpha, beta; their gradients; d/dtau terms
+  acc_t *A = buffer.data(), *W = A + m, *GA = W + m, *GW = GA + m, *GT = GW + m;
+  u.parameters(A, W);
+  for (int64_t b = 0; b < batch; ++b) {
+    const acc_t t = tau[per_sample_tau ? b : 0];
+    u.for_each_run([&](int64_t q, int64_t n, int64_t offset) {
+      const scalar_t* __restrict__ x = L.z + b * plane + offset;
+      const scalar_t* __restrict__ y = x + P;
+      const scalar_t* __restrict__ gx = L.grad + b * plane + offset;
+      const scalar_t* __restrict__ gy = gx + P;
+      scalar_t* __restrict__ gxo = Latents ? L.out + b * plane + offset : nullptr;
+      scalar_t* __restrict__ gyo = Latents ? gxo + P : nullptr;
+      const int64_t j = q - u.q0;
+      const acc_t *__restrict__ a = A + j, *__restrict__ w = W + j;
+      acc_t *__restrict__ ga = GA + j, *__restrict__ gw = GW + j, *__restrict__ gt = GT + j;
+      for (int64_t i = 0; i < n; ++i) {
+        const auto r = rotation(a[i], w[i], t);
+        if (Latents) {
+          acc_t u_, v_;
+          evolve_transposed(r, acc_t(gx[i]), acc_t(gy[i]), u_, v_);
+          gxo[i] = u_, gyo[i] = v_;
+        }
+        if (Terms) {
+          acc_t Pt, Qt;
+          generator_terms(r, acc_t(x[i]), acc_t(y[i]), acc_t(gx[i]), acc_t(gy[i]), Pt, Qt);
+          ga[i] += t * Pt, gw[i] += t * Qt;
+          gt[i] = a[i] * Pt + w[i] * Qt;
+        }
+      }
+    });
+    if (Terms && tau_partial) {
+      acc_t sum = 0;
+      for (int64_t i = 0; i < m; ++i) sum += GT[i];
+      tau_partial[per_sample_tau ? b : 0] += sum;
+    }
+  }
+  if (Terms && L.grad_alpha) {
+    std::copy_n(GA, m, L.grad_alpha + u.q0);
+    std::copy_n(GW, m, L.grad_beta + u.q0);
+  }
+}
+
+// float32 runs the fast path: compile it for AVX-512 and AVX2 too and pick at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HKD_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HKD_VECTOR_CLONES
+#endif
+
+template <typename scalar_t>
+void forward_unit(const Unit<scalar_t>& u, int64_t batch, const at::opmath_type<scalar_t>* tau, bool per_sample_tau) {
+  forward_unit_impl(u, batch, tau, per_sample_tau);
+}
+template <>
+HKD_VECTOR_CLONES void forward_unit(const Unit<float>& u, int64_t batch, const float* tau, bool per_sample_tau) {
+  forward_unit_impl(u, batch, tau, per_sample_tau);
+}
+
+template <bool Latents, bool Terms, typename scalar_t>
+void backward_unit(const Unit<scalar_t>& u, int64_t batch, const at::opmath_type<scalar_t>* tau, bool per_sample_tau,
+                   at::opmath_type<scalar_t>* tau_partial) {
+  backward_unit_impl<Latents, Terms>(u, batch, tau, per_sample_tau, tau_partial);
+}
+#define HKD_BACKWARD_FLOAT(LATENTS, TERMS)                                                                      \
+  template <>                                                                                                 \
+  HKD_VECTOR_CLONES void backward_unit<LATENTS, TERMS, float>(const Unit<float>& u, int64_t batch, const float* tau, \
+                                                              bool per_sample_tau, float* tau_partial) {      \
+    backward_unit_impl<LATENTS, TERMS>(u, batch, tau, per_sample_tau, tau_partial);                           \
+  }
+HKD_BACKWARD_FLOAT(true, true)
+HKD_BACKWARD_FLOAT(true, false)
+HKD_BACKWARD_FLOAT(false, true)
+
+// Cuts every level's (k, p) space into units of about equal size, enough for all threads, large enough to
+// stream. Calls f(unit index, Unit) for the units of [begin, end) in parallel.
+template <typename scalar_t>
+struct Schedule {
+  std::vector<int64_t> first;  // level l owns units [first[l], first[l + 1])
+  int64_t size;
+  Schedule(const std::vector<Level<scalar_t>>& levels, int64_t batch) : first{0} {
+    int64_t total = 0;
+    for (const auto& L : levels) total += L.pairs * L.positions;
+    size = std::clamp<int64_t>(total / (8 * at::get_num_threads()), 1024, 16384);
+    for (const auto& L : levels) first.push_back(first.back() + (batch ? (L.pairs * L.positions + size - 1) / size : 0));
+  }
+  int64_t total() const { return first.back(); }
+  template <typename F>
+  void run(const std::vector<Level<scalar_t>>& levels, F&& f) const {
+    at::parallel_for(0, total(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t l = std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1;
+        const int64_t q0 = (i - first[l]) * size;
+        const auto& L = levels[l];
+        f(i, Unit<scalar_t>{L, q0, std::min(q0 + size, L.pairs * L.positions)});
+      }
+    });
+  }
+};
+
+int64_t positions_of(const at::Tensor& z) { return c10::multiply_integers(z.sizes().slice(2)); }
+
+std::vector<at::Tensor> forward_cpu(at::TensorList latents, at::TensorList alphas, at::TensorList betas,
+                                    const at::Tensor& tau) {
+  check_inputs(latents, alphas, betas, tau);
+  std::vector<at::Tensor> out;
+  for (const auto& z : latents) out.push_back(at::empty_like(z));
+  const int64_t batch = latents[0].size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, latents[0].scalar_type(), "spectral_propagate", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<Level<scalar_t>> levels;
+    for (size_t l = 0; l < latents.size(); ++l)
+      levels.push_back({latents[l].const_data_ptr<scalar_t>(), nullptr, out[l].mutable_data_ptr<scalar_t>(),
+                        alphas[l].const_data_ptr<acc_t>(), betas[l].const_data_ptr<acc_t>(), nullptr, nullptr,
+                        latents[l].size(1) / 2, positions_of(latents[l]), alphas[l].dim() > 1});
+    const acc_t* t = tau.const_data_ptr<acc_t>();
+    const bool per_sample_tau = tau.dim() == 1;
+    Schedule<scalar_t>(levels, batch).run(levels, [&](int64_t, const Unit<scalar_t>& u) {
+      forward_unit(u, batch, t, per_sample_tau);
+    });
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> backward_cpu(
+    at::TensorList grads, at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau,
+    bool need_latents, bool need_params, bool need_tau) {
+  check_inputs(latents, alphas, betas, tau);
+  TORCH_CHECK(grads.size() == latents.size(), "spectral_propagate_backward: ", grads.size(), " grads for ",
+              latents.size(), " levels");
+  for (size_t l = 0; l < grads.size(); ++l)
+    TORCH_CHECK(grads[l].sizes() == latents[l].sizes() && grads[l].scalar_type() == latents[l].scalar_type() &&
+                    grads[l].is_contiguous() && grads[l].device() == latents[l].device(),
+                "spectral_propagate_backward: level ", l, " grad must be a contiguous tensor like its latent");
+  const int64_t batch = latents[0].size(0);
+  std::vector<at::Tensor> grad_latents, grad_alphas, grad_betas;
+  at::Tensor grad_tau = tau.new_empty({0});
+  if (!need_latents && !need_params && !need_tau) return {grad_latents, grad_alphas, grad_betas, grad_tau};
+  const bool need_terms = need_params || need_tau;
+  for (size_t l = 0; l < latents.size(); ++l) {
+    if (need_latents) grad_latents.push_back(at::empty_like(latents[l]));
+    if (need_params) {  // per position; shared parameters sum over positions below
+      grad_alphas.push_back(at::zeros({alphas[l].size(0), positions_of(latents[l])}, alphas[l].options()));
+      grad_betas.push_back(at::zeros({betas[l].size(0), positions_of(latents[l])}, betas[l].options()));
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, latents[0].scalar_type(), "spectral_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<Level<scalar_t>> levels;
+    for (size_t l = 0; l < latents.size(); ++l)
+      levels.push_back({latents[l].const_data_ptr<scalar_t>(), grads[l].const_data_ptr<scalar_t>(),
+                        need_latents ? grad_latents[l].mutable_data_ptr<scalar_t>() : nullptr,
+                        alphas[l].const_data_ptr<acc_t>(), betas[l].const_data_ptr<acc_t>(),
+                        need_params ? grad_alphas[l].mutable_data_ptr<acc_t>() : nullptr,
+                        need_params ? grad_betas[l].mutable_data_ptr<acc_t>() : nullptr, latents[l].size(1) / 2,
+                        positions_of(latents[l]), alphas[l].dim() > 1});
+    const Schedule<scalar_t> schedule(levels, batch);
+    const bool per_sample_tau = tau.dim() == 1;
+    // one row of d/dtau partial sums per unit, summed in a fixed order afterwards: deterministic
+    at::Tensor tau_partial = at::zeros({need_tau ? schedule.total() : 0, per_sample_tau ? batch : 1}, tau.options());
+    const acc_t* t = tau.const_data_ptr<acc_t>();
+    schedule.run(levels, [&](int64_t i, const Unit<scalar_t>& u) {
+      acc_t* row = need_tau ? tau_partial.mutable_data_ptr<acc_t>() + i * tau_partial.size(1) : nullptr;
+      if (need_latents && need_terms)
+        backward_unit<true, true>(u, batch, t, per_sample_tau, row);
+      else if (need_latents)
+        backward_unit<true, false>(u, batch, t, per_sample_tau, row);
+      else
+        backward_unit<false, true>(u, batch, t, per_sample_tau, row);
+    });
+    if (need_tau) grad_tau = per_sample_tau ? tau_partial.sum(0) : tau_partial.sum();
+  });
+  if (need_params)
+    for (size_t l = 0; l < latents.size(); ++l)
+      if (alphas[l].dim() == 1) grad_alphas[l] = grad_alphas[l].sum(1), grad_betas[l] = grad_betas[l].sum(1);
+      else grad_alphas[l] = grad_alphas[l].view(alphas[l].sizes()), grad_betas[l] = grad_betas[l].view(betas[l].sizes());
+  return {grad_latents, grad_alphas, grad_betas, grad_tau};
+}
+
+}  // namespace
+}  // namespace hkd::spectral
+
+TORCH_LIBRARY_IMPL(hkd, CPU, m) {
+  m.impl("spectral_propagate", &hkd::spectral::forward_cpu);
+  m.impl("spectral_propagate_backward", &hkd::spectral::backward_cpu);
+}

@@ -1,0 +1,137 @@
+// The maths of spectral Koopman propagation, shared by the CPU kernels (csrc/cpu/spectral.cpp) and the
+// CUDA kernels (csrc/cuda/spectral.cu). Torch-free and header-light, so that NVRTC can compile it too.
+//
+// Channel pair k = channels (2k, 2k+1) holds the eigenvalue pair alpha +- i beta of the generator A.
+// exp(tau A) acts on the pair (x, y) as complex multiplication of x + i y by exp((alpha + i beta) tau):
+//     x' = s (c x - n y),   y' = s (n x + c y),   s = exp(alpha tau), c = cos(beta tau), n = sin(beta tau).
+// Backward, with upstream gradients (gx', gy') and the evolved pair (x', y'):
+//     gx = s (c gx' + n gy'),   gy = s (c gy' - n gx')            (the transposed rotation, same scale)
+//     d/dalpha = tau P,  d/dbeta = tau Q,  d/dtau = alpha P + beta Q,
+//     P = gx' x' + gy' y',   Q = gy' x' - gx' y'.
+#pragma once
+
+#ifndef __CUDACC_RTC__
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#endif
+
+#if defined(__CUDACC__)
+#define HKD_HD __host__ __device__ __forceinline__
+#else
+#define HKD_HD inline
+#endif
+
+namespace hkd::spectral {
+
+template <typename T>
+struct Rotation {
+  T scale, cos, sin;  // exp(alpha tau), cos(beta tau), sin(beta tau)
+};
+
+#if !defined(__CUDA_ARCH__)
+// Host float32: exp and sincos as branch-free polynomials (Cephes coefficients, <= 2 ulp for the
+// arguments that occur here) so that loops over positions vectorise; libm calls would not.
+// Cody-Waite reduction by pi/2 keeps them accurate for |beta tau| up to ~8e3; beyond that the float32
+// product beta * tau itself is off by more than the reduction error.
+inline float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+inline float round_nearest(float x) {  // exact for |x| < 2^22, no SSE4.1 needed
+  const float magic = 12582912.0f;         // 1.5 * 2^23
+  return (x + magic) - magic;
+}
+
+inline float exp_poly(float x) {
+  const float hi = 88.72283935546875f, lo = -103.97208f;  // expf overflows above hi, is 0 below lo
+  float xc = x > hi ? hi : (x < lo ? lo : x);
+  float n = round_nearest(xc * 1.44269504088896341f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n as two factors, so that n in [-150, 128] (denormal results, the largest float) stays exact
+  int32_t k = static_cast<int32_t>(n), k1 = k >> 1;
+  float result = p * bits_to_float((k1 + 127) << 23) * bits_to_float((k - k1 + 127) << 23);
+  result = x > hi ? INFINITY : result;
+  result = x < lo ? 0.0f : result;
+  return x != x ? x : result;  // NaN in, NaN out
+}
+
+inline void sincos_poly(float x, float& sin_out, float& cos_out) {
+  float j = round_nearest(x * 0.636619772367581343f);  // nearest multiple of pi/2
+  float r = x - j * 1.5703125f;
+  r = r - j * 4.837512969970703125e-4f;
+  r = r - j * 7.54978995489188216e-8f;
+  float z = r * r;
+  float s = -1.9515295891e-4f;
+  s = s * z + 8.3321608736e-3f;
+  s = s * z - 1.6666654611e-1f;
+  s = s * z * r + r;
+  float c = 2.443315711809948e-5f;
+  c = c * z - 1.388731625493765e-3f;
+  c = c * z + 4.166664568298827e-2f;
+  c = c * z * z - 0.5f * z + 1.0f;
+  int32_t q = static_cast<int32_t>(j) & 3;
+  float sq = (q & 1) ? c : s, cq = (q & 1) ? s : c;
+  sin_out = (q & 2) ? -sq : sq;
+  cos_out = ((q + 1) & 2) ? -cq : cq;
+}
+#endif
+
+HKD_HD Rotation<float> rotation(float alpha, float beta, float tau) {
+  Rotation<float> r;
+#if defined(__CUDA_ARCH__)
+  r.scale = expf(alpha * tau);
+  sincosf(beta * tau, &r.sin, &r.cos);
+#else
+  r.scale = exp_poly(alpha * tau);
+  sincos_poly(beta * tau, r.sin, r.cos);
+#endif
+  return r;
+}
+
+HKD_HD Rotation<double> rotation(double alpha, double beta, double tau) {
+  Rotation<double> r;
+#if defined(__CUDA_ARCH__)
+  r.scale = exp(alpha * tau);
+  sincos(beta * tau, &r.sin, &r.cos);
+#else
+  r.scale = std::exp(alpha * tau);
+  r.sin = std::sin(beta * tau);
+  r.cos = std::cos(beta * tau);
+#endif
+  return r;
+}
+
+template <typename T>
+HKD_HD void evolve(const Rotation<T>& r, T x, T y, T& x_out, T& y_out) {
+  x_out = r.scale * (r.cos * x - r.sin * y);
+  y_out = r.scale * (r.sin * x + r.cos * y);
+}
+
+// Gradient with respect to the input pair: the transposed map.
+template <typename T>
+HKD_HD void evolve_transposed(const Rotation<T>& r, T gx, T gy, T& gx_out, T& gy_out) {
+  gx_out = r.scale * (r.cos * gx + r.sin * gy);
+  gy_out = r.scale * (r.cos * gy - r.sin * gx);
+}
+
+// P and Q of the header comment, from the upstream gradient and the input pair (x' recomputed).
+template <typename T>
+HKD_HD void generator_terms(const Rotation<T>& r, T x, T y, T gx, T gy, T& P, T& Q) {
+  T xe, ye;
+  evolve(r, x, y, xe, ye);
+  P = gx * xe + gy * ye;
+  Q = gy * xe - gx * ye;
+}
+
+}  // namespace hkd::spectral
