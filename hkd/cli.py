@@ -158,6 +158,69 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _print_written(written)
 
 
+# -- teacher and trajectories (issue 6) ---------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> dict:
+    from hkd import config
+
+    try:
+        return config.load(args.config, args.overrides)
+    except config.ConfigError as error:
+        raise UserError(str(error)) from error
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> None:
+    from hkd.teacher import train_teacher
+
+    try:
+        result = train_teacher(_config(args), args.out, device=_device(args.device))
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    print(f"wrote {result['checkpoint']} (step {result['step']})")
+
+
+def cmd_trajectories(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    from hkd.config import ConfigError, section
+    from hkd.data import store
+
+    if args.verify:
+        problems = store.verify_store(args.verify)
+        for line in problems:
+            print(line)
+        if problems:
+            raise UserError(f"{args.verify}: {len(problems)} shard(s) with problems")
+        manifest = store.read_manifest(args.verify)
+        print(f"{args.verify}: {manifest['num_shards']} shards, {manifest['num_trajectories']} trajectories, intact")
+        return
+    if not args.teacher or not args.out:
+        raise UserError("--teacher and --out are required (or --verify DIR)")
+    config = _config(args)
+    if args.num is not None:
+        config.setdefault("trajectories", {})["num_trajectories"] = args.num
+    try:
+        cfg = section(config, "trajectories", store.TrajectoryConfig)
+    except ConfigError as error:
+        raise UserError(str(error)) from error
+    device = _device(args.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    teacher = _teacher(args.teacher, device)
+    try:
+        manifest = store.write_store(
+            teacher, args.out, cfg, workers=args.workers, device=device, max_shards=args.max_shards,
+            progress=not args.quiet,
+        )  # fmt: skip
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    done, size = len(manifest["shards"]), manifest["bytes_per_trajectory"]
+    print(f"{args.out}: {done} of {manifest['num_shards']} shards finished ({size} bytes per trajectory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
@@ -223,6 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default 256)")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train-teacher", help="train an EDM teacher (default: the embedded digits); resumes from --out")
+    p.add_argument("--config", default="digits", help="config name or YAML path (default digits)")
+    p.add_argument("overrides", nargs="*", help="config overrides a.b=value, e.g. teacher.steps=500")
+    p.add_argument("--out", default="runs/teacher", help="folder for teacher.pt and samples.png")
+    p.add_argument("--device", **device)
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("trajectories", help="write (or resume, or --verify) a sharded store of teacher trajectories")
+    p.add_argument("--teacher", help="teacher.pt (or its folder) or a diffusers UNet2DModel folder")
+    p.add_argument("--out", help="store folder (an unfinished store there is completed)")
+    p.add_argument("--num", type=int, help="number of trajectories (trajectories.num_trajectories)")
+    p.add_argument("--config", default="digits", help="config name or YAML path for the trajectories section")
+    p.add_argument("overrides", nargs="*", help="config overrides a.b=value, e.g. trajectories.shard_size=500")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (CPU); torchrun ranks add up")
+    p.add_argument("--max-shards", type=int, help="stop after this many new shards per worker (run again to go on)")
+    p.add_argument("--verify", metavar="DIR", help="check every shard of the store DIR against its manifest")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", **device)
+    p.set_defaults(func=cmd_trajectories)
     return parser
 
 

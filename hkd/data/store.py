@@ -1,0 +1,474 @@
+"""PF-ODE trajectory store: the teacher's Heun trajectories, sharded, resumable, memory-mappable.
+
+Layout of a store folder:
+
+    manifest.json        what was made and how (below), and the finished shards with their sha256
+    shard_00000.npy      trajectories [0, shard_size): array (n, S, C, H, W), S stored states per trajectory
+    shard_00001.npy      ...
+
+Trajectory i starts from x_T = sigma_max * numpy.random.default_rng([seed, i]).standard_normal((C, H, W), float32):
+its noise depends on (seed, i) only, so a store is the same whatever the number of workers, ranks or runs. The
+stored states are the solver's states at `state_indices` of its time grid (times = manifest["times"]); the first is
+x_T (t = sigma_max), the last x_eps, the generated image (EDM's grid ends at t = 0, after the step from sigma_min).
+Disk: S * C * H * W * 2 bytes per trajectory in float16 (digits 16x16, all 19 states: 9.7 kB; CIFAR-10 32x32x3:
+117 kB, so 1M trajectories take 117 GB; store fewer states with `state_indices`).
+
+Safety: a shard is written under a temporary name and renamed when complete, then recorded in the manifest (under a
+file lock); a restart skips recorded shards and redoes any other; `verify_store` checks every shard. Shard k is
+written by worker k mod (world_size * workers), so torchrun ranks and local workers write disjoint shards.
+
+The trainer reads a store with `TrajectoryDataset` or draws fresh trajectories with `OnlineTrajectories`; both give
+the same dict per trajectory: x_T, x_eps (C, H, W), x_t (num_times, C, H, W) at times t (num_times,), index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hkd.teacher import heun_sampler, time_steps
+
+MANIFEST = "manifest.json"
+FORMAT = "hkd-trajectories"
+
+
+@dataclass
+class TrajectoryConfig:
+    """The `trajectories` section: the solver (EDM Heun), which of its states to keep, and the store's layout."""
+
+    num_trajectories: int = 10000
+    num_steps: int = 18
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    state_indices: tuple[int, ...] | None = None  # None: all of 0..num_steps; 0 and num_steps are always kept
+    shard_size: int = 1000
+    batch_size: int = 500
+    dtype: str = "float16"
+    seed: int = 0
+
+    def solver(self) -> dict[str, Any]:
+        return {"sampler": "heun", **{k: getattr(self, k) for k in ("num_steps", "sigma_min", "sigma_max", "rho")}}
+
+    def indices(self) -> list[int]:
+        n = self.num_steps
+        chosen = range(n + 1) if self.state_indices is None else self.state_indices
+        bad = [i for i in chosen if not 0 <= i <= n]
+        if bad:
+            raise ValueError(f"trajectories.state_indices {bad} outside the solver's grid 0..{n}")
+        return sorted(set(chosen) | {0, n})
+
+
+class CorruptShardError(ValueError):
+    """A shard that is missing, truncated or does not match the manifest; the message names it."""
+
+
+def trajectory_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:
+    """The standard normal noise of trajectory `index`: a function of (seed, index) only."""
+    return torch.from_numpy(np.random.default_rng([seed, index]).standard_normal(shape, dtype=np.float32))
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:05d}.npy"
+
+
+def make_spec(identity: dict[str, Any], cfg: TrajectoryConfig, state_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Everything that defines a store's content (the manifest without its list of finished shards)."""
+    if cfg.num_trajectories < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
+        raise ValueError("trajectories.num_trajectories, shard_size and batch_size must be positive")
+    np.dtype(cfg.dtype)  # a clear numpy error for an unknown dtype
+    indices = cfg.indices()
+    grid = time_steps(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).tolist()
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "teacher": {k: identity[k] for k in ("source", "hash", "path", "config") if k in identity},
+        "solver": cfg.solver(),
+        "solver_times": grid,
+        "state_indices": indices,
+        "times": [grid[i] for i in indices],
+        "state_shape": list(state_shape),
+        "dtype": cfg.dtype,
+        "bytes_per_trajectory": len(indices) * int(np.prod(state_shape)) * np.dtype(cfg.dtype).itemsize,
+        "num_trajectories": cfg.num_trajectories,
+        "shard_size": cfg.shard_size,
+        "num_shards": -(-cfg.num_trajectories // cfg.shard_size),
+        "seed": cfg.seed,
+        "seed_range": [0, cfg.num_trajectories],
+        "noise": "x_T = sigma_max * numpy.random.default_rng([seed, i]).standard_normal(state_shape, float32)",
+        "batch_size": cfg.batch_size,
+    }
+
+
+def _content(spec: dict[str, Any]) -> dict[str, Any]:
+    """What two specs must agree on to write into the same store (not where the teacher file lies, not batching)."""
+    content = {k: v for k, v in spec.items() if k not in ("shards", "batch_size", "created")}
+    content["teacher"] = {k: v for k, v in spec["teacher"].items() if k != "path"}
+    return content
+
+
+def read_manifest(store_dir: str | Path) -> dict[str, Any]:
+    path = Path(store_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no trajectory store at {str(store_dir)!r} ({MANIFEST} not found)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a trajectory store manifest")
+    return manifest
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(store_dir: Path):
+    """An exclusive lock on the store's manifest, across processes (ranks, workers) on this file system."""
+    with open(store_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_range(spec: dict[str, Any], k: int) -> tuple[int, int]:
+    return k * spec["shard_size"], min(spec["num_trajectories"], (k + 1) * spec["shard_size"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_shard(denoiser: nn.Module, store_dir: Path, spec: dict[str, Any], k: int, device, advance) -> None:
+    """Solve shard k's trajectories batch by batch, save under a temporary name, rename, record in the manifest."""
+    start, stop = _shard_range(spec, k)
+    shape, indices, solver = tuple(spec["state_shape"]), spec["state_indices"], spec["solver"]
+    out = np.empty((stop - start, len(indices), *shape), dtype=spec["dtype"])
+    for a in range(start, stop, spec["batch_size"]):
+        b = min(stop, a + spec["batch_size"])
+        noise = torch.stack([trajectory_noise(spec["seed"], i, shape) for i in range(a, b)]).to(device)
+        _, states = heun_sampler(
+            denoiser, noise, *(solver[key] for key in ("num_steps", "sigma_min", "sigma_max", "rho"))
+        )
+        out[a - start : b - start] = states[indices].transpose(0, 1).cpu().numpy().astype(spec["dtype"])
+        advance(b - a)
+    name = shard_name(k)
+    tmp = store_dir / f".{name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as file:
+        np.save(file, out)
+        file.flush()
+        os.fsync(file.fileno())
+    digest = _sha256(tmp)
+    os.replace(tmp, store_dir / name)
+    with _locked(store_dir):
+        manifest = read_manifest(store_dir)
+        manifest["shards"][name] = {"trajectories": [start, stop], "sha256": digest}
+        _write_json(store_dir / MANIFEST, manifest)
+
+
+def _run_worker(denoiser, store_dir, spec, shards, device, threads, counter) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+    def advance(n):
+        with counter.get_lock():
+            counter.value += n
+
+    for k in shards:
+        _write_shard(denoiser, store_dir, spec, k, device, advance)
+
+
+def write_store(
+    denoiser: nn.Module,
+    store_dir: str | Path,
+    cfg: TrajectoryConfig,
+    *,
+    workers: int = 1,
+    device: str | torch.device = "cpu",
+    max_shards: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write (or complete) the store of `denoiser`'s trajectories (a teacher from `hkd.teacher.load_teacher`, with
+    .identity, .img_channels, .img_resolution). Returns the manifest.
+
+    Under torchrun (RANK, WORLD_SIZE set) each rank writes its own shards: shard k goes to global worker
+    k mod (WORLD_SIZE * workers). `workers` > 1 forks local processes (CPU), each with its share of the threads.
+    `max_shards` stops after that many new shards per worker (for time-limited jobs); run again to continue.
+    A store made with another teacher or other settings is refused; unfinished shards are (re)done.
+    """
+    store_dir = Path(store_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+    spec = make_spec(denoiser.identity, cfg, shape)
+    with _locked(store_dir):
+        if (store_dir / MANIFEST).exists():
+            manifest = read_manifest(store_dir)
+            old, new = _content(manifest), _content(spec)
+            diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if diff:
+                raise ValueError(
+                    f"{store_dir} holds another store (its {', '.join(diff)} differ{'s' if len(diff) == 1 else ''}"
+                    " from this teacher and config); write to a new folder"
+                )
+        else:
+            manifest = {**spec, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": {}}
+            _write_json(store_dir / MANIFEST, manifest)
+    finished = {name for name in manifest["shards"] if (store_dir / name).is_file()}
+    total_workers = world * workers
+    mine = [
+        [
+            k
+            for k in range(spec["num_shards"])
+            if k % total_workers == rank * workers + j and shard_name(k) not in finished
+        ]
+        for j in range(workers)
+    ]
+    mine = [shards[:max_shards] if max_shards is not None else shards for shards in mine]
+    for shards in mine:  # leftovers of interrupted runs on the shards about to be redone
+        for k in shards:
+            for tmp in store_dir.glob(f".{shard_name(k)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+    todo = sum(_shard_range(spec, k)[1] - _shard_range(spec, k)[0] for shards in mine for k in shards)
+
+    from tqdm import tqdm
+
+    ctx = torch.multiprocessing.get_context("fork")
+    counter = ctx.Value("q", 0)
+    with tqdm(total=todo, unit="traj", desc=f"trajectories (rank {rank})", disable=not progress) as bar:
+        if workers == 1:
+            _run_worker(denoiser, store_dir, spec, mine[0], device, 0, counter)
+        else:
+            threads = max(1, torch.get_num_threads() // workers)
+            args = [(denoiser, store_dir, spec, shards, device, threads, counter) for shards in mine]
+            processes = [ctx.Process(target=_run_worker, args=a, daemon=True) for a in args]
+            for p in processes:
+                p.start()
+            while any(p.is_alive() for p in processes):
+                time.sleep(0.2)
+                bar.update(counter.value - bar.n)
+            failed = [j for j, p in enumerate(processes) if p.exitcode != 0]
+            if failed:
+                raise RuntimeError(
+                    f"trajectory worker(s) {failed} failed (see their traceback above); run again to resume"
+                )
+        bar.update(counter.value - bar.n)
+    return read_manifest(store_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking
+
+
+def _open_shard(store_dir: Path, manifest: dict[str, Any], name: str) -> np.ndarray:
+    """A finished shard, memory-mapped, checked against the manifest's shape and dtype."""
+    path = store_dir / name
+    start, stop = manifest["shards"][name]["trajectories"]
+    expected = (stop - start, len(manifest["state_indices"]), *manifest["state_shape"])
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:
+        raise CorruptShardError(f"shard {path} is missing, truncated or corrupt ({error})") from error
+    if array.shape != expected or array.dtype != np.dtype(manifest["dtype"]):
+        raise CorruptShardError(
+            f"shard {path} holds {array.dtype}{list(array.shape)}, "
+            f"the manifest says {manifest['dtype']}{list(expected)}"
+        )
+    return array
+
+
+def verify_store(store_dir: str | Path) -> list[str]:
+    """Check every shard of the store against the manifest (present, recorded, checksum, shape, dtype, finite).
+    Returns the problems, one line each, naming the shard; empty when the store is complete and intact."""
+    store_dir = Path(store_dir)
+    manifest = read_manifest(store_dir)
+    problems = []
+    for k in range(manifest["num_shards"]):
+        name = shard_name(k)
+        entry = manifest["shards"].get(name)
+        if entry is None:
+            problems.append(f"{name}: not finished (run `hkd trajectories` again to complete the store)")
+            continue
+        try:
+            array = _open_shard(store_dir, manifest, name)
+        except CorruptShardError as error:
+            problems.append(f"{name}: {error}")
+            continue
+        if _sha256(store_dir / name) != entry["sha256"]:
+            problems.append(f"{name}: checksum differs from the manifest's (modified or corrupt)")
+        elif not all(np.isfinite(array[i : i + 256]).all() for i in range(0, len(array), 256)):
+            problems.append(f"{name}: non-finite values")
+    return problems
+
+
+def expectation(cfg: TrajectoryConfig, teacher_hash: str | None = None, state_shape=None) -> dict[str, Any]:
+    """What a training config expects of a store, for `TrajectoryDataset(..., expect=)`."""
+    expect: dict[str, Any] = {"solver": cfg.solver(), "state_indices": cfg.indices()}
+    if teacher_hash is not None:
+        expect["teacher"] = {"hash": teacher_hash}
+    if state_shape is not None:
+        expect["state_shape"] = list(state_shape)
+    return expect
+
+
+def _mismatches(expected: Any, actual: Any, key: str = "") -> list[str]:
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        return [m for k, v in expected.items() for m in _mismatches(v, actual.get(k), f"{key}.{k}" if key else k)]
+    expected = list(expected) if isinstance(expected, tuple) else expected
+    return [] if expected == actual else [f"{key} is {actual!r} in the store, {expected!r} expected"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def sample_time_indices(num_stored: int, num_times: int, generator: torch.Generator | None = None) -> Tensor:
+    """num_times positions, i.i.d. uniform among the stored states strictly between x_T and x_eps (Algorithm 1's
+    t_i ~ U, on the solver's grid)."""
+    if num_times and num_stored < 3:
+        raise ValueError("the store keeps no state between x_T and x_eps: add state_indices or use num_times=0")
+    return torch.randint(1, num_stored - 1, (num_times,), generator=generator)
+
+
+class TrajectoryDataset(torch.utils.data.Dataset):
+    """A trajectory store as a map-style Dataset (works with DistributedSampler and DataLoader workers).
+
+    Item i, float32: "states" (S, C, H, W), every stored state, at "times" (S,) (decreasing, times[0] = T =
+    sigma_max, times[-1] = 0: x_eps, the generated image, comes from EDM's last step sigma_min -> 0); "x_T" and
+    "x_eps" (C, H, W), the first and last states; "index", the trajectory's index in the store; with num_times > 0
+    also "x_t" (num_times, C, H, W) at "t" (num_times,), drawn i.i.d. uniformly among the stored states strictly
+    between x_T and x_eps, fresh each time the item is read. Shards are memory-mapped lazily, one trajectory
+    copied per item, so memory does not grow with the store.
+    `expect` (see `expectation`) lists what the training config requires: a store made by another teacher or with
+    other settings is refused, naming the differences. An unfinished store is refused unless allow_partial
+    (then only the finished shards are used). `times` (S,) are the stored states' times, `T` and `eps` the ends.
+    """
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        num_times: int = 0,
+        *,
+        expect: dict[str, Any] | None = None,
+        allow_partial: bool = False,
+    ):
+        self.store_dir = Path(store_dir)
+        self.manifest = manifest = read_manifest(self.store_dir)
+        wrong = _mismatches(expect or {}, manifest)
+        if wrong:
+            raise ValueError(f"trajectory store {self.store_dir} does not match the config: {'; '.join(wrong)}")
+        names = sorted(manifest["shards"], key=lambda n: manifest["shards"][n]["trajectories"][0])
+        if len(names) < manifest["num_shards"] and not allow_partial:
+            raise ValueError(
+                f"trajectory store {self.store_dir} is unfinished ({len(names)} of {manifest['num_shards']} shards); "
+                "complete it with `hkd trajectories` (same arguments) or pass allow_partial=True"
+            )
+        self.shards = [(n, *manifest["shards"][n]["trajectories"]) for n in names]
+        self.offsets = np.cumsum([0] + [stop - start for _, start, stop in self.shards])
+        self.times = torch.tensor(manifest["times"], dtype=torch.float32)
+        self.T, self.eps = manifest["solver"]["sigma_max"], manifest["solver"]["sigma_min"]
+        self.num_times = num_times
+        if num_times:
+            sample_time_indices(len(self.times), 1)  # refuses a store without intermediate states
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getstate__(self):  # memmaps are reopened in each process, never pickled
+        return {**self.__dict__, "_arrays": {}}
+
+    def trajectory(self, i: int) -> Tensor:
+        """Every stored state of trajectory i (the i-th of the finished shards): (S, C, H, W) float32."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"trajectory {i} out of range (the store has {len(self)})")
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        name = self.shards[s][0]
+        if name not in self._arrays:
+            self._arrays[name] = _open_shard(self.store_dir, self.manifest, name)
+        return torch.from_numpy(np.array(self._arrays[name][i - self.offsets[s]], dtype=np.float32))
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        states = self.trajectory(i)
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        item = {"states": states, "times": self.times, "x_T": states[0], "x_eps": states[-1]}
+        if self.num_times:
+            chosen = sample_time_indices(len(states), self.num_times)
+            item |= {"x_t": states[chosen], "t": self.times[chosen]}
+        return item | {"index": self.shards[s][1] + i - int(self.offsets[s])}
+
+
+class OnlineTrajectories:
+    """Fresh trajectories from the teacher, instead of a store: `draw(batch_size)` solves a batch and returns the
+    collated dict a DataLoader over a TrajectoryDataset gives (states (B, S, C, H, W), times (B, S), x_T, x_eps
+    (B, C, H, W), index (B,), and with num_times > 0 x_t (B, num_times, C, H, W), t (B, num_times)),
+    on `device`. Trajectory indices are rank, rank + world_size, ... (noise from (seed, index) as in a store);
+    `next_index` is the position to save and restore for an exact resume."""
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        cfg: TrajectoryConfig,
+        num_times: int = 0,
+        *,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.denoiser, self.cfg, self.num_times, self.device = denoiser, cfg, num_times, device
+        self.rank, self.world_size, self.next_index = rank, world_size, 0
+        self.indices = cfg.indices()
+        grid = time_steps(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        self.times = grid[self.indices].to(torch.float32)
+        self.shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+        sample_time_indices(len(self.indices), min(num_times, 1))
+
+    def draw(self, batch_size: int) -> dict[str, Tensor]:
+        index = torch.arange(self.next_index, self.next_index + batch_size) * self.world_size + self.rank
+        self.next_index += batch_size
+        noise = torch.stack([trajectory_noise(self.cfg.seed, int(i), self.shape) for i in index]).to(self.device)
+        solver = (self.cfg.num_steps, self.cfg.sigma_min, self.cfg.sigma_max, self.cfg.rho)
+        _, states = heun_sampler(self.denoiser, noise, *solver)
+        states = states[self.indices].transpose(0, 1).to(torch.float32)  # (B, S, C, H, W)
+        times = self.times.to(states.device).expand(batch_size, -1)
+        batch = {"states": states, "times": times, "x_T": states[:, 0], "x_eps": states[:, -1]}
+        if self.num_times:
+            chosen = torch.stack([sample_time_indices(len(self.indices), self.num_times) for _ in range(batch_size)])
+            chosen = chosen.to(states.device)
+            batch |= {"x_t": states[torch.arange(batch_size)[:, None], chosen], "t": times.gather(1, chosen)}
+        return batch | {"index": index}
+
+
+__all__ = [
+    "CorruptShardError",
+    "OnlineTrajectories",
+    "TrajectoryConfig",
+    "TrajectoryDataset",
+    "expectation",
+    "read_manifest",
+    "trajectory_noise",
+    "verify_store",
+    "write_store",
+]
