@@ -1,0 +1,164 @@
+// TORCH_LIBRARY_IMPL(hkd, CUDA): the dense ops on the GPU. Small sizes run the on-chip kernels of
+// csrc/cuda/expm.cu; larger n (and the Frechet adjoint) run the same Paterson-Stockmeyer Taylor algorithm
+// (csrc/expm.h) as batched GEMMs (cuBLAS), with one plan for the batch from its largest 1-norm.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+
+#include "cuda/expm_kernels.h"
+#include "expm.h"
+
+namespace {
+
+using hkd::expm::Plan;
+
+void check(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.is_cuda(), "hkd::", op, ": expected CUDA tensors");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "hkd::", op,
+              ": expected float32 or float64, got ", t.scalar_type());
+}
+
+void check_launch(int err, const char* op) {
+  TORCH_CHECK(err == 0, "hkd::", op, ": CUDA launch failed (error ", err, ")");
+}
+
+double max_norm1(const at::Tensor& A) {  // max over the batch of max_j sum_i |A_ij|; NaN if any is NaN
+  const at::Tensor norms = A.abs().sum(-2).amax(-1);
+  return norms.isnan().any().item<bool>() ? std::numeric_limits<double>::quiet_NaN() : norms.max().item<double>();
+}
+
+// exp(A) and, with E, the Frechet derivative L(A, E) of the same approximant: batched GEMMs, one plan.
+std::pair<at::Tensor, at::Tensor> expm_gemm(const at::Tensor& A, const std::optional<at::Tensor>& E, Plan p) {
+  if (!p.finite) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    return {at::full_like(A, nan), E ? at::full_like(A, nan) : at::Tensor()};
+  }
+  const int m = p.degree, q = hkd::expm::ps_block(m);
+  const double scale = std::ldexp(1.0, -p.steps);
+  std::vector<at::Tensor> pw{at::Tensor(), A * scale}, dpw{at::Tensor(), E ? *E * scale : at::Tensor()};
+  for (int i = 2; i <= q; ++i) {
+    pw.push_back(at::matmul(pw[i - 1], pw[1]));
+    if (E) dpw.push_back(at::matmul(dpw[i - 1], pw[1]) + at::matmul(pw[i - 1], dpw[1]));
+  }
+  auto c = [m](int k) { return k <= m ? hkd::expm::inv_factorial(k) : 0.0; };
+  const at::Tensor eye = at::eye(A.size(-1), A.options());
+  auto block = [&](int j) {
+    at::Tensor b = eye * c(j * q);
+    for (int i = 1; i < q; ++i) b = b + pw[i] * c(j * q + i);
+    return b;
+  };
+  auto dblock = [&](int j) {
+    at::Tensor b = at::zeros_like(A);
+    for (int i = 1; i < q; ++i) b = b + dpw[i] * c(j * q + i);
+    return b;
+  };
+  int j = m / q;
+  at::Tensor Y = at::zeros_like(A), dY = E ? at::zeros_like(A) : at::Tensor();
+  if (m % q == 0) {
+    --j;
+    Y = pw[q] * c(m);
+    if (E) dY = dpw[q] * c(m);
+  }
+  Y = Y + block(j);
+  if (E) dY = dY + dblock(j);
+  for (--j; j >= 0; --j) {
+    if (E) dY = at::matmul(dpw[q], Y) + at::matmul(pw[q], dY) + dblock(j);
+    Y = at::matmul(pw[q], Y) + block(j);
+  }
+  for (int i = 0; i < p.steps; ++i) {
+    if (E) dY = at::matmul(Y, dY) + at::matmul(dY, Y);
+    Y = at::matmul(Y, Y);
+  }
+  return {Y, dY};
+}
+
+at::Tensor expm_cuda(const at::Tensor& A_in) {
+  check(A_in, "expm");
+  TORCH_CHECK(A_in.dim() >= 2 && A_in.size(-1) == A_in.size(-2), "hkd::expm: expected (..., n, n), got ",
+              A_in.sizes());
+  const c10::cuda::CUDAGuard guard(A_in.device());
+  const int64_t n = A_in.size(-1);
+  const at::Tensor A = A_in.contiguous().reshape({-1, n, n});
+  if (A.numel() == 0) return at::empty_like(A_in);
+  if (n > hkd::cuda::kExpmOnChipMaxN) {
+    const Plan p = hkd::expm::expm_plan(max_norm1(A), A.scalar_type() == at::kDouble);
+    return expm_gemm(A, std::nullopt, p).first.reshape(A_in.sizes());
+  }
+  at::Tensor out = at::empty_like(A);
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (A.scalar_type() == at::kDouble)
+    check_launch(hkd::cuda::launch_expm_double(A.data_ptr<double>(), out.data_ptr<double>(), A.size(0), n, stream),
+                 "expm");
+  else
+    check_launch(hkd::cuda::launch_expm_float(A.data_ptr<float>(), out.data_ptr<float>(), A.size(0), n, stream),
+                 "expm");
+  return out.reshape(A_in.sizes());
+}
+
+// L(A^T, grad) with the plan of the batch's largest ||A||_1
+at::Tensor expm_backward_cuda(const at::Tensor& A_in, const at::Tensor& grad) {
+  check(A_in, "expm_backward");
+  const c10::cuda::CUDAGuard guard(A_in.device());
+  const int64_t n = A_in.size(-1);
+  const at::Tensor A = A_in.contiguous().reshape({-1, n, n});
+  if (A.numel() == 0) return at::empty_like(A_in);
+  const at::Tensor G = grad.to(A.scalar_type()).contiguous().reshape({-1, n, n});
+  const Plan p = hkd::expm::expm_plan(max_norm1(A), A.scalar_type() == at::kDouble);
+  return expm_gemm(A.transpose(-1, -2), G, p).second.reshape(A_in.sizes());
+}
+
+at::Tensor dense_action_cuda(const at::Tensor& z_in, const at::Tensor& A_in, const at::Tensor& tau_in) {
+  check(z_in, "dense_action");
+  TORCH_CHECK(z_in.dim() == 3, "hkd::dense_action: z must be (B, d, P), got ", z_in.sizes());
+  const int64_t B = z_in.size(0), d = z_in.size(1), P = z_in.size(2);
+  const bool shared = A_in.dim() == 2;
+  TORCH_CHECK((shared && A_in.size(0) == d && A_in.size(1) == d) ||
+                  (A_in.dim() == 3 && A_in.size(0) == P && A_in.size(1) == d && A_in.size(2) == d),
+              "hkd::dense_action: A must be (d, d) or (P, d, d) for z ", z_in.sizes(), ", got ", A_in.sizes());
+  TORCH_CHECK(tau_in.dim() == 1 && tau_in.size(0) == B, "hkd::dense_action: tau must be (B,), got ", tau_in.sizes());
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor z = z_in.contiguous(), A = A_in.to(z.scalar_type()).contiguous();
+  const at::Tensor tau = tau_in.to(z.scalar_type()).contiguous();
+  if (z.numel() == 0) return at::empty_like(z);
+  const double norm = tau.abs().max().item<double>() * max_norm1(A.reshape({-1, d, d}));
+  const Plan p = hkd::expm::action_plan(norm, z.scalar_type() == at::kDouble);
+  if (!p.finite) return at::full_like(z, std::numeric_limits<double>::quiet_NaN());
+  if (d > hkd::cuda::kActionOnChipMaxD || (!shared || P == 1 ? P : B) > 65535) {  // the GEMM composite
+    const at::Tensor h = (tau / p.steps).reshape({-1, 1, 1});
+    auto apply = [&](const at::Tensor& v) {
+      return shared ? at::matmul(A, v) : at::matmul(A, v.permute({2, 1, 0})).permute({2, 1, 0});
+    };
+    at::Tensor y = z;
+    for (int s = 0; s < p.steps; ++s) {
+      at::Tensor v = y;
+      for (int k = 1; k <= p.degree; ++k) {
+        v = apply(v) * (h / k);
+        y = y + v;
+      }
+    }
+    return y;
+  }
+  at::Tensor out = at::empty_like(z);
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (z.scalar_type() == at::kDouble)
+    check_launch(hkd::cuda::launch_action_double(z.data_ptr<double>(), A.data_ptr<double>(), tau.data_ptr<double>(),
+                                                 out.data_ptr<double>(), B, d, P, shared, p.degree, p.steps, stream),
+                 "dense_action");
+  else
+    check_launch(hkd::cuda::launch_action_float(z.data_ptr<float>(), A.data_ptr<float>(), tau.data_ptr<float>(),
+                                                out.data_ptr<float>(), B, d, P, shared, p.degree, p.steps, stream),
+                 "dense_action");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hkd, CUDA, m) {
+  m.impl("expm", &expm_cuda);
+  m.impl("expm_backward", &expm_backward_cuda);
+  m.impl("dense_action", &dense_action_cuda);
+}

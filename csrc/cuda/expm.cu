@@ -1,0 +1,221 @@
+// CUDA kernels of the dense ops, torch-free (raw pointers + sizes); the maths is csrc/expm.h.
+//   expm_onchip: one block per matrix (n <= 32), the Paterson-Stockmeyer powers, the Horner state and the
+//                squarings all in shared memory; (m, s) per matrix from its 1-norm.
+//   action:      one block per (sample, tile of positions) ("column" mode, shared generator: V <- A V) or per
+//                (position, tile of samples) ("row" mode: V <- V A_p^T, per-row h); the generator and three state
+//                tiles stay in shared memory for all m s Taylor terms: one launch for the whole action.
+// NVRTC compiles this file too (sm_70 check): host-only code is guarded by __CUDACC_RTC__.
+#include "expm.h"
+
+#ifndef __CUDACC_RTC__
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/expm_kernels.h"
+#else
+typedef long long int64_t;
+#endif
+
+namespace hkd::cuda {
+
+using hkd::expm::Plan;
+constexpr int kMaxColumns = 32;  // expm_onchip's n limit (kExpmOnChipMaxN)
+
+template <typename T>
+__device__ T nan_value() {
+  return T(0) / T(0);
+}
+
+// C = L R (n x n, shared memory), then a barrier. C must differ from L and R.
+template <typename T>
+__device__ void matmul(const T* L, const T* R, T* C, int n) {
+  for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
+    const int i = e / n, j = e % n;
+    T acc = 0;
+    for (int k = 0; k < n; ++k) acc += L[i * n + k] * R[k * n + j];
+    C[e] = acc;
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int nn = n * n;
+  const int64_t base = int64_t(blockIdx.x) * nn;
+  __shared__ double column_sum[kMaxColumns];
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += fabs(double(A[base + i * n + j]));
+    column_sum[j] = s;
+  }
+  __syncthreads();
+  double norm = 0;
+  for (int j = 0; j < n; ++j) norm = isnan(column_sum[j]) || isnan(norm) ? column_sum[j] + norm : fmax(norm, column_sum[j]);
+  const Plan p = hkd::expm::expm_plan(norm, sizeof(T) == 8);
+  if (!p.finite) {
+    for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = nan_value<T>();
+    return;
+  }
+  const int m = p.degree, q = hkd::expm::ps_block(m);
+  T* pw[8];  // pw[i] = X^i
+  for (int i = 1; i <= q; ++i) pw[i] = smem + (i - 1) * nn;
+  T* Y = smem + q * nn;
+  T* tmp = Y + nn;
+  const T scale = T(ldexp(1.0, -p.steps));
+  for (int e = threadIdx.x; e < nn; e += blockDim.x) pw[1][e] = A[base + e] * scale;
+  __syncthreads();
+  for (int i = 2; i <= q; ++i) matmul(pw[i - 1], pw[1], pw[i], n);
+  auto c = [m](int k) { return k <= m ? T(hkd::expm::inv_factorial(k)) : T(0); };
+  // B_j = sum_{i<q} c(jq + i) X^i at element e
+  auto block = [&](int j, int e) {
+    T v = (e / n == e % n) ? c(j * q) : T(0);
+    for (int i = 1; i < q; ++i) v += c(j * q + i) * pw[i][e];
+    return v;
+  };
+  int j = m / q;
+  const bool folded = m % q == 0;  // B_{m/q} = c(m) I: no product
+  if (folded) --j;
+  for (int e = threadIdx.x; e < nn; e += blockDim.x) Y[e] = (folded ? c(m) * pw[q][e] : T(0)) + block(j, e);
+  __syncthreads();
+  for (--j; j >= 0; --j) {  // Y <- B_j + X^q Y
+    matmul(pw[q], Y, tmp, n);
+    for (int e = threadIdx.x; e < nn; e += blockDim.x) Y[e] = tmp[e] + block(j, e);
+    __syncthreads();
+  }
+  for (int i = 0; i < p.steps; ++i) {
+    matmul(Y, Y, tmp, n);
+    T* t = Y;
+    Y = tmp, tmp = t;
+  }
+  for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = Y[e];
+}
+
+// The action; tile = rows x cols of the state in shared memory.
+template <typename T>
+__global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, const T* __restrict__ tau,
+                              T* __restrict__ out, int64_t B, int d, int64_t P, bool row_mode, bool shared, int tile,
+                              int degree, int substeps) {
+  extern __shared__ unsigned char smem_raw[];
+  T* a = reinterpret_cast<T*>(smem_raw);  // d x d
+  T* y = a + d * d;                       // state tile: row mode tile x d, column mode d x tile
+  T* v = y + d * tile;
+  T* w = v + d * tile;
+  T* h = w + d * tile;  // row mode: per row; column mode: h[0]
+  const int64_t first = int64_t(blockIdx.x) * tile;
+  const int64_t fixed = blockIdx.y;  // column mode: the sample b; row mode: the position p
+  const T* ap = A + (shared ? 0 : fixed * d * d);
+  for (int e = threadIdx.x; e < d * d; e += blockDim.x) a[e] = ap[e];
+  const int size = d * tile;
+  for (int e = threadIdx.x; e < size; e += blockDim.x) {
+    T value = 0;
+    if (row_mode) {
+      const int64_t b = first + e / d;
+      if (b < B) value = z[(b * d + e % d) * P + fixed];
+    } else {
+      const int64_t pos = first + e % tile;
+      if (pos < P) value = z[(fixed * d + e / tile) * P + pos];
+    }
+    y[e] = value;
+  }
+  for (int r = threadIdx.x; r < (row_mode ? tile : 1); r += blockDim.x) {
+    const int64_t b = row_mode ? first + r : fixed;
+    h[r] = b < B ? tau[b] / T(substeps) : T(0);
+  }
+  __syncthreads();
+  for (int step = 0; step < substeps; ++step) {
+    for (int e = threadIdx.x; e < size; e += blockDim.x) v[e] = y[e];
+    __syncthreads();
+    for (int k = 1; k <= degree; ++k) {
+      for (int e = threadIdx.x; e < size; e += blockDim.x) {
+        T acc = 0;
+        T hk;
+        if (row_mode) {  // w[r, i] = sum_l v[r, l] A[i, l]
+          const int r = e / d, i = e % d;
+          for (int l = 0; l < d; ++l) acc += v[r * d + l] * a[i * d + l];
+          hk = h[r] / T(k);
+        } else {  // w[i, c] = sum_l A[i, l] v[l, c]
+          const int i = e / tile, col = e % tile;
+          for (int l = 0; l < d; ++l) acc += a[i * d + l] * v[l * tile + col];
+          hk = h[0] / T(k);
+        }
+        w[e] = hk * acc;
+      }
+      __syncthreads();
+      for (int e = threadIdx.x; e < size; e += blockDim.x) y[e] += w[e], v[e] = w[e];
+      __syncthreads();
+    }
+  }
+  for (int e = threadIdx.x; e < size; e += blockDim.x) {
+    if (row_mode) {
+      const int64_t b = first + e / d;
+      if (b < B) out[(b * d + e % d) * P + fixed] = y[e];
+    } else {
+      const int64_t pos = first + e % tile;
+      if (pos < P) out[(fixed * d + e / tile) * P + pos] = y[e];
+    }
+  }
+}
+
+template __global__ void expm_onchip<float>(const float*, float*, int);
+template __global__ void expm_onchip<double>(const double*, double*, int);
+template __global__ void action_onchip<float>(const float*, const float*, const float*, float*, int64_t, int, int64_t,
+                                              bool, bool, int, int, int);
+template __global__ void action_onchip<double>(const double*, const double*, const double*, double*, int64_t, int,
+                                               int64_t, bool, bool, int, int, int);
+
+#ifndef __CUDACC_RTC__
+namespace {
+
+template <typename T>
+int expm_launch(const T* A, T* out, int64_t count, int n, void* stream) {
+  static_assert(kExpmOnChipMaxN <= kMaxColumns);
+  if (n < 1 || n > kExpmOnChipMaxN) return int(cudaErrorInvalidValue);
+  if (count > 2147483647L) return int(cudaErrorInvalidConfiguration);
+  const size_t bytes = size_t(6 + 2) * n * n * sizeof(T);  // q <= 6 powers, Y, tmp
+  cudaError_t err = cudaFuncSetAttribute(expm_onchip<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess) return int(err);
+  const int threads = n * n >= 256 ? 256 : ((n * n + 31) / 32) * 32;
+  expm_onchip<T><<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(A, out, n);
+  return int(cudaGetLastError());
+}
+
+template <typename T>
+int action_launch(const T* z, const T* A, const T* tau, T* out, int64_t B, int d, int64_t P, bool shared, int degree,
+                  int substeps, void* stream) {
+  if (d < 1 || d > kActionOnChipMaxD) return int(cudaErrorInvalidValue);
+  const bool row_mode = !shared || P == 1;
+  const int tile = sizeof(T) == 8 ? 8 : 32;
+  const size_t bytes = (size_t(d) * d + 3 * size_t(d) * tile + tile) * sizeof(T);
+  cudaError_t err = cudaFuncSetAttribute(action_onchip<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess) return int(err);
+  const int64_t tiles = ((row_mode ? B : P) + tile - 1) / tile;
+  const int64_t fixed = row_mode ? P : B;
+  if (tiles > 2147483647L || fixed > 65535) return int(cudaErrorInvalidConfiguration);
+  const dim3 grid{unsigned(tiles), unsigned(fixed)};
+  action_onchip<T><<<grid, 256, bytes, static_cast<cudaStream_t>(stream)>>>(z, A, tau, out, B, d, P, row_mode, shared,
+                                                                             tile, degree, substeps);
+  return int(cudaGetLastError());
+}
+
+}  // namespace
+
+int launch_expm_float(const float* A, float* out, int64_t count, int n, void* stream) {
+  return expm_launch(A, out, count, n, stream);
+}
+int launch_expm_double(const double* A, double* out, int64_t count, int n, void* stream) {
+  return expm_launch(A, out, count, n, stream);
+}
+int launch_action_float(const float* z, const float* A, const float* tau, float* out, int64_t B, int d, int64_t P,
+                        bool shared, int degree, int substeps, void* stream) {
+  return action_launch(z, A, tau, out, B, d, P, shared, degree, substeps, stream);
+}
+int launch_action_double(const double* z, const double* A, const double* tau, double* out, int64_t B, int d,
+                         int64_t P, bool shared, int degree, int substeps, void* stream) {
+  return action_launch(z, A, tau, out, B, d, P, shared, degree, substeps, stream);
+}
+#endif
+
+}  // namespace hkd::cuda

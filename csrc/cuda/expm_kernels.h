@@ -1,0 +1,21 @@
+// Launchers of the torch-free dense-op kernels (csrc/cuda/expm.cu), called by the glue csrc/cuda/expm.cpp.
+// Raw pointers, contiguous row-major data; every launcher returns a cudaError_t as int (0: success).
+#pragma once
+#include <cstdint>
+
+namespace hkd::cuda {
+
+constexpr int kExpmOnChipMaxN = 32;    // expm: one block per matrix, all of it in shared memory
+constexpr int kActionOnChipMaxD = 64;  // action: the generator and a tile of the state in shared memory
+
+// out[b] = exp(A[b]) for `count` matrices n x n (n <= kExpmOnChipMaxN); plan per matrix from its 1-norm.
+int launch_expm_float(const float* A, float* out, int64_t count, int n, void* stream);
+int launch_expm_double(const double* A, double* out, int64_t count, int n, void* stream);
+
+// out[b, :, p] = T_m(h_b A_p)^s z[b, :, p], h_b = tau_b / s; z (B, d, P), A (d, d) (shared) or (P, d, d).
+int launch_action_float(const float* z, const float* A, const float* tau, float* out, int64_t B, int d, int64_t P,
+                        bool shared, int degree, int substeps, void* stream);
+int launch_action_double(const double* z, const double* A, const double* tau, double* out, int64_t B, int d,
+                         int64_t P, bool shared, int degree, int substeps, void* stream);
+
+}  // namespace hkd::cuda
