@@ -135,3 +135,53 @@ HKD_HD void generator_terms(const Rotation<T>& r, T x, T y, T gx, T gy, T& P, T&
 }
 
 }  // namespace hkd::spectral
+
+// --- the CUDA launchers' interface (csrc/cuda/spectral.cu), torch-free: raw pointers and sizes -------------------
+namespace hkd::spectral::cuda {
+
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+constexpr int kMaxLevels = 16;  // levels per launch (more are launched in groups)
+
+struct LevelArgs {
+  const void* z;            // (B, 2 pairs, P) latents, storage dtype
+  const void* grad;         // backward: upstream gradient, like z
+  void* out;                // forward: evolved latents; backward: gradient of z (or null)
+  const void *alpha, *beta; // (pairs, P) or (pairs,), compute dtype (float32, or float64 for float64 latents)
+  void *grad_alpha, *grad_beta;  // backward: (chunks, pairs, P) partial sums over each batch chunk (or null)
+  long long pairs, positions;
+  int per_position;
+};
+
+struct Args {
+  LevelArgs level[kMaxLevels];
+  long long first_block[kMaxLevels + 1];  // level l owns blocks [first_block[l], first_block[l + 1])
+  int levels;
+  long long batch;
+  const void* tau;   // (B,) or one value, compute dtype
+  int tau_stride;    // 1 per sample, 0 shared
+  void* tau_partial; // backward: (chunks, blocks * warps per block, B) partial d/dtau sums (or null)
+};
+
+constexpr int kForwardThreads = 256, kForwardItems = 4;  // a forward block covers 1024 (b, k, p) elements
+constexpr int kBackwardThreads = 256;                    // a backward block covers 256 (k, p) entries
+
+#ifndef __CUDACC_RTC__  // host code: NVRTC compiles device code only
+// Fill first_block from the levels' sizes for the forward ((b, k, p) elements) or backward ((k, p) entries).
+inline long long plan_blocks(Args& args, bool backward) {
+  args.first_block[0] = 0;
+  for (int l = 0; l < args.levels; ++l) {
+    const LevelArgs& L = args.level[l];
+    const long long n = (backward ? 1 : args.batch) * L.pairs * L.positions;
+    const long long per_block = backward ? kBackwardThreads : kForwardThreads * kForwardItems;
+    args.first_block[l + 1] = args.first_block[l] + (args.batch ? (n + per_block - 1) / per_block : 0);
+  }
+  return args.first_block[args.levels];
+}
+
+// Both return a cudaError_t (0: launched). stream: a cudaStream_t.
+int launch_forward(const Args& args, DType dtype, void* stream);
+// chunks: the batch is split into `chunks` slices (gridDim.y), each with its own parameter and tau partials.
+int launch_backward(const Args& args, DType dtype, bool need_latents, bool need_terms, int chunks, void* stream);
+#endif
+
+}  // namespace hkd::spectral::cuda
