@@ -56,15 +56,21 @@ def hard_cases(n: int) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("backend", HOST_BACKENDS)
-@pytest.mark.parametrize("n", [1, 2, 7])
-def test_float64_hard_cases_match_scipy(backend, n):
-    for name, A in hard_cases(n).items() if n > 1 else {"1x1": torch.randn(1, 1, dtype=torch.float64) * 3}.items():
+def host_backends() -> list[str]:
+    return [b for b in ("reference", "cpu", "triton") if _backend.usable(b, CPU)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 6])
+def test_float64_hard_cases_match_scipy(n):
+    """Every host backend (one condition estimate per case)."""
+    cases = hard_cases(n) if n > 1 else {"1x1": torch.randn(1, 1, dtype=torch.float64) * 3}
+    for name, A in cases.items():
         expected = scipy_expm(A)
         # relative Frobenius error within 1e-12, looser only in proportion to the condition of exp at A
         cond = scipy.linalg.expm_cond(A.numpy()) if name in ("large_norm", "non_normal", "jordan", "nilpotent") else 1
-        err = rel_err(expm(A, backend=backend), expected)
-        assert err <= 1e-12 * max(1.0, cond), f"{name}: {err:.2e} (cond {cond:.1e})"
+        for backend in host_backends():
+            err = rel_err(expm(A, backend=backend), expected)
+            assert err <= 1e-12 * max(1.0, cond), f"{backend}, {name}: {err:.2e} (cond {cond:.1e})"
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -111,7 +117,7 @@ def test_non_finite_gives_nan(backend):
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_gradcheck(backend):
-    A = (torch.randn(2, 4, 4, dtype=torch.float64) * 1.5).requires_grad_()
+    A = (torch.randn(1, 4, 4, dtype=torch.float64) * 1.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda A: expm(A, backend=backend), (A,))
 
 
