@@ -221,6 +221,19 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     print(f"{args.out}: {done} of {manifest['num_shards']} shards finished ({size} bytes per trajectory)")
 
 
+# -- training HKD (issue 7) ----------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from hkd.train import NonFiniteLoss, train
+
+    try:
+        result = train(_config(args), resume=args.resume)
+    except (ValueError, NonFiniteLoss) as error:
+        raise UserError(str(error)) from error
+    print(f"wrote {result['checkpoint']} (step {result['step']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
@@ -306,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_trajectories)
+
+    p = sub.add_parser("train", help="train HKD on a trajectory store (Algorithm 1); torchrun for several GPUs")
+    p.add_argument("--config", default="digits", help="config name or YAML path (default digits)")
+    p.add_argument("overrides", nargs="*", help="config overrides a.b=value, e.g. train.store=DIR train.batch=128")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out from its checkpoint.pt")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
