@@ -140,6 +140,12 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     reference = heun_sampler(trained, noise, 60)[1][-1]
     error = {n: (heun_sampler(trained, noise, n)[1][-1] - reference).pow(2).mean().item() for n in (2, 18)}
     assert error[18] < 0.1 * error[2]
+    # and better by the evaluation metric (Frechet distance in the digits classifier's features)
+    from hkd.metrics import digits_metrics
+
+    noise = torch.randn(64, 1, 16, 16)
+    fd = {n: digits_metrics(heun_sampler(trained, noise, n)[1][-1].float())["fd_digits"] for n in (2, 18)}
+    assert fd[18] < 0.5 * fd[2]
 
     with pytest.raises(ValueError, match="model_channels"):
         train_teacher(config.load("digits", [*TINY, "teacher.model_channels=4"]), tmp_path / "full")

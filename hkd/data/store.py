@@ -218,6 +218,8 @@ def write_store(
     `max_shards` stops after that many new shards per worker (for time-limited jobs); run again to continue.
     A store made with another teacher or other settings is refused; unfinished shards are (re)done.
     """
+    if workers > 1 and torch.device(device).type != "cpu":
+        raise ValueError("local workers run on the CPU; for several GPUs start one process per GPU with torchrun")
     store_dir = Path(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
