@@ -20,10 +20,12 @@ def perturb(module, scale=0.1):
 def tiny_model(**kwargs):
     model = HKDModel(ModelConfig(**(TINY | kwargs)))
     perturb(model.net)
+    # eigenvalues of size ~ 2 / |tau(T, eps)| (a dense d x d matrix of N(0, s^2) has eigenvalues of size s sqrt(d))
+    scale = 2 / abs(float(model.tau(model.T, model.eps)))
     with torch.no_grad():
         for p in model.propagator.parameters():
             if p.requires_grad:
-                p.normal_(0, 0.05 if model.config.clock == "identity" else 0.3)
+                p.normal_(0, scale / (math.sqrt(p.shape[-1]) if model.config.generator == "dense" else 1))
     return model.eval()
 
 
