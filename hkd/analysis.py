@@ -179,8 +179,11 @@ def analyze(model, noise: Tensor, out_dir: str | Path, *, num_times: int = 12) -
         "cumulative": {"times": figures.to_list(times), **{b: figures.to_list(effect[b]) for b in BANDS}},
         "eigenvalues": eigenvalue_summary(propagator.eigenvalues()),
     }
+    thirds = [
+        f"{int(part[0])}-{int(part[-1])}" for part in torch.tensor_split(torch.arange(1, len(spectra["full"])), 3)
+    ]
     table = figures.markdown_table(
-        ["image", "centroid (cycles/image)", "power low third", "power middle third", "power high third"],
+        ["image", "centroid (cycles/image)", *[f"power share, {f} cycles/image" for f in thirds]],
         [
             [name, s["centroid"], s["power_low"], s["power_middle"], s["power_high"]]
             for name, s in summary["bands"].items()

@@ -58,8 +58,7 @@ def component_masks(
         raise ValueError(f"the fraction r must be in [0, 1], got {r}")
     chosen, regions = [], []
     generator = torch.Generator().manual_seed(seed)
-    for level, (_, *spatial) in enumerate(propagator.level_shapes):
-        eigen = propagator.eigenvalues()[level]
+    for level, ((_, *spatial), eigen) in enumerate(zip(propagator.level_shapes, propagator.eigenvalues(), strict=True)):
         if band == BAND_ALL:
             eligible = torch.ones(eigen.shape, dtype=torch.bool)
         else:
@@ -86,7 +85,9 @@ def swap(propagator, latents: list[Tensor], reference: list[Tensor], chosen: lis
     out = []
     for level, (z, z_ref, mask, where) in enumerate(zip(latents, reference, chosen, regions, strict=True)):
         delta = propagator.band_project(level, z_ref - z, mask)
-        out.append(z + delta * where.to(z.dtype) if not propagator.per_position else z + delta)
+        if not propagator.per_position:  # a shared component spans every position: restrict it to the region
+            delta = delta * where.to(delta.dtype)
+        out.append(z + delta)
     return out
 
 
