@@ -93,7 +93,7 @@ class TrainConfig:
         for key, (value, choices) in checks.items():
             if value not in choices:
                 raise ValueError(f"train.{key} must be one of {', '.join(choices)}, not {value!r}")
-        for key in ("batch", "epochs", "checkpoint_every", "log_every"):
+        for key in ("batch", "epochs", "checkpoint_every", "log_every", "sample_count"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.time_samples < 0:
@@ -231,10 +231,14 @@ class _Log:
         if step and self.path.exists():
             with open(self.path, newline="") as file:
                 rows = [r for r in csv.DictReader(file) if int(r["step"]) <= step]
-        self.file = open(self.path, "w", newline="")  # noqa: SIM115 (closed in close())
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as file:  # rewritten atomically: a crash here keeps the old log
+            writer = csv.DictWriter(file, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a", newline="")  # noqa: SIM115 (closed in close())
         self.csv = csv.DictWriter(self.file, LOG_FIELDS)
-        self.csv.writeheader()
-        self.csv.writerows(rows)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -372,7 +376,10 @@ def train(
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=batches.epoch(epoch, position), num_workers=cfg.workers
+                dataset,
+                batch_sampler=batches.epoch(epoch, position),
+                num_workers=cfg.workers,
+                pin_memory=device.type == "cuda",
             )
             for item in loader:
                 states, times = (x.to(device, torch.float32, non_blocking=True) for x in _trajectories(item))
