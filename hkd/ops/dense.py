@@ -89,8 +89,8 @@ def choose_algorithm(batch: int, d: int, positions: int, per_position: bool, nor
 
 # ---- plain-PyTorch composites: the action (reference backend) and the gradient of every action backend ------
 def _apply(A: Tensor, v: Tensor) -> Tensor:
-    """A v per position: A (d, d) or (P, d, d), v (B, d, P)."""
-    return A @ v if A.dim() == 2 else torch.einsum("pij,bjp->bip", A, v)
+    """A v per position: A (d, d) or (P, d, d), v (B, d, P); a shared A is one GEMM over all B P columns."""
+    return torch.einsum("ij,bjp->bip", A, v) if A.dim() == 2 else torch.einsum("pij,bjp->bip", A, v)
 
 
 def taylor_action(z: Tensor, A: Tensor, tau: Tensor) -> Tensor:
