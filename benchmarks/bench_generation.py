@@ -25,17 +25,21 @@ PRESETS = {  # (resolution, channels, U-Net sizes)
 }
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up
+def timed(fn, device, repeats, warmup=True):
+    """Median seconds per call. On the CPU, process CPU seconds (all threads): steadier than wall time when other
+    jobs share the cores; on a GPU, wall time with synchronisation."""
+    if warmup:
+        fn()
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -70,12 +74,13 @@ def main() -> None:
     teacher = EDMPrecond(net).to(device).eval()
     noise = torch.randn(args.batch, channels, resolution, resolution, device=device)
     name, sample = teacher_sampler(teacher)
-    t_teacher = timed(lambda: sample(noise), device, args.repeats)
+    t_eval = timed(lambda: teacher(noise * 80, 80.0), device, args.repeats)  # also the teacher's warm-up
+    t_teacher = timed(lambda: sample(noise), device, args.repeats, warmup=False)
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    hw += ", wall seconds" if device.type == "cuda" else ", CPU seconds of this process (images/s = per CPU second)"
     print(f"preset {args.preset} ({resolution}x{resolution}x{channels}, {sizes}), batch {args.batch}, {hw}")
     print(f"{'method':58s} {'s/batch':>9s} {'images/s':>10s} {'vs teacher':>10s}")
     print(f"{'teacher: ' + name:58s} {t_teacher:9.4f} {args.batch / t_teacher:10.1f} {1.0:9.1f}x")
-    t_eval = timed(lambda: teacher(noise * 80, 80.0), device, args.repeats)
     print(f"{'teacher: one evaluation (reference point)':58s} {t_eval:9.4f} {args.batch / t_eval:10.1f} "
           f"{t_teacher / t_eval:9.1f}x")  # fmt: skip
     for generator, per_position in [("spectral", True), ("dense", False), ("dense", True)]:
