@@ -204,6 +204,7 @@ HKD_INLINE void action_block(bool row_mode, int rows, int cols, const T* Aop, in
                                                      const T* h, Plan p, T* y, T* v, T* w, T* hk) {             \
     action_block<T, VB>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);                                        \
   }
+#if defined(__x86_64__) || defined(__i386__)
 HKD_VARIANT(avx512, "avx512f,avx512dq", 64)
 HKD_VARIANT(avx2, "avx2,fma", 32)
 HKD_VARIANT(sse2, "sse2", 16)
@@ -234,6 +235,18 @@ void action_dispatch(bool row_mode, int rows, int cols, const T* Aop, int d, con
     default: return sse2_action<T>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);
   }
 }
+#else  // other architectures: one 16-byte-vector variant, the compiler's own target
+template <typename T>
+void expm_dispatch(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) {
+  expm_matrix<T, 16>(A, E, out, L, n, p, w);
+}
+
+template <typename T>
+void action_dispatch(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, Plan p, T* y, T* v, T* w,
+                     T* hk) {
+  action_block<T, 16>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);
+}
+#endif
 
 void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "hkd::", name, ": expected CPU tensors");
