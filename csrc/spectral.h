@@ -18,6 +18,8 @@
 
 #if defined(__CUDACC__)
 #define HKD_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define HKD_HD inline __attribute__((always_inline))  // inlined into the vectorised loops (and their clones)
 #else
 #define HKD_HD inline
 #endif
@@ -34,18 +36,18 @@ struct Rotation {
 // arguments that occur here) so that loops over positions vectorise; libm calls would not.
 // Cody-Waite reduction by pi/2 keeps them accurate for |beta tau| up to ~8e3; beyond that the float32
 // product beta * tau itself is off by more than the reduction error.
-inline float bits_to_float(int32_t i) {
+HKD_HD float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
   return f;
 }
 
-inline float round_nearest(float x) {  // exact for |x| < 2^22, no SSE4.1 needed
+HKD_HD float round_nearest(float x) {  // exact for |x| < 2^22, no SSE4.1 needed
   const float magic = 12582912.0f;         // 1.5 * 2^23
   return (x + magic) - magic;
 }
 
-inline float exp_poly(float x) {
+HKD_HD float exp_poly(float x) {
   const float hi = 88.72283935546875f, lo = -103.97208f;  // expf overflows above hi, is 0 below lo
   float xc = x > hi ? hi : (x < lo ? lo : x);
   float n = round_nearest(xc * 1.44269504088896341f);
@@ -66,7 +68,7 @@ inline float exp_poly(float x) {
   return x != x ? x : result;  // NaN in, NaN out
 }
 
-inline void sincos_poly(float x, float& sin_out, float& cos_out) {
+HKD_HD void sincos_poly(float x, float& sin_out, float& cos_out) {
   float j = round_nearest(x * 0.636619772367581343f);  // nearest multiple of pi/2
   float r = x - j * 1.5703125f;
   r = r - j * 4.837512969970703125e-4f;

@@ -78,7 +78,7 @@ def test_reduced_precision_matches_float64_reference(backend, dtype):
     out = spectral_propagate(latents, alphas, betas, tau, backend=backend)
     # the float64 evaluation of the same (rounded) inputs; the result may differ by the output's rounding
     expected = reference.spectral_propagate([z.double() for z in latents], alphas, betas, tau.double())
-    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     for a, e in zip(out, expected, strict=True):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol * e.abs().max().item())
@@ -224,7 +224,9 @@ def test_module_compiles_fullgraph():
 
 
 def _valid():
-    return random_problem(2, 3, per_position=True, per_sample_tau=True)
+    latents = [torch.randn(3, 4, 5, 5), torch.randn(3, 6, 2)]
+    alphas, betas = [torch.zeros(2, 5, 5), torch.zeros(3)], [torch.ones(2, 5, 5), torch.ones(3)]
+    return latents, alphas, betas, torch.rand(3)
 
 
 ERRORS = {
@@ -232,12 +234,12 @@ ERRORS = {
     "odd d": (lambda z, a, b, t: ([torch.randn(3, 5, 2), *z[1:]], a, b, t), r"level 0 latent \(3, 5, 2\).*d even"),
     "batch": (lambda z, a, b, t: ([z[0], z[1][:2]], a, b, t), "level 1 batch 2 differs from level 0's 3"),
     "tau shape": (lambda z, a, b, t: (z, a, b, torch.rand(2)), r"tau \(2,\) must be \(\) or \(B,\) = \(3,\)"),
-    "param shape": (lambda z, a, b, t: (z, [a[0], a[1][..., :1]], b, t), "level 1 alpha"),
+    "param shape": (lambda z, a, b, t: (z, [a[0], a[1][:2]], b, t), r"level 1 alpha \(2,\) and beta \(3,\)"),
     "beta shape": (lambda z, a, b, t: (z, a, [b[0][:1], b[1]], t), "level 0 alpha .* and beta"),
     "list lengths": (lambda z, a, b, t: (z, a[:1], b, t), "2 latents but 1 alphas and 2 betas"),
     "mixed devices": (lambda z, a, b, t: (z, [a[0].to("meta"), a[1]], b, t), "level 0 alpha is on meta"),
     "tau device": (lambda z, a, b, t: (z, a, b, t.to("meta")), "tau is on meta"),
-    "dtype": (lambda z, a, b, t: ([z[0], z[1].float()], a, b, t), "level 1 latent dtype torch.float32"),
+    "dtype": (lambda z, a, b, t: ([z[0], z[1].double()], a, b, t), "level 1 latent dtype torch.float64"),
 }
 
 
@@ -292,7 +294,7 @@ def test_gpu_reduced_precision(backend, dtype):
     )
     out = spectral_propagate(latents, alphas, betas, tau, backend=backend)
     expected = reference.spectral_propagate([z.double() for z in latents], alphas, betas, tau.double())
-    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     for a, e in zip(out, expected, strict=True):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol * e.abs().max().item())

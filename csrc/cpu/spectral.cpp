@@ -98,9 +98,93 @@ struct Unit {
   }
 };
 
+// --- rows: the vectorised inner loops over n contiguous positions ------------------------------------------------
+// float32 is the fast path: its rows are also compiled for AVX-512 and AVX2 and picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HKD_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HKD_VECTOR_CLONES
+#endif
+
+// (x, y) -> (xo, yo) with the rotation of (a, w, t) (s, c, sn == nullptr) or the precomputed rotation (s, c, sn).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+[[gnu::always_inline]] inline void forward_row_impl(int64_t n, acc_t t, const acc_t* __restrict__ a,
+                                                    const acc_t* __restrict__ w, const acc_t* __restrict__ s,
+                                                    const acc_t* __restrict__ c, const acc_t* __restrict__ sn,
+                                                    const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
+                                                    scalar_t* __restrict__ xo, scalar_t* __restrict__ yo) {
+  acc_t xe, ye;
+  if (s == nullptr)
+    for (int64_t i = 0; i < n; ++i) {
+      evolve(rotation(a[i], w[i], t), acc_t(x[i]), acc_t(y[i]), xe, ye);
+      xo[i] = xe, yo[i] = ye;
+    }
+  else
+    for (int64_t i = 0; i < n; ++i) {
+      evolve(Rotation<acc_t>{s[i], c[i], sn[i]}, acc_t(x[i]), acc_t(y[i]), xe, ye);
+      xo[i] = xe, yo[i] = ye;
+    }
+}
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void forward_row(int64_t n, acc_t t, const acc_t* a, const acc_t* w, const acc_t* s, const acc_t* c, const acc_t* sn,
+                 const scalar_t* x, const scalar_t* y, scalar_t* xo, scalar_t* yo) {
+  forward_row_impl(n, t, a, w, s, c, sn, x, y, xo, yo);
+}
+template <>
+HKD_VECTOR_CLONES void forward_row(int64_t n, float t, const float* a, const float* w, const float* s, const float* c,
+                                   const float* sn, const float* x, const float* y, float* xo, float* yo) {
+  forward_row_impl(n, t, a, w, s, c, sn, x, y, xo, yo);
+}
+
+// Backward of one row: the latents' gradient (Latents), and (Terms) the parameter gradients accumulated into
+// ga, gw and the d/dtau terms into gt (Tau).
+template <bool Latents, bool Terms, bool Tau, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+[[gnu::always_inline]] inline void backward_row_impl(int64_t n, acc_t t, const acc_t* __restrict__ a,
+                                                     const acc_t* __restrict__ w, const scalar_t* __restrict__ x,
+                                                     const scalar_t* __restrict__ y, const scalar_t* __restrict__ gx,
+                                                     const scalar_t* __restrict__ gy, scalar_t* __restrict__ gxo,
+                                                     scalar_t* __restrict__ gyo, acc_t* __restrict__ ga,
+                                                     acc_t* __restrict__ gw, acc_t* __restrict__ gt) {
+  for (int64_t i = 0; i < n; ++i) {
+    const auto r = rotation(a[i], w[i], t);
+    if (Latents) {
+      acc_t u, v;
+      evolve_transposed(r, acc_t(gx[i]), acc_t(gy[i]), u, v);
+      gxo[i] = u, gyo[i] = v;
+    }
+    if (Terms) {
+      acc_t Pt, Qt;
+      generator_terms(r, acc_t(x[i]), acc_t(y[i]), acc_t(gx[i]), acc_t(gy[i]), Pt, Qt);
+      ga[i] += t * Pt, gw[i] += t * Qt;
+      if (Tau) gt[i] += a[i] * Pt + w[i] * Qt;
+    }
+  }
+}
+
+template <bool Latents, bool Terms, bool Tau, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void backward_row(int64_t n, acc_t t, const acc_t* a, const acc_t* w, const scalar_t* x, const scalar_t* y,
+                  const scalar_t* gx, const scalar_t* gy, scalar_t* gxo, scalar_t* gyo, acc_t* ga, acc_t* gw,
+                  acc_t* gt) {
+  backward_row_impl<Latents, Terms, Tau>(n, t, a, w, x, y, gx, gy, gxo, gyo, ga, gw, gt);
+}
+#define HKD_BACKWARD_ROW_FLOAT(LATENTS, TERMS, TAU)                                                                 \
+  template <>                                                                                                     \
+  HKD_VECTOR_CLONES void backward_row<LATENTS, TERMS, TAU, float>(                                                \
+      int64_t n, float t, const float* a, const float* w, const float* x, const float* y, const float* gx,        \
+      const float* gy, float* gxo, float* gyo, float* ga, float* gw, float* gt) {                                 \
+    backward_row_impl<LATENTS, TERMS, TAU>(n, t, a, w, x, y, gx, gy, gxo, gyo, ga, gw, gt);                       \
+  }
+HKD_BACKWARD_ROW_FLOAT(true, false, false)
+HKD_BACKWARD_ROW_FLOAT(true, true, false)
+HKD_BACKWARD_ROW_FLOAT(true, true, true)
+HKD_BACKWARD_ROW_FLOAT(false, true, false)
+HKD_BACKWARD_ROW_FLOAT(false, true, true)
+
+// --- units: a thread's share, looping over the batch -------------------------------------------------------------
+
 template <typename scalar_t>
-[[gnu::always_inline]] inline void forward_unit_impl(const Unit<scalar_t>& u, int64_t batch,
-                                                     const at::opmath_type<scalar_t>* tau, bool per_sample_tau) {
+void forward_unit(const Unit<scalar_t>& u, int64_t batch, const at::opmath_type<scalar_t>* tau, bool per_sample_tau) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto& L = u.L;
   const int64_t m = u.q1 - u.q0, P = L.positions, plane = 2 * L.pairs * P;
@@ -112,37 +196,18 @@ template <typename scalar_t>
       const auto r = rotation(A[i], W[i], tau[0]);
       S[i] = r.scale, C[i] = r.cos, N[i] = r.sin;
     }
-  for (int64_t b = 0; b < batch; ++b) {
-    const acc_t t = tau[per_sample_tau ? b : 0];
+  for (int64_t b = 0; b < batch; ++b)
     u.for_each_run([&](int64_t q, int64_t n, int64_t offset) {
-      const scalar_t* __restrict__ x = L.z + b * plane + offset;
-      const scalar_t* __restrict__ y = x + P;
-      scalar_t* __restrict__ xo = L.out + b * plane + offset;
-      scalar_t* __restrict__ yo = xo + P;
-      const int64_t j = q - u.q0;
-      const acc_t *__restrict__ a = A + j, *__restrict__ w = W + j;
-      const acc_t *__restrict__ s = S + j, *__restrict__ c = C + j, *__restrict__ sn = N + j;
-      acc_t xe, ye;
-      if (per_sample_tau)
-        for (int64_t i = 0; i < n; ++i) {
-          evolve(rotation(a[i], w[i], t), acc_t(x[i]), acc_t(y[i]), xe, ye);
-          xo[i] = xe, yo[i] = ye;
-        }
-      else
-        for (int64_t i = 0; i < n; ++i) {
-          evolve(Rotation<acc_t>{s[i], c[i], sn[i]}, acc_t(x[i]), acc_t(y[i]), xe, ye);
-          xo[i] = xe, yo[i] = ye;
-        }
+      const int64_t j = q - u.q0, at = b * plane + offset;
+      forward_row<scalar_t>(n, tau[per_sample_tau ? b : 0], A + j, W + j, per_sample_tau ? nullptr : S + j, C + j,
+                            N + j, L.z + at, L.z + at + P, L.out + at, L.out + at + P);
     });
-  }
 }
 
 // Backward of one unit. tau_partial: this unit's row of per-sample (or, for a shared tau, one) d/dtau sums.
-// Terms = the generator terms P, Q (needed for the parameter and tau gradients).
-template <bool Latents, bool Terms, typename scalar_t>
-[[gnu::always_inline]] inline void backward_unit_impl(const Unit<scalar_t>& u, int64_t batch,
-                                                      const at::opmath_type<scalar_t>* tau, bool per_sample_tau,
-                                                      at::opmath_type<scalar_t>* tau_partial) {
+template <bool Latents, bool Terms, bool Tau, typename scalar_t>
+void backward_unit(const Unit<scalar_t>& u, int64_t batch, const at::opmath_type<scalar_t>* tau, bool per_sample_tau,
+                   at::opmath_type<scalar_t>* tau_partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto& L = u.L;
   const int64_t m = u.q1 - u.q0, P = L.positions, plane = 2 * L.pairs * P;
@@ -152,34 +217,15 @@ template <bool Latents, bool Terms, typename scalar_t>
   for (int64_t b = 0; b < batch; ++b) {
     const acc_t t = tau[per_sample_tau ? b : 0];
     u.for_each_run([&](int64_t q, int64_t n, int64_t offset) {
-      const scalar_t* __restrict__ x = L.z + b * plane + offset;
-      const scalar_t* __restrict__ y = x + P;
-      const scalar_t* __restrict__ gx = L.grad + b * plane + offset;
-      const scalar_t* __restrict__ gy = gx + P;
-      scalar_t* __restrict__ gxo = Latents ? L.out + b * plane + offset : nullptr;
-      scalar_t* __restrict__ gyo = Latents ? gxo + P : nullptr;
-      const int64_t j = q - u.q0;
-      const acc_t *__restrict__ a = A + j, *__restrict__ w = W + j;
-      acc_t *__restrict__ ga = GA + j, *__restrict__ gw = GW + j, *__restrict__ gt = GT + j;
-      for (int64_t i = 0; i < n; ++i) {
-        const auto r = rotation(a[i], w[i], t);
-        if (Latents) {
-          acc_t u_, v_;
-          evolve_transposed(r, acc_t(gx[i]), acc_t(gy[i]), u_, v_);
-          gxo[i] = u_, gyo[i] = v_;
-        }
-        if (Terms) {
-          acc_t Pt, Qt;
-          generator_terms(r, acc_t(x[i]), acc_t(y[i]), acc_t(gx[i]), acc_t(gy[i]), Pt, Qt);
-          ga[i] += t * Pt, gw[i] += t * Qt;
-          gt[i] = a[i] * Pt + w[i] * Qt;
-        }
-      }
+      const int64_t j = q - u.q0, at = b * plane + offset;
+      scalar_t* gz = Latents ? L.out + at : nullptr;
+      backward_row<Latents, Terms, Tau, scalar_t>(n, t, A + j, W + j, L.z + at, L.z + at + P, L.grad + at,
+                                                  L.grad + at + P, gz, Latents ? gz + P : nullptr, GA + j, GW + j, GT + j);
     });
-    if (Terms && tau_partial) {
+    if (Tau && (per_sample_tau || b + 1 == batch)) {  // per sample, or once for a shared tau
       acc_t sum = 0;
-      for (int64_t i = 0; i < m; ++i) sum += GT[i];
-      tau_partial[per_sample_tau ? b : 0] += sum;
+      for (int64_t i = 0; i < m; ++i) sum += GT[i], GT[i] = 0;
+      tau_partial[per_sample_tau ? b : 0] = sum;
     }
   }
   if (Terms && L.grad_alpha) {
@@ -187,37 +233,6 @@ template <bool Latents, bool Terms, typename scalar_t>
     std::copy_n(GW, m, L.grad_beta + u.q0);
   }
 }
-
-// float32 runs the fast path: compile it for AVX-512 and AVX2 too and pick at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HKD_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HKD_VECTOR_CLONES
-#endif
-
-template <typename scalar_t>
-void forward_unit(const Unit<scalar_t>& u, int64_t batch, const at::opmath_type<scalar_t>* tau, bool per_sample_tau) {
-  forward_unit_impl(u, batch, tau, per_sample_tau);
-}
-template <>
-HKD_VECTOR_CLONES void forward_unit(const Unit<float>& u, int64_t batch, const float* tau, bool per_sample_tau) {
-  forward_unit_impl(u, batch, tau, per_sample_tau);
-}
-
-template <bool Latents, bool Terms, typename scalar_t>
-void backward_unit(const Unit<scalar_t>& u, int64_t batch, const at::opmath_type<scalar_t>* tau, bool per_sample_tau,
-                   at::opmath_type<scalar_t>* tau_partial) {
-  backward_unit_impl<Latents, Terms>(u, batch, tau, per_sample_tau, tau_partial);
-}
-#define HKD_BACKWARD_FLOAT(LATENTS, TERMS)                                                                      \
-  template <>                                                                                                 \
-  HKD_VECTOR_CLONES void backward_unit<LATENTS, TERMS, float>(const Unit<float>& u, int64_t batch, const float* tau, \
-                                                              bool per_sample_tau, float* tau_partial) {      \
-    backward_unit_impl<LATENTS, TERMS>(u, batch, tau, per_sample_tau, tau_partial);                           \
-  }
-HKD_BACKWARD_FLOAT(true, true)
-HKD_BACKWARD_FLOAT(true, false)
-HKD_BACKWARD_FLOAT(false, true)
 
 // Cuts every level's (k, p) space into units of about equal size, enough for all threads, large enough to
 // stream. Calls f(unit index, Unit) for the units of [begin, end) in parallel.
@@ -308,12 +323,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     const acc_t* t = tau.const_data_ptr<acc_t>();
     schedule.run(levels, [&](int64_t i, const Unit<scalar_t>& u) {
       acc_t* row = need_tau ? tau_partial.mutable_data_ptr<acc_t>() + i * tau_partial.size(1) : nullptr;
-      if (need_latents && need_terms)
-        backward_unit<true, true>(u, batch, t, per_sample_tau, row);
+      if (need_latents && !need_terms)
+        backward_unit<true, false, false>(u, batch, t, per_sample_tau, row);
+      else if (need_latents && !need_tau)
+        backward_unit<true, true, false>(u, batch, t, per_sample_tau, row);
       else if (need_latents)
-        backward_unit<true, false>(u, batch, t, per_sample_tau, row);
+        backward_unit<true, true, true>(u, batch, t, per_sample_tau, row);
+      else if (!need_tau)
+        backward_unit<false, true, false>(u, batch, t, per_sample_tau, row);
       else
-        backward_unit<false, true>(u, batch, t, per_sample_tau, row);
+        backward_unit<false, true, true>(u, batch, t, per_sample_tau, row);
     });
     if (need_tau) grad_tau = per_sample_tau ? tau_partial.sum(0) : tau_partial.sum();
   });
