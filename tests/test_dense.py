@@ -188,6 +188,7 @@ def test_module_compiles_fullgraph():
         (lambda: ([torch.randn(2, 4)], [torch.randn(4, 4)], torch.rand(3)), "tau must be"),
         (lambda: ([torch.randn(2, 4)], [torch.randn(4, 4)], torch.rand(2, 1)), "tau must be"),
         (lambda: ([torch.randn(2, 4)], [torch.randn(4, 4, device="meta")], 0.1), "mixes devices"),
+        (lambda: ([torch.randn(2, 4)], [torch.randn(4, 4)], torch.rand(2, device="meta")), "mixes devices"),
         (lambda: ([torch.randn(2, 4)], [], 0.1), "generators"),
     ],
 )

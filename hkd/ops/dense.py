@@ -262,9 +262,9 @@ def _check(latents, generators, tau) -> Tensor:
             raise ValueError(
                 f"dense_propagate: level {level} mixes devices ({z.device}, {A.device}; expected {device})"
             )
+    if isinstance(tau, Tensor) and tau.device != device:
+        raise ValueError(f"dense_propagate: tau is on {tau.device}, the latents on {device} (mixes devices)")
     tau = torch.as_tensor(tau, device=device)
-    if tau.device != device:
-        raise ValueError(f"dense_propagate: tau is on {tau.device}, the latents on {device}")
     if tau.dim() > 1 or (tau.dim() == 1 and tau.shape[0] != latents[0].shape[0]):
         raise ValueError(f"dense_propagate: tau must be 0-d or (B,) = ({latents[0].shape[0]},), got {tuple(tau.shape)}")
     return tau
