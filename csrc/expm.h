@@ -3,7 +3,8 @@
 //
 // Both algorithms use the truncated Taylor series T_m(X) = sum_{k<=m} X^k / k! with scaling:
 //   expm:   exp(A) = T_m(A / 2^s)^(2^s), T_m evaluated by Paterson-Stockmeyer (cost(m) matrix products),
-//           (m, s) minimising cost(m) + s subject to ||A||_1 / 2^s <= theta_m;
+//           (m, s) minimising cost(m) + s subject to ||A||_1 / 2^s <= theta_m (ties: fewer squarings, the
+//           phase where rounding errors grow);
 //   action: exp(tau A) z = (T_m(tau A / s))^s z, (m, s) minimising m * s subject to ||tau A||_1 / s <= theta_m
 //           (Al-Mohy and Higham 2011, expm_multiply).
 // theta_m is the largest theta with backward-error bound h_{m+1}(theta) / theta <= u (u = 2^-53 for double,
@@ -66,7 +67,7 @@ HKD_HD inline Plan expm_plan(double norm, bool is_double) {
     double scaled = norm;
     while (scaled > theta(m, is_double) && s < kMaxSquarings) scaled *= 0.5, ++s;
     const int cost = ps_cost(m) + s;
-    if (cost < best_cost) best = {m, s, true}, best_cost = cost;
+    if (cost <= best_cost) best = {m, s, true}, best_cost = cost;  // ties: the higher degree, fewer squarings
   }
   return best;
 }

@@ -56,8 +56,8 @@ def expm_plan(norm: float, dtype: torch.dtype) -> tuple[int, int]:
     costs = []
     for m in EXPM_DEGREES:
         s = 0 if norm <= theta[m - 1] else min(64, math.ceil(math.log2(norm / theta[m - 1])))
-        costs.append((ps_cost(m) + s, m, s))
-    return min(costs)[1:]
+        costs.append((ps_cost(m) + s, s, m))
+    return min(costs)[:0:-1]  # ties: fewer squarings (as csrc/expm.h)
 
 
 def action_plan(norm: float, dtype: torch.dtype) -> tuple[int, int]:
