@@ -137,6 +137,25 @@ HKD_VECTOR_CLONES void forward_row(int64_t n, float t, const float* a, const flo
   forward_row_impl(n, t, a, w, s, c, sn, x, y, xo, yo);
 }
 
+// The rotations of n (alpha, beta) pairs at one t (a shared tau: reused for the whole batch).
+template <typename acc_t>
+[[gnu::always_inline]] inline void rotation_row_impl(int64_t n, acc_t t, const acc_t* __restrict__ a,
+                                                     const acc_t* __restrict__ w, acc_t* __restrict__ s,
+                                                     acc_t* __restrict__ c, acc_t* __restrict__ sn) {
+  for (int64_t i = 0; i < n; ++i) {
+    const auto r = rotation(a[i], w[i], t);
+    s[i] = r.scale, c[i] = r.cos, sn[i] = r.sin;
+  }
+}
+template <typename acc_t>
+void rotation_row(int64_t n, acc_t t, const acc_t* a, const acc_t* w, acc_t* s, acc_t* c, acc_t* sn) {
+  rotation_row_impl(n, t, a, w, s, c, sn);
+}
+template <>
+HKD_VECTOR_CLONES void rotation_row(int64_t n, float t, const float* a, const float* w, float* s, float* c, float* sn) {
+  rotation_row_impl(n, t, a, w, s, c, sn);
+}
+
 // Backward of one row: the latents' gradient (Latents), and (Terms) the parameter gradients accumulated into
 // ga, gw and the d/dtau terms into gt (Tau).
 template <bool Latents, bool Terms, bool Tau, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -191,11 +210,7 @@ void forward_unit(const Unit<scalar_t>& u, int64_t batch, const at::opmath_type<
   std::vector<acc_t> buffer((per_sample_tau ? 2 : 5) * m);
   acc_t *A = buffer.data(), *W = A + m, *S = W + m, *C = S + m, *N = C + m;
   u.parameters(A, W);
-  if (!per_sample_tau)  // one rotation per (k, p), reused over the batch
-    for (int64_t i = 0; i < m; ++i) {
-      const auto r = rotation(A[i], W[i], tau[0]);
-      S[i] = r.scale, C[i] = r.cos, N[i] = r.sin;
-    }
+  if (!per_sample_tau) rotation_row(m, tau[0], A, W, S, C, N);  // one rotation per (k, p), reused over the batch
   for (int64_t b = 0; b < batch; ++b)
     u.for_each_run([&](int64_t q, int64_t n, int64_t offset) {
       const int64_t j = q - u.q0, at = b * plane + offset;
