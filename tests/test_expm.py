@@ -197,3 +197,15 @@ def test_gpu_gradcheck_and_nan(backend):
     bad[0, 0, 0] = math.inf
     out = expm(bad, backend=backend)
     assert out[0].isnan().all() and out[1].isfinite().all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [7, 32, 48])  # on chip (n <= 32, when it fits) and batched GEMMs
+def test_gpu_backward_matches_autograd_of_matrix_exp(n):
+    if not CUDA_OK:
+        pytest.skip("hkd._C built without CUDA")
+    A = torch.randn(4, n, n, dtype=torch.float64) / math.sqrt(n) * torch.tensor([0.01, 0.5, 3, 20.0])[:, None, None]
+    G = torch.randn_like(A)
+    A_ = A.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.linalg.matrix_exp(A_), A_, G)
+    assert rel_err(torch.ops.hkd.expm_backward(A.cuda(), G.cuda()), expected) <= 1e-11

@@ -99,7 +99,7 @@ at::Tensor expm_cuda(const at::Tensor& A_in) {
   return out.reshape(A_in.sizes());
 }
 
-// L(A^T, grad) with the plan of the batch's largest ||A||_1
+// L(A^T, grad): on chip for n <= 32 when it fits; else batched GEMMs with the plan of the batch's largest ||A||_1
 at::Tensor expm_backward_cuda(const at::Tensor& A_in, const at::Tensor& grad) {
   check(A_in, "expm_backward");
   const c10::cuda::CUDAGuard guard(A_in.device());
@@ -107,6 +107,19 @@ at::Tensor expm_backward_cuda(const at::Tensor& A_in, const at::Tensor& grad) {
   const at::Tensor A = A_in.contiguous().reshape({-1, n, n});
   if (A.numel() == 0) return at::empty_like(A_in);
   const at::Tensor G = grad.to(A.scalar_type()).contiguous().reshape({-1, n, n});
+  if (n <= hkd::cuda::kExpmOnChipMaxN) {  // on chip, the plan of each matrix (as the forward)
+    at::Tensor out = at::empty_like(A);
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    const int err = A.scalar_type() == at::kDouble
+                        ? hkd::cuda::launch_expm_frechet_double(A.data_ptr<double>(), G.data_ptr<double>(),
+                                                                out.data_ptr<double>(), A.size(0), n, stream)
+                        : hkd::cuda::launch_expm_frechet_float(A.data_ptr<float>(), G.data_ptr<float>(),
+                                                               out.data_ptr<float>(), A.size(0), n, stream);
+    if (err != hkd::cuda::kDoesNotFit) {
+      check_launch(err, "expm_backward");
+      return out.reshape(A_in.sizes());
+    }
+  }
   const Plan p = hkd::expm::expm_plan(max_norm1(A), A.scalar_type() == at::kDouble);
   return expm_gemm(A.transpose(-1, -2), G, p).second.reshape(A_in.sizes());
 }

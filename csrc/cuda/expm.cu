@@ -1,6 +1,7 @@
 // CUDA kernels of the dense ops, torch-free (raw pointers + sizes); the maths is csrc/expm.h.
 //   expm_onchip: one block per matrix (n <= 32), the Paterson-Stockmeyer powers, the Horner state and the
 //                squarings all in shared memory; (m, s) per matrix from its 1-norm.
+//   expm_frechet_onchip: the gradient L(A^T, G) the same way, derivatives carried alongside (when it fits).
 //   action:      one block per (sample, tile of positions) ("column" mode, shared generator: V <- A V) or per
 //                (position, tile of samples) ("row" mode: V <- V A_p^T, per-row h); the generator and three state
 //                tiles stay in shared memory for all m s Taylor terms: one launch for the whole action.
@@ -93,6 +94,97 @@ __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n)
   for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = Y[e];
 }
 
+// C += L R (n x n, shared memory), then a barrier. C must differ from L and R.
+template <typename T>
+__device__ void matmul_add(const T* L, const T* R, T* C, int n) {
+  for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
+    const int i = e / n, j = e % n;
+    T acc = 0;
+    for (int k = 0; k < n; ++k) acc += L[i * n + k] * R[k * n + j];
+    C[e] += acc;
+  }
+  __syncthreads();
+}
+
+// The gradient of exp: out = L(A^T, G), the Frechet derivative of the same approximant as expm_onchip (plan from
+// ||A||_1), carried through the powers, the Horner steps and the squarings (csrc/cpu/expm.cpp expm_matrix).
+template <typename T>
+__global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict__ G, T* __restrict__ out, int n) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int nn = n * n;
+  const int64_t base = int64_t(blockIdx.x) * nn;
+  __shared__ double column_sum[kMaxColumns];
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += fabs(double(A[base + i * n + j]));
+    column_sum[j] = s;
+  }
+  __syncthreads();
+  double norm = 0;
+  for (int j = 0; j < n; ++j) norm = isnan(column_sum[j]) || isnan(norm) ? column_sum[j] + norm : fmax(norm, column_sum[j]);
+  const Plan p = hkd::expm::expm_plan(norm, sizeof(T) == 8);
+  if (!p.finite) {
+    for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = nan_value<T>();
+    return;
+  }
+  const int m = p.degree, q = hkd::expm::ps_block(m);
+  T* pw[8];   // pw[i] = X^i, X = A^T / 2^s
+  T* dpw[8];  // their derivatives in the direction G / 2^s
+  for (int i = 1; i <= q; ++i) pw[i] = smem + (i - 1) * nn, dpw[i] = smem + (q + i - 1) * nn;
+  T* Y = smem + 2 * q * nn;
+  T* tmp = Y + nn;
+  T* dY = tmp + nn;
+  T* dtmp = dY + nn;
+  const T scale = T(ldexp(1.0, -p.steps));
+  for (int e = threadIdx.x; e < nn; e += blockDim.x) {
+    pw[1][e] = A[base + (e % n) * n + e / n] * scale;  // transpose
+    dpw[1][e] = G[base + e] * scale;
+  }
+  __syncthreads();
+  for (int i = 2; i <= q; ++i) {  // X^i = X^{i-1} X, d(X^i) = d(X^{i-1}) X + X^{i-1} dX
+    matmul(pw[i - 1], pw[1], pw[i], n);
+    matmul(dpw[i - 1], pw[1], dpw[i], n);
+    matmul_add(pw[i - 1], dpw[1], dpw[i], n);
+  }
+  auto c = [m](int k) { return k <= m ? T(hkd::expm::inv_factorial(k)) : T(0); };
+  auto block = [&](int j, int e) {
+    T v = (e / n == e % n) ? c(j * q) : T(0);
+    for (int i = 1; i < q; ++i) v += c(j * q + i) * pw[i][e];
+    return v;
+  };
+  auto dblock = [&](int j, int e) {
+    T v = 0;
+    for (int i = 1; i < q; ++i) v += c(j * q + i) * dpw[i][e];
+    return v;
+  };
+  int j = m / q;
+  const bool folded = m % q == 0;
+  if (folded) --j;
+  for (int e = threadIdx.x; e < nn; e += blockDim.x) {
+    Y[e] = (folded ? c(m) * pw[q][e] : T(0)) + block(j, e);
+    dY[e] = (folded ? c(m) * dpw[q][e] : T(0)) + dblock(j, e);
+  }
+  __syncthreads();
+  for (--j; j >= 0; --j) {  // Y <- B_j + X^q Y, dY <- dB_j + d(X^q) Y + X^q dY
+    matmul(dpw[q], Y, dtmp, n);
+    matmul_add(pw[q], dY, dtmp, n);
+    matmul(pw[q], Y, tmp, n);
+    for (int e = threadIdx.x; e < nn; e += blockDim.x) Y[e] = tmp[e] + block(j, e), dY[e] = dtmp[e] + dblock(j, e);
+    __syncthreads();
+  }
+  for (int i = 0; i < p.steps; ++i) {  // Y <- Y^2, dY <- Y dY + dY Y
+    matmul(Y, dY, dtmp, n);
+    matmul_add(dY, Y, dtmp, n);
+    matmul(Y, Y, tmp, n);
+    T* t = Y;
+    Y = tmp, tmp = t;
+    t = dY;
+    dY = dtmp, dtmp = t;
+  }
+  for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = dY[e];
+}
+
 // The action; tile = rows x cols of the state in shared memory.
 template <typename T>
 __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, const T* __restrict__ tau,
@@ -161,6 +253,8 @@ __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, 
 
 template __global__ void expm_onchip<float>(const float*, float*, int);
 template __global__ void expm_onchip<double>(const double*, double*, int);
+template __global__ void expm_frechet_onchip<float>(const float*, const float*, float*, int);
+template __global__ void expm_frechet_onchip<double>(const double*, const double*, double*, int);
 template __global__ void action_onchip<float>(const float*, const float*, const float*, float*, int64_t, int, int64_t,
                                               bool, bool, int, int, int);
 template __global__ void action_onchip<double>(const double*, const double*, const double*, double*, int64_t, int,
@@ -179,6 +273,23 @@ int expm_launch(const T* A, T* out, int64_t count, int n, void* stream) {
   if (err != cudaSuccess) return int(err);
   const int threads = n * n >= 256 ? 256 : ((n * n + 31) / 32) * 32;
   expm_onchip<T><<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(A, out, n);
+  return int(cudaGetLastError());
+}
+
+template <typename T>
+int frechet_launch(const T* A, const T* G, T* out, int64_t count, int n, void* stream) {
+  if (n < 1 || n > kExpmOnChipMaxN) return int(cudaErrorInvalidValue);
+  if (count > 2147483647L) return int(cudaErrorInvalidConfiguration);
+  const size_t bytes = size_t(2 * 6 + 4) * n * n * sizeof(T);  // q <= 6 powers and derivatives, Y, dY, 2 scratch
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return int(err);
+  if (bytes + 256 > size_t(optin)) return kDoesNotFit;
+  err = cudaFuncSetAttribute(expm_frechet_onchip<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess) return int(err);
+  const int threads = n * n >= 256 ? 256 : ((n * n + 31) / 32) * 32;
+  expm_frechet_onchip<T><<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(A, G, out, n);
   return int(cudaGetLastError());
 }
 
@@ -207,6 +318,12 @@ int launch_expm_float(const float* A, float* out, int64_t count, int n, void* st
 }
 int launch_expm_double(const double* A, double* out, int64_t count, int n, void* stream) {
   return expm_launch(A, out, count, n, stream);
+}
+int launch_expm_frechet_float(const float* A, const float* G, float* out, int64_t count, int n, void* stream) {
+  return frechet_launch(A, G, out, count, n, stream);
+}
+int launch_expm_frechet_double(const double* A, const double* G, double* out, int64_t count, int n, void* stream) {
+  return frechet_launch(A, G, out, count, n, stream);
 }
 int launch_action_float(const float* z, const float* A, const float* tau, float* out, int64_t B, int d, int64_t P,
                         bool shared, int degree, int substeps, void* stream) {

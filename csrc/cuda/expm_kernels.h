@@ -12,6 +12,12 @@ constexpr int kActionOnChipMaxD = 64;  // action: the generator and a tile of th
 int launch_expm_float(const float* A, float* out, int64_t count, int n, void* stream);
 int launch_expm_double(const double* A, double* out, int64_t count, int n, void* stream);
 
+// out[b] = L(A[b]^T, G[b]), the gradient of exp at A[b] (n <= kExpmOnChipMaxN); kDoesNotFit when the shared
+// memory it needs (16 n^2 elements) exceeds the device's limit: use the batched-GEMM path then.
+constexpr int kDoesNotFit = -1;
+int launch_expm_frechet_float(const float* A, const float* G, float* out, int64_t count, int n, void* stream);
+int launch_expm_frechet_double(const double* A, const double* G, double* out, int64_t count, int n, void* stream);
+
 // out[b, :, p] = T_m(h_b A_p)^s z[b, :, p], h_b = tau_b / s; z (B, d, P), A (d, d) (shared) or (P, d, d).
 int launch_action_float(const float* z, const float* A, const float* tau, float* out, int64_t B, int d, int64_t P,
                         bool shared, int degree, int substeps, void* stream);
