@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="direct one-step regression model folder (model.koopman=false, "
                    "train.consistency=false; `hkd ablate` trains it as 'direct regression')")  # fmt: skip
     p.add_argument("--num", type=int, default=500, help="samples per row (default 500)")
-    p.add_argument("--few-steps", type=int, default=2, help="Heun steps of the cheap teacher row (2 -> 3 evaluations)")
+    p.add_argument("--few-steps", type=int, default=3, help="Euler steps (= evaluations) of the cheap teacher row")
     p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file: adds FID")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every row)")
     p.add_argument("--out", default="runs/eval", help="folder for eval.md and eval.json")

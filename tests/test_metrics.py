@@ -117,7 +117,7 @@ def test_evaluate_writes_the_comparison_table(classifier_cache, tmp_path):
     assert rows[2]["mse"] == rows[3]["mse"] > 0
     assert {"fd_digits", "recognisable", "pseudo_huber", "feature_distance"} <= set(rows[2])
     text = written[0].read_text()
-    assert "HKD (one step)" in text and "| teacher (Heun, 2 steps) | 3 |" in text
+    assert "HKD (one step)" in text and "| teacher (Euler, 3 steps) | 3 |" in text
     assert [p.name for p in written] == ["eval.md", "eval.json"]
 
 
