@@ -155,9 +155,14 @@ def analyze(model, noise: Tensor, out_dir: str | Path, *, num_times: int = 12) -
     cells = [[images["full"][""]] + [images["decode"][f"{b}/{r}"] for b in BANDS] for r in ["all", *range(levels)]]
     fig = figures.image_table(cells, rows, ["full", *[f"{b} band only" for b in BANDS]], "Band-masked decodes")
     written.append(figures.save_figure(fig, out_dir / "bands.png"))
-    cells = [[images["full"][""]] + [images["contribution"][f"{b}/all"] * 0.5 for b in BANDS]]
+    contributions = [images["contribution"][f"{b}/all"] for b in BANDS]
+    scale = max(float(c.abs().max()) for c in contributions) or 1.0  # one scale for all bands: sizes compare
+    cells = [[images["full"][""]] + [c / scale for c in contributions]]
     fig = figures.image_table(
-        cells, ["all levels"], ["full", *[f"{b}: D(z) - D(z - band)" for b in BANDS]], "Band contributions (x0.5)"
+        cells,
+        ["all levels"],
+        ["full", *[f"{b}: D(z) - D(z - band)" for b in BANDS]],
+        f"Band contributions (gray = 0, white / black = +-{scale:.2g})",
     )
     written.append(figures.save_figure(fig, out_dir / "band_contributions.png"))
 
@@ -252,8 +257,13 @@ def plot_eigenvalue_maps(eigenvalues: list[Tensor], path: Path) -> Path:
             e = e.reshape(-1, 1, 1)  # shared over positions: one value
         for row, (values, name) in enumerate(((e.real, "mean alpha"), (e.imag.abs(), "mean |beta|"))):
             ax = axes[row][l]
-            im = ax.imshow(values.mean(0).cpu().numpy(), cmap="viridis" if row else "coolwarm")
-            fig.colorbar(im, ax=ax, fraction=0.046)
+            values = values.mean(0).cpu().numpy()
+            if row:
+                im = ax.imshow(values, cmap="viridis")
+            else:  # diverging, centred on alpha = 0 (neither growth nor decay)
+                limit = float(abs(values).max()) or 1.0
+                im = ax.imshow(values, cmap="coolwarm", vmin=-limit, vmax=limit)
+            fig.colorbar(im, ax=ax, fraction=0.046, format="%.2g")
             ax.set(title=f"level {l}: {name}", xlabel="x (position)", ylabel="y (position)")
     fig.suptitle("Spatial maps of the eigenvalues (mean over the components at each position)")
     fig.tight_layout()

@@ -219,9 +219,9 @@ def run(
         rows = [known, known * mask + (1 - mask) * -1, inpainted]
         fig = figures.image_table(
             [[r] for r in rows],
-            ["known", f"given (no {region} half)", "inpainted"],
-            [f"blending along the trajectory, {steps} steps"],
-            "Inpainting",
+            ["known", "given", "inpainted"],
+            [f"{region} half unknown; {steps} blending steps"],
+            "Inpainting along the trajectory",
             nrow=num,
         )
         written.append(figures.save_figure(fig, out_dir / "inpaint.png"))

@@ -399,7 +399,8 @@ def ablate(config: dict, teacher, *, out_dir: str | Path, num: int = 500, seed: 
         else:
             resume = (run / training.CHECKPOINT_NAME).is_file()
             model = training.train(cfg, resume=resume, dataset=dataset, log=log)["ema"]
-        row = {"name": name, "koopman": koopman, "trajectory_loss": consistency, "hierarchy": hierarchy}
+        row = {"name": name, "evaluations": 1, "koopman": koopman, "trajectory_loss": consistency}
+        row["hierarchy"] = hierarchy
         row.update(sample_metrics(one_step(model.eval(), noise), endpoint))
         rows.append({**row, "paper_fid_cifar10": paper})
     notes = (
