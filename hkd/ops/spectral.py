@@ -73,7 +73,7 @@ def spectral_propagate(
     """
     latents, alphas, betas = list(latents), list(alphas), list(betas)
     tau = _check(latents, alphas, betas, tau)
-    backend = _backend.resolve(backend, latents[0].device)
+    backend = _resolve(backend, latents[0].device)
     if backend == "reference":
         return reference.spectral_propagate(latents, alphas, betas, tau)
     compute = tau.dtype
@@ -82,6 +82,11 @@ def spectral_propagate(
     betas = [b.to(compute).contiguous() for b in betas]
     op = torch.ops.hkd.spectral_propagate if backend in ("cpu", "cuda") else _triton_ops()[0]
     return list(op(latents, alphas, betas, tau))
+
+
+@torch.compiler.assume_constant_result  # torch.compile: a constant of the graph, no tracing into the checks
+def _resolve(backend: str, device: torch.device) -> str:
+    return _backend.resolve(backend, device)
 
 
 # --- autograd and fake kernels, shared by the C++/CUDA op and the Triton op ---------------------------------------
