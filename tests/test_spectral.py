@@ -1,6 +1,9 @@
 """hkd.ops.spectral_propagate: every backend against the float64 reference, gradients, custom-op integration."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -260,6 +263,46 @@ def test_reference_convention_is_counter_clockwise_rotation_and_scaling():
     )
     (out,) = spectral_propagate([z], [alpha], [beta], 1.0)
     torch.testing.assert_close(out, torch.tensor([[0.0, 2.0, 0.0, -2.0]], dtype=torch.float64))
+
+
+AOT_TRITON = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import hkd.kernels.spectral as k
+target = GPUTarget("cuda", 90, 32)
+for store, compute in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+    z, c = "*" + store, "*" + compute
+    sig = {"tau": c, "tau_stride": "i32", "B": "i32"}
+    for l in range(4):
+        sig.update({f"z{l}": z, f"out{l}": z, f"alpha{l}": c, f"beta{l}": c, f"pairs{l}": "i32", f"P{l}": "i32",
+                    f"pk{l}": "i32", f"pp{l}": "i32"})
+        if l:
+            sig[f"first{l}"] = "i32"
+    sig["BLOCK"] = "constexpr"
+    triton.compile(ASTSource(fn=k._forward_kernel, signature=sig, constexprs={"BLOCK": k.FORWARD_BLOCK}), target=target)
+    for need_latents, need_terms in ((True, True), (True, False), (False, True)):
+        sig = {"tau": c, "tau_stride": "i32", "B": "i32", "tau_partial": c}
+        for l in range(4):
+            sig.update({f"z{l}": z, f"g{l}": z, f"gz{l}": z, f"alpha{l}": c, f"beta{l}": c, f"ga{l}": c, f"gb{l}": c,
+                        f"pairs{l}": "i32", f"P{l}": "i32", f"pk{l}": "i32", f"pp{l}": "i32"})
+            if l:
+                sig[f"first{l}"] = "i32"
+        sig.update(NEED_LATENTS="constexpr", NEED_TERMS="constexpr", BLOCK="constexpr")
+        constexprs = {"NEED_LATENTS": need_latents, "NEED_TERMS": need_terms, "BLOCK": k.BACKWARD_BLOCK}
+        triton.compile(ASTSource(fn=k._backward_kernel, signature=sig, constexprs=constexprs), target=target)
+    print("ok", store)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.skipif(not _backend.triton_installed(), reason="triton not installed")
+def test_triton_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter runs the kernels' logic; this lowers them to GPU code (sm_90, every dtype and backward mode)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", AOT_TRITON], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # --- CUDA (run when a GPU machine is lent) ---------------------------------------------------------------------
