@@ -102,7 +102,7 @@ def tiny_teacher():
 
 def tiny_config(tmp_path):
     model = dict(img_resolution=16, img_channels=1, model_channels=8, channel_mult=[1, 2])
-    train = dict(batch=4, epochs=1, max_steps=2, progress=False, sample_every=0, sample_count=4, out=str(tmp_path))
+    train = dict(batch=4, epochs=1, max_steps=1, progress=False, sample_every=0, sample_count=4, out=str(tmp_path))
     return {"model": model, "train": train}
 
 
@@ -128,7 +128,7 @@ def test_ablation_trains_the_four_configurations_with_equal_budgets(classifier_c
     teacher = tiny_teacher()
     times, states = heun_sampler(teacher, torch.randn(8, 1, 16, 16), num_steps=3)
     dataset = [{"states": states[:-1, i].float(), "times": times[:-1].float()} for i in range(8)]  # t > 0
-    rows, written = metrics.ablate(tiny_config(tmp_path), teacher, out_dir=tmp_path, num=8, dataset=dataset)
+    rows, written = metrics.ablate(tiny_config(tmp_path), teacher, out_dir=tmp_path, num=4, dataset=dataset)
     assert [(r["koopman"], r["trajectory_loss"], r["hierarchy"]) for r in rows] == [
         (k, c, h) for _, k, c, h, _ in metrics.ABLATION
     ]
@@ -136,7 +136,7 @@ def test_ablation_trains_the_four_configurations_with_equal_budgets(classifier_c
     runs = sorted(p for p in tmp_path.iterdir() if (p / "model").is_dir())
     assert len(runs) == 4
     # a rerun reuses the finished runs and gives the same table
-    again, _ = metrics.ablate(tiny_config(tmp_path), teacher, out_dir=tmp_path, num=8, dataset=dataset)
+    again, _ = metrics.ablate(tiny_config(tmp_path), teacher, out_dir=tmp_path, num=4, dataset=dataset)
     assert again == rows
 
 
