@@ -5,9 +5,10 @@ same model, same batch, same device, one run. Prints step times side by side, th
 
 One step = hkd.train.trajectory_loss on B trajectories with s = 5 times each (4 intermediate + T, one forward over
 B * s inputs), pseudo-Huber + MSE, backward, gradient clipping, Adam. Weights and generators are random (speed does
-not depend on them; generators non-zero so nothing is skipped). The Koopman share is (step - step with
-model.koopman=false) / step: what the propagation (forward + backward) costs inside a step. The profile line gives
-the self time of the hkd:: ops in the fused step, from torch.profiler.
+not depend on them; generators non-zero so nothing is skipped). The Koopman columns time the propagation alone
+(forward + backward of model.propagate on the step's latents) and its share of the step; the step with
+model.koopman=false (identity) is the floor. The profile line gives the self time of the hkd:: ops inside the fused
+step, from torch.profiler.
 """
 
 from __future__ import annotations
@@ -27,6 +28,26 @@ PRESETS = {  # (resolution, channels, U-Net sizes)
     "digits": (16, 1, dict(model_channels=16, channel_mult=(1, 2, 2), num_blocks=1)),  # hkd/configs/digits.yaml
     "cifar": (32, 3, dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4)),  # hkd/configs/cifar10.yaml
 }
+
+
+def make_propagation(preset: str, batch: int, device: torch.device, backend: str):
+    """The Koopman part of a step alone: propagate forward + backward on the step's latents (B * 5 inputs)."""
+    resolution, channels, sizes = PRESETS[preset]
+    torch.manual_seed(0)
+    model = HKDModel(ModelConfig(img_resolution=resolution, img_channels=channels, backend=backend, **sizes))
+    model = model.to(device)
+    with torch.no_grad():
+        for p in model.propagator.parameters():
+            p.normal_(0, 0.05)
+        shapes = model.net.latent_shapes
+    latents = [torch.randn(5 * batch, *shape, device=device, requires_grad=True) for shape in shapes]
+    t = torch.rand(5 * batch, device=device) * 80 + 0.002
+
+    def step():
+        out = model.propagate(latents, t, model.eps)
+        torch.autograd.backward(out, [torch.ones_like(z) for z in out])
+
+    return step
 
 
 def make_step(preset: str, batch: int, device: torch.device, backend: str, koopman: bool = True):
@@ -105,12 +126,18 @@ def main() -> None:
           f"{device}{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}")  # fmt: skip
     steps = {"identity (model.koopman=false)": make_step(args.preset, args.batch, device, "reference", False)}
     steps |= {f"{b}": make_step(args.preset, args.batch, device, b) for b in ["reference", *fused]}
+    steps |= {
+        f"{b} (propagation alone)": make_propagation(args.preset, args.batch, device, b) for b in ["reference", *fused]
+    }
     results = timed(steps, device, args.repeats)
-    base, ident = results["reference"], results["identity (model.koopman=false)"]
-    print(f"{'propagation':32s} {'step ms':>9s} {'vs reference':>13s} {'Koopman share':>14s}")
+    base = results["reference"]
+    print(f"{'propagation':32s} {'step ms':>9s} {'vs reference':>13s} {'Koopman fwd+bwd ms':>19s} {'share':>7s}")
     for name, seconds in results.items():
-        share = "" if name.startswith("identity") else f"{100 * max(seconds - ident, 0) / seconds:13.1f}%"
-        print(f"{name:32s} {1e3 * seconds:9.1f} {base / seconds:12.2f}x {share}")
+        if name.endswith("(propagation alone)"):
+            continue
+        koopman = results.get(f"{name} (propagation alone)")
+        extra = "" if koopman is None else f"{1e3 * koopman:19.2f} {100 * koopman / seconds:6.1f}%"
+        print(f"{name:32s} {1e3 * seconds:9.1f} {base / seconds:12.2f}x {extra}")
     for b in fused:
         share, names = hkd_op_share(steps[b], device)
         print(f"profile ({b}): hkd:: ops are {100 * share:.1f}% of the step's self time ({names})")
