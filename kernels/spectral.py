@@ -146,7 +146,13 @@ def _launch_args(levels: list[list], blocks: list[int]) -> tuple[list, int]:
     return args, firsts[-1]
 
 
+def _check_size(latents: list[Tensor]) -> None:
+    if max(z.numel() for z in latents) >= 2**31:
+        raise ValueError("spectral_propagate (triton): a level has 2^31 or more elements; the kernels index in int32")
+
+
 def forward(latents: list[Tensor], alphas: list[Tensor], betas: list[Tensor], tau: Tensor) -> list[Tensor]:
+    _check_size(latents)
     out = [torch.empty_like(z) for z in latents]
     B = latents[0].shape[0]
     tau_stride = 1 if tau.dim() else 0
@@ -172,6 +178,7 @@ def backward(
     need_params: bool,
     need_tau: bool,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]:
+    _check_size(latents)
     B = latents[0].shape[0]
     need_terms = need_params or need_tau
     grad_z = [torch.empty_like(z) for z in latents] if need_latents else []
