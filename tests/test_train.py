@@ -245,6 +245,23 @@ def test_backends_change_nothing_but_speed(tmp_path, backend):
     assert_same(runs[backend], runs["reference"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_gpu_trains_and_resumes(tmp_path, precision):
+    data = Trajectories(count=32)
+    cfg = config(tmp_path, precision=precision, device="cuda", max_steps=6, checkpoint_every=3)
+    result = train.train(cfg, dataset=data)
+    losses = [loss for _, loss in result["losses"]]
+    assert result["step"] == 6 and all(map(math.isfinite, losses))
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0  # the GradScaler's state travels with the checkpoint
+    else:
+        assert state["scaler"] == {}  # bf16 needs no loss scaling
+    cfg["train"]["max_steps"] = 8
+    assert train.train(cfg, dataset=data, resume=True)["step"] == 8
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DDP
 
