@@ -231,7 +231,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         result = train(_config(args), resume=args.resume)
     except (ValueError, NonFiniteLoss) as error:
         raise UserError(str(error)) from error
-    print(f"wrote {result['checkpoint']} (step {result['step']})")
+    if result["rank"] == 0:
+        print(f"wrote {result['checkpoint']} (step {result['step']})")
 
 
 def build_parser() -> argparse.ArgumentParser:

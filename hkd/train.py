@@ -274,9 +274,11 @@ def train(
 ) -> dict[str, Any]:
     """Train HKD as configured (`train:` section, plus `model:` when `model` is not given). `dataset` items are dicts
     with "states" (K, C, H, W) and "times" (K,) (default: the store at train.store). Returns {"step", "checkpoint",
-    "losses": [(step, mean loss since the previous log row)], "skipped"}; rank 0's run folder holds the rest."""
+    "losses": [(step, mean loss since the previous log row)], "skipped", "model", "ema", "rank"}; rank 0's run folder
+    holds the rest."""
     cfg = section(config, "train", TrainConfig)
     rank, world, device = _distributed(cfg.device)
+    log = log if rank == 0 else (lambda line: None)
     if cfg.batch % world:
         raise ValueError(f"train.batch = {cfg.batch} must be divisible by the number of processes ({world})")
     if cfg.precision != "fp32" and device.type != "cuda":
@@ -459,4 +461,12 @@ def train(
         logger.close()
     if world > 1:
         dist.barrier()
-    return {"step": step, "checkpoint": path, "losses": losses, "skipped": skipped, "model": raw, "ema": ema}
+    return {
+        "step": step,
+        "checkpoint": path,
+        "losses": losses,
+        "skipped": skipped,
+        "model": raw,
+        "ema": ema,
+        "rank": rank,
+    }
