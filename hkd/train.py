@@ -16,6 +16,10 @@ Everything random in a step is a function of (seed, step) or (seed, epoch): the 
 each epoch) and the times (a generator seeded by the step, drawn for the whole global batch and split like the data).
 So resuming is exact, and N ranks see the same samples and times as one process with the same global batch.
 
+Data: a trajectory store (train.store, checked against the `trajectories:` settings and the teacher), or with
+train.online=true fresh trajectories solved by the teacher each step (no store; an epoch is
+trajectories.num_trajectories trajectories). Both are deterministic in the step, so both resume exactly.
+
 Runs: `hkd train --config NAME [a.b=value ...] [--resume]`, or `torchrun --nproc_per_node=8 -m hkd.cli train ...`
 (DDP: NCCL on GPU, gloo on CPU; the global batch `train.batch` is split across ranks; rank 0 writes everything).
 Run folder (`train.out`): checkpoint.pt (atomic, every `checkpoint_every` steps, at the end and on SIGTERM/SIGINT),
@@ -54,6 +58,7 @@ class TrainConfig:
     out: str = "runs/hkd"  # run folder
     store: str | None = None  # trajectory store folder (hkd trajectories --out)
     teacher: str | None = None  # teacher checkpoint: E and D start as its U-Net (Algorithm 1, step 1); None: random
+    online: bool = False  # draw fresh trajectories from the teacher each step instead of reading train.store
     batch: int = 64  # global batch (trajectories per step, all ranks together)
     epochs: int = 100
     max_steps: int | None = None  # stop earlier (the schedules still run over `epochs`)
@@ -194,9 +199,11 @@ def _trajectories(item: Any) -> tuple[Tensor, Tensor]:
 
 
 class _Batches:
-    """This rank's batches of dataset indices, from (epoch, position in the epoch) on; disjoint across ranks."""
+    """This rank's batches of a trajectory dataset, from (epoch, position in the epoch) on; disjoint across ranks."""
 
-    def __init__(self, dataset, local_batch: int, rank: int, world: int, seed: int):
+    def __init__(self, dataset, local_batch: int, rank: int, world: int, seed: int, workers: int, pin: bool):
+        self.dataset, self.workers, self.pin = dataset, workers, pin
+        self.first = _trajectories(torch.utils.data.default_collate([dataset[0]]))
         self.sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
@@ -208,11 +215,36 @@ class _Batches:
                 f"({local_batch * world}); lower train.batch"
             )
 
-    def epoch(self, epoch: int, start: int) -> list[list[int]]:
+    def epoch(self, epoch: int, start: int):
         self.sampler.set_epoch(epoch)
-        indices = list(self.sampler)
-        b = self.local_batch
-        return [indices[i * b : (i + 1) * b] for i in range(start, self.steps_per_epoch)]
+        indices, b = list(self.sampler), self.local_batch
+        chunks = [indices[i * b : (i + 1) * b] for i in range(start, self.steps_per_epoch)]
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=chunks, num_workers=self.workers, pin_memory=self.pin
+        )
+
+
+class _Online:
+    """Fresh trajectories from the teacher (hkd.data.store.OnlineTrajectories) instead of a store. Global step k
+    draws trajectories k B .. (k + 1) B - 1 (noise from (trajectories.seed, index)), rank r the ones = r mod world,
+    so the position is the step itself; an epoch is trajectories.num_trajectories trajectories."""
+
+    def __init__(self, teacher, config: dict[str, Any], local_batch: int, rank: int, world: int, device):
+        from hkd.data.store import OnlineTrajectories, TrajectoryConfig
+
+        trajectories = section(config, "trajectories", TrajectoryConfig)
+        self.online = OnlineTrajectories(teacher, trajectories, device=device, rank=rank, world_size=world)
+        self.local_batch = local_batch
+        self.steps_per_epoch = trajectories.num_trajectories // (local_batch * world)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"trajectories.num_trajectories is smaller than one global batch ({local_batch * world})")
+        shape = (1, len(self.online.times), *self.online.shape)
+        self.first = torch.zeros(shape), self.online.times[None]
+
+    def epoch(self, epoch: int, start: int):
+        self.online.next_index = (epoch * self.steps_per_epoch + start) * self.local_batch
+        for _ in range(start, self.steps_per_epoch):
+            yield self.online.draw(self.local_batch)
 
 
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -294,15 +326,22 @@ def train(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     distance = Distance(cfg.perceptual, cfg.lambda2, cfg.lpips_net, cfg.lpips_weights, cfg.lpips_resize).to(device)
+    if cfg.online and cfg.teacher is None:
+        raise ValueError("train.online=true draws trajectories from the teacher: set train.teacher")
     teacher = None
     if cfg.teacher is not None and (model is None or dataset is None):
         from hkd.teacher import load_teacher
 
-        teacher = load_teacher(cfg.teacher)
+        teacher = load_teacher(cfg.teacher, device if cfg.online else "cpu")
     raw = build_model(config, teacher) if model is None else model
-    dataset = build_dataset(config, cfg, teacher, raw) if dataset is None else dataset
+    local_batch = cfg.batch // world
+    if cfg.online and dataset is None:
+        batches = _Online(teacher, config, local_batch, rank, world, device)
+    else:
+        dataset = build_dataset(config, cfg, teacher, raw) if dataset is None else dataset
+        batches = _Batches(dataset, local_batch, rank, world, cfg.seed, cfg.workers, device.type == "cuda")
     raw = raw.to(device)
-    T = float(dataset[0]["times"].max())
+    T = float(batches.first[1].max())
     if hasattr(raw, "T") and not math.isclose(T, raw.T, rel_tol=1e-6):
         raise ValueError(f"the trajectories start at T = {T}, the model at model.sigma_max = {raw.T}")
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
@@ -313,7 +352,6 @@ def train(
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    batches = _Batches(dataset, cfg.batch // world, rank, world, cfg.seed)
     steps_per_epoch = batches.steps_per_epoch
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     intermediate = cfg.time_samples if cfg.consistency else 0
@@ -357,7 +395,7 @@ def train(
             return
         from hkd.data.images import save_grid
 
-        states, times = _trajectories(torch.utils.data.default_collate([dataset[0]]))
+        states, times = batches.first
         generator = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn(cfg.sample_count, *states.shape[2:], generator=generator) * times.max()
         with torch.no_grad():
@@ -380,13 +418,7 @@ def train(
     with checkpoint.StopSignal() as stop:
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_sampler=batches.epoch(epoch, position),
-                num_workers=cfg.workers,
-                pin_memory=device.type == "cuda",
-            )
-            for item in loader:
+            for item in batches.epoch(epoch, position):
                 states, times = (x.to(device, torch.float32, non_blocking=True) for x in _trajectories(item))
                 # the times of the whole global batch from (seed, step); this rank's rows, as the sampler splits data
                 generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)

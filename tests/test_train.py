@@ -322,3 +322,16 @@ def test_hkd_train_command_on_a_real_store(tmp_path, capsys):
     assert "num_steps" in capsys.readouterr().err
     assert cli.main(["train", *solver, *run, "train.batchsize=3"]) == 2
     assert "train.batchsize" in capsys.readouterr().err
+
+    # online: fresh trajectories from the teacher instead of the store; resuming is exact there too
+    online = [*solver, *run, "train.online=true", "train.store=null", "train.sample_every=0"]
+    straight = config.load("digits", [*online, f"train.out={tmp_path / 'online'}", "train.max_steps=4"])
+    assert train.train(straight)["step"] == 4
+    stopped = config.load("digits", [*online, f"train.out={tmp_path / 'online2'}", "train.max_steps=2"])
+    assert train.train(stopped)["step"] == 2
+    resumed = train.train(config.load("digits", [*online, f"train.out={tmp_path / 'online2'}", "train.max_steps=4"]),
+                          resume=True)  # fmt: skip
+    a, b = (checkpoint.load(tmp_path / run / "checkpoint.pt") for run in ("online", "online2"))
+    assert resumed["step"] == 4
+    assert_same(a["model"], b["model"])
+    assert_same(a["ema"], b["ema"])
