@@ -88,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     baseline = _model(args.baseline, device) if args.baseline else None
     rows, written = metrics.evaluate(
         model, teacher, baseline=baseline, num=args.num, seed=args.seed, few_steps=args.few_steps,
-        inception_weights=args.inception_weights, out_dir=args.out,
+        inception_weights=args.inception_weights, lpips_weights=args.lpips_weights, out_dir=args.out,
     )  # fmt: skip
     print(written[0].read_text())
     _print_written(written)
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=500, help="samples per row (default 500)")
     p.add_argument("--few-steps", type=int, default=3, help="Euler steps (= evaluations) of the cheap teacher row")
     p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file: adds FID")
+    p.add_argument("--lpips-weights", help="torchvision AlexNet ImageNet weights file: adds LPIPS to the teacher "
+                   "fidelity (needs pip install 'hkd[lpips]')")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every row)")
     p.add_argument("--out", default="runs/eval", help="folder for eval.md and eval.json")
     p.add_argument("--device", **device)

@@ -235,8 +235,9 @@ def _entropy(counts: Tensor) -> Tensor:
 # Teacher fidelity
 
 
-def teacher_fidelity(images: Tensor, teacher_images: Tensor) -> dict[str, float]:
-    """Distances between a model's images and the teacher's endpoints for the same noise (lower is closer)."""
+def teacher_fidelity(images: Tensor, teacher_images: Tensor, lpips=None) -> dict[str, float]:
+    """Distances between a model's images and the teacher's endpoints for the same noise (lower is closer).
+    `lpips`: an hkd.losses.LPIPS (its backbone from a local file) to add LPIPS, per-sample distances (B,)."""
     if images.shape != teacher_images.shape:
         raise ValueError(f"teacher fidelity: shapes differ, {tuple(images.shape)} vs {tuple(teacher_images.shape)}")
     images, teacher_images = images.detach().float().cpu(), teacher_images.detach().float().cpu()
@@ -247,6 +248,10 @@ def teacher_fidelity(images: Tensor, teacher_images: Tensor) -> dict[str, float]
     if tuple(images.shape[1:]) == (1, 16, 16):  # perceptual distance in the digits classifier's feature space
         a, b = digits_features(images)[0], digits_features(teacher_images)[0]
         out["feature_distance"] = float((a - b).square().sum(1).sqrt().mean())
+    if lpips is not None:
+        with torch.no_grad():
+            pairs = zip(images.split(64), teacher_images.split(64), strict=True)
+            out["lpips"] = float(torch.cat([lpips(x, y).float().cpu() for x, y in pairs]).mean())
     return out
 
 
@@ -299,7 +304,9 @@ def teacher_euler(teacher, noise: Tensor, num_steps: int, batch_size: int = 256)
     return _batched(euler, noise, batch_size)
 
 
-def sample_metrics(images: Tensor, teacher_endpoint: Tensor, *, inception_weights=None, reference=None) -> dict:
+def sample_metrics(
+    images: Tensor, teacher_endpoint: Tensor, *, inception_weights=None, reference=None, lpips=None
+) -> dict:
     """Every metric that applies: the digits metrics for 1x16x16 images, FID when Inception weights are given (or
     found), teacher fidelity. `reference`: the real images for FD / FID (default: the embedded digits)."""
     out = {}
@@ -309,11 +316,11 @@ def sample_metrics(images: Tensor, teacher_endpoint: Tensor, *, inception_weight
         if reference is None:
             raise ValueError("FID needs reference images (the dataset) for images other than the embedded digits")
         out["fid"] = fid(images, reference, weights=inception_weights)
-    out.update(teacher_fidelity(images, teacher_endpoint))
+    out.update(teacher_fidelity(images, teacher_endpoint, lpips))
     return out
 
 
-COLUMNS = ("fd_digits", "recognisable", "class_entropy", "fid", "mse", "pseudo_huber", "feature_distance")
+COLUMNS = ("fd_digits", "recognisable", "class_entropy", "fid", "mse", "pseudo_huber", "feature_distance", "lpips")
 
 
 def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str, notes: str = "") -> list[Path]:
@@ -350,11 +357,16 @@ def evaluate(
     seed: int = 0,
     few_steps: int = 3,
     inception_weights=None,
+    lpips_weights=None,
     reference: Tensor | None = None,
     out_dir: str | Path = "runs/eval",
 ) -> tuple[list[dict], list[Path]]:
     """The `hkd eval` table: teacher at 35 (Heun) and at few_steps (Euler) evaluations, HKD one step, the direct
-    regression baseline (a model trained with model.koopman=false and train.consistency=false), same noise."""
+    regression baseline (a model trained with model.koopman=false and train.consistency=false), same noise.
+    lpips_weights: torchvision's AlexNet ImageNet file, to add LPIPS to the teacher-fidelity columns."""
+    from hkd.losses import LPIPS
+
+    lpips = LPIPS("alex", lpips_weights) if lpips_weights is not None else None
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     noise = torch.randn(num, *shape, generator=torch.Generator().manual_seed(seed))
     endpoint = teacher_samples(teacher, noise, 18)
@@ -367,7 +379,7 @@ def evaluate(
         {
             "name": name,
             "evaluations": evaluations,
-            **sample_metrics(images, endpoint, inception_weights=inception_weights, reference=reference),
+            **sample_metrics(images, endpoint, inception_weights=inception_weights, reference=reference, lpips=lpips),
         }
         for name, evaluations, images in candidates
     ]

@@ -72,6 +72,8 @@ def test_teacher_fidelity_is_zero_for_identical_images(classifier_cache):
     x = torch.rand(6, 1, 16, 16) * 2 - 1
     same = metrics.teacher_fidelity(x, x)
     assert same["mse"] == 0 and same["feature_distance"] == 0 and same["pseudo_huber"] == pytest.approx(0, abs=1e-6)
+    lpips = lambda a, b: (a - b).abs().flatten(1).mean(1)  # any per-sample distance stands in for LPIPS here
+    assert metrics.teacher_fidelity(x, x + 0.25, lpips)["lpips"] == pytest.approx(0.25, rel=1e-5)
     other = metrics.teacher_fidelity(x, x + 0.1)
     assert other["mse"] == pytest.approx(0.01, rel=1e-4) and other["pseudo_huber"] > 0
     with pytest.raises(ValueError, match="shapes differ"):
