@@ -3,6 +3,8 @@ same batch, same device, one run. Prints images/s side by side and the ratio.
 
     python benchmarks/bench_generation.py [--preset digits|cifar] [--batch 64] [--device cpu|cuda] [--repeats 3]
 
+On a shared CPU, `OMP_WAIT_POLICY=passive ... --threads 1`: spinning OpenMP threads of busy cores inflate times.
+
 The weights are random (the speed does not depend on them): the teacher is EDMPrecond(UNet) as hkd.teacher builds
 it, HKD is HKDModel.from_teacher(teacher) with random generators. "HKD one step" is model.generate (encoder, the
 cached fixed step propagator.at(tau(T, eps)), decoder); the propagation layer alone is timed too.
@@ -62,7 +64,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="auto", help="propagation backend")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     resolution, channels, sizes = PRESETS[args.preset]
 
