@@ -187,3 +187,16 @@ def test_hkd_generate_command(tmp_path, capsys):
     torch.testing.assert_close(saved["trajectory"][:, -1], saved["images"], rtol=1e-4, atol=1e-5)
     assert main(["generate", "--model", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_training_step_reaches_every_part_and_autocast_runs():
+    model = tiny_model().train()
+    x, t = torch.randn(2, 3, 8, 8) * 3, torch.tensor([3.0, 0.5])
+    model(x, t).square().mean().backward()
+    assert model.propagator.alphas[0].grad.abs().sum() > 0 and model.propagator.betas[1].grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.net.parameters())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.eval()(x, t)
+    assert low.dtype == torch.float32  # the decoder's output is in float32, like the teacher's
+    with torch.no_grad():
+        torch.testing.assert_close(low, model(x, t), rtol=0.1, atol=0.1)
