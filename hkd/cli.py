@@ -136,7 +136,10 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     if not teacher_path:
         raise UserError("--teacher is needed (or train.teacher in the config): the ablation evaluates against it")
     teacher = _teacher(teacher_path, _device(args.device))
-    rows, written = metrics.ablate(cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed)
+    try:
+        rows, written = metrics.ablate(cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed)
+    except InterruptedError as error:
+        raise UserError(str(error)) from error
     print(written[0].read_text())
     _print_written(written)
 

@@ -411,6 +411,8 @@ def ablate(config: dict, teacher, *, out_dir: str | Path, num: int = 500, seed: 
         else:
             resume = (run / training.CHECKPOINT_NAME).is_file()
             model = training.train(cfg, resume=resume, dataset=dataset, log=log)["ema"]
+            if not (run / "model").is_dir():  # the trainer stopped early (SIGTERM / SIGINT) after a checkpoint
+                raise InterruptedError(f"the ablation stopped during {name!r}: run the same command again to resume")
         row = {"name": name, "evaluations": 1, "koopman": koopman, "trajectory_loss": consistency}
         row["hierarchy"] = hierarchy
         row.update(sample_metrics(one_step(model.eval(), noise), endpoint))

@@ -162,3 +162,14 @@ def test_fid_hands_torch_fidelity_uint8_rgb_images_and_the_local_weights(tmp_pat
     assert torch.equal(image[0], ((x[0, 0] + 1) * 127.5).round().to(torch.uint8))
     with pytest.raises(ValueError, match="images1 must be"):
         metrics.fid(x[0], x, weights=weights)
+
+
+def test_an_interrupted_ablation_run_stops_the_ablation(tmp_path, monkeypatch):
+    """The trainer returns after a SIGTERM checkpoint without writing model/: the ablation must not go on."""
+    import hkd.train
+
+    calls = []
+    monkeypatch.setattr(hkd.train, "train", lambda config, **kwargs: calls.append(config) or {"ema": None})
+    with pytest.raises(InterruptedError, match="stopped during 'direct regression'.*again to resume"):
+        metrics.ablate(tiny_config(tmp_path), tiny_teacher(), out_dir=tmp_path, num=2)
+    assert len(calls) == 1 and not (tmp_path / "ablation.md").exists()
