@@ -248,6 +248,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"wrote {report} (open it in any Markdown viewer)")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from hkd import bench
+
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.op in ("spectral", "all"):
+        bench.bench_spectral(args.batch, device, repeats=args.repeats or 15, compile=not args.no_compile)
+    if args.op in ("dense", "all"):
+        bench.bench_dense(device, repeats=args.repeats or 5)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
@@ -355,6 +369,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides a.b=value, e.g. train.store=DIR train.batch=128")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out from its checkpoint.pt")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "bench",
+        help="time the fused ops against their baselines (copy floor, torch.compile, torch.linalg.matrix_exp)",
+        description="Every usable backend of the fused ops side by side with its baseline, as ratios, in one run. "
+        "spectral: workload W of issue 3 (B x three levels of 256 channels at 32x32, 16x16, 8x8, per-position "
+        "generators, per-sample tau) against the copy floor and torch.compile of the composite, forward and forward + "
+        "backward. dense: dense_propagate with per-sample tau against the better plain-PyTorch composite, and expm "
+        "against torch.linalg.matrix_exp. Workloads and rows are described in hkd/bench.py.",
+    )
+    p.add_argument("op", nargs="?", choices=("spectral", "dense", "all"), default="all", help="which op (default all)")
+    p.add_argument("--batch", type=int, nargs="+", default=[64, 128], help="spectral batch sizes (default 64 128)")
+    p.add_argument("--repeats", type=int, default=0, help="timed rounds per row (default 15 spectral, 5 dense)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the spectral op")
+    p.add_argument("--device", **device)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
