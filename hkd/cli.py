@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline on the embedded digits: teacher, trajectories, HKD, eval, analysis, edit, report",
         description="Train an EDM teacher on the embedded digits, write its trajectories, train HKD and the one-step "
         "baseline, evaluate, analyse the spectrum, edit, and write OUT/report.md. Finished stages are skipped on a "
-        "re-run. About 12 minutes on 2 CPU cores (--quick: about 2).",
+        "re-run. About 10 minutes on 2 CPU cores (--quick: under a minute).",
     )
     p.add_argument("--out", default="runs/demo", help="folder for every stage and the report (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smoke run of every stage at toy scale")

@@ -17,7 +17,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
         assert heading in report
     assert "HKD (one step)" in report and "direct regression baseline" in report
     for path in ("teacher/teacher.pt", "trajectories/manifest.json", "hkd/model", "baseline/model",
-                 "eval/eval.json", "analysis/eigenvalues.png", "edit/edit_high.png"):  # fmt: skip
+                 "eval/eval.json", "analysis/eigenvalues.png", "edit/edit_high.png", "samples.png"):  # fmt: skip
         assert (out / path).exists(), path
     # every link in the report points at a file that exists
     import re
