@@ -58,6 +58,7 @@ CASES = [  # (levels, batch, per_position, per_sample_tau)
     (3, 1, False, False),
     (2, 9, True, True),
     (5, 2, True, True),  # more levels than one Triton launch takes (MAX_LEVELS = 4)
+    (2, 6, False, False),
 ]
 
 
@@ -78,14 +79,48 @@ def test_matches_reference_float64(backend, case):
 def test_reduced_precision_matches_float64_reference(backend, dtype):
     if backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bfloat16 arithmetic")
-    latents, alphas, betas, tau = random_problem(3, 4, per_position=True, per_sample_tau=True, dtype=dtype)
-    out = spectral_propagate(latents, alphas, betas, tau, backend=backend)
-    # the float64 evaluation of the same (rounded) inputs; the result may differ by the output's rounding
-    expected = reference.spectral_propagate([z.double() for z in latents], alphas, betas, tau.double())
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    for a, e in zip(out, expected, strict=True):
-        assert a.dtype == dtype
-        torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol * e.abs().max().item())
+    for per_position in (True, False):
+        for per_sample_tau in (True, False):
+            latents, alphas, betas, tau = random_problem(
+                3, 4, per_position=per_position, per_sample_tau=per_sample_tau, dtype=dtype
+            )
+            out = spectral_propagate(latents, alphas, betas, tau, backend=backend)
+            # the float64 evaluation of the same (rounded) inputs; the result may differ by the output's rounding
+            expected = reference.spectral_propagate([z.double() for z in latents], alphas, betas, tau.double())
+            for a, e in zip(out, expected, strict=True):
+                assert a.dtype == dtype
+                torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol * e.abs().max().item())
+
+
+@pytest.mark.skipif(not _backend.usable("cpu", CPU), reason="extension not built")
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_threads_split_rows_and_levels(threads, dtype):
+    """Large enough that the forward's per-thread stretches start mid-row and mid-level (odd P, several levels),
+    and the backward's units cut pair planes: every split must still equal the reference."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        shapes = [(6, 9, 13), (10, 7, 5), (4, 31, 1)]
+        for per_position, per_sample_tau in [(True, True), (True, False), (False, True)]:
+            latents = [torch.randn(97, *s, dtype=dtype, requires_grad=True) for s in shapes]
+            pshape = [(d // 2, h, w) if per_position else (d // 2,) for d, h, w in shapes]
+            pdtype = reference._compute_dtype(dtype)
+            alphas = [(torch.randn(s, dtype=pdtype) * 0.02).requires_grad_() for s in pshape]
+            betas = [torch.randn(s, dtype=pdtype, requires_grad=True) for s in pshape]
+            tau = torch.rand(97 if per_sample_tau else (), dtype=pdtype) * 80
+            out = spectral_propagate(latents, alphas, betas, tau, backend="cpu")
+            ref = reference.spectral_propagate(latents, alphas, betas, tau)
+            tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+            assert_close_levels(out, ref, **tol)
+            grads = [torch.randn_like(z) for z in out]
+            got = torch.autograd.grad(out, [*latents, *alphas, *betas], grads)
+            want = torch.autograd.grad(ref, [*latents, *alphas, *betas], grads)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=tol["rtol"], atol=tol["atol"] * w.abs().max().item() * 10)
+    finally:
+        torch.set_num_threads(before)
 
 
 def gradcheck_inputs(levels, batch, per_position, per_sample_tau, small=True):

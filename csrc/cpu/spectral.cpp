@@ -1,11 +1,15 @@
 // CPU kernels of hkd::spectral_propagate and its backward (maths in csrc/spectral.h).
 //
-// One parallel region spans all levels: the index space is every level's flattened (pair k, position p)
-// plane, cut into units of U (k, p) entries. The thread owning a unit loops over the batch, so the
-// parameter gradients of its (k, p) reduce over the batch in that thread (no atomics), and with a shared
-// tau the rotations are computed once per (k, p) and reused for the whole batch. For one sample a unit's
-// planes 2k, 2k+1 are contiguous memory: each thread streams through large blocks, and the inner loops
-// over positions vectorise (float32: cloned for AVX-512, AVX2 and baseline x86-64, chosen at load time).
+// Forward: nothing reduces, so each thread owns one contiguous stretch of every level's memory: the index space
+// is every level's (b, k, p) in memory order, and row r = b pairs + k holds x = z[b, 2k, :] and y = z[b, 2k+1, :],
+// 2P contiguous values. Threads stream through their stretch like a copy, and the fresh output pages are first
+// touched in order (page faults dominate a large fresh output on CPU).
+// Backward: one parallel region spans all levels, the index space is every level's flattened (pair k,
+// position p) plane cut into units of U (k, p) entries. The thread owning a unit loops over the batch, so the
+// parameter gradients of its (k, p) reduce over the batch in that thread (no atomics). For one sample a unit's
+// planes 2k, 2k+1 are contiguous memory.
+// The inner loops over positions vectorise (float32: cloned for AVX-512, AVX2 and baseline x86-64, chosen at load
+// time); a shared tau's rotations are computed once per (k, p) and reused for the whole batch.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -156,6 +160,26 @@ HKD_VECTOR_CLONES void rotation_row(int64_t n, float t, const float* a, const fl
   rotation_row_impl(n, t, a, w, s, c, sn);
 }
 
+// One rotation for a whole row (parameters shared over positions) applied to n positions.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+[[gnu::always_inline]] inline void rotate_row_impl(int64_t n, Rotation<acc_t> r, const scalar_t* __restrict__ x,
+                                                   const scalar_t* __restrict__ y, scalar_t* __restrict__ xo,
+                                                   scalar_t* __restrict__ yo) {
+  acc_t xe, ye;
+  for (int64_t i = 0; i < n; ++i) {
+    evolve(r, acc_t(x[i]), acc_t(y[i]), xe, ye);
+    xo[i] = xe, yo[i] = ye;
+  }
+}
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void rotate_row(int64_t n, Rotation<acc_t> r, const scalar_t* x, const scalar_t* y, scalar_t* xo, scalar_t* yo) {
+  rotate_row_impl(n, r, x, y, xo, yo);
+}
+template <>
+HKD_VECTOR_CLONES void rotate_row(int64_t n, Rotation<float> r, const float* x, const float* y, float* xo, float* yo) {
+  rotate_row_impl(n, r, x, y, xo, yo);
+}
+
 // Backward of one row: the latents' gradient (Latents), and (Terms) the parameter gradients accumulated into
 // ga, gw and the d/dtau terms into gt (Tau).
 template <bool Latents, bool Terms, bool Tau, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -202,21 +226,28 @@ HKD_BACKWARD_ROW_FLOAT(false, true, true)
 
 // --- units: a thread's share, looping over the batch -------------------------------------------------------------
 
+// Forward of the elements [e0, e1) of one level's (b, k, p) space, e = (b pairs + k) P + p. S, C, N: the rotations
+// of a shared tau per (k, p) (per-position parameters), or null.
 template <typename scalar_t>
-void forward_unit(const Unit<scalar_t>& u, int64_t batch, const at::opmath_type<scalar_t>* tau, bool per_sample_tau) {
+void forward_range(const Level<scalar_t>& L, int64_t e0, int64_t e1, const at::opmath_type<scalar_t>* tau,
+                   bool per_sample_tau, const at::opmath_type<scalar_t>* S) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto& L = u.L;
-  const int64_t m = u.q1 - u.q0, P = L.positions, plane = 2 * L.pairs * P;
-  std::vector<acc_t> buffer((per_sample_tau ? 2 : 5) * m);
-  acc_t *A = buffer.data(), *W = A + m, *S = W + m, *C = S + m, *N = C + m;
-  u.parameters(A, W);
-  if (!per_sample_tau) rotation_row(m, tau[0], A, W, S, C, N);  // one rotation per (k, p), reused over the batch
-  for (int64_t b = 0; b < batch; ++b)
-    u.for_each_run([&](int64_t q, int64_t n, int64_t offset) {
-      const int64_t j = q - u.q0, at = b * plane + offset;
-      forward_row<scalar_t>(n, tau[per_sample_tau ? b : 0], A + j, W + j, per_sample_tau ? nullptr : S + j, C + j,
-                            N + j, L.z + at, L.z + at + P, L.out + at, L.out + at + P);
-    });
+  const int64_t P = L.positions, m = L.pairs * P;
+  const acc_t* none = nullptr;
+  for (int64_t e = e0; e < e1;) {
+    const int64_t r = e / P, p = e - r * P, n = std::min(P - p, e1 - e), b = r / L.pairs, k = r - b * L.pairs;
+    const acc_t t = tau[per_sample_tau ? b : 0];
+    const int64_t at = 2 * r * P + p;
+    const scalar_t *x = L.z + at, *y = x + P;
+    scalar_t *xo = L.out + at, *yo = xo + P;
+    if (!L.per_position)
+      rotate_row<scalar_t>(n, rotation(L.alpha[k], L.beta[k], t), x, y, xo, yo);
+    else if (S != nullptr)
+      forward_row<scalar_t>(n, t, none, none, S + k * P + p, S + m + k * P + p, S + 2 * m + k * P + p, x, y, xo, yo);
+    else
+      forward_row<scalar_t>(n, t, L.alpha + k * P + p, L.beta + k * P + p, none, none, none, x, y, xo, yo);
+    e += n;
+  }
 }
 
 // Backward of one unit. tau_partial: this unit's row of per-sample (or, for a shared tau, one) d/dtau sums.
@@ -292,8 +323,28 @@ std::vector<at::Tensor> forward_cpu(at::TensorList latents, at::TensorList alpha
                         latents[l].size(1) / 2, positions_of(latents[l]), alphas[l].dim() > 1});
     const acc_t* t = tau.const_data_ptr<acc_t>();
     const bool per_sample_tau = tau.dim() == 1;
-    Schedule<scalar_t>(levels, batch).run(levels, [&](int64_t, const Unit<scalar_t>& u) {
-      forward_unit(u, batch, t, per_sample_tau);
+    // a shared tau: the rotations of each (k, p) once, as (scale, cos, sin) planes, reused for the whole batch
+    std::vector<std::vector<acc_t>> tables(levels.size());
+    std::vector<int64_t> first{0};  // level l owns elements [first[l], first[l + 1]) of the joint index space
+    for (size_t l = 0; l < levels.size(); ++l) {
+      const auto& L = levels[l];
+      const int64_t m = L.pairs * L.positions;
+      if (!per_sample_tau && L.per_position && batch > 1) {
+        tables[l].resize(3 * m);
+        acc_t* S = tables[l].data();
+        at::parallel_for(0, m, 4096, [&](int64_t q0, int64_t q1) {
+          rotation_row(q1 - q0, t[0], L.alpha + q0, L.beta + q0, S + q0, S + m + q0, S + 2 * m + q0);
+        });
+      }
+      first.push_back(first.back() + batch * m);
+    }
+    at::parallel_for(0, first.back(), 16384, [&](int64_t begin, int64_t end) {
+      for (size_t l = 0; l < levels.size(); ++l) {
+        const int64_t e0 = std::max(begin, first[l]), e1 = std::min(end, first[l + 1]);
+        if (e0 < e1)
+          forward_range(levels[l], e0 - first[l], e1 - first[l], t, per_sample_tau,
+                        tables[l].empty() ? nullptr : tables[l].data());
+      }
     });
   });
   return out;
