@@ -146,19 +146,13 @@ def run(
     )
 
     def trained(label: str, name: str, switches: list[str]):
+        """Train (or resume) one run as a stage; its EMA model, or the saved one when the stage was done earlier."""
         run_dir = out / name
-        if (run_dir / "model").is_dir():
-            log(f"[demo] {label}: done earlier, skipped (--fresh redoes it)")
-            return HKDModel.from_pretrained(run_dir / "model", device=device)
         cfg = configs.apply_overrides(config, [*switches, f"train.out={run_dir}"])
-        log(f"[demo] {label} ...")
-        start = time.perf_counter()
         resume = (run_dir / training.CHECKPOINT_NAME).is_file()
-        model = training.train(cfg, resume=resume, log=log)["ema"]
-        timings[label] = time.perf_counter() - start
-        write_json(timings_file, timings)
-        log(f"[demo] {label}: {timings[label]:.0f} s")
-        return model.eval()
+        result: dict = {}
+        stage(label, (run_dir / "model").is_dir(), lambda: result.update(training.train(cfg, resume=resume, log=log)))
+        return result["ema"].eval() if result else HKDModel.from_pretrained(run_dir / "model", device=device)
 
     model = trained("3/8 HKD", "hkd", [])
     baseline = trained("4/8 one-step baseline", "baseline", ["model.koopman=false", "train.consistency=false"])

@@ -228,10 +228,10 @@ HKD_BACKWARD_ROW_FLOAT(true, true, true)
 HKD_BACKWARD_ROW_FLOAT(false, true, false)
 HKD_BACKWARD_ROW_FLOAT(false, true, true)
 
-// --- units: a thread's share, looping over the batch -------------------------------------------------------------
+// --- forward: a thread's contiguous stretch ---------------------------------------------------------------------
 
-// Forward of the elements [e0, e1) of one level's (b, k, p) space, e = (b pairs + k) P + p. S, C, N: the rotations
-// of a shared tau per (k, p) (per-position parameters), or null.
+// Forward of the elements [e0, e1) of one level's (b, k, p) space, e = (b pairs + k) P + p. S: the (scale, cos,
+// sin) planes, pairs P values each, of a shared tau's rotations per (k, p) (per-position parameters), or null.
 template <typename scalar_t>
 void forward_range(const Level<scalar_t>& L, int64_t e0, int64_t e1, const at::opmath_type<scalar_t>* tau,
                    bool per_sample_tau, const at::opmath_type<scalar_t>* S) {
@@ -253,6 +253,8 @@ void forward_range(const Level<scalar_t>& L, int64_t e0, int64_t e1, const at::o
     e += n;
   }
 }
+
+// --- backward units: a thread's share of (k, p) entries, looping over the batch ---------------------------------
 
 // Backward of one unit. tau_partial: this unit's row of per-sample (or, for a shared tau, one) d/dtau sums.
 template <bool Latents, bool Terms, bool Tau, typename scalar_t>
