@@ -55,7 +55,19 @@ def spectral_propagate(latents: list[Tensor], alphas: list[Tensor], betas: list[
 
 
 def expm(A: Tensor) -> Tensor:
-    """Batched matrix exponential of A (..., n, n)."""
+    """Batched matrix exponential of A (..., n, n).
+
+    torch.linalg.matrix_exp's float64 result is off by up to ~1e-11 (relative, against scipy.linalg.expm) for
+    ||A||_1 in about (0.01, 0.05), its lowest-degree branch; there A is scaled to ||A||_1 <= 0.005, where it is
+    accurate, and the result squared back (not inside a compiled graph: the branch needs the norm's value)."""
+    if A.dtype == torch.float64 and A.numel() and not torch.compiler.is_compiling():
+        norm = float(torch.linalg.matrix_norm(A.detach(), ord=1).max())
+        if 0.005 < norm < 0.06:
+            squarings = math.ceil(math.log2(norm / 0.005))
+            E = torch.linalg.matrix_exp(A / 2**squarings)
+            for _ in range(squarings):
+                E = E @ E
+            return E
     return torch.linalg.matrix_exp(A)
 
 
