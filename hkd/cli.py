@@ -262,6 +262,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.bench_dense(device, repeats=args.repeats or 5)
 
 
+# -- export (issue 19) ----------------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from hkd.export import export
+
+    try:
+        path = export(
+            args.model, args.out, args.format, dynamic_batch=args.dynamic_batch, batch=args.batch, dtype=args.dtype,
+            time_input=args.time_input,
+        )  # fmt: skip
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
@@ -386,6 +402,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the spectral op")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "export",
+        help="the one-step generator (noise -> image) as a .pt2 (torch.export) or .onnx file, no hkd needed to run it",
+        description="Export x = D(exp((eps - T) A) E(T n)) for standard-normal noise n, exp(tau A) folded into "
+        "constants: the graph holds only standard ops. Input 'noise' (B, C, R, R), output 'images' (the teacher's "
+        "denoised-image space, about [-1, 1]). Load a .pt2 with torch.export.load(FILE).module(); run a .onnx with "
+        "ONNX Runtime (needs pip install 'hkd[export]' to write).",
+    )
+    p.add_argument("--model", required=True, help="model folder (save_pretrained: config.json + model.safetensors)")
+    p.add_argument("--format", required=True, metavar="{pt2,onnx}", help="pt2 (torch.export) or onnx")
+    p.add_argument("--out", required=True, help="output file (its folder must exist)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: a fixed batch, --batch)")
+    p.add_argument("--batch", type=int, default=1, help="the fixed batch size without --dynamic-batch (default 1)")
+    p.add_argument("--dtype", default="float32", metavar="{float32,float16}", help="weights and I/O (default float32)")
+    p.add_argument("--time-input", action="store_true", help="also take t (B,) float32 in (0, T]: the trajectory "
+                   "at t instead of the endpoint (spectral generators)")  # fmt: skip
+    p.set_defaults(func=cmd_export)
     return parser
 
 

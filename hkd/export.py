@@ -21,9 +21,14 @@ The exported files run without hkd: torch.export.load(path).module()(noise), or 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
+import io
+import logging
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -161,6 +166,8 @@ def export(
         raise ExportError(f"unknown export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if batch < 1:
         raise ExportError(f"batch must be >= 1, got {batch}")
+    if format == "onnx" and not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript")):
+        raise ExportError("--format onnx needs the onnx and onnxscript packages: pip install 'hkd[export]'")
     out = Path(out)
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent} is not a folder (the output file's folder must exist)")
@@ -170,8 +177,9 @@ def export(
     module = make(model, DTYPES[dtype]).eval()
     # with a dynamic batch, trace at batch 2: torch.export specialises sizes 0 and 1
     size = 2 if dynamic_batch else batch
-    noise = torch.randn(size, model.img_channels, model.img_resolution, model.img_resolution, dtype=DTYPES[dtype])
-    inputs = (noise, torch.full((size,), model.T / 2, dtype=DTYPES[dtype])) if time_input else (noise,)
+    shape = (size, model.img_channels, model.img_resolution, model.img_resolution)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DTYPES[dtype])
+    inputs = (noise, torch.full((size,), model.T / 2)) if time_input else (noise,)
     return save_program(module, inputs, out, format, dynamic_batch=dynamic_batch)
 
 
@@ -185,9 +193,11 @@ def save_program(module: nn.Module, inputs: tuple[Tensor, ...], out: Path, forma
     try:
         with torch.no_grad():
             try:
-                program = torch.export.export(module, inputs, dynamic_shapes=shapes, strict=False)
+                with _quiet():
+                    program = torch.export.export(module, inputs, dynamic_shapes=shapes, strict=False)
             except Exception as error:
                 raise ExportError(f"torch.export failed: {_one_line(error)}") from error
+            _check_ops(program, format)
             if format == "pt2":
                 with open(tmp, "wb") as file:
                     torch.export.save(program, file)
@@ -200,15 +210,8 @@ def save_program(module: nn.Module, inputs: tuple[Tensor, ...], out: Path, forma
 
 
 def _save_onnx(program, path: Path, names: list[str]) -> None:
-    import warnings
-
     try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-    except ImportError as error:
-        raise ExportError("--format onnx needs the onnx and onnxscript packages: pip install 'hkd[export]'") from error
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             onnx_program = torch.onnx.export(
                 program, input_names=names, output_names=["images"], opset_version=ONNX_OPSET, dynamo=True,
                 verbose=False, optimize=True,
@@ -218,6 +221,44 @@ def _save_onnx(program, path: Path, names: list[str]) -> None:
     onnx_program.save(str(path))
 
 
+@contextlib.contextmanager
+def _quiet():
+    """torch's warnings, log records and stderr prints off: an exporter's failure becomes one ExportError line."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_ops(program: torch.export.ExportedProgram, format: str) -> None:
+    """Refuse a graph that calls ops outside core PyTorch (custom ops, higher-order ops): they have no ONNX form, and
+    a .pt2 holding one runs only where its library is loaded."""
+    foreign = sorted(
+        {
+            str(node.target)
+            for node in program.graph.nodes
+            if node.op == "call_function"
+            and (
+                isinstance(node.target, torch._ops.HigherOrderOperator)
+                or (isinstance(node.target, torch._ops.OpOverload) and node.target.namespace not in ("aten", "prims"))
+            )
+        }
+    )
+    if foreign:
+        raise ExportError(f"{format} export: op(s) outside core PyTorch in the graph, which do not export: {foreign}")
+
+
 def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    """The error's type and first line; for torch.onnx's ConversionError, the first line of its exception summary
+    (the one that names the op)."""
+    text = str(error)
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1]
+
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
