@@ -8,13 +8,21 @@ On a shared CPU, `OMP_WAIT_POLICY=passive ... --threads 1`: spinning OpenMP thre
 The weights are random (the speed does not depend on them): the teacher is EDMPrecond(UNet) as hkd.teacher builds
 it, HKD is HKDModel.from_teacher(teacher) with random generators. "HKD one step" is model.generate (encoder, the
 cached fixed step propagator.at(tau(T, eps)), decoder); the propagation layer alone is timed too.
+
+Under each HKD row, the same one-step map exported by `hkd export` (hkd.export: exp(tau A) folded into constants, a
+dynamic batch, float32): the torch.export program loaded back (torch.export.load(...).module(), on --device) and the
+ONNX file in ONNX Runtime (CPU execution provider, as many intra-op threads as torch uses, no spinning), each as
+images/s and as a ratio to eager model.generate, with the largest relative difference of its images from eager's.
+--no-export skips them.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,6 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="auto", help="propagation backend")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--no-export", action="store_true", help="skip the exported program and ONNX Runtime rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,10 +102,11 @@ def main() -> None:
             img_resolution=resolution, img_channels=channels, generator=generator, per_position=per_position,
             backend=args.backend, **sizes,
         )  # fmt: skip
-        bench_hkd(HKDModel.from_teacher(teacher, config).eval(), 80 * noise, t_teacher, device, args.repeats)
+        model = HKDModel.from_teacher(teacher, config).eval()
+        bench_hkd(model, 80 * noise, t_teacher, device, args.repeats, exported=not args.no_export)
 
 
-def bench_hkd(model, x_T, t_teacher, device, repeats) -> None:
+def bench_hkd(model, x_T, t_teacher, device, repeats, exported=True) -> None:
     for p in model.propagator.parameters():
         p.data.normal_(0, 1e-3)
     batch, config = x_T.shape[0], model.config
@@ -109,6 +119,36 @@ def bench_hkd(model, x_T, t_teacher, device, repeats) -> None:
     t_layer = timed(lambda: model.propagator(latents, tau), device, repeats)
     t_fixed = timed(lambda: fixed(latents), device, repeats)
     print(f"{'  layer alone: forward(latents, tau) / at(tau) apply':58s} {t_layer:9.5f} / {t_fixed:.5f}")
+    if exported:
+        bench_exported(model, x_T / 80, t_hkd, t_teacher, device, repeats)
+
+
+def bench_exported(model, noise, t_eager, t_teacher, device, repeats) -> None:
+    """The .pt2 program and the .onnx file of `hkd export`, next to eager model.generate (t_eager s/batch)."""
+    import onnxruntime
+
+    from hkd.export import export
+
+    eager = model.generate(80 * noise).cpu()
+    with tempfile.TemporaryDirectory() as folder:
+        program = torch.export.load(export(model, Path(folder) / "model.pt2", "pt2", dynamic_batch=True))
+        program = program.module().to(device)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        path = export(model, Path(folder) / "model.onnx", "onnx", dynamic_batch=True)
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    noise_np = noise.cpu().numpy()
+    rows = [
+        (f"exported program (.pt2, torch.export.load, {device.type})", lambda: program(noise)),
+        ("ONNX Runtime (.onnx, CPU)", lambda: torch.from_numpy(session.run(["images"], {"noise": noise_np})[0])),
+    ]
+    batch = noise.shape[0]
+    for label, run in rows:
+        t = timed(run, device, repeats)
+        difference = float((run().cpu() - eager).abs().max() / eager.abs().max())
+        print(f"{'  ' + label:58s} {t:9.4f} {batch / t:10.1f} {t_teacher / t:9.1f}x  {t_eager / t:.2f}x eager "
+              f"(max rel diff {difference:.0e})")  # fmt: skip
 
 
 if __name__ == "__main__":
