@@ -262,6 +262,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.bench_dense(device, repeats=args.repeats or 5)
 
 
+def cmd_explore(args: argparse.Namespace) -> None:
+    from hkd import explore
+
+    device = _device(args.device)
+    path = explore.default_model(args.model)
+    model = _model(str(path), device)
+    teacher = _teacher(args.teacher, device) if args.teacher else None
+    try:
+        explorer = explore.Explorer(model, teacher)
+        explore.serve(explorer, args.host, args.port, name=str(path))
+    except (ValueError, OSError) as error:
+        raise UserError(str(error)) from error
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
@@ -386,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the spectral op")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("explore", help="a local web app: the trajectory, bands, edits and the teacher in the browser")
+    p.add_argument("--model", help="HKD model folder (default: the demo's, runs/demo/hkd/model)")
+    p.add_argument("--teacher", help="also show the teacher's Heun trajectory (teacher.pt, its folder, diffusers)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
+    p.add_argument("--device", **device)
+    p.set_defaults(func=cmd_explore)
     return parser
 
 
