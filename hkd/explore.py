@@ -141,8 +141,10 @@ class Explorer:
 
     def noise(self, seed: int) -> Tensor:
         """Standard normal noise (1, C, H, W) of `seed`, drawn on the CPU (the same on every device)."""
-        m = self.model
-        generator = torch.Generator().manual_seed(int(seed))
+        m, seed = self.model, int(seed)
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"the seed must be an integer in [0, 2^63), got {seed}")
+        generator = torch.Generator().manual_seed(seed)
         return torch.randn(1, m.img_channels, m.img_resolution, m.img_resolution, generator=generator).to(self.device)
 
     def initial_latents(self, seed: int) -> list[Tensor]:
@@ -219,10 +221,11 @@ class Explorer:
 
     def upload(self, data: bytes) -> str:
         image = read_image(data, self.model.img_channels, self.model.img_resolution)
-        key = self._new_id()
-        self.uploads[key] = image
-        while len(self.uploads) > 16:
-            self.uploads.popitem(last=False)
+        with self.lock:
+            key = self._new_id()
+            self.uploads[key] = image
+            while len(self.uploads) > 16:
+                self.uploads.popitem(last=False)
         return key
 
     # The teacher ---------------------------------------------------------------------------------------------------
@@ -339,7 +342,7 @@ def parse_off(text: str, levels: int) -> list[tuple[int, str]]:
         if not level.isdigit() or not int(level) < levels or band not in analysis.BANDS:
             raise ValueError(f"off: {item!r} is not LEVEL-BAND with LEVEL < {levels} and BAND in {analysis.BANDS}")
         off.append((int(level), band))
-    return off
+    return list(dict.fromkeys(off))  # each pair once
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -211,6 +211,7 @@ def test_server_answers_errors_in_one_line(model, monkeypatch):
             ("/api/frame.png?seed=0&t=500", 400, "t must lie in"),
             ("/api/frame.png?seed=0", 400, "'t'"),
             ("/api/frame.png?seed=0&t=1&off=7-low", 400, "off"),
+            ("/api/frame.png?seed=-3&t=1", 400, "seed"),
             ("/api/frame.png?seed=0&t=1&edit=99", 400, "'99'"),
             ("/api/teacher.png?seed=0&t=1", 400, "--teacher"),
             ("/nowhere", 404, "not found"),
@@ -219,6 +220,8 @@ def test_server_answers_errors_in_one_line(model, monkeypatch):
             status, headers, body = http(url + path)
             answer = json.loads(body)
             assert status == code and message in answer["error"] and "\n" not in answer["error"], (path, answer)
+        status, _, body = http(f"{url}/api/frame.png?seed=0&t=1&off=0-low,0-low,1-high")  # a repeated pair: once
+        close(np.asarray(Image.open(io.BytesIO(body))), expected(model, 0, 1.0, [(0, "low"), (1, "high")]))
         status, _, body = http(f"{url}/api/upload", b"\x89PNG garbage")
         assert status == 400 and "not an image" in json.loads(body)["error"]
         status, _, body = http(f"{url}/api/edit", b"[1, 2]")
