@@ -378,3 +378,24 @@ def test_cpu_only_build_configures_with_any_torch(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "CUDA kernels OFF" in result.stdout
     assert "CMAKE_CUDA_COMPILER:FILEPATH" not in (tmp_path / "CMakeCache.txt").read_text()
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("per_position, per_sample_tau", [(False, False), (True, True), (False, True)])
+def test_dense_honours_strides(backend, device, per_position, per_sample_tau):
+    """Sliced latents, transposed generators, an expanded tau: forward and backward against the reference."""
+    skip_unusable(backend, device)
+    f64 = dict(dtype=torch.float64, device=device)
+    z = torch.randn(2, 6, 2, 3, **f64).requires_grad_()
+    A = (torch.randn(*((6,) if per_position else ()), 3, 3, **f64) * 0.5).requires_grad_()
+    tau = (torch.rand((1,) if per_sample_tau else (3,), **f64) + 0.5).requires_grad_()
+    views = (z[:, ::2], A.mT, tau.expand(2) if per_sample_tau else tau[1])
+    out = dense_propagate([views[0]], [views[1]], views[2], backend=backend)[0]
+    expected = reference.dense_propagate([views[0].contiguous()], [views[1].contiguous()], views[2].contiguous())[0]
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    weight = torch.randn_like(expected)
+    grads = torch.autograd.grad((out * weight).sum(), (z, A, tau))
+    for g, r in zip(grads, torch.autograd.grad((expected * weight).sum(), (z, A, tau)), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    E = expm(A.mT[..., 1:, 1:], backend=backend)  # a transposed, offset block
+    torch.testing.assert_close(E, torch.linalg.matrix_exp(A.mT[..., 1:, 1:].contiguous()), rtol=1e-10, atol=1e-10)
