@@ -9,7 +9,9 @@ defined by hkd.ops.reference.spectral_propagate. Backends:
 * "reference": plain PyTorch (autograd by PyTorch), any dtype.
 
 This file validates the inputs (clear errors before any kernel runs), picks the backend, and registers the
-autograd formula and the fake (shape-only) kernels that torch.compile and opcheck need.
+autograd formula (the fused backward op, or under create_graph a composite of the forward op that autograd can
+differentiate again) and the fake (shape-only) kernels that torch.compile and opcheck need. Every tensor argument
+may have any strides: the kernels read contiguous copies (made here, and again by the ops themselves).
 """
 
 from __future__ import annotations
