@@ -262,6 +262,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.bench_dense(device, repeats=args.repeats or 5)
 
 
+# -- EDM checkpoints and FID reference statistics -------------------------------------------------------------------
+
+
+def cmd_import_teacher(args: argparse.Namespace) -> None:
+    from hkd import edm_pickle
+
+    try:
+        out = edm_pickle.import_teacher(args.pkl, args.out)
+    except ValueError as error:  # refused (unsafe), corrupt, or an architecture hkd does not rebuild
+        raise UserError(str(error)) from error
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} (use the folder as --teacher)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
@@ -386,6 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the spectral op")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "import-teacher",
+        help="an EDM snapshot .pkl as a pickle-free teacher folder (model.safetensors + config.json)",
+        description="Read an EDM snapshot pickle (edm-*.pkl, network-snapshot-*.pkl) without executing anything in it "
+        "and write its EMA network as a teacher folder that every --teacher option accepts. DDPM++ (SongUNet) "
+        "networks with EDM, VP or VE preconditioning, unconditional or class-conditional.",
+    )
+    p.add_argument("pkl", help="the EDM snapshot pickle")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(func=cmd_import_teacher)
     return parser
 
 

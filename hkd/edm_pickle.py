@@ -352,10 +352,16 @@ def convert_state(edm: dict[str, Tensor], model_channels: int) -> dict[str, Tens
 def _load(net: UNet, weights: dict[str, Tensor], where: str) -> None:
     ours = net.state_dict()
     missing, unexpected = sorted(set(ours) - set(weights)), sorted(set(weights) - set(ours))
-    shapes = [f"{k} {tuple(v.shape)} != {tuple(ours[k].shape)}" for k, v in weights.items() if k in ours and v.shape != ours[k].shape]
+    shapes = [
+        f"{k} {tuple(v.shape)} != {tuple(ours[k].shape)}"
+        for k, v in weights.items()
+        if k in ours and v.shape != ours[k].shape
+    ]
     if missing or unexpected or shapes:
-        raise ValueError(f"{where}: weights do not fit the rebuilt U-Net: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, shapes {shapes[:3]}")
+        raise ValueError(
+            f"{where}: weights do not fit the rebuilt U-Net: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, shapes {shapes[:3]}"
+        )
     net.load_state_dict(weights)
 
 

@@ -50,7 +50,9 @@ class Node:
         empty = OrderedDict
         state = {
             "training": False,
-            "_parameters": OrderedDict((k, None if v is None else torch.nn.Parameter(v, False)) for k, v in self.params.items()),
+            "_parameters": OrderedDict(
+                (k, None if v is None else torch.nn.Parameter(v, False)) for k, v in self.params.items()
+            ),
             "_buffers": OrderedDict(self.buffers),
             "_non_persistent_buffers_set": set(),
             "_backward_pre_hooks": empty(),
@@ -115,7 +117,11 @@ def write_snapshot(path, ema: Node, module_src: str = HARMLESS_SOURCE, training:
         augment = Node("AugmentPipe", p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
         for node in (loss, augment):
             node.module_src = module_src
-        data |= {"loss_fn": loss, "augment_pipe": augment, "dataset_kwargs": {"path": "cifar10-32x32.zip", "xflip": False}}
+        data |= {
+            "loss_fn": loss,
+            "augment_pipe": augment,
+            "dataset_kwargs": {"path": "cifar10-32x32.zip", "xflip": False},
+        }
     with _fake_persistence_module(), open(path, "wb") as file:
         pickle.dump(data, file)
 
