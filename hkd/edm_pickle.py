@@ -260,6 +260,7 @@ def _architecture(model: Record, where: str) -> dict[str, Any]:
         channel_mult.append(t[f"enc.{blocks[-1]}.conv1.weight"].shape[0] // model_channels)
         attn |= {res for n in blocks if "qkv" in enc[n].modules}
     block = enc[levels[img_resolution][-1]].state
+    stem = t[f"enc.{first}.weight"].shape[0]
     return dict(
         img_resolution=img_resolution,
         in_channels=t[f"enc.{first}.weight"].shape[1],
@@ -269,7 +270,7 @@ def _architecture(model: Record, where: str) -> dict[str, Any]:
         num_blocks=num_blocks,
         attn_resolutions=sorted(attn, reverse=True),
         dropout=float(block.get("dropout", 0.0)),
-        stem_channels=t[f"enc.{first}.weight"].shape[0],
+        stem_channels=stem if stem != model_channels * channel_mult[0] else None,  # None: hkd's default width
         label_dim=t["map_label.weight"].shape[1] if "map_label.weight" in t else 0,
     )
 

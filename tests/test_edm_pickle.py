@@ -163,3 +163,56 @@ def test_bad_files_are_one_line_errors(tmp_path, capsys):
     truncated.write_bytes(truncated.read_bytes()[:5000])
     with pytest.raises(ValueError, match="corrupt"):
         load_teacher(truncated)
+
+
+# --- HKD from an EDM teacher ---------------------------------------------------------------------------------------
+
+
+def test_from_teacher_starts_from_the_edm_network(tmp_path):
+    from hkd.model import HKDModel
+
+    _, path = _snapshot(tmp_path, augment_dim=9)  # stem width 16, not channel_mult[0] x 16
+    teacher = load_teacher(path)
+    model = HKDModel.from_teacher(teacher).eval()
+    assert model.config.stem_channels == 16 and model.config.sigma_data == 0.5
+    x_T, T = 80 * torch.randn(3, 3, 16, 16), 80.0
+    c_skip = 0.25 / (T**2 + 0.25)
+    with torch.no_grad():
+        one_step = model.generate(x_T)
+        # A = 0: the teacher's D(x_T; T), less the documented c_skip(T) x_T term
+        torch.testing.assert_close(one_step + c_skip * x_T, teacher(x_T, T), rtol=1e-5, atol=1e-5)
+        assert _relative(one_step, teacher(x_T, T) - c_skip * x_T) < 1e-5
+        c_in = 1 / (T**2 + 0.25) ** 0.5
+        label = torch.full((3,), torch.tensor(T).log().item() / 4)
+        for ours, theirs in zip(model.encode(x_T, T), teacher.net.encode(c_in * x_T, label), strict=True):
+            torch.testing.assert_close(ours, theirs)
+
+
+def test_from_teacher_refuses_what_it_cannot_split(tmp_path):
+    from hkd.model import HKDModel, TeacherSplitError
+    from hkd.teacher import VPPrecond, vp_alphas_cumprod
+
+    for name, kwargs, match in [
+        ("vp.pkl", dict(precond="VPPrecond"), "VP preconditioning"),
+        ("cond.pkl", dict(label_dim=3), "unconditional"),
+    ]:
+        _, path = _snapshot(tmp_path, name, **kwargs)
+        with pytest.raises(TeacherSplitError, match=match) as error:
+            HKDModel.from_teacher(load_teacher(path))
+        assert "\n" not in str(error.value)
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    teacher = VPPrecond(unet, vp_alphas_cumprod({}))
+    teacher.identity = {"source": "diffusers"}
+    with pytest.raises(TeacherSplitError, match="diffusers UNet2DModel") as error:
+        HKDModel.from_teacher(teacher)
+    assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
