@@ -300,7 +300,8 @@ def generate_to(
     """One-step samples from noise of `seed` (drawn on the CPU: the same images on any device), written to `out`:
     grid.png, samples/NNNNNN.png; with trajectory=K, K states from T to eps (log-spaced times, closed form) per
     sample as trajectories/NNNNNN.png strips and trajectory_grid.png (one row per sample); with npz, samples.npz
-    (images (N, C, H, W) float32, and trajectory (N, K, C, H, W) with times (K,)). Returns the paths written."""
+    (images (N, C, H, W) float32; arr_0 (N, H, W, C) uint8, EDM's quantisation, the layout FID tools read; and
+    trajectory (N, K, C, H, W) with times (K,)). Sample PNGs are at native resolution. Returns the paths written."""
     from hkd.data.images import save_grid
 
     if num < 1 or trajectory < 0 or trajectory == 1 or batch_size < 1:
@@ -322,10 +323,12 @@ def generate_to(
     scale = max(1, 64 // model.img_resolution)
     written = [out / "grid.png"]
     save_grid(images, written[0], nrow=math.ceil(math.sqrt(num)), scale=scale)
-    for i, image in enumerate(images):
-        save_grid(image[None], out / "samples" / f"{i:06d}.png", scale=scale, padding=0)
+    for i, image in enumerate(images):  # native resolution (only the grids are upscaled)
+        save_grid(image[None], out / "samples" / f"{i:06d}.png", padding=0)
     written.append(out / "samples")
-    arrays = {"images": images.numpy()}
+    from hkd.metrics import to_uint8
+
+    arrays = {"images": images.numpy(), "arr_0": to_uint8(images).permute(0, 2, 3, 1).numpy()}
     if trajectory:
         states = torch.cat(states)
         for i, strip in enumerate(states):
