@@ -1,6 +1,7 @@
 """FID, the standard protocol: EDM's uint8 quantisation, running Inception statistics, reference .npz files, and
 agreement with torch-fidelity's own FID on the same images and the same (randomly initialised, local) weights."""
 
+import json
 import math
 from unittest import mock
 
@@ -159,3 +160,43 @@ def test_generate_writes_native_pngs_and_an_arr0_npz(tmp_path):
         assert arr.dtype == np.uint8 and arr.shape == (3, 8, 8, 3)
         expected = metrics.to_uint8(torch.from_numpy(saved["images"])).permute(0, 2, 3, 1).numpy()
         assert np.array_equal(arr, expected) and arr.std() > 0
+
+
+@pytest.mark.slow
+def test_rgb_commands_from_an_edm_pickle(tmp_path, monkeypatch, capsys):
+    """import-teacher -> from_teacher -> fid-ref (image folder) -> eval with FID -> edit with known images, on a
+    3-channel EDM teacher; the Inception network is a cheap stand-in here (test_fid_agrees_with_torch_fidelity runs
+    the real one), so this checks the commands' plumbing."""
+    import edm_format
+    from PIL import Image
+
+    from hkd.model import HKDModel
+    from hkd.teacher import load_teacher
+
+    edm_format.write_snapshot(tmp_path / "edm.pkl", edm_format.songunet(img_resolution=16, model_channels=8))
+    assert cli.main(["import-teacher", str(tmp_path / "edm.pkl"), "--out", str(tmp_path / "teacher")]) == 0
+    HKDModel.from_teacher(load_teacher(tmp_path / "teacher")).save_pretrained(tmp_path / "model")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(metrics.to_uint8(_images(5)).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    fake = _FakeInception(3 * 16 * 16)
+    monkeypatch.setattr(metrics, "_inception", lambda path: fake)
+    weights = tmp_path / metrics.INCEPTION_FILE
+    weights.write_bytes(b"")
+    ref = tmp_path / "ref.npz"
+    common = ["--inception-weights", str(weights)]
+    assert cli.main(["fid-ref", str(folder), "--resolution", "16", "--out", str(ref), *common]) == 0
+    assert metrics.load_stats(ref)[0].shape == (5,)
+    run = ["eval", "--model", str(tmp_path / "model"), "--teacher", str(tmp_path / "teacher"), "--num", "3"]
+    run += ["--few-steps", "2", "--device", "cpu", *common]
+    assert cli.main([*run, "--out", str(tmp_path / "a")]) == 2  # no reference: one line, before any sampling
+    assert "--reference" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert cli.main([*run, "--reference", str(ref), "--out", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert len(rows) == 3 and all(row["fid"] >= 0 for row in rows)
+    folder_stats = metrics.reference_for(str(folder), 16, 3, weights)  # a folder works as --reference too
+    assert torch.equal(folder_stats[0], metrics.load_stats(ref)[0])
+    edit = ["edit", "--model", str(tmp_path / "model"), "--known", str(folder), "--num", "2", "--ratios", "0,0.5"]
+    assert cli.main([*edit, "--steps", "2", "--out", str(tmp_path / "edit"), "--device", "cpu"]) == 0
+    assert (tmp_path / "edit" / "colourise.png").is_file()
