@@ -200,3 +200,11 @@ def test_rgb_commands_from_an_edm_pickle(tmp_path, monkeypatch, capsys):
     edit = ["edit", "--model", str(tmp_path / "model"), "--known", str(folder), "--num", "2", "--ratios", "0,0.5"]
     assert cli.main([*edit, "--steps", "2", "--out", str(tmp_path / "edit"), "--device", "cpu"]) == 0
     assert (tmp_path / "edit" / "colourise.png").is_file()
+
+
+def test_ablation_of_rgb_images_needs_a_reference_before_training(tmp_path):
+    teacher = torch.nn.Identity()
+    teacher.img_channels, teacher.img_resolution = 3, 32
+    with pytest.raises(ValueError, match="needs a reference"):
+        metrics.ablate({"train": {"out": str(tmp_path)}}, teacher, out_dir=tmp_path, num=2)
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
