@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import hkd
 
@@ -86,9 +87,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = _device(args.device)
     model, teacher = _model(args.model, device), _teacher(args.teacher, device)
     baseline = _model(args.baseline, device) if args.baseline else None
+    reference = _fid_reference(args, model)
     rows, written = metrics.evaluate(
         model, teacher, baseline=baseline, num=args.num, seed=args.seed, few_steps=args.few_steps,
         inception_weights=args.inception_weights, lpips_weights=args.lpips_weights, out_dir=args.out,
+        reference=reference,
     )  # fmt: skip
     print(written[0].read_text())
     _print_written(written)
@@ -111,18 +114,45 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
     model = _model(args.model, _device(args.device))
     known = None
-    if args.known == "digits":
+    source = args.known or ("digits" if model.img_channels == 1 else "none")
+    if source == "digits":
         from hkd.data import digits
 
         known = digits.load(size=model.img_resolution)[0][args.seed :: 97][: args.num]
         if known.shape[1] != model.img_channels:
             raise UserError(f"--known digits: the model makes {model.img_channels}-channel images")
+    elif source != "none":
+        known = _known_images(source, model, args.num, args.seed)
     ratios = tuple(float(r) for r in args.ratios.split(","))
     written = editing.run(
         model, args.out, num=args.num, ratios=ratios, band=args.band, region=args.region, t_edit=args.t_edit,
         known=known, steps=args.steps, seed=args.seed,
     )  # fmt: skip
     _print_written(written)
+
+
+def _known_images(source: str, model, num: int, seed: int):
+    """num images (every 97th from index seed) of an image folder or of a config's dataset, at the model's size."""
+    import torch
+
+    from hkd import config
+    from hkd.data import DataConfig, ImageFolder, load_dataset
+
+    try:
+        if Path(source).is_dir():
+            dataset = ImageFolder(source, model.img_resolution, model.img_channels)
+        else:
+            data = config.section(config.load(source), "data", DataConfig)
+            if (data.channels, data.resolution) != (model.img_channels, model.img_resolution):
+                raise UserError(
+                    f"--known {source}: {data.channels}x{data.resolution}x{data.resolution} images, the model makes "
+                    f"{model.img_channels}x{model.img_resolution}x{model.img_resolution}"
+                )
+            dataset = load_dataset(data)
+    except ValueError as error:
+        raise UserError(f"--known {source}: {error}") from error
+    indices = list(range(seed % len(dataset), len(dataset), 97))[:num] or list(range(min(num, len(dataset))))
+    return torch.stack([dataset[i] for i in indices])
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -136,8 +166,12 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     if not teacher_path:
         raise UserError("--teacher is needed (or train.teacher in the config): the ablation evaluates against it")
     teacher = _teacher(teacher_path, _device(args.device))
+    reference = _fid_reference(args, teacher)
     try:
-        rows, written = metrics.ablate(cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed)
+        rows, written = metrics.ablate(
+            cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed, reference=reference,
+            inception_weights=args.inception_weights,
+        )  # fmt: skip
     except InterruptedError as error:
         raise UserError(str(error)) from error
     print(written[0].read_text())
@@ -276,6 +310,49 @@ def cmd_explore(args: argparse.Namespace) -> None:
         raise UserError(str(error)) from error
 
 
+# -- EDM checkpoints and FID reference statistics -------------------------------------------------------------------
+
+
+def _fid_reference(args: argparse.Namespace, model):
+    """FID reference statistics for `model`'s images from --reference (checked before any sampling); None for the
+    embedded digits without --reference and --inception-weights (their offline metrics need no FID)."""
+    from hkd import metrics
+
+    digits = (model.img_channels, model.img_resolution) == (1, 16)
+    if args.reference is None:
+        if digits and args.inception_weights is None:
+            return None
+        raise UserError(
+            "FID needs --reference: an .npz of reference statistics (hkd fid-ref), an image folder or a config"
+        )
+    try:
+        metrics.inception_weights(args.inception_weights)
+        return metrics.reference_for(args.reference, model.img_resolution, model.img_channels, args.inception_weights)
+    except ValueError as error:
+        raise UserError(f"--reference {args.reference}: {error}") from error
+
+
+def cmd_fid_ref(args: argparse.Namespace) -> None:
+    from hkd import metrics
+
+    metrics.inception_weights(args.inception_weights)  # the weights before the dataset: fail before any work
+    try:
+        stats = metrics.reference_for(args.source, args.resolution, args.channels, args.inception_weights)
+    except ValueError as error:
+        raise UserError(f"{args.source}: {error}") from error
+    print(f"wrote {metrics.save_stats(args.out, *stats)}")
+
+
+def cmd_import_teacher(args: argparse.Namespace) -> None:
+    from hkd import edm_pickle
+
+    try:
+        out = edm_pickle.import_teacher(args.pkl, args.out)
+    except ValueError as error:  # refused (unsafe), corrupt, or an architecture hkd does not rebuild
+        raise UserError(str(error)) from error
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} (use the folder as --teacher)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
@@ -300,12 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     device = dict(choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: the GPU if any)")
     p = sub.add_parser("eval", help="table: teacher at 35 and few evaluations, HKD one step, one-step baseline")
     p.add_argument("--model", required=True, help="HKD model folder (save_pretrained, e.g. RUN/model)")
-    p.add_argument("--teacher", required=True, help="the teacher (teacher.pt or its folder, or a diffusers folder)")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        help="the teacher (teacher.pt or its folder, an EDM .pkl or import-teacher folder, or a diffusers folder)",
+    )
     p.add_argument("--baseline", help="direct one-step regression model folder (model.koopman=false, "
                    "train.consistency=false; `hkd ablate` trains it as 'direct regression')")  # fmt: skip
     p.add_argument("--num", type=int, default=500, help="samples per row (default 500)")
     p.add_argument("--few-steps", type=int, default=3, help="Euler steps (= evaluations) of the cheap teacher row")
     p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file: adds FID")
+    p.add_argument("--reference", help="FID reference: an .npz of statistics (hkd fid-ref, or EDM's fid.py ref), "
+                   "an image folder, or a config whose data section names the dataset (e.g. cifar10)")  # fmt: skip
     p.add_argument("--lpips-weights", help="torchvision AlexNet ImageNet weights file: adds LPIPS to the teacher "
                    "fidelity (needs pip install 'hkd[lpips]')")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every row)")
@@ -329,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spatial region whose components are swapped (default lower half)")  # fmt: skip
     p.add_argument("--ratios", default="0,0.1,0.3,0.5,0.7,0.9", help="fractions r of the components to swap")
     p.add_argument("--t-edit", type=float, help="time of the edit (default: the trajectory midpoint)")
-    p.add_argument("--known", choices=("digits", "none"), default="digits",
-                   help="known images for inpainting the region (default: embedded digits)")  # fmt: skip
+    p.add_argument("--known", help="known images for inpainting (and colourisation): digits, none, an image "
+                   "folder, or a config whose data section names them (default: digits for 1-channel models, "
+                   "else none)")  # fmt: skip
     p.add_argument("--steps", type=int, default=4, help="blending steps along the trajectory for inpainting")
     p.add_argument("--num", type=int, default=4, help="images per figure (default 4)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -345,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=500, help="evaluation samples (default 500)")
     p.add_argument("--seed", type=int, default=0, help="evaluation noise seed")
     p.add_argument("--out", default="runs/ablation", help="folder for the four runs and ablation.md/json")
+    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file (FID)")
+    p.add_argument("--reference", help="FID reference (.npz statistics, image folder or config; as for eval)")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_ablate)
     p = sub.add_parser("generate", help="one-step samples of a trained HKD model (PNG grid and files, optional .npz)")
@@ -366,7 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_teacher)
 
     p = sub.add_parser("trajectories", help="write (or resume, or --verify) a sharded store of teacher trajectories")
-    p.add_argument("--teacher", help="teacher.pt (or its folder) or a diffusers UNet2DModel folder")
+    p.add_argument(
+        "--teacher",
+        help="teacher.pt (or its folder), an EDM .pkl or import-teacher folder, or a diffusers UNet2DModel folder",
+    )
     p.add_argument("--out", help="store folder (an unfinished store there is completed)")
     p.add_argument("--num", type=int, help="number of trajectories (trajectories.num_trajectories)")
     p.add_argument("--config", default="digits", help="config name or YAML path for the trajectories section")
@@ -408,6 +497,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_explore)
+
+    p = sub.add_parser(
+        "import-teacher",
+        help="an EDM snapshot .pkl as a pickle-free teacher folder (model.safetensors + config.json)",
+        description="Read an EDM snapshot pickle (edm-*.pkl, network-snapshot-*.pkl) without executing anything in it "
+        "and write its EMA network as a teacher folder that every --teacher option accepts. DDPM++ (SongUNet) "
+        "networks with EDM, VP or VE preconditioning, unconditional or class-conditional.",
+    )
+    p.add_argument("pkl", help="the EDM snapshot pickle")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(func=cmd_import_teacher)
+
+    p = sub.add_parser(
+        "fid-ref",
+        help="FID reference statistics (mu, sigma as .npz, the format of EDM's fid.py ref) of a dataset",
+        description="Inception-v3 (torch-fidelity's FID network, weights from a local file) statistics of every image "
+        "of SOURCE, quantised to uint8 as EDM does. SOURCE: a config (name or YAML path) whose data section names the "
+        "dataset, e.g. cifar10, or an image folder.",
+    )
+    p.add_argument("source", help="a config (its data section) or an image folder")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--resolution", type=int, default=32, help="image size (for a folder; default 32)")
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="for a folder (default 3)")
+    p.add_argument("--inception-weights", help="the weights file (default $HKD_INCEPTION_WEIGHTS or the hub cache)")
+    p.set_defaults(func=cmd_fid_ref)
     return parser
 
 

@@ -60,9 +60,14 @@ class ModelConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_data: float = 0.5
+    stem_channels: int | None = None  # the input convolution's width (None: channel_mult[0] * model_channels)
 
 
-UNET_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+UNET_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "stem_channels")
+
+
+class TeacherSplitError(TypeError, ValueError):
+    """from_teacher cannot use this teacher's network as HKD's encoder and decoder (raised before any work)."""
 
 
 class HKDModel(nn.Module):
@@ -175,16 +180,27 @@ class HKDModel(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, config: ModelConfig | None = None) -> HKDModel:
-        """An HKDModel whose encoder and decoder are the teacher's U-Net (hkd.teacher.EDMPrecond or a bare UNet),
-        generators zero. Without `config`, the U-Net sizes, image size and sigma_data come from the teacher; with
-        it, they must match the teacher's."""
-        net = getattr(teacher, "net", teacher)
+        """An HKDModel whose encoder and decoder are the teacher's U-Net, generators zero: an hkd teacher or an EDM
+        one (hkd.teacher.EDMPrecond around an hkd.unet.UNet, as load_teacher returns both), or a bare UNet. Without
+        `config`, the U-Net sizes, image size and sigma_data come from the teacher; with it, they must match.
+        A teacher whose network cannot be split this way (a diffusers UNet2DModel, VP/VE preconditioning, class
+        labels) raises TeacherSplitError, one line, before any work."""
+        from hkd.teacher import EDMPrecond
+
+        source = getattr(teacher, "identity", {}).get("source", "")
+        net = teacher.net if isinstance(teacher, EDMPrecond) else teacher
         if not isinstance(net, UNet):
-            raise TypeError(
-                f"from_teacher needs an hkd.unet.UNet or an EDMPrecond around one, got {type(net).__name__}"
+            kind = "a diffusers UNet2DModel" if source == "diffusers" else type(teacher).__name__
+            if source.startswith("edm"):
+                kind = f"EDM with {getattr(teacher, 'kind', '?').upper()} preconditioning (HKD's clock is EDM's)"
+            raise TeacherSplitError(
+                f"from_teacher cannot split {kind} into HKD's encoder and decoder: it needs an hkd.unet.UNet, bare or "
+                "in EDM preconditioning (an hkd teacher, or an EDM DDPM++ .pkl with EDMPrecond)"
             )
-        if not net.architecture["embed_noise"] or net.in_channels != net.out_channels:
-            raise ValueError("from_teacher needs a teacher UNet with embed_noise=True and in_channels == out_channels")
+        if not net.architecture["embed_noise"] or net.in_channels != net.out_channels or net.label_dim:
+            raise TeacherSplitError(
+                "from_teacher needs an unconditional teacher UNet with embed_noise=True and in_channels == out_channels"
+            )
         found = {name: net.architecture[name] for name in UNET_FIELDS}
         found |= dict(img_resolution=net.img_resolution, img_channels=net.in_channels)
         if hasattr(teacher, "sigma_data"):
@@ -284,7 +300,8 @@ def generate_to(
     """One-step samples from noise of `seed` (drawn on the CPU: the same images on any device), written to `out`:
     grid.png, samples/NNNNNN.png; with trajectory=K, K states from T to eps (log-spaced times, closed form) per
     sample as trajectories/NNNNNN.png strips and trajectory_grid.png (one row per sample); with npz, samples.npz
-    (images (N, C, H, W) float32, and trajectory (N, K, C, H, W) with times (K,)). Returns the paths written."""
+    (images (N, C, H, W) float32; arr_0 (N, H, W, C) uint8, EDM's quantisation, the layout FID tools read; and
+    trajectory (N, K, C, H, W) with times (K,)). Sample PNGs are at native resolution. Returns the paths written."""
     from hkd.data.images import save_grid
 
     if num < 1 or trajectory < 0 or trajectory == 1 or batch_size < 1:
@@ -306,10 +323,12 @@ def generate_to(
     scale = max(1, 64 // model.img_resolution)
     written = [out / "grid.png"]
     save_grid(images, written[0], nrow=math.ceil(math.sqrt(num)), scale=scale)
-    for i, image in enumerate(images):
-        save_grid(image[None], out / "samples" / f"{i:06d}.png", scale=scale, padding=0)
+    for i, image in enumerate(images):  # native resolution (only the grids are upscaled)
+        save_grid(image[None], out / "samples" / f"{i:06d}.png", padding=0)
     written.append(out / "samples")
-    arrays = {"images": images.numpy()}
+    from hkd.metrics import to_uint8
+
+    arrays = {"images": images.numpy(), "arr_0": to_uint8(images).permute(0, 2, 3, 1).numpy()}
     if trajectory:
         states = torch.cat(states)
         for i, strip in enumerate(states):

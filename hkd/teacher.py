@@ -51,7 +51,7 @@ class EDMPrecond(nn.Module):
         super().__init__()
         self.net, self.sigma_data = net, sigma_data
 
-    def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         x = x.to(torch.float32)
         sigma = _sigma_column(sigma, x)
         sd = self.sigma_data
@@ -59,7 +59,8 @@ class EDMPrecond(nn.Module):
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         c_noise = sigma.log().flatten() / 4
-        return c_skip * x + c_out * self.net(c_in * x, c_noise).to(torch.float32)
+        labels = () if class_labels is None else (class_labels,)  # a conditional UNet (label_dim > 0) takes them
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, *labels).to(torch.float32)
 
 
 def edm_loss(
@@ -289,13 +290,17 @@ def weights_hash(module: nn.Module, config: dict[str, Any]) -> str:
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A frozen denoiser D(x, sigma) from our checkpoint (teacher.pt or its folder; the EMA weights) or from a
+    """A frozen denoiser D(x, sigma) from our checkpoint (teacher.pt or its folder; the EMA weights), an EDM snapshot
+    pickle (`*.pkl`, see hkd.edm_pickle; nothing in it is executed) or its `hkd import-teacher` folder, or a
     diffusers UNet2DModel saved in a local folder (with `config.json`, or a pipeline folder with `unet/` and
     `scheduler/`; needs `pip install hkd[diffusers]`). Attributes: identity, img_resolution, img_channels."""
     path = Path(path)
     if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
         path = path / CHECKPOINT_NAME
-    if path.is_file():
+    edm = _edm_teacher(path)
+    if edm is not None:
+        denoiser = edm
+    elif path.is_file():
         state = checkpoint.load(path)
         if state.get("format") != "hkd-teacher":
             raise ValueError(f"{path} is not an hkd teacher checkpoint (written by `hkd train-teacher`)")
@@ -310,11 +315,28 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         denoiser = load_diffusers(path)
     else:
         raise FileNotFoundError(
-            f"teacher {str(path)!r} not found: expected an hkd teacher.pt (or its folder) or a diffusers UNet2DModel "
-            "folder"
+            f"teacher {str(path)!r} not found: expected an hkd teacher.pt (or its folder), an EDM snapshot .pkl, a "
+            "folder written by `hkd import-teacher`, or a diffusers UNet2DModel folder"
         )
     denoiser.identity["hash"] = weights_hash(denoiser, denoiser.identity["config"])
     return denoiser.eval().requires_grad_(False).to(device)
+
+
+def _edm_teacher(path: Path) -> nn.Module | None:
+    """An EDM snapshot pickle (read without executing it) or its `hkd import-teacher` folder; None for other paths."""
+    from hkd import edm_pickle
+
+    if path.is_file() and path.suffix == ".pkl":
+        return edm_pickle.load_edm_pickle(path)
+    config = path / "config.json"
+    if path.is_dir() and config.is_file():
+        try:
+            saved = json.loads(config.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if isinstance(saved, dict) and saved.get("format") == edm_pickle.FORMAT:
+            return edm_pickle.load_imported(path)
+    return None
 
 
 def vp_alphas_cumprod(scheduler: dict[str, Any]) -> Tensor:

@@ -142,28 +142,6 @@ def test_ablation_trains_the_four_configurations_with_equal_budgets(classifier_c
     assert again == rows
 
 
-def test_fid_hands_torch_fidelity_uint8_rgb_images_and_the_local_weights(tmp_path, monkeypatch):
-    """Our side of the torch-fidelity call (the Inception network itself cannot run without its weights here)."""
-    torch_fidelity = pytest.importorskip("torch_fidelity")
-    seen = {}
-
-    def calculate_metrics(**kwargs):
-        seen.update(kwargs)
-        return {"frechet_inception_distance": 1.5}
-
-    monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
-    weights = tmp_path / "inception.pth"
-    weights.write_bytes(b"")
-    x = torch.rand(3, 1, 4, 4) * 2 - 1
-    assert metrics.fid(x, x, weights=weights) == 1.5
-    assert seen["fid"] and seen["feature_extractor_weights_path"] == str(weights)
-    image = seen["input1"][0]
-    assert image.dtype == torch.uint8 and image.shape == (3, 4, 4)
-    assert torch.equal(image[0], ((x[0, 0] + 1) * 127.5).round().to(torch.uint8))
-    with pytest.raises(ValueError, match="images1 must be"):
-        metrics.fid(x[0], x, weights=weights)
-
-
 def test_an_interrupted_ablation_run_stops_the_ablation(tmp_path, monkeypatch):
     """The trainer returns after a SIGTERM checkpoint without writing model/: the ablation must not go on."""
     import hkd.train
