@@ -15,15 +15,17 @@ Images everywhere are float tensors (N, C, H, W) in the model's pixel range [-1,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hkd import checkpoint
+from hkd.errors import UserError
 from hkd.losses import pseudo_huber
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -180,27 +182,29 @@ def _cache_dir() -> Path:
 _CLASSIFIER: DigitsClassifier | None = None
 
 
+def classifier_cache() -> Path:
+    """The classifier's cache file: its name covers the recipe and the exact pixels it was trained on."""
+    images, _ = digits_dataset()
+    recipe = hashlib.sha256(images.numpy().tobytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    return _cache_dir() / f"digits_classifier_{recipe}.pt"
+
+
 def digits_classifier() -> DigitsClassifier:
-    """The cached classifier (memory, then $HKD_CACHE_DIR or ~/.cache/hkd, then trained and written atomically)."""
+    """The cached classifier (memory, then $HKD_CACHE_DIR or ~/.cache/hkd, then trained and written atomically).
+    The cache is read with hkd.checkpoint.load (checksummed, weights only): a corrupt or foreign cache file is
+    replaced by a freshly trained classifier, never executed."""
     global _CLASSIFIER
     if _CLASSIFIER is not None:
         return _CLASSIFIER
-    images, _ = digits_dataset()  # the cache key covers the recipe and the exact pixels it was trained on
-    recipe = hashlib.sha256(images.numpy().tobytes() + Path(__file__).read_bytes()).hexdigest()[:16]
-    path = _cache_dir() / f"digits_classifier_{recipe}.pt"
+    path = classifier_cache()
     model = DigitsClassifier()
     try:
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(checkpoint.load(path)["model"])
         model.eval().requires_grad_(False)
-    except (FileNotFoundError, RuntimeError, EOFError, OSError):
+    except (UserError, KeyError, RuntimeError, OSError):
         model, _ = train_digits_classifier()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-                torch.save(model.state_dict(), handle)
-            os.replace(handle.name, path)
-        except OSError:  # a read-only home: keep it in memory only
-            pass
+        with contextlib.suppress(OSError, UserError):  # a read-only or odd cache place: keep it in memory only
+            checkpoint.save(path, {"model": model.state_dict()})
     _CLASSIFIER = model
     return model
 
@@ -411,8 +415,6 @@ def ablate(config: dict, teacher, *, out_dir: str | Path, num: int = 500, seed: 
         else:
             resume = (run / training.CHECKPOINT_NAME).is_file()
             model = training.train(cfg, resume=resume, dataset=dataset, log=log)["ema"]
-            if not (run / "model").is_dir():  # the trainer stopped early (SIGTERM / SIGINT) after a checkpoint
-                raise InterruptedError(f"the ablation stopped during {name!r}: run the same command again to resume")
         row = {"name": name, "evaluations": 1, "koopman": koopman, "trajectory_loss": consistency}
         row["hierarchy"] = hierarchy
         row.update(sample_metrics(one_step(model.eval(), noise), endpoint))
