@@ -104,6 +104,8 @@ def run(
     config = configs.validate(configs.apply_overrides(config, [f"train.device={device.type}"]))
     if out.is_symlink():
         raise UserError(f"--out {out} is a symbolic link: give the folder itself")
+    if fresh and out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        claim(out, fresh)  # refuses, before the lock file is written into someone else's folder
     with run_lock(output_folder(out, "--out")):
         claim(out, fresh)
         return _stages(out, config, device, quick, log)
