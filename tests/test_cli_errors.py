@@ -17,7 +17,11 @@ NO_GPU = not torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
+    return make_paths(tmp_path_factory.mktemp("cli"))
+
+
+def make_paths(root):
+    """The paths CASES name: a tiny model folder, a file, an empty and a corrupt folder, a user's folder."""
     HKDModel(ModelConfig(img_resolution=8, img_channels=1, model_channels=4, channel_mult=(1,))).save_pretrained(
         root / "model"
     )
