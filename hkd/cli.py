@@ -148,6 +148,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
     _out(args.out)
     model = _model(args.model, _device(args.device))
+    if args.t_edit is not None and not model.eps <= args.t_edit <= model.T:
+        raise UserError(f"--t-edit must lie in [eps, T] = [{model.eps}, {model.T}] for this model, got {args.t_edit}")
     known = None
     if args.known == "digits":
         from hkd.data import digits

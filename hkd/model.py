@@ -70,6 +70,9 @@ class ModelConfig(Section, name="model"):
         self.require(self.img_resolution % levels == 0, "img_resolution", f"a multiple of {levels} (channel_mult)")
         self.require(0 <= self.dropout < 1, "dropout", "in [0, 1)")
         self.require(self.generator in ("spectral", "dense"), "generator", "spectral or dense")
+        if self.generator == "spectral":  # 2x2 blocks pair the channels of every level
+            even = all(self.model_channels * m % 2 == 0 for m in self.channel_mult)
+            self.require(even, "model_channels", "even with spectral generators (times every channel_mult)")
         self.require(self.clock in CLOCKS, "clock", f"one of {', '.join(CLOCKS)}")
         self.require(0 < self.sigma_min < self.sigma_max, "sigma_min", f"in (0, sigma_max = {self.sigma_max})")
         self.require(self.sigma_data > 0, "sigma_data", "> 0")

@@ -63,6 +63,8 @@ CASES = [
     ("edit --model {model} --out {out} --ratios a,b", "not a comma-separated list of numbers"),
     ("edit --model {model} --out {out} --steps 0", "--steps: must be >= 1"),
     ("edit --model {model} --out {out} --band top", "invalid choice: 'top'"),
+    ("edit --model {model} --out {out} --t-edit 500", "--t-edit must lie in [eps, T]"),
+    ("train train.out={out} model.model_channels=3", "model.model_channels must be even with spectral generators"),
     ("ablate --out {out} --num 0", "--num: must be >= 2"),
     ("ablate --out {out} trian.batch=8", "unknown config section 'trian' (did you mean train?)"),
     ("trajectories --teacher {model} --out {out} --workers 0", "--workers: must be >= 1"),
