@@ -37,13 +37,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hkd.errors import CorruptFileError
 from hkd.teacher import EDMPrecond, _sigma_column
 from hkd.unet import UNet
 
 FORMAT = "hkd-edm-teacher"
 
 
-class UnsafePickleError(ValueError):
+class EDMPickleError(CorruptFileError):
+    """An EDM pickle hkd cannot use: corrupt, not an EDM snapshot, or an architecture hkd does not rebuild."""
+
+
+class UnsafePickleError(EDMPickleError):
     """The pickle asks for something outside the allow-list (nothing of it was executed)."""
 
 
@@ -174,11 +179,11 @@ def read_snapshot(path: str | Path) -> dict[str, Any]:
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{path}: {error}") from None
     except (pickle.UnpicklingError, EOFError, RuntimeError, TypeError, AttributeError, IndexError) as error:
-        raise ValueError(f"{path} is corrupt or not an EDM snapshot pickle: {error}") from None
+        raise EDMPickleError(f"{path} is corrupt or not an EDM snapshot pickle: {error}") from None
     if isinstance(data, Record):
         data = {"ema": data}
     if not isinstance(data, dict) or not isinstance(data.get("ema"), Record):
-        raise ValueError(f"{path} is not an EDM snapshot pickle (no 'ema' network)")
+        raise EDMPickleError(f"{path} is not an EDM snapshot pickle (no 'ema' network)")
     return data
 
 
@@ -194,7 +199,7 @@ class SDEPrecond(nn.Module):
     def __init__(self, net: nn.Module, kind: str, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000):
         super().__init__()
         if kind not in ("vp", "ve"):
-            raise ValueError(f"unknown preconditioning {kind!r} (vp, ve)")
+            raise EDMPickleError(f"unknown preconditioning {kind!r} (vp, ve)")
         self.net, self.kind, self.beta_d, self.beta_min, self.M = net, kind, beta_d, beta_min, M
 
     def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
@@ -226,25 +231,25 @@ def _architecture(model: Record, where: str) -> dict[str, Any]:
     """hkd.unet.UNet arguments from a SongUNet record's module names and tensor shapes; refuses other variants."""
     if model.class_name != "SongUNet":
         variant = "ADM (DhariwalUNet)" if model.class_name == "DhariwalUNet" else model.class_name
-        raise ValueError(f"{where}: the network is {variant}; hkd rebuilds EDM's DDPM++ (SongUNet) only")
+        raise EDMPickleError(f"{where}: the network is {variant}; hkd rebuilds EDM's DDPM++ (SongUNet) only")
     kwargs = model.state.get("_init_kwargs") or {}
     modules = model.modules
     noise = modules.get("map_noise")
     if noise is None or noise.class_name != "PositionalEmbedding":
         kind = noise.class_name if noise is not None else "none"
-        raise ValueError(f"{where}: noise embedding {kind}: that is NCSN++; hkd rebuilds DDPM++ (positional) only")
+        raise EDMPickleError(f"{where}: noise embedding {kind}: that is NCSN++; hkd rebuilds DDPM++ (positional) only")
     enc, dec = modules["enc"].modules, modules["dec"].modules
     if any("aux" in name for name in enc) or sum("aux" in name for name in dec) != 2:
-        raise ValueError(f"{where}: a skip/residual encoder or skip decoder (NCSN++); hkd rebuilds DDPM++ only")
+        raise EDMPickleError(f"{where}: a skip/residual encoder or skip decoder (NCSN++); hkd rebuilds DDPM++ only")
     if list(kwargs.get("resample_filter", [1, 1])) != [1, 1]:
-        raise ValueError(f"{where}: resample_filter {kwargs['resample_filter']}; hkd rebuilds [1, 1] only")
+        raise EDMPickleError(f"{where}: resample_filter {kwargs['resample_filter']}; hkd rebuilds [1, 1] only")
     model_channels = int(noise.state["num_channels"])
     if noise.state.get("max_positions", 10000) != 10000 or not noise.state.get("endpoint", False):
-        raise ValueError(f"{where}: a positional embedding other than DDPM++'s (10000 positions, endpoint)")
+        raise EDMPickleError(f"{where}: a positional embedding other than DDPM++'s (10000 positions, endpoint)")
     t = model.tensors()
     emb = t["map_layer0.weight"].shape[0]
     if t["map_layer0.weight"].shape[1] != model_channels or emb != 4 * model_channels:
-        raise ValueError(f"{where}: embedding widths {tuple(t['map_layer0.weight'].shape)}; hkd needs 4 x noise width")
+        raise EDMPickleError(f"{where}: embedding widths {tuple(t['map_layer0.weight'].shape)}; hkd needs 4 x noise width")
     first = next(iter(enc))
     img_resolution = int(first.split("x")[0])
     levels: dict[int, list[str]] = {}
@@ -256,7 +261,7 @@ def _architecture(model: Record, where: str) -> dict[str, Any]:
         if num_blocks is None:
             num_blocks = len(blocks)
         if len(blocks) != num_blocks:
-            raise ValueError(f"{where}: {len(blocks)} blocks at {res}x{res}, {num_blocks} at {img_resolution}")
+            raise EDMPickleError(f"{where}: {len(blocks)} blocks at {res}x{res}, {num_blocks} at {img_resolution}")
         channel_mult.append(t[f"enc.{blocks[-1]}.conv1.weight"].shape[0] // model_channels)
         attn |= {res for n in blocks if "qkv" in enc[n].modules}
     block = enc[levels[img_resolution][-1]].state
@@ -298,11 +303,11 @@ def _check_layers(model: Record, net: UNet, where: str) -> None:
         if record.class_name == "GroupNorm":
             ours = hkd_modules[_hkd_name(name + ".weight").rsplit(".", 1)[0]]
             if (state.get("num_groups"), state.get("eps")) != (ours.num_groups, ours.eps):
-                raise ValueError(f"{where}: {name} has {state.get('num_groups')} groups, eps {state.get('eps')}")
+                raise EDMPickleError(f"{where}: {name} has {state.get('num_groups')} groups, eps {state.get('eps')}")
         if record.class_name == "UNetBlock":
             constants = (state.get("adaptive_scale"), state.get("num_heads") in (0, 1))
             if constants != (False, True) or abs(float(state.get("skip_scale", 1)) - math.sqrt(0.5)) > 1e-12:
-                raise ValueError(f"{where}: {name} is not a DDPM++ block (skip scale, heads or adaptive scale)")
+                raise EDMPickleError(f"{where}: {name} is not a DDPM++ block (skip scale, heads or adaptive scale)")
         for child_name, child in record.modules.items():
             walk(child, f"{prefix}{child_name}.")
 
@@ -314,10 +319,10 @@ def rebuild(ema: Record, where: str = "EDM pickle") -> tuple[nn.Module, dict[str
     precond = ema.class_name
     kinds = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
     if precond not in kinds:
-        raise ValueError(f"{where}: preconditioning {precond} (hkd rebuilds EDMPrecond, VPPrecond, VEPrecond)")
+        raise EDMPickleError(f"{where}: preconditioning {precond} (hkd rebuilds EDMPrecond, VPPrecond, VEPrecond)")
     model = ema.modules.get("model")
     if model is None:
-        raise ValueError(f"{where}: {precond} holds no 'model'")
+        raise EDMPickleError(f"{where}: {precond} holds no 'model'")
     unet = _architecture(model, where)
     state = ema.state
     config = {"unet": unet, "precond": {"kind": kinds[precond]}}
@@ -359,7 +364,7 @@ def _load(net: UNet, weights: dict[str, Tensor], where: str) -> None:
         if k in ours and v.shape != ours[k].shape
     ]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise EDMPickleError(
             f"{where}: weights do not fit the rebuilt U-Net: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, shapes {shapes[:3]}"
         )
@@ -414,7 +419,7 @@ def load_imported(directory: str | Path) -> nn.Module:
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     if config.get("format") != FORMAT:
-        raise ValueError(f"{directory / 'config.json'} is not an imported EDM teacher (format {FORMAT!r})")
+        raise EDMPickleError(f"{directory / 'config.json'} is not an imported EDM teacher (format {FORMAT!r})")
     if not (directory / "model.safetensors").is_file():
         raise FileNotFoundError(f"{directory / 'model.safetensors'} not found (written by `hkd import-teacher`)")
     core = {"unet": config["unet"], "precond": config["precond"]}
@@ -422,7 +427,7 @@ def load_imported(directory: str | Path) -> nn.Module:
     try:
         weights = load_file(str(directory / "model.safetensors"))
     except Exception as error:
-        raise ValueError(f"{directory / 'model.safetensors'} is corrupt: {error}") from None
+        raise EDMPickleError(f"{directory / 'model.safetensors'} is corrupt: {error}") from None
     _load(denoiser.net, weights, str(directory))
     denoiser.identity = {"source": "edm-import", "path": str(directory.resolve()), "config": core}
     return denoiser

@@ -15,17 +15,19 @@ Images everywhere are float tensors (N, C, H, W) in the model's pixel range [-1,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hkd import checkpoint
+from hkd.errors import UserError
 from hkd.losses import pseudo_huber
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -167,17 +169,9 @@ def save_stats(path: str | os.PathLike, mu: Tensor, sigma: Tensor) -> Path:
     """Reference statistics as EDM's `fid.py ref` writes them: an .npz with mu (D,) and sigma (D, D)."""
     import numpy as np
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, mu=mu.double().numpy(), sigma=sigma.double().numpy())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return checkpoint.atomic_write(
+        path, lambda file: np.savez(file, mu=mu.double().numpy(), sigma=sigma.double().numpy())
+    )
 
 
 def load_stats(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
@@ -308,27 +302,29 @@ def _cache_dir() -> Path:
 _CLASSIFIER: DigitsClassifier | None = None
 
 
+def classifier_cache() -> Path:
+    """The classifier's cache file: its name covers the recipe and the exact pixels it was trained on."""
+    images, _ = digits_dataset()
+    recipe = hashlib.sha256(images.numpy().tobytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    return _cache_dir() / f"digits_classifier_{recipe}.pt"
+
+
 def digits_classifier() -> DigitsClassifier:
-    """The cached classifier (memory, then $HKD_CACHE_DIR or ~/.cache/hkd, then trained and written atomically)."""
+    """The cached classifier (memory, then $HKD_CACHE_DIR or ~/.cache/hkd, then trained and written atomically).
+    The cache is read with hkd.checkpoint.load (checksummed, weights only): a corrupt or foreign cache file is
+    replaced by a freshly trained classifier, never executed."""
     global _CLASSIFIER
     if _CLASSIFIER is not None:
         return _CLASSIFIER
-    images, _ = digits_dataset()  # the cache key covers the recipe and the exact pixels it was trained on
-    recipe = hashlib.sha256(images.numpy().tobytes() + Path(__file__).read_bytes()).hexdigest()[:16]
-    path = _cache_dir() / f"digits_classifier_{recipe}.pt"
+    path = classifier_cache()
     model = DigitsClassifier()
     try:
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(checkpoint.load(path)["model"])
         model.eval().requires_grad_(False)
-    except (FileNotFoundError, RuntimeError, EOFError, OSError):
+    except (UserError, KeyError, RuntimeError, OSError):
         model, _ = train_digits_classifier()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-                torch.save(model.state_dict(), handle)
-            os.replace(handle.name, path)
-        except OSError:  # a read-only home: keep it in memory only
-            pass
+        with contextlib.suppress(OSError, UserError):  # a read-only or odd cache place: keep it in memory only
+            checkpoint.save(path, {"model": model.state_dict()})
     _CLASSIFIER = model
     return model
 
@@ -554,8 +550,6 @@ def ablate(
         else:
             resume = (run / training.CHECKPOINT_NAME).is_file()
             model = training.train(cfg, resume=resume, dataset=dataset, log=log)["ema"]
-            if not (run / "model").is_dir():  # the trainer stopped early (SIGTERM / SIGINT) after a checkpoint
-                raise InterruptedError(f"the ablation stopped during {name!r}: run the same command again to resume")
         row = {"name": name, "evaluations": 1, "koopman": koopman, "trajectory_loss": consistency}
         row["hierarchy"] = hierarchy
         metrics = sample_metrics(

@@ -24,14 +24,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from hkd.config import ConfigError, section, to_dict
+from hkd import checkpoint
+from hkd.config import Section, section, to_dict
+from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError
 from hkd.propagator import HKDPropagator
 from hkd.unet import UNet
 
@@ -40,7 +41,7 @@ CLOCKS = ("identity", "log")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section, name="model"):
     """The `model:` section of a run config."""
 
     img_resolution: int = 32
@@ -62,6 +63,24 @@ class ModelConfig:
     sigma_data: float = 0.5
     stem_channels: int | None = None  # the input convolution's width (None: channel_mult[0] * model_channels)
 
+    def check(self) -> None:
+        for key in ("img_resolution", "img_channels", "model_channels", "num_blocks"):
+            self.require(getattr(self, key) >= 1, key, ">= 1")
+        self.require(len(self.channel_mult) >= 1 and min(self.channel_mult) >= 1, "channel_mult", "positive integers")
+        levels = 2 ** (len(self.channel_mult) - 1)
+        self.require(self.img_resolution % levels == 0, "img_resolution", f"a multiple of {levels} (channel_mult)")
+        self.require(0 <= self.dropout < 1, "dropout", "in [0, 1)")
+        self.require(self.generator in ("spectral", "dense"), "generator", "spectral or dense")
+        if self.generator == "spectral":  # 2x2 blocks pair the channels of every level
+            even = all(self.model_channels * m % 2 == 0 for m in self.channel_mult)
+            self.require(even, "model_channels", "even with spectral generators (times every channel_mult)")
+        self.require(self.clock in CLOCKS, "clock", f"one of {', '.join(CLOCKS)}")
+        self.require(0 < self.sigma_min < self.sigma_max, "sigma_min", f"in (0, sigma_max = {self.sigma_max})")
+        self.require(self.sigma_data > 0, "sigma_data", "> 0")
+        from hkd.ops._backend import BACKENDS
+
+        self.require(self.backend in ("auto", *BACKENDS), "backend", f"one of auto, {', '.join(BACKENDS)}")
+
 
 UNET_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "stem_channels")
 
@@ -73,10 +92,6 @@ class TeacherSplitError(TypeError, ValueError):
 class HKDModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.clock not in CLOCKS:
-            raise ConfigError(f"model.clock must be one of {CLOCKS}, got {config.clock!r}")
-        if not 0 < config.sigma_min < config.sigma_max:
-            raise ConfigError(f"need 0 < model.sigma_min < model.sigma_max, got {config.sigma_min}, {config.sigma_max}")
         self.config = config
         self.img_resolution, self.img_channels = config.img_resolution, config.img_channels
         self.T, self.eps, self.sigma_data = config.sigma_max, config.sigma_min, config.sigma_data
@@ -209,7 +224,7 @@ class HKDModel(nn.Module):
             config = ModelConfig(**found)
         differ = {k: (getattr(config, k), v) for k, v in found.items() if _plain(getattr(config, k)) != _plain(v)}
         if differ:
-            raise ValueError(
+            raise ConfigError(
                 "model config does not match the teacher: "
                 + ", ".join(f"{k}={ours!r} (teacher {theirs!r})" for k, (ours, theirs) in differ.items())
             )
@@ -218,69 +233,71 @@ class HKDModel(nn.Module):
         return model.to(next(net.parameters()).device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """directory/model.safetensors (weights) and directory/config.json (format and model config), each atomic."""
-        from safetensors.torch import save_file
+        """directory/model.safetensors (weights, with the sha256 `checkpoint.digest` of the tensors in its
+        metadata) and directory/config.json (format and model config), each atomic. Non-finite weights are refused."""
+        from safetensors.torch import save
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in sorted(self.state_dict().items())}
+        bad = checkpoint.nonfinite(state)
+        if bad:
+            raise NonFiniteError(f"not saving the model to {directory}: non-finite weights in {', '.join(bad[:5])}")
         config = json.dumps({"format": FORMAT, "version": 1, "model": to_dict(self.config)}, indent=2)
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": FORMAT}))
-        _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(config + "\n"))
+        metadata = {"format": FORMAT, checkpoint.DIGEST_KEY: checkpoint.digest(state)}
+        checkpoint.atomic_write(Path(directory) / WEIGHTS_NAME, save(state, metadata=metadata))
+        checkpoint.atomic_write(Path(directory) / CONFIG_NAME, config + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> HKDModel:
-        """The model written by save_pretrained; a missing, corrupt or mismatched file is an error naming it."""
-        from safetensors import SafetensorError
+        """The model written by save_pretrained. The config's sizes are checked against the weight file's tensor
+        shapes before anything is allocated, and the weights against their checksum; a missing, corrupt or
+        mismatched file is an error naming it. Nothing from the files is executed (JSON and safetensors only)."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(
-                    f"{directory / name} not found (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})"
-                )
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise MissingFileError(f"{path} not found (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
         try:
-            saved = json.loads((directory / CONFIG_NAME).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{directory / CONFIG_NAME} is corrupt: {error}") from error
+            saved = json.loads(config_path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise CorruptFileError(f"{config_path} is corrupt: {error}") from error
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-            raise ValueError(f"{directory / CONFIG_NAME} is not an HKD model config (format {FORMAT!r})")
-        model = cls(section(saved, "model", ModelConfig))
+            raise CorruptFileError(f"{config_path} is not an HKD model config (format {FORMAT!r})")
+        config = section(saved, "model", ModelConfig)
         try:
-            state = load_file(str(directory / WEIGHTS_NAME))
+            with safe_open(str(weights_path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                shapes = {k: tuple(file.get_slice(k).get_shape()) for k in file.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{directory / WEIGHTS_NAME} is corrupt or not a safetensors file: {error}") from error
-        ours = model.state_dict()
-        missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-        shapes = [
-            f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-            for k, v in ours.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        if missing or unexpected or shapes:
-            problems = [f"missing {missing[:5]}" * bool(missing), f"unexpected {unexpected[:5]}" * bool(unexpected)]
-            problems += [f"shapes {shapes[:5]}" * bool(shapes)]
-            raise ValueError(
-                f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: {'; '.join(p for p in problems if p)}"
-            )
+            raise CorruptFileError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
+        with torch.device("meta"):  # the config's tensor shapes, nothing allocated
+            expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        _check_shapes(expected, shapes, f"{weights_path} does not match {CONFIG_NAME}")
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CorruptFileError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
+        saved_digest = metadata.get(checkpoint.DIGEST_KEY)  # files from before checksums carry none
+        if saved_digest is not None and checkpoint.digest(dict(sorted(state.items()))) != saved_digest:
+            raise CorruptFileError(f"{weights_path} is corrupt: its checksum differs (altered or damaged)")
+        model = cls(config)
         model.load_state_dict(state)
         return model.to(device)
 
 
+def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], what: str) -> None:
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [f"{k} {found[k]} != {v}" for k, v in expected.items() if k in found and found[k] != v]
+    if missing or unexpected or shapes:
+        problems = [f"missing {missing[:5]}" * bool(missing), f"unexpected {unexpected[:5]}" * bool(unexpected)]
+        problems += [f"shapes {shapes[:5]}" * bool(shapes)]
+        raise CorruptFileError(f"{what}: {'; '.join(p for p in problems if p)}")
+
+
 def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # `hkd generate` ------------------------------------------------------------------------------------------------------
@@ -339,10 +356,6 @@ def generate_to(
     if npz:
         import numpy as np
 
-        def write(path: Path) -> None:
-            with open(path, "wb") as file:
-                np.savez(file, seed=seed, **arrays)
-
-        _atomic_write(out / "samples.npz", write)
+        checkpoint.atomic_write(out / "samples.npz", lambda file: np.savez(file, seed=seed, **arrays))
         written.append(out / "samples.npz")
     return written

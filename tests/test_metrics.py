@@ -143,11 +143,17 @@ def test_ablation_trains_the_four_configurations_with_equal_budgets(classifier_c
 
 
 def test_an_interrupted_ablation_run_stops_the_ablation(tmp_path, monkeypatch):
-    """The trainer returns after a SIGTERM checkpoint without writing model/: the ablation must not go on."""
+    """The trainer raises RunStopped after a SIGTERM checkpoint: the ablation must not go on."""
     import hkd.train
+    from hkd.errors import RunStopped
 
     calls = []
-    monkeypatch.setattr(hkd.train, "train", lambda config, **kwargs: calls.append(config) or {"ema": None})
-    with pytest.raises(InterruptedError, match="stopped during 'direct regression'.*again to resume"):
+
+    def stopped(config, **kwargs):
+        calls.append(config)
+        raise RunStopped("stopped by SIGTERM at step 3: checkpoint.pt written; run again to continue")
+
+    monkeypatch.setattr(hkd.train, "train", stopped)
+    with pytest.raises(RunStopped, match="stopped by SIGTERM.*run again"):
         metrics.ablate(tiny_config(tmp_path), tiny_teacher(), out_dir=tmp_path, num=2)
     assert len(calls) == 1 and not (tmp_path / "ablation.md").exists()
