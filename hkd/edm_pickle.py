@@ -249,7 +249,9 @@ def _architecture(model: Record, where: str) -> dict[str, Any]:
     t = model.tensors()
     emb = t["map_layer0.weight"].shape[0]
     if t["map_layer0.weight"].shape[1] != model_channels or emb != 4 * model_channels:
-        raise EDMPickleError(f"{where}: embedding widths {tuple(t['map_layer0.weight'].shape)}; hkd needs 4 x noise width")
+        raise EDMPickleError(
+            f"{where}: embedding widths {tuple(t['map_layer0.weight'].shape)}; hkd needs 4 x noise width"
+        )
     first = next(iter(enc))
     img_resolution = int(first.split("x")[0])
     levels: dict[int, list[str]] = {}
