@@ -142,19 +142,27 @@ def cumulative_effect(model, noise: Tensor, times: Tensor) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def band_correspondence(model, noise: Tensor) -> dict[str, dict]:
-    """For each reading of the eigenvalues (alpha, rate = |beta|): the power-spectrum summary (centroid, power
-    shares) of each band's all-level decode, and spread = centroid(high) - centroid(low); a reading separates image
-    content when the centroids differ clearly and grow from low to high."""
+    """For each reading of the eigenvalues (alpha, rate = |beta|) and each band: the power-spectrum summary
+    (centroid, power shares) of the band's all-level decode, and the centroid of its contribution D(z) - D(z - band)
+    ("contribution_centroid"); spread = centroid(high) - centroid(low) of each. A reading separates image content
+    when the centroids differ clearly and grow from low to high."""
     from hkd.propagator import READINGS
 
     z = model.propagate(initial_latents(model, noise), model.T, model.eps)
+    full = model.decode(z)
     out = {}
     for reading in READINGS:
-        bands = {
-            b: spectrum_summary(radial_power_spectrum(model.decode(project(model.propagator, z, b, reading=reading))))
-            for b in BANDS
+        bands = {}
+        for b in BANDS:
+            kept = project(model.propagator, z, b, reading=reading)
+            contribution = full - model.decode([a - k for a, k in zip(z, kept, strict=True)])
+            bands[b] = spectrum_summary(radial_power_spectrum(model.decode(kept)))
+            bands[b]["contribution_centroid"] = spectrum_summary(radial_power_spectrum(contribution))["centroid"]
+        out[reading] = {
+            **bands,
+            "spread": bands["high"]["centroid"] - bands["low"]["centroid"],
+            "contribution_spread": bands["high"]["contribution_centroid"] - bands["low"]["contribution_centroid"],
         }
-        out[reading] = {**bands, "spread": bands["high"]["centroid"] - bands["low"]["centroid"]}
     return out
 
 
@@ -232,23 +240,20 @@ def analyze(model, noise: Tensor, out_dir: str | Path, *, num_times: int = 12) -
 
 
 def correspondence_table(readings: dict[str, dict], used: str) -> str:
+    columns = ("centroid", "power_low", "power_middle", "power_high", "contribution_centroid")
     rows = [
-        [
-            f"{reading} ({band})",
-            r[band]["centroid"],
-            r[band]["power_low"],
-            r[band]["power_middle"],
-            r[band]["power_high"],
-        ]
-        for reading, r in readings.items()
-        for band in BANDS
+        [f"{reading} ({band})", *[r[band][c] for c in columns]] for reading, r in readings.items() for band in BANDS
     ]
-    spreads = ", ".join(f"{reading} {r['spread']:.3g}" for reading, r in readings.items())
+    spreads = ", ".join(
+        f"{reading} {r['spread']:.3g} (contributions {r['contribution_spread']:.3g})" for reading, r in readings.items()
+    )
     return (
         "Band-to-frequency correspondence for each reading of the eigenvalues (bands cut on alpha, or on the rotation "
-        f"rate |beta|; all-level band decodes). Centroid spread high - low: {spreads}. This model's figures use "
-        f"`{used}`.\n\n"
-        + figures.markdown_table(["reading (band)", "centroid", "power low", "power middle", "power high"], rows)
+        f"rate |beta|; all-level band decodes and contributions). Centroid spread high - low: {spreads}. This model's "
+        f"figures use `{used}`.\n\n"
+        + figures.markdown_table(
+            ["reading (band)", "centroid", "power low", "power middle", "power high", "contribution centroid"], rows
+        )  # fmt: skip
     )
 
 

@@ -155,4 +155,7 @@ def test_band_correspondence_reports_each_reading():
     assert set(result) == {"alpha", "rate"}
     for r in result.values():
         assert r["spread"] == pytest.approx(r["high"]["centroid"] - r["low"]["centroid"])
+        assert r["contribution_spread"] == pytest.approx(
+            r["high"]["contribution_centroid"] - r["low"]["contribution_centroid"]
+        )
         assert all(0 <= r[b]["centroid"] <= 4 for b in analysis.BANDS)
