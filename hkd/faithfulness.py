@@ -152,7 +152,7 @@ def trajectory_figure(model, teacher, times: Tensor, states: Tensor, path: str |
         cells[0].append((x_t / (1 + t)).cpu())  # scaled into view: x_t = x_0 + t n
         cells[1].append(teacher(x_t, t).float().cpu())
         cells[2].append(model.decode(model.propagate(z_T, float(times[0]), t)).float().cpu())
-    rows = ["teacher x_t / (1 + t)", "teacher denoised D(x_t; t)", "HKD D(exp((t - T) A) E(x_T))"]
+    rows = ["teacher x_t/(1+t)", "teacher D(x_t; t)", "HKD D(e^((t-T)A) E(x_T))"]
     fig = figures.image_table(cells, rows, [f"t = {float(times[k]):.3g}" for k in picked], "Trajectories", nrow=2)
     return figures.save_figure(fig, path)
 
