@@ -509,7 +509,11 @@ def evaluate(
         for name, evaluations, images in candidates
     ]
     notes = f"{num} samples, noise seed {seed}. " + METRIC_NOTES
-    return rows, write_table(rows, out_dir, "eval", "HKD against its teacher and the one-step baseline", notes)
+    written = write_table(rows, out_dir, "eval", "HKD against its teacher and the one-step baseline", notes)
+    from hkd import faithfulness  # the trajectory on held-out teacher trajectories (noise seed + 1)
+
+    models = {"HKD": model} | ({"direct regression baseline": baseline} if baseline is not None else {})
+    return rows, written + faithfulness.run(models, teacher, num=min(num, 64), seed=seed + 1, out_dir=out_dir)
 
 
 def ablate(

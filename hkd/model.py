@@ -38,6 +38,7 @@ from hkd.unet import UNet
 
 WEIGHTS_NAME, CONFIG_NAME, FORMAT = "model.safetensors", "config.json", "hkd-model"
 CLOCKS = ("identity", "log")
+GENERATOR_INITS = ("zero", "spread")
 
 
 @dataclass
@@ -56,6 +57,8 @@ class ModelConfig(Section, name="model"):
     backend: str = "auto"  # of the propagation ops
     clock: str = "identity"  # c(t) = t ("identity", the paper) or ln t ("log")
     encoder_sees_noise: bool = True
+    band_reading: str = "alpha"  # what orders the spectral bands of the analysis and editing: alpha or rate (|beta|)
+    generator_init: str = "zero"  # "zero" (the paper: A = 0) or "spread" (spectral: rotation rates spread, see below)
     koopman: bool = True
     hierarchy: bool = True
     sigma_min: float = 0.002
@@ -77,6 +80,12 @@ class ModelConfig(Section, name="model"):
         self.require(self.clock in CLOCKS, "clock", f"one of {', '.join(CLOCKS)}")
         self.require(0 < self.sigma_min < self.sigma_max, "sigma_min", f"in (0, sigma_max = {self.sigma_max})")
         self.require(self.sigma_data > 0, "sigma_data", "> 0")
+        self.require(self.band_reading in ("alpha", "rate"), "band_reading", "alpha or rate")
+        self.require(self.generator_init in GENERATOR_INITS, "generator_init", f"one of {', '.join(GENERATOR_INITS)}")
+        if self.generator_init == "spread":
+            self.require(
+                self.generator == "spectral", "generator_init", "zero with dense generators (spread: spectral)"
+            )
         from hkd.ops._backend import BACKENDS
 
         self.require(self.backend in ("auto", *BACKENDS), "backend", f"one of auto, {', '.join(BACKENDS)}")
@@ -97,12 +106,29 @@ class HKDModel(nn.Module):
         self.T, self.eps, self.sigma_data = config.sigma_max, config.sigma_min, config.sigma_data
         unet_args = {name: getattr(config, name) for name in UNET_FIELDS}
         self.net = UNet(config.img_resolution, config.img_channels, config.img_channels, **unet_args)
-        self.propagator = HKDPropagator(self.net.latent_shapes, config.generator, config.per_position, config.backend)
+        self.propagator = HKDPropagator(
+            self.net.latent_shapes, config.generator, config.per_position, config.backend, config.band_reading
+        )
         for level, parameters in enumerate(self._generators_per_level()):
             learnable = config.koopman and (config.hierarchy or level == len(self.net.latent_shapes) - 1)
             for p in parameters:
                 p.requires_grad_(learnable)
+        if config.generator_init == "spread" and config.koopman:
+            self._spread_rotations()
         self._fixed = None  # (generators, FixedStepPropagator) for generate(), see _one_step_propagator
+
+    @torch.no_grad()
+    def _spread_rotations(self) -> None:
+        """generator_init=spread: alpha = 0 and, per level, the rotation rates of the pairs k = 0 .. n-1 spread
+        evenly, beta_k = pi k / (n |tau(T, eps)|), so that from T to eps pair k turns by pi k / n (the same at every
+        position): a range of frequencies from the first step, instead of A = 0 where every mode starts equal."""
+        span = float(self.tau(self.T, self.eps).abs())
+        for beta in self.propagator.betas:
+            if not beta.requires_grad:  # a frozen level (hierarchy=false) stays the identity
+                continue
+            n = beta.shape[0]
+            rates = torch.arange(n, dtype=torch.float64) * math.pi / (n * span)
+            beta.copy_(rates.reshape(n, *([1] * (beta.dim() - 1))).expand_as(beta))
 
     def _generators_per_level(self) -> list[list[nn.Parameter]]:
         if self.propagator.generator == "spectral":
@@ -155,9 +181,11 @@ class HKDModel(nn.Module):
         labels = torch.full((B,), math.log(T) / 4, device=latents[0].device)
         return T * sd / math.sqrt(T**2 + sd**2) * self.net.decode(latents, labels).float()
 
-    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
-        """x_hat at eps from x_t: D(exp(tau(t, eps) A) E(x_t, t))."""
-        return self.decode(self.propagate(self.encode(x_t, t), t, self.eps))
+    def forward(self, x_t: Tensor, t: Tensor | float, return_latents: bool = False) -> Tensor | tuple:
+        """x_hat at eps from x_t: D(exp(tau(t, eps) A) E(x_t, t)); with return_latents, (x_hat, E(x_t, t))."""
+        latents = self.encode(x_t, t)
+        x_hat = self.decode(self.propagate(latents, t, self.eps))
+        return (x_hat, latents) if return_latents else x_hat
 
     # Generation ----------------------------------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from hkd import checkpoint
 from hkd import config as configs
 from hkd.config import Section, section, to_dict
 from hkd.errors import ConfigError, MissingFileError, NonFiniteError, RunStopped, UserError
-from hkd.losses import PERCEPTUAL, Distance, lambda1_schedule
+from hkd.losses import PERCEPTUAL, Distance, lambda1_schedule, latent_consistency
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_FIELDS = ("step", "epoch", "loss", "lambda1", "lr", "grad_norm", "skipped", "seconds")
@@ -82,6 +82,7 @@ class TrainConfig(Section, name="train"):
     lambda1_start: float = 1.0  # MSE weight decays geometrically from start to end over the epochs
     lambda1_end: float = 1e-3
     lambda2: float = 1.0  # weight of the perceptual term
+    lambda3: float = 0.0  # latent consistency between sampled times (hkd.losses): the project's addition
     lpips_net: str = "alex"
     lpips_weights: str | None = None  # backbone weights file (default: the torch hub cache)
     lpips_resize: int = 224
@@ -109,7 +110,7 @@ class TrainConfig(Section, name="train"):
         for key in ("batch", "epochs", "checkpoint_every", "log_every", "sample_count", "lpips_resize"):
             self.require(getattr(self, key) >= 1, key, ">= 1")
         self.require(self.max_steps is None or self.max_steps >= 1, "max_steps", ">= 1 (or null: all epochs)")
-        for key in ("time_samples", "sample_every", "workers", "threads", "grad_clip", "lambda2", "seed"):
+        for key in ("time_samples", "sample_every", "workers", "threads", "grad_clip", "lambda2", "lambda3", "seed"):
             self.require(getattr(self, key) >= 0, key, ">= 0")
         self.require(self.lr > 0, "lr", "> 0")
         self.require(0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]")
@@ -143,16 +144,29 @@ def sample_time_indices(times: Tensor, u: Tensor, mode: str) -> Tensor:
 
 
 def trajectory_loss(
-    model: nn.Module, states: Tensor, times: Tensor, u: Tensor, distance: Distance, lambda1: float, mode: str
+    model: nn.Module,
+    states: Tensor,
+    times: Tensor,
+    u: Tensor,
+    distance: Distance,
+    lambda1: float,
+    mode: str,
+    lambda3: float = 0.0,
 ) -> Tensor:
     """Algorithm 1's loss for a batch of trajectories: states (B, K, C, H, W) at times (B, K); u (B, s-1) uniform
-    draws choosing the intermediate times (s-1 may be 0). One forward pass over all B * s (x_t, t) pairs."""
+    draws choosing the intermediate times (s-1 may be 0). One forward pass over all B * s (x_t, t) pairs. lambda3 > 0
+    adds hkd.losses.latent_consistency between the sampled times of each trajectory (the project's addition)."""
     rows = torch.arange(states.shape[0], device=states.device)[:, None]
     index = torch.cat([sample_time_indices(times, u, mode), times.argmax(1, keepdim=True)], dim=1)  # + T
     x_t, t = states[rows, index].flatten(0, 1), times[rows, index].flatten()
     x_eps = states[rows[:, 0], times.argmin(1)]
-    x_hat = model(x_t, t)
-    return distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).mean()
+    if lambda3 == 0:
+        x_hat = model(x_t, t)
+        return distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).mean()
+    x_hat, latents = model(x_t, t, return_latents=True)
+    loss = distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).reshape(-1, index.shape[1])
+    consistency = latent_consistency(getattr(model, "module", model), latents, t, index.shape[1])
+    return (loss.mean(1) + lambda3 * consistency).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -466,7 +480,9 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
                 u = torch.rand(cfg.batch, intermediate, generator=generator, dtype=torch.float64)[rank::world]
                 lambda1 = lambda1_schedule(step / steps_per_epoch, cfg.epochs, cfg.lambda1_start, cfg.lambda1_end)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = trajectory_loss(net, states, times, u.to(device), distance, lambda1, cfg.time_sampling)
+                    loss = trajectory_loss(
+                        net, states, times, u.to(device), distance, lambda1, cfg.time_sampling, cfg.lambda3
+                    )
                 value = loss.item()
                 finite = torch.tensor(float(math.isfinite(value)), device=device)
                 if world > 1:

@@ -120,7 +120,8 @@ def test_evaluate_writes_the_comparison_table(classifier_cache, tmp_path):
     assert {"fd_digits", "recognisable", "pseudo_huber", "feature_distance"} <= set(rows[2])
     text = written[0].read_text()
     assert "HKD (one step)" in text and "| teacher (Euler, 3 steps) | 3 |" in text
-    assert [p.name for p in written] == ["eval.md", "eval.json"]
+    names = ["eval.md", "eval.json", "faithfulness.md", "faithfulness.json", "faithfulness.png", "trajectories.png"]
+    assert [p.name for p in written] == names
 
 
 @pytest.mark.slow
