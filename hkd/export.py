@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from hkd.errors import UserError
 from hkd.model import HKDModel
 from hkd.ops import reference
 
@@ -42,7 +43,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ONNX_OPSET = 18
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A model, format or option that cannot be exported; the message names it."""
 
 
