@@ -139,7 +139,7 @@ class HKDModel(nn.Module):
 
     def clock(self, t: Tensor | float) -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
-        if (t <= 0).any():
+        if not torch.compiler.is_compiling() and (t <= 0).any():  # eager only: a data-dependent branch breaks graphs
             raise ValueError(f"times must be positive (EDM sigma), got {t}")
         return t if self.config.clock == "identity" else t.log()
 
