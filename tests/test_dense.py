@@ -136,7 +136,8 @@ def test_cost_model_picks_the_cheaper_algorithm():
 def plain_plan(A, tau_max, dtype):
     """The plan from ||tau A||_1 alone: (m, s) minimising m s with ||tau A||_1 / s <= theta_m."""
     norm = tau_max * float(torch.linalg.matrix_norm(A.double(), ord=1).max())
-    return min((m * max(1, math.ceil(norm / t)), m) for m, t in enumerate(dense._theta(dtype), start=1))
+    theta = dense._theta(dtype)[: dense.ACTION_MAX_DEGREE[dtype]]
+    return min((m * max(1, math.ceil(norm / t)), m) for m, t in enumerate(theta, start=1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
