@@ -9,9 +9,9 @@ Algorithms (the maths lives in csrc/expm.h; the tables below mirror it):
   s_b = ceil(|tau_b| alpha / theta_m) substeps of T_m(h_b A), h_b = tau_b / s_b. The plan (m, alpha) minimises m s for
   max |tau_b| (m <= ACTION_MAX_DEGREE), alpha = max(d_p, d_{p+1}), d_p = ||A^p||_1^(1/p) from exact small powers
   (p(p-1) <= m + 1; as many powers as a quarter of the cost of the plan from ||A||_1 pays for). Each substep stops
-  per vector z[b, :, p] once ||v_{k-1}||_inf + ||v_k||_inf <= u ||y||_inf; its later terms are zero. Gradients: the exact reverse of that
-  recurrence, whose term counts the backward re-derives by re-running it (z: the action of h A^T; A and tau: sums of
-  outer products).
+  per vector z[b, :, p] once ||v_{k-1}||_inf + ||v_k||_inf <= u ||y||_inf; its later terms are zero. Gradients: the
+  exact reverse of that recurrence, whose term counts the backward re-derives by re-running it (z: the action of
+  h A^T; A and tau: sums of outer products).
 * dense_propagate per level: shared (0-d) tau -> expm(tau A) once, then one GEMM. Per-sample tau -> the action or
   one expm(tau_b A) per sample + bmm, whichever the flop model (`choose_algorithm`) says is cheaper.
 """
