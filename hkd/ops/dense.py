@@ -157,7 +157,7 @@ def _apply(A: Tensor, v: Tensor) -> Tensor:
 
 def _substep(A: Tensor, x: Tensor, h: Tensor, m: int, record: list | None = None) -> Tensor:
     """y = T_m(h A) x with the per-vector convergence test (vectors x[b, :, p]; h (b, 1, 1)). With `record`, appends
-    (input v_{k-1}, A v_{k-1}, keep_k) per term, keep_k: whether the vector takes term k + 1."""
+    (input v_{k-1}, A v_{k-1}, live_k, keep_k) per term: whether the vector takes term k, and term k + 1."""
     u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
     y = v = x
     previous = x.detach().abs().amax(1).double()
@@ -171,10 +171,10 @@ def _substep(A: Tensor, x: Tensor, h: Tensor, m: int, record: list | None = None
         with torch.no_grad():
             norm = term.abs().amax(1).double()
             keep = ~(live & (previous + norm <= u * y.abs().amax(1).double()))
+            if record is not None:
+                record.append((v, Av, live.clone(), keep))
             live &= keep
             previous = norm
-        if record is not None:
-            record.append((v, Av, keep))
         v = term * keep.unsqueeze(1)
     return y
 
@@ -189,6 +189,12 @@ def _sorted_substeps(tau: Tensor, m: int, alpha: float) -> tuple[Tensor, list[in
     return order, counts.tolist(), steps
 
 
+def _advance(A: Tensor, y: Tensor, h: Tensor, m: int, n: int) -> Tensor:
+    """y with its first n samples advanced by one substep."""
+    step = _substep(A, y[:n], h[:n], m)
+    return step if n == len(y) else torch.cat((step, y[n:]))
+
+
 def taylor_action(z: Tensor, A: Tensor, tau: Tensor, plan: Tensor) -> Tensor:
     """exp(tau_b A) z_b by the Taylor recurrence with plain PyTorch ops (differentiable): the action composite."""
     m, alpha = int(plan[0]), float(plan[1])
@@ -200,7 +206,7 @@ def taylor_action(z: Tensor, A: Tensor, tau: Tensor, plan: Tensor) -> Tensor:
     h = (tau[order] / steps.to(tau.dtype)).reshape(-1, 1, 1)
     y = z[order]
     for n in counts:  # substep j: the first n samples (those with s_b > j)
-        y = torch.cat((_substep(A, y[:n], h[:n], m), y[n:]))
+        y = _advance(A, y, h, m, n)
     return y[torch.argsort(order)]
 
 
@@ -218,9 +224,10 @@ def taylor_action_backward(
     order, counts, steps = _sorted_substeps(tau, m, alpha)
     h = (tau[order] / steps.to(tau.dtype)).reshape(-1, 1, 1)
     starts, y = [], z[order]  # the state of the active samples at the start of each substep
-    for n in counts:
+    for j, n in enumerate(counts):
         starts.append(y[:n])
-        y = torch.cat((_substep(A, y[:n], h[:n], m), y[n:]))
+        if j + 1 < len(counts):
+            y = _advance(A, y, h, m, n)
     At = A.transpose(-1, -2)
     g = grad[order].clone()
     grad_h = torch.zeros_like(tau)
@@ -231,8 +238,9 @@ def taylor_action_backward(
         _substep(A, x, h[:n], m, record)
         gy, gv = g[:n], torch.zeros_like(x)  # gv: dL/d(input of the next term)
         for k in range(len(record), 0, -1):
-            v, Av, keep = record[k - 1]
-            gterm = gy + gv * keep.unsqueeze(1)  # dL/d(term k)
+            v, Av, live, keep = record[k - 1]
+            # dL/d(term k); zero where the vector had stopped (its gradient ends there: no subnormal tails)
+            gterm = torch.where(live.unsqueeze(1), gy + gv * keep.unsqueeze(1), 0.0)
             grad_A = grad_A + torch.einsum(outer, gterm * (h[:n] / k), v)
             grad_h[:n] += (gterm * Av).sum(dim=(1, 2)) / k
             gv = _apply(At, gterm) * (h[:n] / k)
