@@ -101,6 +101,8 @@ def action_plan(A: Tensor, tau_max: float, columns: int, dtype: torch.dtype) -> 
         return m, alpha, cost
 
     m, alpha, cost = best([norm])
+    if A.shape[-1] == 0:  # an empty level: nothing to evolve
+        return m, alpha
     # one power of A costs (matrices d^3) / (d^2 columns) Taylor terms; spend at most a quarter of the plan on them
     power_cost = (A.shape[0] if A.dim() == 3 else 1) * A.shape[-1] / max(columns, 1)
     powers = min(P_MAX + 1, 1 + int(cost / (4 * power_cost)))
