@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hkd import bench
-from hkd.ops import dense, dense_propagate, expm, reference, spectral_propagate
+from hkd.ops import dense_propagate, expm, reference, spectral_propagate
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = bench.fast_backends(DEVICE)
@@ -74,12 +74,13 @@ def test_spectral_forward_backward(benchmark, workload_w, row):
     timed(benchmark, lambda: torch.autograd.backward(op(latents, alphas, betas, tau), grads, inputs=leaves))
 
 
-@pytest.mark.benchmark(group="dense action B=256 d=64 P=64 (baseline: composites)")
-@pytest.mark.parametrize("row", ["composite action", "composite per-sample expm", *BACKENDS])
+@pytest.mark.benchmark(group="dense action B=256 d=64 P=1 gaussian 15, tau ~ U(0, 1) (baseline: composites)")
+@pytest.mark.parametrize("row", ["composite Taylor", "composite per-sample expm", *BACKENDS])
 def test_dense_action(benchmark, row):
-    z, A, tau = bench.action_workload(256, 64, 64, DEVICE)
+    A = bench.dense_generator("gaussian 15", 64, DEVICE).float()
+    z, tau = torch.randn(256, 64, 1, device=DEVICE), torch.rand(256, device=DEVICE)
     fns = {
-        "composite action": lambda: dense.taylor_action(z, A, tau),
+        "composite Taylor": lambda: bench.taylor_composite(z, A, tau),
         "composite per-sample expm": lambda: bench.per_sample_expm(z, A, tau),
     }
     timed(benchmark, fns.get(row, lambda: dense_propagate([z], [A], tau, backend=row)))

@@ -5,12 +5,19 @@
 //   expm:   exp(A) = T_m(A / 2^s)^(2^s), T_m evaluated by Paterson-Stockmeyer (cost(m) matrix products),
 //           (m, s) minimising cost(m) + s subject to ||A||_1 / 2^s <= theta_m (ties: fewer squarings, the
 //           phase where rounding errors grow);
-//   action: exp(tau A) z = (T_m(tau A / s))^s z, (m, s) minimising m * s subject to ||tau A||_1 / s <= theta_m
-//           (Al-Mohy and Higham 2011, expm_multiply).
+//   action: exp(tau_b A) z_b = (T_m(h_b A))^(s_b) z_b, h_b = tau_b / s_b, s_b = ceil(|tau_b| alpha / theta_m)
+//           (Al-Mohy and Higham 2011, expm_multiply). The plan (m, alpha) comes from the caller (hkd/ops/dense.py
+//           action_plan): alpha = max(d_p, d_{p+1}), d_p = ||A^p||_1^(1/p), p(p-1) <= m+1, minimising m s. Each
+//           substep stops early per vector (a column z[b, :, p]) once ||v_{k-1}||_inf + ||v_k||_inf <=
+//           u ||y||_inf (terms v_k, partial sum y): its later terms are zero (`converged`).
 // theta_m is the largest theta with backward-error bound h_{m+1}(theta) / theta <= u (u = 2^-53 for double,
 // 2^-24 for float), h_{m+1}(x) = sum |c_k| x^k, log(e^{-x} T_m(x)) = sum_{k>m} c_k x^k (Al-Mohy and Higham
 // 2009, table A.3; recomputed with mpmath, 3 digits).
 #pragma once
+
+#ifndef __CUDACC_RTC__
+#include <cmath>
+#endif
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define HKD_HD __host__ __device__
@@ -52,7 +59,7 @@ HKD_HD inline int ps_cost(int m) {
 
 struct Plan {
   int degree;     // m
-  int steps;      // expm: squarings s; action: substeps s
+  int steps;      // squarings s
   bool finite;    // false: the norm is inf or NaN and the result is NaN
 };
 
@@ -72,18 +79,16 @@ HKD_HD inline Plan expm_plan(double norm, bool is_double) {
   return best;
 }
 
-// exp(tau A) z by s substeps of T_m(tau A / s), from norm = ||tau A||_1.
-HKD_HD inline Plan action_plan(double norm, bool is_double) {
-  if (!(norm <= 1e300)) return {1, 1, false};
-  Plan best{kMaxDegree, kMaxSubsteps, true};
-  double best_cost = 1e300;
-  for (int m = 1; m <= kMaxDegree; ++m) {
-    double s = norm / theta(m, is_double);
-    s = s < 1 ? 1 : (s > kMaxSubsteps ? kMaxSubsteps : s);
-    const int steps = static_cast<int>(s) + (static_cast<double>(static_cast<int>(s)) < s ? 1 : 0);
-    if (double(m) * steps < best_cost) best = {m, steps, true}, best_cost = double(m) * steps;
-  }
-  return best;
+// The action's substeps for one sample: s_b = ceil(|tau_b| alpha / theta_m) in [1, kMaxSubsteps] (NaN: 1).
+HKD_HD inline int action_substeps(double tau, int degree, double alpha, bool is_double) {
+  const double x = ceil((tau < 0 ? -tau : tau) * alpha / theta(degree, is_double));
+  return !(x >= 1) ? 1 : x > kMaxSubsteps ? kMaxSubsteps : int(x);
+}
+
+// The per-vector convergence test after term k: previous and current terms' max-abs against the sum's.
+HKD_HD inline bool converged(double previous_term, double term, double sum, bool is_double) {
+  const double u = is_double ? 1.1102230246251565e-16 : 5.9604644775390625e-08;  // 2^-53, 2^-24
+  return previous_term + term <= u * sum;
 }
 
 HKD_HD inline double inv_factorial(int k) {

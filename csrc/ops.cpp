@@ -21,9 +21,10 @@ TORCH_LIBRARY(hkd, m) {
   // A (..., n, n) -> exp(A); expm_backward(A, grad) = L(A^T, grad), the adjoint of the Frechet derivative
   m.def("expm(Tensor A) -> Tensor");
   m.def("expm_backward(Tensor A, Tensor grad) -> Tensor");
-  // z (B, d, P), A (d, d) or (P, d, d), tau (B,) -> exp(tau_b A_p) z[b, :, p] (truncated Taylor, substeps)
-  m.def("dense_action(Tensor z, Tensor A, Tensor tau) -> Tensor");
-  m.def("dense_action_backward(Tensor grad, Tensor z, Tensor A, Tensor tau) -> (Tensor, Tensor, Tensor)");
+  // z (B, d, P), A (d, d) or (P, d, d), tau (B,) -> exp(tau_b A_p) z[b, :, p] (truncated Taylor, substeps);
+  // plan: float64 (degree, alpha) from hkd::dense_action_plan (hkd/ops/dense.py; the maths in csrc/expm.h)
+  m.def("dense_action(Tensor z, Tensor A, Tensor tau, Tensor plan) -> Tensor");
+  m.def("dense_action_backward(Tensor grad, Tensor z, Tensor A, Tensor tau, Tensor plan) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import hkd._C` loads the library, which registers the ops above statically; the module itself

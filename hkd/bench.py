@@ -8,11 +8,14 @@ spectral  hkd.ops.spectral_propagate on workload W of issue 3: B = 64 (and large
           bytes: `clone` allocates its output like the op does, `copy_` writes into a preallocated buffer), the eager
           composite (hkd.ops.reference), torch.compile of that composite (the baseline), every usable backend;
           forward, and forward + backward (gradients for latents, alphas and betas; tau needs none).
-dense     hkd.ops.dense_propagate with per-sample tau, z (B, d, P), one shared A (d x d) with ||A||_1 = 2,
-          tau_b ~ U(0, 1), against the better of two plain-PyTorch composites: the Taylor action (one GEMM + scale + add
-          per term, the same degree and substeps as the fused kernels) and one torch.linalg.matrix_exp(tau_b A) per
-          sample then bmm; each backend also forced to each algorithm. And hkd.ops.expm against torch.linalg.matrix_exp,
-          forward and forward + backward. Ratio = baseline time / row time (> 1: faster than the baseline).
+dense     hkd.ops.dense_propagate with per-sample tau_b ~ U(0, tau_max), tau_max in {1, 80}, z (B, d, P), one shared A
+          (d x d) of each matrix class (`dense_generator`), float32, against the better of two plain-PyTorch composites:
+          the Taylor loop with a convergence test (`taylor_composite`) and one torch.linalg.matrix_exp(tau_b A) per
+          sample then bmm; forward and forward + backward, each backend's action kernel also forced, scipy's
+          expm_multiply (float64, one shared tau = tau_max / 2) as an outside reference point, and the relative error
+          of each against float64. First the workload of the plan's issue (256, 256, 1), A = randn / 16,
+          tau_b ~ U(0, 2). And hkd.ops.expm against torch.linalg.matrix_exp, forward and forward + backward.
+          Ratio = baseline time / row time (> 1: faster than the baseline).
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ import torch
 from hkd.ops import _backend, dense, dense_propagate, expm, reference, spectral_propagate
 
 SPECTRAL_LEVELS = [(256, 32, 32), (256, 16, 16), (256, 8, 8)]
-ACTION_WORKLOADS = [(256, 256, 1), (1024, 128, 1), (256, 64, 1), (256, 64, 64), (64, 32, 1024)]  # (B, d, P)
-EXPM_WORKLOADS = [(1024, 32), (256, 64)]  # (count, n)
 
 
 def fast_backends(device: torch.device) -> list[str]:
@@ -127,11 +128,56 @@ def _spectral_table(workload, ops: dict, device: torch.device, repeats: int, out
 
 # -- dense ------------------------------------------------------------------------------------------------------------
 
+MATRIX_CLASSES = ("gaussian 2", "gaussian 15", "gaussian 60", "skew-symmetric", "non-normal", "hkd-like")
+CLASS_WORKLOADS = [(256, 64, 1), (32, 32, 64)]  # (B, d, P)
+TAU_MAXES = (1.0, 80.0)
+SCIPY_ROW = "scipy expm_multiply (shared tau, f64)"
 
-def action_workload(B: int, d: int, P: int, device):
-    A = torch.randn(d, d, device=device)
-    A = A * (2.0 / torch.linalg.matrix_norm(A, ord=1))
-    return torch.randn(B, d, P, device=device), A, torch.rand(B, device=device)
+
+def dense_generator(kind: str, d: int, device=None) -> torch.Tensor:
+    """A d x d generator of one matrix class (float64); "issue": randn / 16 as it is (spectral radius ~1).
+    gaussian N: randn shifted so that its rightmost eigenvalue has real part 0 (exp(tau A) stays bounded for tau up
+    to 80), scaled to ||A||_1 = N. skew-symmetric: every eigenvalue imaginary, ||A||_1 = 60. non-normal: upper
+    triangular, diagonal in [-1, -0.1], off-diagonal entries randn * 2. hkd-like: 2x2 rotation-scaling blocks with alpha
+    in [-0.05, 0] and beta in [-10, 10], in a random orthogonal basis."""
+    g = torch.randn(d, d, dtype=torch.float64)
+    if kind == "issue":
+        A = g / 16
+    elif kind.startswith("gaussian"):
+        A = g - torch.linalg.eigvals(g).real.max() * torch.eye(d, dtype=torch.float64)
+        A *= float(kind.split()[1]) / torch.linalg.matrix_norm(A, ord=1)
+    elif kind == "skew-symmetric":
+        A = (g - g.T) * (60 / torch.linalg.matrix_norm(g - g.T, ord=1))
+    elif kind == "non-normal":
+        A = torch.triu(g, 1) * 2 + torch.diag(-torch.linspace(1.0, 0.1, d, dtype=torch.float64))
+    elif kind == "hkd-like":
+        alpha, beta = -torch.rand(d // 2, dtype=torch.float64) * 0.05, (torch.rand(d // 2) * 20 - 10).double()
+        blocks = torch.zeros(d, d, dtype=torch.float64)
+        i = torch.arange(0, d - 1, 2)
+        blocks[i, i] = blocks[i + 1, i + 1] = alpha
+        blocks[i, i + 1], blocks[i + 1, i] = -beta, beta
+        Q = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]
+        A = Q @ blocks @ Q.T
+    else:
+        raise ValueError(f"unknown matrix class {kind!r}; choose one of {MATRIX_CLASSES + ('issue',)}")
+    return A.to(device)
+
+
+def taylor_composite(z, A, tau, tol: float = 1e-7):
+    """The plain-PyTorch Taylor loop: s = ceil(||tau A||_1 / 3) substeps, each stopped once the term's max-abs falls
+    below tol times the sum's."""
+    s = max(1, math.ceil(float(tau.detach().abs().max()) * float(torch.linalg.matrix_norm(A.detach(), ord=1)) / 3))
+    h = (tau / s)[:, None, None]
+    y = z
+    for _ in range(s):
+        v, k = y, 0
+        while k < 200:
+            k += 1
+            v = (A @ v) * (h / k)
+            y = y + v
+            if float(v.detach().abs().max()) <= tol * float(y.detach().abs().max()):
+                break
+    return y
 
 
 def per_sample_expm(z, A, tau):
@@ -139,37 +185,115 @@ def per_sample_expm(z, A, tau):
     return torch.bmm(torch.linalg.matrix_exp(tau[:, None, None] * A), z)
 
 
-def _table(out, t: dict[str, float], baseline: float) -> None:
-    for name, seconds in t.items():
-        out(f"  {name:<36} {seconds * 1e3:10.2f} ms {baseline / seconds:7.2f}x")
+def _dense_op(backend: str):
+    return lambda z, A, tau: dense_propagate([z], [A], tau, backend=backend)[0]
 
 
-def bench_dense(device="cpu", repeats: int = 5, actions=ACTION_WORKLOADS, expms=EXPM_WORKLOADS, out=print) -> None:
+def _scipy_expm_multiply():
+    try:
+        from scipy.sparse.linalg import expm_multiply
+    except ImportError:
+        return None
+    return expm_multiply
+
+
+def bench_dense(
+    device="cpu",
+    repeats: int = 3,
+    workloads=CLASS_WORKLOADS,
+    classes=MATRIX_CLASSES,
+    tau_maxes=TAU_MAXES,
+    expms=((1024, 32), (256, 64)),
+    issue: bool = True,
+    out=print,
+) -> None:
+    """dense_propagate with per-sample tau over matrix classes, against the better plain-PyTorch composite."""
     device = torch.device(device)
-    out(f"# hkd bench dense: {describe(device)}, float32")
+    out(f"# hkd bench dense: {describe(device)}, float32; min of {repeats} interleaved rounds")
     torch.manual_seed(0)
-    for B, d, P in actions:
-        _action_table(B, d, P, device, repeats, out)
+    if issue:
+        _class_table(256, 256, 1, ("issue",), 2.0, device, repeats, out)
+    for B, d, P in workloads:
+        for tau_max in tau_maxes:
+            _class_table(B, d, P, classes, tau_max, device, repeats, out)
     for count, n in expms:
         _expm_table(count, n, device, repeats, out)
 
 
-def _action_table(B: int, d: int, P: int, device: torch.device, repeats: int, out) -> None:
-    z, A, tau = action_workload(B, d, P, device)
-    norm = dense._action_norm(A, tau)
-    m, s = dense.action_plan(norm, torch.float32)
-    choice = dense.choose_algorithm(B, d, P, False, norm, torch.float32)
-    rows = {
-        "composite action (PyTorch)": lambda: dense.taylor_action(z, A, tau),
-        "composite per-sample expm (PyTorch)": lambda: per_sample_expm(z, A, tau),
-    }
-    for b in fast_backends(device):
-        rows[f"dense_propagate {b}"] = lambda b=b: dense_propagate([z], [A], tau, backend=b)
-        rows[f"  {b} action kernel"] = lambda b=b: dense._action(z, A, tau, b)
-        rows[f"  {b} per-sample expm kernel"] = lambda b=b: torch.bmm(dense._expm(tau[:, None, None] * A, b), z)
-    t = measure(rows, repeats, device)
-    out(f"\naction B={B} d={d} P={P} (Taylor m={m}, s={s}; cost model: {choice}); ratio to the better composite")
-    _table(out, t, min(t["composite action (PyTorch)"], t["composite per-sample expm (PyTorch)"]))
+def _class_table(B: int, d: int, P: int, classes, tau_max: float, device, repeats: int, out) -> None:
+    """One workload and tau_max: a column per matrix class, a row per method; ratio = the better composite's time /
+    the row's time (> 1: faster), forward and forward + backward (gradients for z, A and tau)."""
+    expm_multiply = _scipy_expm_multiply()
+    cells: dict[str, dict[str, tuple[float, float]]] = {}  # row -> class -> (seconds, ratio)
+    notes: dict[str, list[str]] = {"||A||_1": [], "plan m, alpha, mean s": [], "cost model": []}
+    errors: dict[str, list[str]] = {}
+    for kind in classes:
+        A64 = dense_generator(kind, d)
+        z = torch.randn(B, d, P, device=device)
+        tau = torch.rand(B, device=device) * tau_max
+        A = A64.float().to(device)
+        leaves = [t.clone().requires_grad_() for t in (z, A, tau)]
+        G = torch.randn_like(z)
+        plan = dense.dense_action_plan(A, tau, B * P)
+        m, alpha = int(plan[0]), float(plan[1])
+        notes["||A||_1"].append(f"{float(torch.linalg.matrix_norm(A64, ord=1)):.1f}")
+        mean_steps = float(dense.action_substeps(tau, m, alpha).mean())
+        notes["plan m, alpha, mean s"].append(f"{m}, {alpha:.3g}, {mean_steps:.1f}")
+        notes["cost model"].append(dense.choose_algorithm(A, tau, P, plan))
+        fwd = {
+            "composite Taylor (PyTorch)": lambda z=z, A=A, tau=tau: taylor_composite(z, A, tau),
+            "composite per-sample expm (PyTorch)": lambda z=z, A=A, tau=tau: per_sample_expm(z, A, tau),
+        }
+        for b in fast_backends(device):
+            fwd[f"dense_propagate {b}"] = lambda z=z, A=A, tau=tau, b=b: dense_propagate([z], [A], tau, backend=b)[0]
+            fwd[f"  {b} action kernel"] = lambda z=z, A=A, tau=tau, b=b: dense._action(z, A, tau, b)
+        if expm_multiply is not None and device.type == "cpu":
+            Z, A_np, t_mean = z.double().permute(1, 0, 2).reshape(d, -1).numpy(), A64.numpy(), tau_max / 2
+            fwd[SCIPY_ROW] = lambda A_np=A_np, Z=Z, t=t_mean: expm_multiply(t * A_np, Z)
+
+        def fwd_bwd(f, leaves=leaves, G=G):
+            for leaf in leaves:
+                leaf.grad = None
+            torch.autograd.backward(f(*leaves), G)
+
+        bwd = {
+            "fwd+bwd composite Taylor": lambda: fwd_bwd(taylor_composite),
+            "fwd+bwd composite per-sample expm": lambda: fwd_bwd(per_sample_expm),
+        }
+        for b in fast_backends(device):
+            bwd[f"fwd+bwd dense_propagate {b}"] = lambda b=b: fwd_bwd(_dense_op(b))
+        exact = torch.bmm(reference.expm(tau.double()[:, None, None] * A64.to(device)), z.double())
+        for name, f in fwd.items():
+            if name != SCIPY_ROW:
+                err = float((f().double() - exact).norm() / exact.norm())
+                errors.setdefault(name, []).append(f"{err:.1e}")
+        if SCIPY_ROW in fwd:
+            shared = torch.linalg.matrix_exp(tau_max / 2 * A64) @ torch.from_numpy(Z)
+            err = float((torch.from_numpy(fwd[SCIPY_ROW]()) - shared).norm() / shared.norm())
+            errors.setdefault(SCIPY_ROW, []).append(f"{err:.1e}")
+        t = measure(fwd | bwd, repeats, device)
+        base = min(t["composite Taylor (PyTorch)"], t["composite per-sample expm (PyTorch)"])
+        base_bwd = min(t["fwd+bwd composite Taylor"], t["fwd+bwd composite per-sample expm"])
+        for name, seconds in t.items():
+            ratio = (base_bwd if name.startswith("fwd+bwd") else base) / seconds
+            cells.setdefault(name, {})[kind] = (seconds, ratio)
+    out(f"\nB={B} d={d} P={P}, tau_b ~ U(0, {tau_max:g}): ms and ratio to the better composite (> 1: faster)")
+    out(f"  {'':<38}" + "".join(f"{kind:>20}" for kind in classes))
+    for name, values in notes.items():
+        out(f"  {name:<38}" + "".join(f"{v:>20}" for v in values))
+    for name, per_class in cells.items():
+        row = "".join(
+            f"{per_class[k][0] * 1e3:11.2f} {per_class[k][1]:7.2f}x" if k in per_class else f"{'':>20}" for k in classes
+        )
+        out(f"  {name:<38}{row}")
+    out("  relative error against float64 (per-sample expm; scipy: against its shared-tau product)")
+    for name, values in errors.items():
+        out(f"  {'error ' + name.strip():<38}" + "".join(f"{v:>20}" for v in values))
+
+
+def _table(out, t: dict[str, float], baseline: float) -> None:
+    for name, seconds in t.items():
+        out(f"  {name:<36} {seconds * 1e3:10.2f} ms {baseline / seconds:7.2f}x")
 
 
 def _expm_table(count: int, n: int, device: torch.device, repeats: int, out) -> None:

@@ -3,8 +3,9 @@
 expm: one program per matrix (n <= 64, kept in registers): Taylor degree 16 by Paterson-Stockmeyer (6 products)
 on A / 2^s, s per matrix from ||A||_1, then s squarings. action: one program per (sample, block of positions) with
 the generator shared ("column" mode: V <- A V), or per (position, block of samples) for P = 1 or per-position
-generators ("row" mode: V <- V A^T, per-row h); the generator stays on chip for all m s Taylor terms.
-Larger n falls back to plain PyTorch (torch.linalg.matrix_exp, the Taylor composite): GEMM-bound there.
+generators ("row" mode: V <- V A^T, per-row h and substeps); the generator stays on chip for all the Taylor terms,
+each substep stopping per vector by the convergence test of hkd/ops/dense.py.
+Larger n falls back to plain PyTorch (torch.linalg.matrix_exp here, the Taylor composite in hkd/ops/dense.py).
 """
 
 from __future__ import annotations
@@ -68,46 +69,58 @@ def expm(A: Tensor) -> Tensor:
 
 
 @triton.jit
-def _action_kernel(z_ptr, a_ptr, tau_ptr, out_ptr, B, d, P, degree, substeps, ROW_MODE: tl.constexpr,
-                   SHARED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _action_kernel(z_ptr, a_ptr, tau_ptr, steps_ptr, out_ptr, B, d, P, degree, unit_roundoff, ROW_MODE: tl.constexpr,
+                   SHARED: tl.constexpr, AXIS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     i = tl.arange(0, BLOCK_D)
-    if ROW_MODE:  # program (position p, samples b0..b0+BLOCK): V (BLOCK x d) <- V A_p^T
+    if ROW_MODE:  # program (position p, samples b0..b0+BLOCK): V (BLOCK x d) <- V A_p^T; vectors are rows
         p = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         off = (b[:, None].to(tl.int64) * d + i[None, :]) * P + p
         mask = (b[:, None] < B) & (i[None, :] < d)
         a_base = a_ptr if SHARED else a_ptr + p * d * d
         At = tl.load(a_base + i[None, :] * d + i[:, None], mask=(i[:, None] < d) & (i[None, :] < d), other=0.0)
-        h = (tl.load(tau_ptr + b, mask=b < B, other=0.0) / substeps)[:, None]
-    else:  # program (sample b, positions p0..p0+BLOCK): V (d x BLOCK) <- A V
+        steps = tl.load(steps_ptr + b, mask=b < B, other=0).to(tl.int32)
+        h = (tl.load(tau_ptr + b, mask=b < B, other=0.0) / tl.maximum(steps, 1))[:, None]
+    else:  # program (sample b, positions p0..p0+BLOCK): V (d x BLOCK) <- A V; vectors are columns
         bb = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         off = (bb * d + i[:, None]) * P + p[None, :]
         mask = (i[:, None] < d) & (p[None, :] < P)
         At = tl.load(a_ptr + i[:, None] * d + i[None, :], mask=(i[:, None] < d) & (i[None, :] < d), other=0.0)
-        h = tl.load(tau_ptr + bb) / substeps
+        steps = tl.load(steps_ptr + bb + 0 * p).to(tl.int32)
+        h = tl.load(tau_ptr + bb) / tl.load(steps_ptr + bb)
     y = tl.load(z_ptr + off, mask=mask, other=0.0)
-    for _ in range(substeps):
-        v = y
-        for k in range(1, degree + 1):
+    for step in range(tl.max(steps, axis=0)):
+        active = steps > step
+        v = tl.where(tl.expand_dims(active, AXIS), y, 0.0)
+        previous = tl.max(tl.abs(v), axis=AXIS).to(tl.float64)
+        live = active.to(tl.int32)
+        k = 1
+        while (k <= degree) & (tl.max(live, axis=0) > 0):
             if ROW_MODE:
                 v = tl.dot(v, At, input_precision="ieee")
             else:
                 v = tl.dot(At, v, input_precision="ieee")
             v = v * (h / k)
             y += v
+            term = tl.max(tl.abs(v), axis=AXIS).to(tl.float64)
+            total = tl.max(tl.abs(y), axis=AXIS).to(tl.float64)
+            done = (live > 0) & (previous + term <= unit_roundoff * total)
+            live = tl.where(done, 0, live)
+            v = tl.where(tl.expand_dims(done, AXIS), 0.0, v)
+            previous = term
+            k += 1
     tl.store(out_ptr + off, y, mask=mask)
 
 
-def action(z: Tensor, A: Tensor, tau: Tensor, degree: int, substeps: int) -> Tensor:
-    """exp(tau_b A_p) z[b, :, p] by `substeps` steps of the degree-`degree` Taylor polynomial; z (B, d, P),
-    A (d, d) or (P, d, d), tau (B,)."""
+def action(z: Tensor, A: Tensor, tau: Tensor, degree: int, steps: Tensor) -> Tensor:
+    """exp(tau_b A_p) z[b, :, p] by steps[b] substeps of the degree-`degree` Taylor polynomial, each stopped per vector
+    by the convergence test (hkd/ops/dense.py); z (B, d, P), A (d, d) or (P, d, d), tau (B,)."""
     B, d, P = z.shape
     if d > MAX_N:
-        from hkd.ops.dense import taylor_action
-
-        return taylor_action(z, A, tau)
+        raise ValueError(f"the Triton action keeps d <= {MAX_N} channels on chip, got {d}")
     z, A, tau = z.contiguous(), A.contiguous(), tau.contiguous()
+    steps = steps.to(device=z.device, dtype=torch.int32).contiguous()
     out = torch.empty_like(z)
     if out.numel() == 0:
         return out
@@ -119,6 +132,7 @@ def action(z: Tensor, A: Tensor, tau: Tensor, degree: int, substeps: int) -> Ten
     else:
         block = max(16, min(64, triton.next_power_of_2(P)))
         grid = (B, triton.cdiv(P, block))
-    _action_kernel[grid](z, A, tau, out, B, d, P, degree, substeps, ROW_MODE=row_mode, SHARED=A.dim() == 2,
-                         BLOCK_D=block_d, BLOCK=block)  # fmt: skip
+    u = 2.0**-53 if z.dtype == torch.float64 else 2.0**-24
+    _action_kernel[grid](z, A, tau, steps, out, B, d, P, degree, u, ROW_MODE=row_mode, SHARED=A.dim() == 2,
+                         AXIS=1 if row_mode else 0, BLOCK_D=block_d, BLOCK=block)  # fmt: skip
     return out

@@ -112,11 +112,13 @@ def test_action_backward_is_the_reverse_of_the_recurrence(per_position):
     B, d, P = 4, 5, 3
     z = torch.randn(B, d, P, dtype=torch.float64, requires_grad=True)
     A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64, requires_grad=True)
-    tau = (torch.rand(B, dtype=torch.float64) * 10 - 5).requires_grad_()
-    assert dense.action_plan(dense._action_norm(A.detach(), tau.detach()), torch.float64)[1] > 1
+    tau = (torch.tensor([0.0, 0.3, -2.0, 9.0], dtype=torch.float64) * 3).requires_grad_()
+    plan = dense.dense_action_plan(A.detach(), tau.detach(), B * P)
+    steps = dense.action_substeps(tau.detach(), int(plan[0]), float(plan[1]))
+    assert len(set(steps.tolist())) >= 3 and steps.max() > 2  # samples take different numbers of substeps
     g = torch.randn(B, d, P, dtype=torch.float64)
-    expected = torch.autograd.grad(dense.taylor_action(z, A, tau), (z, A, tau), g)
-    actual = dense.taylor_action_backward(g, z.detach(), A.detach(), tau.detach())
+    expected = torch.autograd.grad(dense.taylor_action(z, A, tau, plan), (z, A, tau), g)
+    actual = dense.taylor_action_backward(g, z.detach(), A.detach(), tau.detach(), plan)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)
 
@@ -124,9 +126,104 @@ def test_action_backward_is_the_reverse_of_the_recurrence(per_position):
 def test_cost_model_picks_the_cheaper_algorithm():
     # per-sample expm costs ~B (cost(m) + s) 2 d^3, the action m s 2 d^2 B P: d large with P = 1 favours the action,
     # many positions per sample favour one expm per sample
-    assert dense.choose_algorithm(256, 256, 1, False, 3.0, torch.float32) == "action"
-    assert dense.choose_algorithm(256, 64, 64, False, 3.0, torch.float32) == "expm"
-    assert dense.choose_algorithm(64, 32, 1024, False, 3.0, torch.float32) == "expm"
+    for (B, d, P), choice in {(256, 256, 1): "action", (256, 64, 64): "expm", (64, 32, 1024): "expm"}.items():
+        A = torch.randn(d, d)
+        A *= 3 / torch.linalg.matrix_norm(A, ord=1)
+        tau = torch.rand(B)
+        assert dense.choose_algorithm(A, tau, P, dense.dense_action_plan(A, tau, B * P)) == choice
+
+
+def plain_plan(A, tau_max, dtype):
+    """The plan from ||tau A||_1 alone: (m, s) minimising m s with ||tau A||_1 / s <= theta_m."""
+    norm = tau_max * float(torch.linalg.matrix_norm(A.double(), ord=1).max())
+    theta = dense._theta(dtype)[: dense.ACTION_MAX_DEGREE[dtype]]
+    return min((m * max(1, math.ceil(norm / t)), m) for m, t in enumerate(theta, start=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plan_from_the_powers_of_A(dtype):
+    """alpha_p = max(d_p, d_{p+1}) <= ||A||_1: never more terms than the plan from the norm, far fewer when A's powers
+    shrink faster than its norm (a strictly triangular A is nilpotent; randn / 16 has spectral radius ~1, norm ~15)."""
+    d = 64
+    cases = {
+        "gaussian": torch.randn(d, d) / 16,
+        "nilpotent": torch.triu(torch.randn(d, d), 1) * 3,
+        "normal": torch.linalg.qr(torch.randn(d, d))[0] * 3,
+        "zero": torch.zeros(d, d),
+    }
+    for name, A in cases.items():
+        A = A.to(dtype)
+        m, alpha = dense.action_plan(A, 2.0, 256, dtype)
+        cost = m * int(dense.action_substeps(torch.tensor([2.0], dtype=dtype), m, alpha))
+        plain, _ = plain_plan(A, 2.0, dtype)
+        assert cost <= plain, name
+        assert alpha <= float(torch.linalg.matrix_norm(A.double(), ord=1)) * (1 + 1e-12), name
+        if name in ("gaussian", "nilpotent"):
+            assert cost <= plain / 2, (name, cost, plain)
+    # a power costs d^3, d / columns Taylor terms: with few columns the plan keeps to ||A||_1
+    A = torch.randn(d, d) / 16
+    norm = float(torch.linalg.matrix_norm(A.double(), ord=1))
+    assert dense.action_plan(A, 2.0, 4, torch.float32)[1] == pytest.approx(norm)
+    assert dense.action_plan(A, 2.0, 4096, torch.float32)[1] < norm / 2
+
+
+def test_substeps_per_sample_and_non_finite():
+    tau = torch.tensor([0.0, -1.0, 2.5, math.nan, math.inf])
+    m, alpha = 10, 3.0
+    s = dense.action_substeps(tau, m, alpha)
+    theta = dense._theta(torch.float32)[m - 1]
+    assert s.tolist() == [1, math.ceil(3 / theta), math.ceil(7.5 / theta), 1, dense.MAX_SUBSTEPS]
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("per_position, P", [(False, 1), (False, 7), (True, 3)])
+def test_each_vector_stops_on_its_own(backend, per_position, P):
+    """The convergence test is per vector z[b, :, p]: a vector 1e-30 times smaller than the others is as accurate as
+    they are (a test on the whole batch would stop its series 30 orders of magnitude too early), a batch gives each
+    vector what it gets alone, and zero vectors and tau = 0 come back unchanged."""
+    B, d = 6, 5
+    z = torch.randn(B, d, P, dtype=torch.float64)
+    z[1] = 0
+    z[3] *= 1e-30
+    A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64)
+    tau = torch.tensor([0.0, 1.0, -3.0, 0.5, 6.0, 1e-9], dtype=torch.float64)
+    plan = dense.dense_action_plan(A, tau, B * P)
+    out = dense._action(z, A, tau, backend, plan)
+    assert torch.equal(out[0], z[0]) and torch.equal(out[1], z[1])
+    expected = exact([z], [A], tau)[0]
+    bound = 1e-13 * 6 * float(torch.linalg.matrix_norm(A, ord=1).max())
+    for b in (2, 3, 4, 5):
+        assert float((out[b] - expected[b]).norm() / expected[b].norm()) <= bound, b
+        alone = dense._action(z[b : b + 1], A, tau[b : b + 1], backend, plan)
+        assert float((out[b] - alone[0]).norm() / alone.norm()) <= 1e-14, b
+
+
+def test_the_series_stops_early_when_converged():
+    """A substep stops once its terms are negligible: a tiny step needs few of the plan's terms."""
+    A = torch.randn(8, 8, dtype=torch.float64)
+    x = torch.randn(3, 8, 1, dtype=torch.float64)
+    for h, most in ((1e-12, 3), (1e-4, 6)):
+        record: list = []
+        dense._substep(A, x, torch.full((3, 1, 1), h, dtype=torch.float64), 55, record)
+        assert len(record) <= most
+    record = []
+    dense._substep(A, x, torch.full((3, 1, 1), 2.0, dtype=torch.float64), 55, record)
+    assert 10 < len(record) < 55
+
+
+@pytest.mark.skipif(not _backend.usable("cpu", CPU), reason="hkd._C not built")
+@pytest.mark.parametrize("per_position", [False, True])
+def test_flush_to_zero_keeps_float32_accurate_and_is_restored(per_position):
+    """Long series in float32 push late terms below 1e-38 (subnormal): the CPU kernels flush them to zero on their
+    threads, which must not cost accuracy, and must leave the caller's floating-point mode as it was."""
+    d, B, P = 32, 64, 2
+    A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64) / math.sqrt(d) * 4
+    z = torch.randn(B, d, P, dtype=torch.float64) * 1e-30  # tiny states: the terms underflow early
+    tau = torch.rand(B, dtype=torch.float64) * 10
+    expected = exact([z], [A], tau)[0]
+    out = dense._action(z.float(), A.float(), tau.float(), "cpu")
+    assert float((out.double() - expected).norm() / expected.norm()) <= 1e-5
+    assert float(torch.tensor([1e-37], dtype=torch.float32) / 100) > 0  # this thread still computes subnormals
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -148,9 +245,12 @@ def test_opcheck(per_position):
     z = torch.randn(B, d, P, dtype=torch.float64, requires_grad=True)
     A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64, requires_grad=True)
     tau = torch.rand(B, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.hkd.dense_action.default, (z, A, tau))
+    plan = dense.dense_action_plan(A.detach(), tau.detach(), B * P)
+    torch.library.opcheck(torch.ops.hkd.dense_action.default, (z, A, tau, plan))
     g = torch.randn(B, d, P, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.hkd.dense_action_backward.default, (g, z.detach(), A.detach(), tau.detach()))
+    args = (g, z.detach(), A.detach(), tau.detach(), plan)
+    torch.library.opcheck(torch.ops.hkd.dense_action_backward.default, args)
+    torch.library.opcheck(dense.dense_action_plan, (A.detach(), tau.detach(), B * P))
 
 
 @pytest.mark.triton
@@ -159,7 +259,9 @@ def test_opcheck_triton():
     z = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
     A = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     tau = torch.rand(2, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(dense._action_triton, (z, A, tau), test_utils=("test_schema", "test_autograd_registration"))
+    plan = dense.dense_action_plan(A.detach(), tau.detach(), 4)
+    utils = ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(dense._action_triton, (z, A, tau, plan), test_utils=utils)
 
 
 class DenseKoopman(torch.nn.Module):
@@ -213,10 +315,10 @@ for dt in ("fp32", "fp64"):
     sig = {"a_ptr": ptr, "out_ptr": ptr, "s_ptr": "*i32", "n": "i32", "BLOCK": "constexpr"}
     triton.compile(ASTSource(fn=k._expm16_kernel, signature=sig, constexprs={"BLOCK": 64}), target=target)
     for row_mode in (True, False):
-        sig = {"z_ptr": ptr, "a_ptr": ptr, "tau_ptr": ptr, "out_ptr": ptr, "B": "i32", "d": "i32", "P": "i32",
-               "degree": "i32", "substeps": "i32", "ROW_MODE": "constexpr", "SHARED": "constexpr",
-               "BLOCK_D": "constexpr", "BLOCK": "constexpr"}
-        constexprs = {"ROW_MODE": row_mode, "SHARED": not row_mode, "BLOCK_D": 64, "BLOCK": 32}
+        sig = {"z_ptr": ptr, "a_ptr": ptr, "tau_ptr": ptr, "steps_ptr": "*i32", "out_ptr": ptr, "B": "i32",
+               "d": "i32", "P": "i32", "degree": "i32", "unit_roundoff": "fp64", "ROW_MODE": "constexpr",
+               "SHARED": "constexpr", "AXIS": "constexpr", "BLOCK_D": "constexpr", "BLOCK": "constexpr"}
+        constexprs = {"ROW_MODE": row_mode, "SHARED": not row_mode, "AXIS": int(row_mode), "BLOCK_D": 64, "BLOCK": 32}
         triton.compile(ASTSource(fn=k._action_kernel, signature=sig, constexprs=constexprs), target=target)
 """
 

@@ -107,6 +107,23 @@ def test_float32_accuracy_by_norm(backend, norm, tol):
     assert rel_err(out, scipy_expm(A.float())) <= tol
 
 
+@pytest.mark.skipif(not _backend.usable("cpu", CPU), reason="hkd._C not built")
+def test_flush_to_zero_keeps_float32_accurate_and_is_restored():
+    """Powers of a tiny A (entries 1e-20: A^2 is subnormal in float32) and decays to e^-80 (the squarings pass through
+    subnormals): the CPU kernels flush subnormals to zero on their threads, without losing accuracy, forward and
+    gradient, and restore the caller's floating-point mode."""
+    n = 8
+    g = torch.randn(4, n, n, dtype=torch.float64)
+    cases = {"tiny": g * 1e-20, "decay": -with_norm(g @ g.mT, 80.0) - 1e-3 * torch.eye(n, dtype=torch.float64)}
+    for name, A in cases.items():
+        assert rel_err(expm(A.float(), backend="cpu"), scipy_expm(A.float())) <= 1e-5, name
+        G = torch.randn_like(A)
+        A_ = A.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(torch.linalg.matrix_exp(A_), A_, G)
+        assert rel_err(torch.ops.hkd.expm_backward(A.float(), G.float()), expected) <= 1e-4, name
+    assert float(torch.tensor([1e-37], dtype=torch.float32) / 100) > 0  # this thread still computes subnormals
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_batch_shapes_and_empty(backend):
     A = torch.randn(2, 3, 5, 5, dtype=torch.float64) / 3

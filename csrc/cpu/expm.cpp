@@ -7,12 +7,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
 
+#include "cpu/denormals.h"
 #include "expm.h"
 
 namespace {
@@ -171,22 +171,56 @@ HKD_INLINE void expm_matrix(const T* A, const T* E, T* out, T* Lout, int n, Plan
   if (E) std::memcpy(Lout, dY, nn * sizeof(T));
 }
 
-// One block of the state, rows x cols, evolved in place by s substeps of T_m(h A): in "row" mode the rows are
-// samples (state S (rows x d), S <- S A^T, per-row h), in "column" mode one sample's positions (S (d x cols),
-// S <- A S, one h). y: the state and result; v, w: scratch of the same size; hk: rows scratch.
+// One block of the state, evolved in place by the Taylor substeps (csrc/expm.h). Row mode: the rows are samples,
+// sorted by their substeps (non-increasing), state S (rows x d), S <- S A^T with per-row h; column mode: one sample's
+// positions, S (d x cols), S <- A S, one h. A vector (a row, or a column) stops its substep once it has converged:
+// its later terms are zero. y: the state and result; v, w: scratch of the same size; hk: rows; norms: 4 per vector.
 template <typename T, int VB>
-HKD_INLINE void action_block(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, Plan p, T* y,
-                             T* v, T* w, T* hk) {
-  const long size = long(rows) * cols;
-  for (int step = 0; step < p.steps; ++step) {
+HKD_INLINE void action_block(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, const int* steps,
+                             int degree, T* y, T* v, T* w, T* hk, double* norms) {
+  constexpr bool is_double = sizeof(T) == 8;
+  const int vectors = row_mode ? rows : cols;
+  double *previous = norms, *term = norms + vectors, *sum = term + vectors, *live = sum + vectors;
+  for (int step = 0; step < steps[0]; ++step) {
+    int active = row_mode ? 0 : rows;  // row mode: the rows still taking substeps (a prefix)
+    if (row_mode)
+      while (active < rows && steps[active] > step) ++active;
+    const int n = row_mode ? active : vectors;
+    const long size = long(row_mode ? active : rows) * cols;
     std::memcpy(v, y, size * sizeof(T));
-    for (int k = 1; k <= p.degree; ++k) {
+    std::fill(previous, previous + n, 0.0);
+    for (long e = 0; e < size; ++e) {
+      const long c = row_mode ? e / cols : e % cols;
+      previous[c] = std::max(previous[c], double(std::abs(v[e])));
+    }
+    int left = n;
+    std::fill(live, live + n, 1.0);
+    for (int k = 1; k <= degree && left > 0; ++k) {
       if (row_mode) {
-        for (int r = 0; r < rows; ++r) hk[r] = h[r] / T(k);
-        gemm<T, VB>(rows, cols, d, v, cols, Aop, d, w, cols, hk, 1, y, cols);
+        for (int r = 0; r < active; ++r) hk[r] = h[r] / T(k);
+        gemm<T, VB>(active, cols, d, v, cols, Aop, d, w, cols, hk, 1);
       } else {
         hk[0] = h[0] / T(k);
-        gemm<T, VB>(rows, cols, d, Aop, d, v, cols, w, cols, hk, 0, y, cols);
+        gemm<T, VB>(rows, cols, d, Aop, d, v, cols, w, cols, hk, 0);
+      }
+      // y += term; then the convergence test per vector, whose later terms are zero once it passes
+      std::fill(term, term + n, 0.0);
+      std::fill(sum, sum + n, 0.0);
+      for (long e = 0; e < size; ++e) {
+        const long c = row_mode ? e / cols : e % cols;
+        y[e] += w[e];
+        term[c] = std::max(term[c], double(std::abs(w[e])));
+        sum[c] = std::max(sum[c], double(std::abs(y[e])));
+      }
+      for (int c = 0; c < n; ++c) {
+        if (!live[c] || !hkd::expm::converged(previous[c], term[c], sum[c], is_double)) {
+          previous[c] = term[c];
+          continue;
+        }
+        live[c] = 0.0, --left;
+        if (row_mode) std::fill(w + long(c) * cols, w + long(c + 1) * cols, T(0));
+        else
+          for (int i = 0; i < rows; ++i) w[long(i) * cols + c] = T(0);
       }
       std::swap(v, w);
     }
@@ -201,8 +235,9 @@ HKD_INLINE void action_block(bool row_mode, int rows, int cols, const T* Aop, in
   }                                                                                                              \
   template <typename T>                                                                                          \
   __attribute__((target(TARGET))) void NAME##_action(bool row_mode, int rows, int cols, const T* Aop, int d,    \
-                                                     const T* h, Plan p, T* y, T* v, T* w, T* hk) {             \
-    action_block<T, VB>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);                                        \
+                                                     const T* h, const int* steps, int degree, T* y, T* v, T* w, \
+                                                     T* hk, double* norms) {                                     \
+    action_block<T, VB>(row_mode, rows, cols, Aop, d, h, steps, degree, y, v, w, hk, norms);                     \
   }
 #if defined(__x86_64__) || defined(__i386__)
 HKD_VARIANT(avx512, "avx512f,avx512dq", 64)
@@ -227,12 +262,12 @@ void expm_dispatch(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) {
 }
 
 template <typename T>
-void action_dispatch(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, Plan p, T* y, T* v, T* w,
-                     T* hk) {
+void action_dispatch(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, const int* steps, int degree,
+                     T* y, T* v, T* w, T* hk, double* norms) {
   switch (isa()) {
-    case Isa::avx512: return avx512_action<T>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);
-    case Isa::avx2: return avx2_action<T>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);
-    default: return sse2_action<T>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);
+    case Isa::avx512: return avx512_action<T>(row_mode, rows, cols, Aop, d, h, steps, degree, y, v, w, hk, norms);
+    case Isa::avx2: return avx2_action<T>(row_mode, rows, cols, Aop, d, h, steps, degree, y, v, w, hk, norms);
+    default: return sse2_action<T>(row_mode, rows, cols, Aop, d, h, steps, degree, y, v, w, hk, norms);
   }
 }
 #else  // other architectures: one 16-byte-vector variant, the compiler's own target
@@ -242,11 +277,25 @@ void expm_dispatch(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) {
 }
 
 template <typename T>
-void action_dispatch(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, Plan p, T* y, T* v, T* w,
-                     T* hk) {
-  action_block<T, 16>(row_mode, rows, cols, Aop, d, h, p, y, v, w, hk);
+void action_dispatch(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, const int* steps, int degree,
+                     T* y, T* v, T* w, T* hk, double* norms) {
+  action_block<T, 16>(row_mode, rows, cols, Aop, d, h, steps, degree, y, v, w, hk, norms);
 }
 #endif
+
+// Tasks 0..count-1, ordered by cost (most first), dealt round-robin to the worker threads. Each thread calls
+// setup(tasks) once (its scratch), with flush-to-zero set; tasks(body) then runs body(t) for that thread's tasks.
+template <typename Setup>
+void for_each_task(int64_t count, const Setup& setup) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    const hkd::FlushDenormals ftz;
+    for (int64_t worker = first; worker < last; ++worker)
+      setup([&](const auto& body) {
+        for (int64_t t = worker; t < count; t += threads) body(t);
+      });
+  });
+}
 
 void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "hkd::", name, ": expected CPU tensors");
@@ -273,6 +322,7 @@ at::Tensor expm_impl(const at::Tensor& A_in, const at::Tensor* grad_in) {
     const bool is_double = std::is_same_v<scalar_t, double>;
     const long nn = long(n) * n;
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      const hkd::FlushDenormals ftz;
       std::vector<scalar_t> work((2 * 8 + 6) * nn), expA(nn);
       scalar_t* at_ = work.data() + (2 * 8 + 4) * nn;
       for (int64_t b = begin; b < end; ++b) {
@@ -294,9 +344,10 @@ at::Tensor expm_impl(const at::Tensor& A_in, const at::Tensor* grad_in) {
 at::Tensor expm_cpu(const at::Tensor& A) { return expm_impl(A, nullptr); }
 at::Tensor expm_backward_cpu(const at::Tensor& A, const at::Tensor& grad) { return expm_impl(A, &grad); }
 
-// z (B, d, P); A (d, d) shared or (P, d, d) per position; tau (B,). One plan for the call, from
-// max_b |tau_b| * max_p ||A_p||_1 (the same plan as hkd.ops.dense._action_plan).
-at::Tensor dense_action_cpu(const at::Tensor& z_in, const at::Tensor& A_in, const at::Tensor& tau_in) {
+// z (B, d, P); A (d, d) shared or (P, d, d) per position; tau (B,); the plan (degree m, alpha) from
+// hkd.ops.dense.action_plan: sample b takes s_b = ceil(|tau_b| alpha / theta_m) substeps of h_b = tau_b / s_b.
+at::Tensor dense_action_cpu(const at::Tensor& z_in, const at::Tensor& A_in, const at::Tensor& tau_in,
+                             const at::Tensor& plan) {
   check_float(z_in, "dense_action");
   TORCH_CHECK(z_in.dim() == 3, "hkd::dense_action: z must be (B, d, P), got ", z_in.sizes());
   const int64_t B = z_in.size(0), d = z_in.size(1), P = z_in.size(2);
@@ -305,61 +356,69 @@ at::Tensor dense_action_cpu(const at::Tensor& z_in, const at::Tensor& A_in, cons
                   (A_in.dim() == 3 && A_in.size(0) == P && A_in.size(1) == d && A_in.size(2) == d),
               "hkd::dense_action: A must be (d, d) or (P, d, d) for z ", z_in.sizes(), ", got ", A_in.sizes());
   TORCH_CHECK(tau_in.dim() == 1 && tau_in.size(0) == B, "hkd::dense_action: tau must be (B,), got ", tau_in.sizes());
+  TORCH_CHECK(plan.numel() == 2, "hkd::dense_action: plan must be (degree, alpha), got ", plan.sizes());
+  const at::Tensor plan_host = plan.to(at::kCPU, at::kDouble).contiguous();
+  const double degree_value = plan_host.data_ptr<double>()[0], alpha = plan_host.data_ptr<double>()[1];
+  TORCH_CHECK(degree_value >= 1 && degree_value <= hkd::expm::kMaxDegree, "hkd::dense_action: degree must be in [1, ",
+              hkd::expm::kMaxDegree, "], got ", degree_value);
+  const int degree = int(degree_value);
   at::Tensor z = z_in.contiguous();
   at::Tensor A = A_in.to(z.scalar_type()).contiguous();
   at::Tensor tau = tau_in.to(z.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(z);
   if (out.numel() == 0) return out;
+  if (!(alpha >= 0 && alpha <= 1e300) || !A.isfinite().all().item<bool>()) return out.fill_(NAN);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "hkd_dense_action_cpu", [&] {
     using T = scalar_t;
     const bool is_double = std::is_same_v<T, double>;
+    const int m = int(degree);
     const T* zp = z.data_ptr<T>();
     const T* ap = A.data_ptr<T>();
     const T* tp = tau.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    double tau_max = 0, a_max = 0;
-    for (int64_t b = 0; b < B; ++b) tau_max = std::max(tau_max, std::abs(double(tp[b])));
-    for (int64_t p = 0; p < A.numel() / (d * d); ++p) {
-      const double nrm = norm1(ap + p * d * d, d, d, 1);
-      a_max = std::isnan(nrm) || std::isnan(a_max) ? NAN : std::max(a_max, nrm);
-    }
-    const double norm = tau_max * a_max;
-    const Plan plan = hkd::expm::action_plan(std::isnan(a_max) ? NAN : norm, is_double);
-    if (!plan.finite || !std::isfinite(tau_max)) {
-      out.fill_(std::numeric_limits<T>::quiet_NaN());
-      return;
-    }
+    // samples by substeps, most first: a block of rows then shrinks to a prefix as its samples finish
+    std::vector<int64_t> order(B);
+    std::vector<int> steps(B);
     std::vector<T> h(B);
-    for (int64_t b = 0; b < B; ++b) h[b] = tp[b] / T(plan.steps);
+    for (int64_t b = 0; b < B; ++b) order[b] = b;
+    for (int64_t b = 0; b < B; ++b) steps[b] = hkd::expm::action_substeps(double(tp[b]), m, alpha, is_double);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return steps[a] > steps[b]; });
+    for (int64_t b = 0; b < B; ++b) h[b] = tp[b] / T(steps[b]);
     // block size: three state blocks in about 192 KiB (L2)
     const int64_t budget = std::max<int64_t>(16, (192 * 1024) / (3 * int64_t(sizeof(T)) * d));
     if (shared && P > 1) {  // column mode: task = (sample, block of positions), S <- A S
       const int64_t pb = std::min<int64_t>(P, budget), nblk = (P + pb - 1) / pb;
-      at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+      for_each_task(B * nblk, [&](auto&& tasks) {
         std::vector<T> buf(3 * d * pb + 1);
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t b = t / nblk, p0 = (t % nblk) * pb, cols = std::min(pb, P - p0);
+        std::vector<double> norms(4 * pb);
+        tasks([&](int64_t t) {
+          const int64_t b = order[t / nblk], p0 = (t % nblk) * pb, cols = std::min(pb, P - p0);
           T *y = buf.data(), *v = y + d * cols, *w = v + d * cols, *hk = buf.data() + 3 * d * pb;
           for (int64_t i = 0; i < d; ++i) std::memcpy(y + i * cols, zp + (b * d + i) * P + p0, cols * sizeof(T));
-          action_dispatch<T>(false, d, cols, ap, d, &h[b], plan, y, v, w, hk);
+          action_dispatch<T>(false, d, cols, ap, d, &h[b], &steps[b], m, y, v, w, hk, norms.data());
           for (int64_t i = 0; i < d; ++i) std::memcpy(op + (b * d + i) * P + p0, y + i * cols, cols * sizeof(T));
-        }
+        });
       });
-    } else {  // row mode: task = (position, block of samples), S (rows x d) <- S A_p^T
+    } else {  // row mode: task = (position, block of samples in substep order), S (rows x d) <- S A_p^T
       const int64_t nb = std::min<int64_t>(B, budget), nblk = (B + nb - 1) / nb;
       at::Tensor At = A.transpose(-1, -2).contiguous();
       const T* atp = At.data_ptr<T>();
-      at::parallel_for(0, P * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> h_sorted(B);
+      std::vector<int> steps_sorted(B);
+      for (int64_t r = 0; r < B; ++r) h_sorted[r] = h[order[r]], steps_sorted[r] = steps[order[r]];
+      for_each_task(P * nblk, [&](auto&& tasks) {
         std::vector<T> buf(3 * nb * d + nb);
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t p = t / nblk, b0 = (t % nblk) * nb, rows = std::min(nb, B - b0);
+        std::vector<double> norms(4 * nb);
+        tasks([&](int64_t t) {
+          const int64_t p = t % P, r0 = (t / P) * nb, rows = std::min(nb, B - r0);
           T *y = buf.data(), *v = y + rows * d, *w = v + rows * d, *hk = buf.data() + 3 * nb * d;
           for (int64_t r = 0; r < rows; ++r)
-            for (int64_t i = 0; i < d; ++i) y[r * d + i] = zp[((b0 + r) * d + i) * P + p];
-          action_dispatch<T>(true, rows, d, atp + (shared ? 0 : p * d * d), d, &h[b0], plan, y, v, w, hk);
+            for (int64_t i = 0; i < d; ++i) y[r * d + i] = zp[(order[r0 + r] * d + i) * P + p];
+          action_dispatch<T>(true, rows, d, atp + (shared ? 0 : p * d * d), d, &h_sorted[r0], &steps_sorted[r0], m,
+                             y, v, w, hk, norms.data());
           for (int64_t r = 0; r < rows; ++r)
-            for (int64_t i = 0; i < d; ++i) op[((b0 + r) * d + i) * P + p] = y[r * d + i];
-        }
+            for (int64_t i = 0; i < d; ++i) op[(order[r0 + r] * d + i) * P + p] = y[r * d + i];
+        });
       });
     }
   });

@@ -6,8 +6,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
+#include <vector>
 
 #include "cuda/expm_kernels.h"
 #include "expm.h"
@@ -124,7 +126,10 @@ at::Tensor expm_backward_cuda(const at::Tensor& A_in, const at::Tensor& grad) {
   return expm_gemm(A.transpose(-1, -2), G, p).second.reshape(A_in.sizes());
 }
 
-at::Tensor dense_action_cuda(const at::Tensor& z_in, const at::Tensor& A_in, const at::Tensor& tau_in) {
+// The action with the plan (degree, alpha) of hkd.ops.dense.action_plan (csrc/expm.h): on chip for d <= 64, else
+// the same recurrence as batched GEMMs (per-sample substeps by masking, the convergence test per vector).
+at::Tensor dense_action_cuda(const at::Tensor& z_in, const at::Tensor& A_in, const at::Tensor& tau_in,
+                             const at::Tensor& plan) {
   check(z_in, "dense_action");
   TORCH_CHECK(z_in.dim() == 3, "hkd::dense_action: z must be (B, d, P), got ", z_in.sizes());
   const int64_t B = z_in.size(0), d = z_in.size(1), P = z_in.size(2);
@@ -133,37 +138,57 @@ at::Tensor dense_action_cuda(const at::Tensor& z_in, const at::Tensor& A_in, con
                   (A_in.dim() == 3 && A_in.size(0) == P && A_in.size(1) == d && A_in.size(2) == d),
               "hkd::dense_action: A must be (d, d) or (P, d, d) for z ", z_in.sizes(), ", got ", A_in.sizes());
   TORCH_CHECK(tau_in.dim() == 1 && tau_in.size(0) == B, "hkd::dense_action: tau must be (B,), got ", tau_in.sizes());
+  TORCH_CHECK(plan.numel() == 2, "hkd::dense_action: plan must be (degree, alpha), got ", plan.sizes());
+  const at::Tensor plan_host = plan.to(at::kCPU, at::kDouble).contiguous();
+  const double degree_value = plan_host.data_ptr<double>()[0], alpha = plan_host.data_ptr<double>()[1];
+  TORCH_CHECK(degree_value >= 1 && degree_value <= hkd::expm::kMaxDegree, "hkd::dense_action: degree must be in [1, ",
+              hkd::expm::kMaxDegree, "], got ", degree_value);
+  const int degree = int(degree_value);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.contiguous(), A = A_in.to(z.scalar_type()).contiguous();
   const at::Tensor tau = tau_in.to(z.scalar_type()).contiguous();
   if (z.numel() == 0) return at::empty_like(z);
-  const double norm = tau.abs().max().item<double>() * max_norm1(A.reshape({-1, d, d}));
-  const Plan p = hkd::expm::action_plan(norm, z.scalar_type() == at::kDouble);
-  if (!p.finite) return at::full_like(z, std::numeric_limits<double>::quiet_NaN());
+  const bool is_double = z.scalar_type() == at::kDouble;
+  if (!(alpha >= 0 && alpha <= 1e300) || !A.isfinite().all().item<bool>())
+    return at::full_like(z, std::numeric_limits<double>::quiet_NaN());
   if (d > hkd::cuda::kActionOnChipMaxD || (!shared || P == 1 ? P : B) > 65535) {  // the GEMM composite
-    const at::Tensor h = (tau / p.steps).reshape({-1, 1, 1});
+    const at::Tensor tau_host = tau.cpu().to(at::kDouble).contiguous();
+    const double* t = tau_host.data_ptr<double>();
+    std::vector<double> steps(B);
+    for (int64_t b = 0; b < B; ++b) steps[b] = hkd::expm::action_substeps(t[b], int(degree), alpha, is_double);
+    const at::Tensor s = at::tensor(steps, z.options().dtype(at::kDouble)).to(z.scalar_type());
+    const int max_steps = int(*std::max_element(steps.begin(), steps.end()));
+    const at::Tensor h = (tau / s).reshape({-1, 1, 1}), s_col = s.reshape({-1, 1});
+    const double u = is_double ? 1.1102230246251565e-16 : 5.9604644775390625e-08;
     auto apply = [&](const at::Tensor& v) {
       return shared ? at::matmul(A, v) : at::matmul(A, v.permute({2, 1, 0})).permute({2, 1, 0});
     };
     at::Tensor y = z;
-    for (int s = 0; s < p.steps; ++s) {
-      at::Tensor v = y;
-      for (int k = 1; k <= p.degree; ++k) {
+    for (int step = 0; step < max_steps; ++step) {
+      at::Tensor live = (s_col > step).expand({B, P});  // per vector (b, p)
+      at::Tensor v = y * live.unsqueeze(1);
+      at::Tensor previous = v.abs().amax(1).to(at::kDouble);
+      for (int k = 1; k <= degree && live.any().item<bool>(); ++k) {
         v = apply(v) * (h / k);
         y = y + v;
+        const at::Tensor term = v.abs().amax(1).to(at::kDouble);
+        const at::Tensor done = live & (previous + term <= u * y.abs().amax(1).to(at::kDouble));
+        live = live & ~done;
+        v = v * (~done).unsqueeze(1);
+        previous = term;
       }
     }
     return y;
   }
   at::Tensor out = at::empty_like(z);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (z.scalar_type() == at::kDouble)
+  if (is_double)
     check_launch(hkd::cuda::launch_action_double(z.data_ptr<double>(), A.data_ptr<double>(), tau.data_ptr<double>(),
-                                                 out.data_ptr<double>(), B, d, P, shared, p.degree, p.steps, stream),
+                                                 out.data_ptr<double>(), B, d, P, shared, int(degree), alpha, stream),
                  "dense_action");
   else
     check_launch(hkd::cuda::launch_action_float(z.data_ptr<float>(), A.data_ptr<float>(), tau.data_ptr<float>(),
-                                                out.data_ptr<float>(), B, d, P, shared, p.degree, p.steps, stream),
+                                                out.data_ptr<float>(), B, d, P, shared, int(degree), alpha, stream),
                  "dense_action");
   return out;
 }

@@ -3,8 +3,9 @@
 //                squarings all in shared memory; (m, s) per matrix from its 1-norm.
 //   expm_frechet_onchip: the gradient L(A^T, G) the same way, derivatives carried alongside (when it fits).
 //   action:      one block per (sample, tile of positions) ("column" mode, shared generator: V <- A V) or per
-//                (position, tile of samples) ("row" mode: V <- V A_p^T, per-row h); the generator and three state
-//                tiles stay in shared memory for all m s Taylor terms: one launch for the whole action.
+//                (position, tile of samples) ("row" mode: V <- V A_p^T, per-row h and substeps); the generator and
+//                three state tiles stay in shared memory for all the Taylor terms, each substep stopping once its
+//                vectors have converged: one launch for the whole action.
 // NVRTC compiles this file too (sm_70 check): host-only code is guarded by __CUDACC_RTC__.
 #include "expm.h"
 
@@ -185,17 +186,23 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
   for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = dY[e];
 }
 
-// The action; tile = rows x cols of the state in shared memory.
+// The action; tile = rows x cols of the state in shared memory. Sample b takes s_b substeps of h_b = tau_b / s_b
+// (csrc/expm.h action_substeps); a vector (row mode: a row, column mode: a column) stops its substep once it has
+// converged, its later terms being zero; the block stops a substep when all its vectors have.
 template <typename T>
 __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, const T* __restrict__ tau,
                               T* __restrict__ out, int64_t B, int d, int64_t P, bool row_mode, bool shared, int tile,
-                              int degree, int substeps) {
+                              int degree, double alpha) {
   extern __shared__ unsigned char smem_raw[];
-  T* a = reinterpret_cast<T*>(smem_raw);  // d x d
-  T* y = a + d * d;                       // state tile: row mode tile x d, column mode d x tile
+  constexpr bool is_double = sizeof(T) == 8;
+  double* previous = reinterpret_cast<double*>(smem_raw);  // per vector: the last term's max-abs
+  double* live = previous + tile;                           // per vector: 1 until it has converged
+  T* a = reinterpret_cast<T*>(live + tile);                 // d x d
+  T* y = a + d * d;                                         // state tile: row mode tile x d, column mode d x tile
   T* v = y + d * tile;
   T* w = v + d * tile;
-  T* h = w + d * tile;  // row mode: per row; column mode: h[0]
+  T* h = w + d * tile;                             // row mode: per row; column mode: h[0]
+  int* steps = reinterpret_cast<int*>(h + tile);  // the same
   const int64_t first = int64_t(blockIdx.x) * tile;
   const int64_t fixed = blockIdx.y;  // column mode: the sample b; row mode: the position p
   const T* ap = A + (shared ? 0 : fixed * d * d);
@@ -212,15 +219,31 @@ __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, 
     }
     y[e] = value;
   }
-  for (int r = threadIdx.x; r < (row_mode ? tile : 1); r += blockDim.x) {
+  const int samples = row_mode ? tile : 1;
+  for (int r = threadIdx.x; r < samples; r += blockDim.x) {
     const int64_t b = row_mode ? first + r : fixed;
-    h[r] = b < B ? tau[b] / T(substeps) : T(0);
+    steps[r] = b < B ? hkd::expm::action_substeps(double(tau[b]), degree, alpha, is_double) : 0;
+    h[r] = b < B ? tau[b] / T(steps[r]) : T(0);
   }
   __syncthreads();
-  for (int step = 0; step < substeps; ++step) {
-    for (int e = threadIdx.x; e < size; e += blockDim.x) v[e] = y[e];
+  int max_steps = 0;
+  for (int r = 0; r < samples; ++r) max_steps = steps[r] > max_steps ? steps[r] : max_steps;
+  // vector c: row mode, y[c * d + i]; column mode, y[i * tile + c]
+  const int stride = row_mode ? 1 : tile, pitch = row_mode ? d : 1;
+  for (int step = 0; step < max_steps; ++step) {
+    for (int e = threadIdx.x; e < size; e += blockDim.x) v[e] = !row_mode || steps[e / d] > step ? y[e] : T(0);
+    __syncthreads();
+    for (int c = threadIdx.x; c < tile; c += blockDim.x) {
+      double norm = 0;
+      for (int i = 0; i < d; ++i) norm = fmax(norm, fabs(double(v[c * pitch + i * stride])));
+      previous[c] = norm;
+      live[c] = !row_mode || steps[c] > step ? 1.0 : 0.0;
+    }
     __syncthreads();
     for (int k = 1; k <= degree; ++k) {
+      bool any = false;
+      for (int c = threadIdx.x; c < tile; c += blockDim.x) any = any || live[c] != 0.0;
+      if (!__syncthreads_or(any)) break;
       for (int e = threadIdx.x; e < size; e += blockDim.x) {
         T acc = 0;
         T hk;
@@ -237,6 +260,19 @@ __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, 
       }
       __syncthreads();
       for (int e = threadIdx.x; e < size; e += blockDim.x) y[e] += w[e], v[e] = w[e];
+      __syncthreads();
+      for (int c = threadIdx.x; c < tile; c += blockDim.x) {  // the convergence test
+        double term = 0, sum = 0;
+        for (int i = 0; i < d; ++i) {
+          term = fmax(term, fabs(double(v[c * pitch + i * stride])));
+          sum = fmax(sum, fabs(double(y[c * pitch + i * stride])));
+        }
+        if (live[c] != 0.0 && hkd::expm::converged(previous[c], term, sum, is_double)) {
+          live[c] = 0.0;
+          for (int i = 0; i < d; ++i) v[c * pitch + i * stride] = T(0);
+        }
+        previous[c] = term;
+      }
       __syncthreads();
     }
   }
@@ -256,9 +292,9 @@ template __global__ void expm_onchip<double>(const double*, double*, int);
 template __global__ void expm_frechet_onchip<float>(const float*, const float*, float*, int);
 template __global__ void expm_frechet_onchip<double>(const double*, const double*, double*, int);
 template __global__ void action_onchip<float>(const float*, const float*, const float*, float*, int64_t, int, int64_t,
-                                              bool, bool, int, int, int);
+                                              bool, bool, int, int, double);
 template __global__ void action_onchip<double>(const double*, const double*, const double*, double*, int64_t, int,
-                                               int64_t, bool, bool, int, int, int);
+                                               int64_t, bool, bool, int, int, double);
 
 #ifndef __CUDACC_RTC__
 namespace {
@@ -295,11 +331,12 @@ int frechet_launch(const T* A, const T* G, T* out, int64_t count, int n, void* s
 
 template <typename T>
 int action_launch(const T* z, const T* A, const T* tau, T* out, int64_t B, int d, int64_t P, bool shared, int degree,
-                  int substeps, void* stream) {
+                  double alpha, void* stream) {
   if (d < 1 || d > kActionOnChipMaxD) return int(cudaErrorInvalidValue);
   const bool row_mode = !shared || P == 1;
   const int tile = sizeof(T) == 8 ? 8 : 32;
-  const size_t bytes = (size_t(d) * d + 3 * size_t(d) * tile + tile) * sizeof(T);
+  const size_t bytes = 2 * tile * sizeof(double) + (size_t(d) * d + 3 * size_t(d) * tile + tile) * sizeof(T) +
+                       tile * sizeof(int);
   cudaError_t err = cudaFuncSetAttribute(action_onchip<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const int64_t tiles = ((row_mode ? B : P) + tile - 1) / tile;
@@ -307,7 +344,7 @@ int action_launch(const T* z, const T* A, const T* tau, T* out, int64_t B, int d
   if (tiles > 2147483647L || fixed > 65535) return int(cudaErrorInvalidConfiguration);
   const dim3 grid{unsigned(tiles), unsigned(fixed)};
   action_onchip<T><<<grid, 256, bytes, static_cast<cudaStream_t>(stream)>>>(z, A, tau, out, B, d, P, row_mode, shared,
-                                                                             tile, degree, substeps);
+                                                                             tile, degree, alpha);
   return int(cudaGetLastError());
 }
 
@@ -326,12 +363,12 @@ int launch_expm_frechet_double(const double* A, const double* G, double* out, in
   return frechet_launch(A, G, out, count, n, stream);
 }
 int launch_action_float(const float* z, const float* A, const float* tau, float* out, int64_t B, int d, int64_t P,
-                        bool shared, int degree, int substeps, void* stream) {
-  return action_launch(z, A, tau, out, B, d, P, shared, degree, substeps, stream);
+                        bool shared, int degree, double alpha, void* stream) {
+  return action_launch(z, A, tau, out, B, d, P, shared, degree, alpha, stream);
 }
 int launch_action_double(const double* z, const double* A, const double* tau, double* out, int64_t B, int d,
-                         int64_t P, bool shared, int degree, int substeps, void* stream) {
-  return action_launch(z, A, tau, out, B, d, P, shared, degree, substeps, stream);
+                         int64_t P, bool shared, int degree, double alpha, void* stream) {
+  return action_launch(z, A, tau, out, B, d, P, shared, degree, alpha, stream);
 }
 #endif
 

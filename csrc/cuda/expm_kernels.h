@@ -18,10 +18,11 @@ constexpr int kDoesNotFit = -1;
 int launch_expm_frechet_float(const float* A, const float* G, float* out, int64_t count, int n, void* stream);
 int launch_expm_frechet_double(const double* A, const double* G, double* out, int64_t count, int n, void* stream);
 
-// out[b, :, p] = T_m(h_b A_p)^s z[b, :, p], h_b = tau_b / s; z (B, d, P), A (d, d) (shared) or (P, d, d).
+// out[b, :, p] = T_m(h_b A_p)^(s_b) z[b, :, p], s_b and h_b = tau_b / s_b from the plan (degree, alpha) (csrc/expm.h),
+// each substep truncated per vector by the convergence test; z (B, d, P), A (d, d) (shared) or (P, d, d).
 int launch_action_float(const float* z, const float* A, const float* tau, float* out, int64_t B, int d, int64_t P,
-                        bool shared, int degree, int substeps, void* stream);
+                        bool shared, int degree, double alpha, void* stream);
 int launch_action_double(const double* z, const double* A, const double* tau, double* out, int64_t B, int d,
-                         int64_t P, bool shared, int degree, int substeps, void* stream);
+                         int64_t P, bool shared, int degree, double alpha, void* stream);
 
 }  // namespace hkd::cuda

@@ -5,9 +5,13 @@ Algorithms (the maths lives in csrc/expm.h; the tables below mirror it):
 * expm(A): truncated Taylor series T_m(A / 2^s)^(2^s), evaluated by Paterson-Stockmeyer, (m, s) per matrix from
   ||A||_1 and the dtype's unit roundoff (backward error <= u). Gradient: the adjoint of the Frechet derivative,
   grad_A = L(A^T, G), computed alongside the same approximant (direct scheme: ~3x the forward).
-* the action exp(tau_b A) z_b with per-sample tau: s substeps of T_m(tau_b A / s), (m, s) minimising m * s for
-  ||tau A||_1 <= s theta_m (Al-Mohy and Higham's expm_multiply, one plan for the call from max |tau_b|).
-  Gradients: the exact reverse of that recurrence (z: the action of tau A^T; A and tau: sums of outer products).
+* the action exp(tau_b A) z_b with per-sample tau (Al-Mohy and Higham 2011, expm_multiply): sample b takes
+  s_b = ceil(|tau_b| alpha / theta_m) substeps of T_m(h_b A), h_b = tau_b / s_b. The plan (m, alpha) minimises m s for
+  max |tau_b| (m <= ACTION_MAX_DEGREE), alpha = max(d_p, d_{p+1}), d_p = ||A^p||_1^(1/p) from exact small powers
+  (p(p-1) <= m + 1; as many powers as a quarter of the cost of the plan from ||A||_1 pays for). Each substep stops
+  per vector z[b, :, p] once ||v_{k-1}||_inf + ||v_k||_inf <= u ||y||_inf; its later terms are zero. Gradients: the
+  exact reverse of that recurrence, whose term counts the backward re-derives by re-running it (z: the action of
+  h A^T; A and tau: sums of outer products).
 * dense_propagate per level: shared (0-d) tau -> expm(tau A) once, then one GEMM. Per-sample tau -> the action or
   one expm(tau_b A) per sample + bmm, whichever the flop model (`choose_algorithm`) says is cheaper.
 """
@@ -37,6 +41,10 @@ THETA = {
     ),
 }  # fmt: skip
 MAX_SUBSTEPS = 100000
+P_MAX = 8  # alpha_p from ||A^p||_1 and ||A^(p+1)||_1, p <= P_MAX
+# The action's degree cap, theta_m ~ 3.5: the terms (h A)^k z / k! stay below about e^3.5 ||z|| for normal A, so
+# cancellation in the sum costs at most ~30 u (degree 55 lets them reach e^13 in float32, and the rounding with them).
+ACTION_MAX_DEGREE = {torch.float64: 30, torch.float32: 20}
 EXPM_DEGREES = (1, 2, 4, 6, 9, 12, 16, 20, 25, 30)
 
 
@@ -60,31 +68,87 @@ def expm_plan(norm: float, dtype: torch.dtype) -> tuple[int, int]:
     return min(costs)[:0:-1]  # ties: fewer squarings (as csrc/expm.h)
 
 
-def action_plan(norm: float, dtype: torch.dtype) -> tuple[int, int]:
-    """(degree m, substeps s) for exp(tau A) z, ||tau A||_1 = norm (as csrc/expm.h action_plan)."""
-    if not math.isfinite(norm):
-        return 1, 1
-    best = None
-    for m, theta in enumerate(_theta(dtype), start=1):
-        s = min(max(math.ceil(norm / theta), 1), MAX_SUBSTEPS)
-        if best is None or m * s < best[0] * best[1]:
-            best = (m, s)
-    return best
+def _substeps_for(tau_max: float, alpha: float, m: int, theta: tuple[float, ...]) -> int:
+    x = math.ceil(tau_max * alpha / theta[m - 1]) if math.isfinite(tau_max * alpha) else MAX_SUBSTEPS
+    return min(max(x, 1), MAX_SUBSTEPS)
 
 
-def _action_norm(A: Tensor, tau: Tensor) -> float:
-    return float(tau.abs().max()) * float(torch.linalg.matrix_norm(A, ord=1).max()) if tau.numel() else 0.0
+def _power_norms(A: Tensor, norm: float, count: int) -> list[float]:
+    """d_p = max over positions of ||A^p||_1^(1/p), p = 1..count (exact powers of A / ||A||_1: no overflow)."""
+    X = A / norm
+    power, d = X, [norm]
+    for p in range(2, count + 1):
+        power = power @ X
+        d.append(norm * float(torch.linalg.matrix_norm(power, ord=1).max()) ** (1 / p))
+    return d
 
 
-def choose_algorithm(batch: int, d: int, positions: int, per_position: bool, norm: float, dtype) -> str:
-    """Per-sample tau: "action" (m s Taylor terms, each a GEMM over all B P columns: 2 m s d^2 B P flops) or
-    "expm" (one exp(tau_b A) per sample (and position): B (P) (cost(m) + s) 2 d^3, then the GEMM 2 d^2 B P)."""
-    m, s = action_plan(norm, dtype)
-    action = m * s * 2 * d * d * batch * positions
-    me, se = expm_plan(norm, dtype)
-    matrices = batch * (positions if per_position else 1)
-    expm_cost = matrices * (ps_cost(me) + se) * 2 * d**3 + 2 * d * d * batch * positions
-    return "action" if action <= expm_cost else "expm"
+def action_plan(A: Tensor, tau_max: float, columns: int, dtype: torch.dtype) -> tuple[int, float]:
+    """(degree m, alpha) for exp(tau_b A) z with |tau_b| <= tau_max over `columns` vectors (B P); A (d, d) or (P, d, d).
+    alpha is NaN when A or tau_max is not finite."""
+    norm = float(torch.linalg.matrix_norm(A.detach().double(), ord=1).max()) if A.numel() else 0.0
+    if not (math.isfinite(norm) and math.isfinite(tau_max)):
+        return 1, math.nan
+    theta = _theta(dtype)[: ACTION_MAX_DEGREE[torch.float64 if dtype == torch.float64 else torch.float32]]
+
+    def best(d: list[float]) -> tuple[int, float, int]:  # (m, alpha, m s): fewest terms, then fewest substeps
+        plans = []
+        for m in range(1, len(theta) + 1):
+            alphas = [d[0]] + [max(d[p - 1], d[p]) for p in range(2, len(d)) if p * (p - 1) <= m + 1]
+            s = _substeps_for(tau_max, min(alphas), m, theta)
+            plans.append((m * s, s, m, min(alphas)))
+        cost, _, m, alpha = min(plans)
+        return m, alpha, cost
+
+    m, alpha, cost = best([norm])
+    if A.shape[-1] == 0:  # an empty level: nothing to evolve
+        return m, alpha
+    # one power of A costs (matrices d^3) / (d^2 columns) Taylor terms; spend at most a quarter of the plan on them
+    power_cost = (A.shape[0] if A.dim() == 3 else 1) * A.shape[-1] / max(columns, 1)
+    powers = min(P_MAX + 1, 1 + int(cost / (4 * power_cost)))
+    if powers >= 3 and norm > 0:
+        m, alpha, _ = best(_power_norms(A.detach().to(dtype), norm, powers))
+    return m, alpha
+
+
+def action_substeps(tau: Tensor, m: int, alpha: float) -> Tensor:
+    """s_b = ceil(|tau_b| alpha / theta_m) in [1, MAX_SUBSTEPS], float64 (as csrc/expm.h action_substeps)."""
+    theta = _theta(tau.dtype)[m - 1]
+    x = torch.ceil(tau.double().abs() * alpha / theta)
+    return torch.where(x >= 1, x, 1.0).clamp(max=MAX_SUBSTEPS)
+
+
+@torch.library.custom_op("hkd::dense_action_plan", mutates_args=())
+def dense_action_plan(A: Tensor, tau: Tensor, columns: int) -> Tensor:
+    """The action's plan, a float64 CPU tensor (degree m, alpha): an op, so a compiled graph computes it at run time."""
+    tau_max = float(tau.detach().abs().max()) if tau.numel() else 0.0
+    return torch.tensor(action_plan(A, tau_max, columns, A.dtype), dtype=torch.float64)
+
+
+dense_action_plan.register_fake(lambda A, tau, columns: torch.empty(2, dtype=torch.float64))
+
+
+def expm_terms(norms: Tensor, dtype: torch.dtype) -> Tensor:
+    """Matrix products of hkd's expm for each ||A||_1 in `norms`: min over degrees of cost(m) + squarings."""
+    theta = _theta(dtype)
+    costs = [ps_cost(m) + torch.ceil(torch.log2(norms / theta[m - 1])).clamp(0, 64) for m in EXPM_DEGREES]
+    return torch.stack(costs).amin(0)
+
+
+def choose_algorithm(A: Tensor, tau: Tensor, positions: int, plan: Tensor) -> str:
+    """Per-sample tau: "action" (at most m s_b Taylor terms for sample b, each 2 d^2 P flops) or "expm" (one
+    exp(tau_b A) per sample (and position): (cost(m) + s) 2 d^3 each, by the plan hkd's expm makes for
+    ||tau_b A||_1, then the GEMM 2 d^2 B P). The action's side uses the same plan as the action itself."""
+    m, alpha = int(plan[0]), float(plan[1])
+    if not math.isfinite(alpha):
+        return "action"
+    d = A.shape[-1]
+    terms = m * float(action_substeps(tau, m, alpha).sum())
+    norms = tau.double().abs().cpu() * float(torch.linalg.matrix_norm(A.double(), ord=1).max())
+    products = float(expm_terms(norms, tau.dtype).sum()) * (A.shape[0] if A.dim() == 3 else 1)
+    action = terms * 2 * d * d * positions
+    per_sample = products * 2 * d**3 + 2 * d * d * len(tau) * positions
+    return "action" if action <= per_sample else "expm"
 
 
 # ---- plain-PyTorch composites: the action (reference backend) and the gradient of every action backend ------
@@ -93,53 +157,98 @@ def _apply(A: Tensor, v: Tensor) -> Tensor:
     return torch.einsum("ij,bjp->bip", A, v) if A.dim() == 2 else torch.einsum("pij,bjp->bip", A, v)
 
 
-def taylor_action(z: Tensor, A: Tensor, tau: Tensor) -> Tensor:
-    """exp(tau_b A) z_b by the Taylor recurrence with plain PyTorch ops (differentiable): the action composite."""
-    m, s = action_plan(_action_norm(A, tau), z.dtype)
-    if not math.isfinite(_action_norm(A, tau)):
-        return torch.full_like(z, math.nan)
-    h = (tau / s).reshape(-1, 1, 1)
-    y = z
-    for _ in range(s):
-        v = y
-        for k in range(1, m + 1):
-            v = _apply(A, v) * (h / k)
-            y = y + v
+def _substep(A: Tensor, x: Tensor, h: Tensor, m: int, record: list | None = None) -> Tensor:
+    """y = T_m(h A) x with the per-vector convergence test (vectors x[b, :, p]; h (b, 1, 1)). With `record`, appends
+    (input v_{k-1}, A v_{k-1}, live_k, keep_k) per term: whether the vector takes term k, and term k + 1."""
+    u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
+    y = v = x
+    previous = x.detach().abs().amax(1).double()
+    live = torch.ones_like(previous, dtype=torch.bool)
+    for k in range(1, m + 1):
+        if not bool(live.any()):
+            break
+        Av = _apply(A, v)
+        term = Av * (h / k)
+        y = y + term
+        with torch.no_grad():
+            norm = term.abs().amax(1).double()
+            keep = ~(live & (previous + norm <= u * y.abs().amax(1).double()))
+            if record is not None:
+                record.append((v, Av, live.clone(), keep))
+            live &= keep
+            previous = norm
+        v = term * keep.unsqueeze(1)
     return y
 
 
-def taylor_action_backward(grad: Tensor, z: Tensor, A: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _sorted_substeps(tau: Tensor, m: int, alpha: float) -> tuple[Tensor, list[int], Tensor]:
+    """Samples by substeps, most first: (order, active count per substep, s_b in that order)."""
+    steps = action_substeps(tau, m, alpha)
+    order = torch.sort(steps, descending=True, stable=True).indices
+    steps = steps[order]
+    rising = steps.flip(0).cpu()
+    counts = len(steps) - torch.searchsorted(rising, torch.arange(int(rising[-1]), dtype=rising.dtype), right=True)
+    return order, counts.tolist(), steps
+
+
+def _advance(A: Tensor, y: Tensor, h: Tensor, m: int, n: int) -> Tensor:
+    """y with its first n samples advanced by one substep."""
+    step = _substep(A, y[:n], h[:n], m)
+    return step if n == len(y) else torch.cat((step, y[n:]))
+
+
+def taylor_action(z: Tensor, A: Tensor, tau: Tensor, plan: Tensor) -> Tensor:
+    """exp(tau_b A) z_b by the Taylor recurrence with plain PyTorch ops (differentiable): the action composite."""
+    m, alpha = int(plan[0]), float(plan[1])
+    if not math.isfinite(alpha) or not bool(torch.isfinite(A).all()):
+        return torch.full_like(z, math.nan)
+    if z.numel() == 0:
+        return z.clone()
+    order, counts, steps = _sorted_substeps(tau, m, alpha)
+    h = (tau[order] / steps.to(tau.dtype)).reshape(-1, 1, 1)
+    y = z[order]
+    for n in counts:  # substep j: the first n samples (those with s_b > j)
+        y = _advance(A, y, h, m, n)
+    return y[torch.argsort(order)]
+
+
+def taylor_action_backward(
+    grad: Tensor, z: Tensor, A: Tensor, tau: Tensor, plan: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Exact reverse of `taylor_action`'s recurrence: (grad_z, grad_A, grad_tau)."""
-    norm = _action_norm(A, tau)
-    if not math.isfinite(norm):
+    m, alpha = int(plan[0]), float(plan[1])
+    if not math.isfinite(alpha) or not bool(torch.isfinite(A).all()):
         nan = math.nan
         return torch.full_like(z, nan), torch.full_like(A, nan), torch.full_like(tau, nan)
-    m, s = action_plan(norm, z.dtype)
-    h = (tau / s).reshape(-1, 1, 1)
-    At = A.transpose(-1, -2)
-    starts = [z]  # the state at the start of each substep
-    for _ in range(s - 1):
-        y = v = starts[-1]
-        for k in range(1, m + 1):
-            v = _apply(A, v) * (h / k)
-            y = y + v
-        starts.append(y)
-    g = grad
     grad_A = torch.zeros_like(A)
+    if z.numel() == 0:
+        return torch.zeros_like(z), grad_A, torch.zeros_like(tau)
+    order, counts, steps = _sorted_substeps(tau, m, alpha)
+    h = (tau[order] / steps.to(tau.dtype)).reshape(-1, 1, 1)
+    starts, y = [], z[order]  # the state of the active samples at the start of each substep
+    for j, n in enumerate(counts):
+        starts.append(y[:n])
+        if j + 1 < len(counts):
+            y = _advance(A, y, h, m, n)
+    At = A.transpose(-1, -2)
+    g = grad[order].clone()
     grad_h = torch.zeros_like(tau)
     outer = "bip,bjp->ij" if A.dim() == 2 else "bip,bjp->pij"
     for x in reversed(starts):
-        vs, us = [x], []  # v_k = (h/k) u_k, u_k = A v_{k-1}
-        for k in range(1, m + 1):
-            us.append(_apply(A, vs[-1]))
-            vs.append(us[-1] * (h / k))
-        gbar = g  # dL/dv_m; dL/dv_{k-1} = g + (h/k) A^T dL/dv_k
-        for k in range(m, 0, -1):
-            grad_A = grad_A + torch.einsum(outer, gbar * (h / k), vs[k - 1])
-            grad_h = grad_h + (gbar * us[k - 1]).sum(dim=(1, 2)) / k
-            gbar = g + _apply(At, gbar) * (h / k)
-        g = gbar
-    return g, grad_A, grad_h / s
+        n = len(x)
+        record: list = []
+        _substep(A, x, h[:n], m, record)
+        gy, gv = g[:n], torch.zeros_like(x)  # gv: dL/d(input of the next term)
+        for k in range(len(record), 0, -1):
+            v, Av, live, keep = record[k - 1]
+            # dL/d(term k); zero where the vector had stopped (its gradient ends there: no subnormal tails)
+            gterm = torch.where(live.unsqueeze(1), gy + gv * keep.unsqueeze(1), 0.0)
+            grad_A = grad_A + torch.einsum(outer, gterm * (h[:n] / k), v)
+            grad_h[:n] += (gterm * Av).sum(dim=(1, 2)) / k
+            gv = _apply(At, gterm) * (h[:n] / k)
+        g[:n] = gy + gv
+    inverse = torch.argsort(order)
+    return g[inverse], grad_A, (grad_h / steps.to(tau.dtype))[inverse]
 
 
 # ---- custom ops: autograd and fake kernels -----------------------------------------------------------------
@@ -169,16 +278,16 @@ def _action_setup(ctx, inputs, output):
 
 def _action_backward(ctx, grad):
     if torch.is_grad_enabled():  # create_graph (double backward): the plain-PyTorch reverse is differentiable
-        return taylor_action_backward(grad, *ctx.saved_tensors)
-    return tuple(torch.ops.hkd.dense_action_backward(grad, *ctx.saved_tensors))
+        return (*taylor_action_backward(grad, *ctx.saved_tensors), None)
+    return (*torch.ops.hkd.dense_action_backward(grad, *ctx.saved_tensors), None)
 
 
 if _backend.extension_loaded():
     torch.library.register_fake("hkd::expm")(lambda A: torch.empty_like(A))
     torch.library.register_fake("hkd::expm_backward")(lambda A, grad: torch.empty_like(A))
-    torch.library.register_fake("hkd::dense_action")(lambda z, A, tau: torch.empty_like(z))
+    torch.library.register_fake("hkd::dense_action")(lambda z, A, tau, plan: torch.empty_like(z))
     torch.library.register_fake("hkd::dense_action_backward")(
-        lambda grad, z, A, tau: (torch.empty_like(z), torch.empty_like(A), torch.empty_like(tau))
+        lambda grad, z, A, tau, plan: (torch.empty_like(z), torch.empty_like(A), torch.empty_like(tau))
     )
     torch.library.register_autograd("hkd::expm", _expm_backward, setup_context=_expm_setup)
     torch.library.register_autograd("hkd::dense_action", _action_backward, setup_context=_action_setup)
@@ -194,13 +303,15 @@ def _expm_triton(A: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("hkd::dense_action_triton", mutates_args=())
-def _action_triton(z: Tensor, A: Tensor, tau: Tensor) -> Tensor:
+def _action_triton(z: Tensor, A: Tensor, tau: Tensor, plan: Tensor) -> Tensor:
     from hkd.kernels import expm as kernels
 
-    norm = _action_norm(A, tau)
-    if not math.isfinite(norm):
+    m, alpha = int(plan[0]), float(plan[1])
+    if not math.isfinite(alpha) or not bool(torch.isfinite(A).all()):
         return torch.full_like(z, math.nan)
-    return kernels.action(z, A, tau, *action_plan(norm, z.dtype))
+    if z.shape[1] > kernels.MAX_N:  # GEMM-bound: the plain-PyTorch recurrence
+        return taylor_action(z, A, tau, plan)
+    return kernels.action(z, A, tau, m, action_substeps(tau, m, alpha))
 
 
 def _expm_triton_backward(ctx, grad):
@@ -209,11 +320,11 @@ def _expm_triton_backward(ctx, grad):
 
 
 def _action_triton_backward(ctx, grad):
-    return taylor_action_backward(grad, *ctx.saved_tensors)
+    return (*taylor_action_backward(grad, *ctx.saved_tensors), None)
 
 
 _expm_triton.register_fake(lambda A: torch.empty_like(A))
-_action_triton.register_fake(lambda z, A, tau: torch.empty_like(z))
+_action_triton.register_fake(lambda z, A, tau, plan: torch.empty_like(z))
 _expm_triton.register_autograd(_expm_triton_backward, setup_context=_expm_setup)
 _action_triton.register_autograd(_action_triton_backward, setup_context=_action_setup)
 
@@ -227,12 +338,15 @@ def _expm(A: Tensor, backend: str) -> Tensor:
     return torch.ops.hkd.expm(A)
 
 
-def _action(z: Tensor, A: Tensor, tau: Tensor, backend: str) -> Tensor:
+def _action(z: Tensor, A: Tensor, tau: Tensor, backend: str, plan: Tensor | None = None) -> Tensor:
+    """exp(tau_b A_p) z[b, :, p], z (B, d, P), with the plan of `dense_action_plan` (computed here when not given)."""
+    if plan is None:
+        plan = dense_action_plan(A.detach(), tau.detach(), z.shape[0] * z.shape[2])
     if backend == "reference" or A.shape[-1] == 0:
-        return taylor_action(z, A, tau)
+        return taylor_action(z, A, tau, plan)
     if backend == "triton":
-        return _action_triton(z, A, tau)
-    return torch.ops.hkd.dense_action(z, A, tau)
+        return _action_triton(z, A, tau, plan)
+    return torch.ops.hkd.dense_action(z, A, tau, plan)
 
 
 def expm(A: Tensor, *, backend: str = "auto") -> Tensor:
@@ -304,11 +418,10 @@ def dense_propagate(
             M = _expm(t * A, backend)
             y = M @ flat if A.dim() == 2 else torch.einsum("pij,bjp->bip", M, flat)
         else:
-            # the cost model needs ||tau A|| (one sync); a traced graph assumes ||tau A||_1 = 1
-            compiling = torch.compiler.is_compiling()
-            norm = 1.0 if compiling else _action_norm(A.detach(), t.detach())
-            if choose_algorithm(batch, d, positions, A.dim() == 3, norm, dtype) == "action":
-                y = _action(flat, A, t, backend)
+            # the plan and the cost model need A's powers and max |tau| (syncs); a traced graph takes the action
+            plan = dense_action_plan(A.detach(), t.detach(), batch * positions)
+            if torch.compiler.is_compiling() or choose_algorithm(A.detach(), t.detach(), positions, plan) == "action":
+                y = _action(flat, A, t, backend, plan)
             else:
                 M = _expm(t.reshape(-1, *([1] * A.dim())) * A, backend)  # (B, d, d) or (B, P, d, d)
                 y = torch.bmm(M, flat) if A.dim() == 2 else torch.einsum("bpij,bjp->bip", M, flat)
