@@ -31,11 +31,41 @@ struct Rotation {
   T scale, cos, sin;  // exp(alpha tau), cos(beta tau), sin(beta tau)
 };
 
+// Float32 angles: beta * tau is exact in double (a 24-bit by 24-bit product), and is reduced there by pi/2:
+// r = x - j pi/2 with a two-part pi/2 whose first part has 33 bits, so j * kPio2Hi is exact for |j| < 2^20 and
+// r is accurate to about 1e-16 |x| beyond. sin and cos then run in float32 on |r| <= pi/4. Past |x| ~ 2^51 the
+// reduction is meaningless; r is clamped so that the rotation never scales the modulus, whatever the angle.
+constexpr double kTwoOverPi = 0.63661977236758134308;
+constexpr double kPio2Hi = 1.57079632673412561417, kPio2Lo = 6.07710050650619224932e-11;
+
+HKD_HD double round_nearest(double x) {  // exact for |x| < 2^51, branch-free (vectorises without SSE4.1)
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  return (x + magic) - magic;
+}
+
+// r in [-pi/4, pi/4] (or NaN) and the quadrant q in [0, 4) with beta tau = r + q pi/2 (mod 2 pi).
+HKD_HD float reduce_angle(float beta, float tau, int& q) {
+  const double x = static_cast<double>(beta) * static_cast<double>(tau);
+  const double j = round_nearest(x * kTwoOverPi);
+  double m = j - 4.0 * round_nearest(j * 0.25);  // j mod 4 in [-2, 2] while the rounding is exact
+  m = m >= -4.0 && m <= 4.0 ? m : 0.0;            // (NaN, or a huge angle: no overflow in the cast)
+  q = static_cast<int>(m) & 3;
+  double r = (x - j * kPio2Hi) - j * kPio2Lo;
+  r = r > 0.7854 ? 0.7854 : r;  // comparisons keep NaN
+  r = r < -0.7854 ? -0.7854 : r;
+  return static_cast<float>(r);
+}
+
+// (sin, cos) of r + q pi/2 from (sin r, cos r).
+HKD_HD void to_quadrant(int q, float s, float c, float& sin_out, float& cos_out) {
+  const float sq = (q & 1) ? c : s, cq = (q & 1) ? s : c;
+  sin_out = (q & 2) ? -sq : sq;
+  cos_out = ((q + 1) & 2) ? -cq : cq;
+}
+
 #if !defined(__CUDA_ARCH__)
 // Host float32: exp and sincos as branch-free polynomials (Cephes coefficients, <= 2 ulp for the
 // arguments that occur here) so that loops over positions vectorise; libm calls would not.
-// Cody-Waite reduction by pi/2 keeps them accurate for |beta tau| up to ~8e3; beyond that the float32
-// product beta * tau itself is off by more than the reduction error.
 HKD_HD float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
@@ -68,37 +98,34 @@ HKD_HD float exp_poly(float x) {
   return x != x ? x : result;  // NaN in, NaN out
 }
 
-HKD_HD void sincos_poly(float x, float& sin_out, float& cos_out) {
-  float j = round_nearest(x * 0.636619772367581343f);  // nearest multiple of pi/2
-  float r = x - j * 1.5703125f;
-  r = r - j * 4.837512969970703125e-4f;
-  r = r - j * 7.54978995489188216e-8f;
+// sin and cos of |r| <= pi/4.
+HKD_HD void sincos_poly(float r, float& sin_out, float& cos_out) {
   float z = r * r;
   float s = -1.9515295891e-4f;
   s = s * z + 8.3321608736e-3f;
   s = s * z - 1.6666654611e-1f;
-  s = s * z * r + r;
+  sin_out = s * z * r + r;
   float c = 2.443315711809948e-5f;
   c = c * z - 1.388731625493765e-3f;
   c = c * z + 4.166664568298827e-2f;
-  c = c * z * z - 0.5f * z + 1.0f;
-  int32_t q = static_cast<int32_t>(j) & 3;
-  float sq = (q & 1) ? c : s, cq = (q & 1) ? s : c;
-  sin_out = (q & 2) ? -sq : sq;
-  cos_out = ((q + 1) & 2) ? -cq : cq;
+  cos_out = c * z * z - 0.5f * z + 1.0f;
 }
 #endif
 
 HKD_HD Rotation<float> rotation(float alpha, float beta, float tau) {
-  Rotation<float> r;
+  Rotation<float> rot;
+  int q;
+  const float r = reduce_angle(beta, tau, q);
+  float s, c;
 #if defined(__CUDA_ARCH__)
-  r.scale = expf(alpha * tau);
-  sincosf(beta * tau, &r.sin, &r.cos);
+  rot.scale = expf(alpha * tau);
+  sincosf(r, &s, &c);
 #else
-  r.scale = exp_poly(alpha * tau);
-  sincos_poly(beta * tau, r.sin, r.cos);
+  rot.scale = exp_poly(alpha * tau);
+  sincos_poly(r, s, c);
 #endif
-  return r;
+  to_quadrant(q, s, c, rot.sin, rot.cos);
+  return rot;
 }
 
 HKD_HD Rotation<double> rotation(double alpha, double beta, double tau) {

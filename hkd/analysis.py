@@ -2,8 +2,9 @@
 
 The Koopman latents z^(l) evolve linearly, z_t = exp((t - T) A^(l)) z_T, and every eigen-component of A^(l) (a
 channel pair at a position, for spectral generators) spans a subspace that the evolution leaves invariant. Sorting
-the components of each level by the real part alpha of their eigenvalue and cutting at the 1/3 and 2/3 quantiles
-gives three bands, "low", "middle" and "high" (HKDPropagator.band_mask). This module measures what each band does:
+the components of each level by a reading of their eigenvalue alpha + i beta (the real part alpha, or the rotation
+rate |beta|: the model's band_reading) and cutting at the 1/3 and 2/3 quantiles gives three bands, "low", "middle"
+and "high" (HKDPropagator.band_mask). This module measures what each band does:
 
 * eigenvalues: per level, alpha + i beta of every component (scatter, histograms, spatial maps).
 * band decodes: D(z) with one band kept. Per level l: level l reduced to the band, the other levels untouched
@@ -13,6 +14,8 @@ gives three bands, "low", "middle" and "high" (HKDPropagator.band_mask). This mo
   progress_b(t) = 1 - ||x_b(t) - x_eps|| / ||x_b(T) - x_eps|| goes from 0 at t = T to 1 at eps and shows
   when along the trajectory the band's evolution shapes the image.
 * radially averaged power spectra of the band decodes and contributions: which image frequencies each band carries.
+* band-to-frequency correspondence: the centroid and power shares of the band decodes under each reading, to see
+  which reading (if any) separates image content.
 """
 
 from __future__ import annotations
@@ -77,11 +80,12 @@ def initial_latents(model, noise: Tensor) -> list[Tensor]:
 # Bands on latents
 
 
-def project(propagator, latents: list[Tensor], band: str, level: int | None = None) -> list[Tensor]:
-    """The latents with `band` kept (the other components zeroed) at `level`, or at every level when None."""
+def project(propagator, latents: list[Tensor], band: str, level: int | None = None, reading=None) -> list[Tensor]:
+    """The latents with `band` kept (the other components zeroed) at `level`, or at every level when None; bands by
+    `reading` (alpha or rate; default the propagator's band_reading)."""
     out = list(latents)
     for l in range(len(latents)) if level is None else [level]:
-        out[l] = propagator.band_project(l, latents[l], propagator.band_mask(l, band))
+        out[l] = propagator.band_project(l, latents[l], propagator.band_mask(l, band, reading=reading))
     return out
 
 
@@ -133,6 +137,32 @@ def cumulative_effect(model, noise: Tensor, times: Tensor) -> dict[str, Tensor]:
         # NaN for a band whose rewinding changes nothing (an empty band, e.g. while A = 0)
         out[band] = 1 - distance / distance[0] if distance[0] > 0 else torch.full_like(distance, float("nan"))
         out[f"{band}/decodes"] = decodes
+    return out
+
+
+@torch.no_grad()
+def band_correspondence(model, noise: Tensor) -> dict[str, dict]:
+    """For each reading of the eigenvalues (alpha, rate = |beta|) and each band: the power-spectrum summary
+    (centroid, power shares) of the band's all-level decode, and the centroid of its contribution D(z) - D(z - band)
+    ("contribution_centroid"); spread = centroid(high) - centroid(low) of each. A reading separates image content
+    when the centroids differ clearly and grow from low to high."""
+    from hkd.propagator import READINGS
+
+    z = model.propagate(initial_latents(model, noise), model.T, model.eps)
+    full = model.decode(z)
+    out = {}
+    for reading in READINGS:
+        bands = {}
+        for b in BANDS:
+            kept = project(model.propagator, z, b, reading=reading)
+            contribution = full - model.decode([a - k for a, k in zip(z, kept, strict=True)])
+            bands[b] = spectrum_summary(radial_power_spectrum(model.decode(kept)))
+            bands[b]["contribution_centroid"] = spectrum_summary(radial_power_spectrum(contribution))["centroid"]
+        out[reading] = {
+            **bands,
+            "spread": bands["high"]["centroid"] - bands["low"]["centroid"],
+            "contribution_spread": bands["high"]["contribution_centroid"] - bands["low"]["contribution_centroid"],
+        }
     return out
 
 
@@ -197,13 +227,34 @@ def analyze(model, noise: Tensor, out_dir: str | Path, *, num_times: int = 12) -
     report = (
         "# Spectral analysis\n\nWhich image frequencies each Koopman band carries: radially averaged power spectra "
         "of the decodes with one band kept (all levels) and of each band's contribution D(z) - D(z - band); "
-        "centroid and power fractions exclude the DC term. Bands: real parts of the eigenvalues, cut at the 1/3 "
-        "and 2/3 quantiles per level.\n\n" + table
+        "centroid and power fractions exclude the DC term. Bands: the eigenvalues, cut at the 1/3 "
+        f"and 2/3 quantiles per level, read as {propagator.band_reading} (alpha: the real part; rate: |beta|).\n\n"
+        + table
     )
+    summary["readings"] = band_correspondence(model, noise)
+    report += "\n" + correspondence_table(summary["readings"], propagator.band_reading)
     written.append(figures.atomic_write(out_dir / "analysis.md", report))
     written.append(figures.write_json(out_dir / "analysis.json", summary))
     summary["written"] = [str(p) for p in written]
     return summary
+
+
+def correspondence_table(readings: dict[str, dict], used: str) -> str:
+    columns = ("centroid", "power_low", "power_middle", "power_high", "contribution_centroid")
+    rows = [
+        [f"{reading} ({band})", *[r[band][c] for c in columns]] for reading, r in readings.items() for band in BANDS
+    ]
+    spreads = ", ".join(
+        f"{reading} {r['spread']:.3g} (contributions {r['contribution_spread']:.3g})" for reading, r in readings.items()
+    )
+    return (
+        "Band-to-frequency correspondence for each reading of the eigenvalues (bands cut on alpha, or on the rotation "
+        f"rate |beta|; all-level band decodes and contributions). Centroid spread high - low: {spreads}. This model's "
+        f"figures use `{used}`.\n\n"
+        + figures.markdown_table(
+            ["reading (band)", "centroid", "power low", "power middle", "power high", "contribution centroid"], rows
+        )  # fmt: skip
+    )
 
 
 def eigenvalue_summary(eigenvalues: list[Tensor]) -> list[dict]:

@@ -1,60 +1,182 @@
-"""Training checkpoints: atomic writes, everything needed to resume exactly, a stop on SIGTERM/SIGINT.
-
-Generic (used by `hkd train` and usable by any loop): a checkpoint is a dict of state dicts and plain values,
+"""Every file hkd writes and reads back: atomic, checksummed, pickle-free; plus resume state and run control.
 
     checkpoint.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), ...,
                            "rng": checkpoint.rng_state(), "step": step})
     state = checkpoint.load(path); model.load_state_dict(state["model"]); checkpoint.set_rng_state(state["rng"])
 
-`save` writes a temporary file in the same folder, flushes it to disk and renames it over `path` (os.replace is
-atomic), so a crash mid-write leaves the previous checkpoint intact. Everything stored loads with
-torch.load(weights_only=True): RNG states are kept as tensors and plain tuples, never pickled objects.
+* `atomic_write` is the one way hkd writes a file: a temporary file in the same folder (created with the user's
+  umask), flushed to disk and renamed over the target (os.replace is atomic), so a kill at any moment leaves either
+  the old file or the new one. A kill -9 can leave a temporary file (`.NAME.XXXXXXXX.hkd.tmp`): `run_lock` removes
+  those of the folder it locks, where no other hkd process can be writing.
+* `save` refuses a state with a NaN or inf tensor (the last good checkpoint stays) and stores a sha256 `digest` of
+  the whole state, which `load` checks: flipped bytes are an error naming the file, never silently loaded weights.
+  Everything loads with torch.load(weights_only=True): RNG states are tensors and plain tuples, never pickled objects.
+* `run_lock` stops two runs writing into one folder; `StopSignal` turns SIGTERM/SIGINT into a request the loop polls.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import random
+import secrets
 import signal
-import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
+from hkd.errors import CorruptFileError, MissingFileError, NonFiniteError, UserError
 
-def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically (temporary file + fsync + os.replace)."""
+TMP_SUFFIX = ".hkd.tmp"
+LOCK_NAME = ".hkd.lock"
+DIGEST_KEY = "sha256"
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
+    """Write `data` (bytes, text, or a function writing to a binary file) to `path` atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
+        with open(tmp, "xb") as file:  # mode 0o666 & ~umask, like any other new file
+            if callable(data):
+                data(file)
+            else:
+                file.write(data.encode() if isinstance(data, str) else data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    return path
+
+
+def digest(value: Any) -> str:
+    """sha256 of a nested state (dicts, lists, tuples, tensors, arrays, numbers, strings), in iteration order:
+    every tensor's dtype, shape and bytes, every other leaf's type and repr."""
+    h = hashlib.sha256()
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        elif isinstance(x, np.ndarray):
+            h.update(f"A{x.dtype}{x.shape}".encode() + np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for key, item in x.items():
+                visit(key)
+                visit(item)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__[0]}{len(x)}".encode())
+            for item in x:
+                visit(item)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    visit(value)
+    return h.hexdigest()
+
+
+def nonfinite(value: Any, prefix: str = "") -> list[str]:
+    """The keys (a.b.c) of the floating-point tensors in a nested state that hold a NaN or inf."""
+    if isinstance(value, torch.Tensor):
+        return [prefix or "tensor"] if value.is_floating_point() and not torch.isfinite(value).all() else []
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return []
+    return [bad for key, item in items for bad in nonfinite(item, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write `state` (a dict) to `path` atomically, with its `digest`; a state holding a NaN or inf tensor is refused
+    (NonFiniteError) and the file already at `path` is kept."""
+    bad = nonfinite(state)
+    if bad:
+        bad = ", ".join(bad[:5])
+        raise NonFiniteError(f"not writing {path}: non-finite values in {bad}; the file already there is kept")
+    checked = {**state, DIGEST_KEY: digest(state)}
+    atomic_write(path, lambda file: torch.save(checked, file))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `save`; a missing or unreadable file is an error naming it."""
+    """Read a checkpoint written by `save` and check its digest; a missing, corrupt or altered file is an error
+    naming it. Only tensors and plain values load (weights_only=True): nothing from the file is executed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+        raise MissingFileError(f"checkpoint {str(path)!r} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt or not a checkpoint: {error}") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptFileError(f"checkpoint {str(path)!r} is corrupt or not an hkd checkpoint ({reason})") from error
+    if not isinstance(state, dict):
+        raise CorruptFileError(f"checkpoint {str(path)!r} is not an hkd checkpoint (a {type(state).__name__})")
+    expected = state.pop(DIGEST_KEY, None)  # files from before checksums carry none
+    if expected is not None and digest(state) != expected:
+        raise CorruptFileError(f"checkpoint {str(path)!r} is corrupt: its checksum differs (altered or damaged)")
+    return state
+
+
+def output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """`path` as a folder hkd may write into, created if needed; a file in the way, a read-only place or a missing
+    permission is a UserError naming `what` and the path, found before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {str(path)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {str(path)!r}: {str(existing)!r} is read-only (no permission to write there)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{what} {str(path)!r}: cannot create it ({error.strerror})") from error
+    return path
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold `folder`/.hkd.lock for one run: a second run into the same folder is refused (UserError) while this one
+    lives (the lock goes with the process, even on kill -9). Then removes the temporary files a killed writer left
+    in the folder, since no other hkd process can be writing there."""
+    folder = output_folder(folder)
+    with open(folder / LOCK_NAME, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "unknown"
+            message = f"{folder} is in use by another hkd run (pid {owner}); wait for it or use another folder"
+            raise UserError(message) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        for stale in folder.rglob(f".*{TMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def rng_state() -> dict[str, Any]:
@@ -99,8 +221,6 @@ class StopSignal:
         self.requested = signum
 
     def __enter__(self) -> StopSignal:
-        import threading
-
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)

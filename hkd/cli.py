@@ -3,13 +3,55 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from pathlib import Path
 
 import hkd
+from hkd.errors import RunStopped, UserError
+
+# OS errors that are the environment's, not a bug: reported as one line with exit code 2
+ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EADDRINUSE)
 
 
-class UserError(Exception):
-    """A mistake of the user's (missing file, wrong option): reported as one line, exit code 2."""
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`hkd COMMAND: error: ...`, exit code 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def count(minimum: int = 1):
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated numbers in [0, 1]."""
+    try:
+        values = tuple(float(r) for r in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(0 <= r <= 1 for r in values):
+        raise argparse.ArgumentTypeError(f"every ratio must be in [0, 1], got {text}")
+    return values
+
+
+def _out(path: str, what: str = "--out"):
+    from hkd.checkpoint import output_folder
+
+    return output_folder(path, what)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -60,19 +102,13 @@ def _device(name: str):
 def _model(path: str, device):
     from hkd.model import HKDModel
 
-    try:
-        return HKDModel.from_pretrained(path).to(device).eval()
-    except ValueError as error:  # a mismatched or corrupt checkpoint
-        raise UserError(f"{path}: {error}") from error
+    return HKDModel.from_pretrained(path).to(device).eval()
 
 
 def _teacher(path: str, device):
     from hkd.teacher import load_teacher
 
-    try:
-        return load_teacher(path, device)
-    except ValueError as error:
-        raise UserError(f"{path}: {error}") from error
+    return load_teacher(path, device)
 
 
 def _print_written(paths) -> None:
@@ -84,11 +120,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from hkd import metrics
 
     device = _device(args.device)
+    _out(args.out)
     model, teacher = _model(args.model, device), _teacher(args.teacher, device)
     baseline = _model(args.baseline, device) if args.baseline else None
+    reference = _fid_reference(args, model)
     rows, written = metrics.evaluate(
         model, teacher, baseline=baseline, num=args.num, seed=args.seed, few_steps=args.few_steps,
         inception_weights=args.inception_weights, lpips_weights=args.lpips_weights, out_dir=args.out,
+        reference=reference,
     )  # fmt: skip
     print(written[0].read_text())
     _print_written(written)
@@ -99,6 +138,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     from hkd import analysis
 
+    _out(args.out)
     model = _model(args.model, _device(args.device))
     shape = (args.num, model.img_channels, model.img_resolution, model.img_resolution)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
@@ -109,37 +149,65 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_edit(args: argparse.Namespace) -> None:
     from hkd import editing
 
+    _out(args.out)
     model = _model(args.model, _device(args.device))
+    if args.t_edit is not None and not model.eps <= args.t_edit <= model.T:
+        raise UserError(f"--t-edit must lie in [eps, T] = [{model.eps}, {model.T}] for this model, got {args.t_edit}")
     known = None
-    if args.known == "digits":
+    source = args.known or ("digits" if model.img_channels == 1 else "none")
+    if source == "digits":
         from hkd.data import digits
 
         known = digits.load(size=model.img_resolution)[0][args.seed :: 97][: args.num]
         if known.shape[1] != model.img_channels:
             raise UserError(f"--known digits: the model makes {model.img_channels}-channel images")
-    ratios = tuple(float(r) for r in args.ratios.split(","))
+    elif source != "none":
+        known = _known_images(source, model, args.num, args.seed)
     written = editing.run(
-        model, args.out, num=args.num, ratios=ratios, band=args.band, region=args.region, t_edit=args.t_edit,
+        model, args.out, num=args.num, ratios=args.ratios, band=args.band, region=args.region, t_edit=args.t_edit,
         known=known, steps=args.steps, seed=args.seed,
     )  # fmt: skip
     _print_written(written)
 
 
-def cmd_ablate(args: argparse.Namespace) -> None:
-    from hkd import config, metrics
+def _known_images(source: str, model, num: int, seed: int):
+    """num images (every 97th from index seed) of an image folder or of a config's dataset, at the model's size."""
+    import torch
+
+    from hkd import config
+    from hkd.data import DataConfig, ImageFolder, load_dataset
 
     try:
-        cfg = config.load(args.config, args.overrides)
-    except config.ConfigError as error:
-        raise UserError(str(error)) from error
+        if Path(source).is_dir():
+            dataset = ImageFolder(source, model.img_resolution, model.img_channels)
+        else:
+            data = config.section(config.load(source), "data", DataConfig)
+            if (data.channels, data.resolution) != (model.img_channels, model.img_resolution):
+                raise UserError(
+                    f"--known {source}: {data.channels}x{data.resolution}x{data.resolution} images, the model makes "
+                    f"{model.img_channels}x{model.img_resolution}x{model.img_resolution}"
+                )
+            dataset = load_dataset(data)
+    except ValueError as error:
+        raise UserError(f"--known {source}: {error}") from error
+    indices = list(range(seed % len(dataset), len(dataset), 97))[:num] or list(range(min(num, len(dataset))))
+    return torch.stack([dataset[i] for i in indices])
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from hkd import metrics
+
+    cfg = _config(args)
+    _out(args.out)
     teacher_path = args.teacher or (cfg.get("train") or {}).get("teacher")
     if not teacher_path:
         raise UserError("--teacher is needed (or train.teacher in the config): the ablation evaluates against it")
     teacher = _teacher(teacher_path, _device(args.device))
-    try:
-        rows, written = metrics.ablate(cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed)
-    except InterruptedError as error:
-        raise UserError(str(error)) from error
+    reference = _fid_reference(args, teacher)
+    rows, written = metrics.ablate(
+        cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed, reference=reference,
+        inception_weights=args.inception_weights,
+    )  # fmt: skip
     print(written[0].read_text())
     _print_written(written)
 
@@ -150,14 +218,13 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from hkd.model import generate_to
 
+    if args.trajectory == 1:
+        raise UserError("--trajectory K needs K >= 2 (the states at T and at eps), or 0 for none")
+    _out(args.out)
     model = _model(args.model, _device(args.device))
-    try:
-        written = generate_to(
-            model, args.out, args.num, seed=args.seed, trajectory=args.trajectory, npz=args.npz,
-            batch_size=args.batch_size,
-        )  # fmt: skip
-    except ValueError as error:
-        raise UserError(str(error)) from error
+    written = generate_to(
+        model, args.out, args.num, seed=args.seed, trajectory=args.trajectory, npz=args.npz, batch_size=args.batch_size
+    )
     _print_written(written)
 
 
@@ -167,19 +234,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace) -> dict:
     from hkd import config
 
-    try:
-        return config.load(args.config, args.overrides)
-    except config.ConfigError as error:
-        raise UserError(str(error)) from error
+    return config.load(args.config, args.overrides)
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> None:
+    from hkd.checkpoint import run_lock
     from hkd.teacher import train_teacher
 
-    try:
-        result = train_teacher(_config(args), args.out, device=_device(args.device))
-    except ValueError as error:
-        raise UserError(str(error)) from error
+    config, device = _config(args), _device(args.device)
+    with run_lock(_out(args.out)):
+        result = train_teacher(config, args.out, device=device)
     print(f"wrote {result['checkpoint']} (step {result['step']})")
 
 
@@ -188,7 +252,7 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
 
     import torch
 
-    from hkd.config import ConfigError, section
+    from hkd.config import section
     from hkd.data import store
 
     if args.verify:
@@ -205,21 +269,18 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     config = _config(args)
     if args.num is not None:
         config.setdefault("trajectories", {})["num_trajectories"] = args.num
-    try:
-        cfg = section(config, "trajectories", store.TrajectoryConfig)
-    except ConfigError as error:
-        raise UserError(str(error)) from error
+    cfg = section(config, "trajectories", store.TrajectoryConfig)
     device = _device(args.device)
+    if args.workers > 1 and device.type != "cpu":
+        raise UserError("--workers > 1 runs local processes on the CPU; for several GPUs use torchrun")
+    _out(args.out)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     teacher = _teacher(args.teacher, device)
-    try:
-        manifest = store.write_store(
-            teacher, args.out, cfg, workers=args.workers, device=device, max_shards=args.max_shards,
-            progress=not args.quiet,
-        )  # fmt: skip
-    except ValueError as error:
-        raise UserError(str(error)) from error
+    manifest = store.write_store(
+        teacher, args.out, cfg, workers=args.workers, device=device, max_shards=args.max_shards,
+        progress=not args.quiet,
+    )  # fmt: skip
     done, size = len(manifest["shards"]), manifest["bytes_per_trajectory"]
     print(f"{args.out}: {done} of {manifest['num_shards']} shards finished ({size} bytes per trajectory)")
 
@@ -228,23 +289,18 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from hkd.train import NonFiniteLoss, train
+    from hkd.train import train
 
-    try:
-        result = train(_config(args), resume=args.resume)
-    except (ValueError, NonFiniteLoss) as error:
-        raise UserError(str(error)) from error
+    result = train(_config(args), resume=args.resume)
     if result["rank"] == 0:
         print(f"wrote {result['checkpoint']} (step {result['step']})")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from hkd import config, demo
+    from hkd import demo
 
-    try:
-        report = demo.run(args.out, quick=args.quick, fresh=args.fresh, device=args.device, overrides=args.overrides)
-    except config.ConfigError as error:
-        raise UserError(str(error)) from error
+    device = _device(args.device).type if args.device != "auto" else "auto"
+    report = demo.run(args.out, quick=args.quick, fresh=args.fresh, device=device, overrides=args.overrides)
     print(f"wrote {report} (open it in any Markdown viewer)")
 
 
@@ -262,8 +318,62 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.bench_dense(device, repeats=args.repeats or 5)
 
 
+def cmd_explore(args: argparse.Namespace) -> None:
+    from hkd import explore
+
+    device = _device(args.device)
+    path = explore.default_model(args.model)
+    model = _model(str(path), device)
+    teacher = _teacher(args.teacher, device) if args.teacher else None
+    try:
+        explorer = explore.Explorer(model, teacher)
+        explore.serve(explorer, args.host, args.port, name=str(path))
+    except (ValueError, OSError) as error:
+        raise UserError(str(error)) from error
+
+
+# -- EDM checkpoints and FID reference statistics -------------------------------------------------------------------
+
+
+def _fid_reference(args: argparse.Namespace, model):
+    """FID reference statistics for `model`'s images from --reference (checked before any sampling); None for the
+    embedded digits without --reference and --inception-weights (their offline metrics need no FID)."""
+    from hkd import metrics
+
+    digits = (model.img_channels, model.img_resolution) == (1, 16)
+    if args.reference is None:
+        if digits and args.inception_weights is None:
+            return None
+        raise UserError(
+            "FID needs --reference: an .npz of reference statistics (hkd fid-ref), an image folder or a config"
+        )
+    try:
+        metrics.inception_weights(args.inception_weights)
+        return metrics.reference_for(args.reference, model.img_resolution, model.img_channels, args.inception_weights)
+    except ValueError as error:
+        raise UserError(f"--reference {args.reference}: {error}") from error
+
+
+def cmd_fid_ref(args: argparse.Namespace) -> None:
+    from hkd import metrics
+
+    metrics.inception_weights(args.inception_weights)  # the weights before the dataset: fail before any work
+    try:
+        stats = metrics.reference_for(args.source, args.resolution, args.channels, args.inception_weights)
+    except ValueError as error:
+        raise UserError(f"{args.source}: {error}") from error
+    print(f"wrote {metrics.save_stats(args.out, *stats)}")
+
+
+def cmd_import_teacher(args: argparse.Namespace) -> None:
+    from hkd import edm_pickle
+
+    out = edm_pickle.import_teacher(args.pkl, args.out)  # refused (unsafe), corrupt, or not DDPM++: a UserError
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} (use the folder as --teacher)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
+    parser = Parser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("info", help="versions, and which propagation backends are built and usable here")
@@ -278,20 +388,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo", help="folder for every stage and the report (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smoke run of every stage at toy scale")
-    p.add_argument("--fresh", action="store_true", help="delete OUT first and redo every stage")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
+    p.add_argument(
+        "--fresh", action="store_true", help="delete OUT (a folder an earlier demo made) and redo every stage"
+    )
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto (GPU when there is one), cpu or cuda"
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=20")
     p.set_defaults(func=cmd_demo)
 
     device = dict(choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: the GPU if any)")
     p = sub.add_parser("eval", help="table: teacher at 35 and few evaluations, HKD one step, one-step baseline")
     p.add_argument("--model", required=True, help="HKD model folder (save_pretrained, e.g. RUN/model)")
-    p.add_argument("--teacher", required=True, help="the teacher (teacher.pt or its folder, or a diffusers folder)")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        help="the teacher (teacher.pt or its folder, an EDM .pkl or import-teacher folder, or a diffusers folder)",
+    )
     p.add_argument("--baseline", help="direct one-step regression model folder (model.koopman=false, "
                    "train.consistency=false; `hkd ablate` trains it as 'direct regression')")  # fmt: skip
-    p.add_argument("--num", type=int, default=500, help="samples per row (default 500)")
-    p.add_argument("--few-steps", type=int, default=3, help="Euler steps (= evaluations) of the cheap teacher row")
+    p.add_argument("--num", type=count(2), default=500, help="samples per row (default 500)")
+    p.add_argument("--few-steps", type=count(1), default=3, help="Euler steps (= evaluations) of the cheap teacher row")
     p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file: adds FID")
+    p.add_argument("--reference", help="FID reference: an .npz of statistics (hkd fid-ref, or EDM's fid.py ref), "
+                   "an image folder, or a config whose data section names the dataset (e.g. cifar10)")  # fmt: skip
     p.add_argument("--lpips-weights", help="torchvision AlexNet ImageNet weights file: adds LPIPS to the teacher "
                    "fidelity (needs pip install 'hkd[lpips]')")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every row)")
@@ -301,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="spectral analysis: eigenvalues, band decodes, cumulative effect, spectra")
     p.add_argument("--model", required=True, help="HKD model folder (save_pretrained)")
-    p.add_argument("--num", type=int, default=8, help="samples to decode per band (default 8)")
-    p.add_argument("--times", type=int, default=12, help="times from T to eps for the cumulative effect")
+    p.add_argument("--num", type=count(1), default=8, help="samples to decode per band (default 8)")
+    p.add_argument("--times", type=count(2), default=12, help="times from T to eps for the cumulative effect")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="runs/analysis", help="folder for the figures, analysis.md and analysis.json")
     p.add_argument("--device", **device)
@@ -313,12 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--band", choices=("low", "middle", "high"), default="high", help="band to swap (default high)")
     p.add_argument("--region", choices=("lower", "upper", "left", "right", "all"), default="lower",
                    help="spatial region whose components are swapped (default lower half)")  # fmt: skip
-    p.add_argument("--ratios", default="0,0.1,0.3,0.5,0.7,0.9", help="fractions r of the components to swap")
+    p.add_argument(
+        "--ratios", type=fractions, default="0,0.1,0.3,0.5,0.7,0.9", help="fractions r of the components to swap"
+    )
     p.add_argument("--t-edit", type=float, help="time of the edit (default: the trajectory midpoint)")
-    p.add_argument("--known", choices=("digits", "none"), default="digits",
-                   help="known images for inpainting the region (default: embedded digits)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=4, help="blending steps along the trajectory for inpainting")
-    p.add_argument("--num", type=int, default=4, help="images per figure (default 4)")
+    p.add_argument("--known", help="known images for inpainting (and colourisation): digits, none, an image "
+                   "folder, or a config whose data section names them (default: digits for 1-channel models, "
+                   "else none)")  # fmt: skip
+    p.add_argument("--steps", type=count(1), default=4, help="blending steps along the trajectory for inpainting")
+    p.add_argument("--num", type=count(1), default=4, help="images per figure (default 4)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="runs/edit", help="folder for the figures and edit.json")
     p.add_argument("--device", **device)
@@ -328,19 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="digits", help="training config (name or YAML path; default digits)")
     p.add_argument("overrides", nargs="*", help="config overrides a.b=value, applied to all four runs")
     p.add_argument("--teacher", help="the teacher whose trajectories the store holds (default: train.teacher)")
-    p.add_argument("--num", type=int, default=500, help="evaluation samples (default 500)")
+    p.add_argument("--num", type=count(2), default=500, help="evaluation samples (default 500)")
     p.add_argument("--seed", type=int, default=0, help="evaluation noise seed")
     p.add_argument("--out", default="runs/ablation", help="folder for the four runs and ablation.md/json")
+    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file (FID)")
+    p.add_argument("--reference", help="FID reference (.npz statistics, image folder or config; as for eval)")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_ablate)
     p = sub.add_parser("generate", help="one-step samples of a trained HKD model (PNG grid and files, optional .npz)")
     p.add_argument("--model", required=True, help="model folder (save_pretrained: config.json + model.safetensors)")
-    p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--num", type=count(1), default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--trajectory", type=int, default=0, metavar="K", help="also K states from T to eps per sample")
+    p.add_argument("--trajectory", type=count(0), default=0, metavar="K", help="also K states from T to eps per sample")
     p.add_argument("--npz", action="store_true", help="also samples.npz (float32 arrays)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default 256)")
+    p.add_argument("--batch-size", type=count(1), default=256, help="samples per forward pass (default 256)")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_generate)
 
@@ -352,13 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_teacher)
 
     p = sub.add_parser("trajectories", help="write (or resume, or --verify) a sharded store of teacher trajectories")
-    p.add_argument("--teacher", help="teacher.pt (or its folder) or a diffusers UNet2DModel folder")
+    p.add_argument(
+        "--teacher",
+        help="teacher.pt (or its folder), an EDM .pkl or import-teacher folder, or a diffusers UNet2DModel folder",
+    )
     p.add_argument("--out", help="store folder (an unfinished store there is completed)")
-    p.add_argument("--num", type=int, help="number of trajectories (trajectories.num_trajectories)")
+    p.add_argument("--num", type=count(1), help="number of trajectories (trajectories.num_trajectories)")
     p.add_argument("--config", default="digits", help="config name or YAML path for the trajectories section")
     p.add_argument("overrides", nargs="*", help="config overrides a.b=value, e.g. trajectories.shard_size=500")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes (CPU); torchrun ranks add up")
-    p.add_argument("--max-shards", type=int, help="stop after this many new shards per worker (run again to go on)")
+    p.add_argument("--workers", type=count(1), default=1, help="local worker processes (CPU); torchrun ranks add up")
+    p.add_argument(
+        "--max-shards", type=count(1), help="stop after this many new shards per worker (run again to go on)"
+    )
     p.add_argument("--verify", metavar="DIR", help="check every shard of the store DIR against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", **device)
@@ -380,23 +510,70 @@ def build_parser() -> argparse.ArgumentParser:
         "against torch.linalg.matrix_exp. Workloads and rows are described in hkd/bench.py.",
     )
     p.add_argument("op", nargs="?", choices=("spectral", "dense", "all"), default="all", help="which op (default all)")
-    p.add_argument("--batch", type=int, nargs="+", default=[64, 128], help="spectral batch sizes (default 64 128)")
-    p.add_argument("--repeats", type=int, default=0, help="timed rounds per row (default 15 spectral, 5 dense)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    p.add_argument("--batch", type=count(1), nargs="+", default=[64, 128], help="spectral batch sizes (default 64 128)")
+    p.add_argument("--repeats", type=count(0), default=0, help="timed rounds per row (default 15 spectral, 5 dense)")
+    p.add_argument("--threads", type=count(0), default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the spectral op")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("explore", help="a local web app: the trajectory, bands, edits and the teacher in the browser")
+    p.add_argument("--model", help="HKD model folder (default: the demo's, runs/demo/hkd/model)")
+    p.add_argument("--teacher", help="also show the teacher's Heun trajectory (teacher.pt, its folder, diffusers)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
+    p.add_argument("--device", **device)
+    p.set_defaults(func=cmd_explore)
+
+    p = sub.add_parser(
+        "import-teacher",
+        help="an EDM snapshot .pkl as a pickle-free teacher folder (model.safetensors + config.json)",
+        description="Read an EDM snapshot pickle (edm-*.pkl, network-snapshot-*.pkl) without executing anything in it "
+        "and write its EMA network as a teacher folder that every --teacher option accepts. DDPM++ (SongUNet) "
+        "networks with EDM, VP or VE preconditioning, unconditional or class-conditional.",
+    )
+    p.add_argument("pkl", help="the EDM snapshot pickle")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(func=cmd_import_teacher)
+
+    p = sub.add_parser(
+        "fid-ref",
+        help="FID reference statistics (mu, sigma as .npz, the format of EDM's fid.py ref) of a dataset",
+        description="Inception-v3 (torch-fidelity's FID network, weights from a local file) statistics of every image "
+        "of SOURCE, quantised to uint8 as EDM does. SOURCE: a config (name or YAML path) whose data section names the "
+        "dataset, e.g. cifar10, or an image folder.",
+    )
+    p.add_argument("source", help="a config (its data section) or an image folder")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--resolution", type=int, default=32, help="image size (for a folder; default 32)")
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="for a folder (default 3)")
+    p.add_argument("--inception-weights", help="the weights file (default $HKD_INCEPTION_WEIGHTS or the hub cache)")
+    p.set_defaults(func=cmd_fid_ref)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A UserError (or a missing file, or a full, read-only or forbidden place) is one line on
+    stderr and exit code 2; a run stopped by a signal exits 128 + its number; anything else is a bug and keeps its
+    traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (UserError, FileNotFoundError) as error:
-        print(f"hkd {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(args, str(error))
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRORS:
+            raise
+        return _fail(args, f"{error.strerror}: {error.filename}" if error.filename else str(error))
+    except RunStopped as stop:
+        print(f"hkd {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    print(f"hkd {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,25 +1,195 @@
-"""Run configurations: YAML files (hkd/configs/NAME.yaml or any path) plus `key.sub=value` overrides.
+"""Run configurations: YAML files (hkd/configs/NAME.yaml or any path) plus `section.key=value` overrides.
 
-A config is a nested dict with one section per stage (data, teacher, trajectories, model, train, ...).
-Each module turns its section into its own dataclass with `section(config, "name", DataclassType)`, so an
-unknown or misspelt key is reported by name, before any work starts.
+A config is a nested dict with one section per stage (data, teacher, trajectories, model, train). Each section is a
+dataclass deriving from `Section` (`class TrainConfig(Section, name="train")`): its fields' annotations are the
+types, checked (and lists made tuples, ints made floats) whenever the dataclass is built, and its `check()` holds
+the rules on values. `load` builds every section, so an unknown section or key, a value of the wrong type or out of
+range is a ConfigError naming it (and the closest valid name) before any work starts.
+
+YAML is read as YAML 1.2 reads numbers: `1e-4` is a float (PyYAML's YAML 1.1 would make it a string).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import importlib
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from hkd.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
+# The modules that define the sections: importing them registers their dataclasses in SECTIONS.
+SECTION_MODULES = ("hkd.data", "hkd.teacher", "hkd.data.store", "hkd.model", "hkd.train")
+SECTIONS: dict[str, type[Section]] = {}
 T = TypeVar("T")
 
+__all__ = ["ConfigError", "Section", "apply_overrides", "available", "changes", "load", "section", "validate"]
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file or key."""
+
+class _Loader(yaml.SafeLoader):
+    """safe_load with YAML 1.2 floats: an exponent without a decimal point (1e-4, 5E+3) is a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass: plain values only)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def _suggest(name: str, valid: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+            return f"a list of {plural.get(args[0], _describe(args[0]))}"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` as the annotation `hint` says (list -> tuple, int -> float), or TypeError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arm)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise TypeError
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (bool, str) and isinstance(value, hint):
+        return value
+    if origin is dict and isinstance(value, dict):
+        return value
+    raise TypeError
+
+
+class Section:
+    """Base of the config dataclasses. `class XConfig(Section, name="x")` registers the section `x`; building one
+    checks every field against its annotation, then calls `check()` (override it for the rules on values and raise
+    ConfigError naming the key)."""
+
+    section_name = ""
+
+    def __init_subclass__(cls, name: str = "", **kwargs):
+        super().__init_subclass__(**kwargs)
+        if name:
+            cls.section_name = name
+            SECTIONS[name] = cls
+
+    def __post_init__(self) -> None:
+        check_types(self, self.section_name)
+        self.check()
+
+    def check(self) -> None:
+        """Rules on the values (ranges, choices); raise ConfigError naming the key."""
+
+    def require(self, condition: bool, key: str, rule: str) -> None:
+        """ConfigError `section.key must be RULE, got VALUE` unless `condition`."""
+        if not condition:
+            raise ConfigError(f"{self.section_name}.{key} must be {rule}, got {getattr(self, key)!r}")
+
+
+def section(config: dict[str, Any], name: str, cls: type[T]) -> T:
+    """config[name] as the dataclass `cls`: an unknown key is an error naming it and the closest valid key, a value
+    of the wrong type or out of range an error naming it."""
+    values = config.get(name)
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping of keys, got {values!r}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in fields:
+            hint = _suggest(str(key), fields, f"{name}.")
+            raise ConfigError(f"unknown key {name}.{key}{hint}; valid: {', '.join(fields)}")
+    result = cls(**values)
+    if not isinstance(result, Section):  # a plain dataclass: its types are checked here
+        check_types(result, name)
+    return result
+
+
+def check_types(obj: Any, name: str) -> None:
+    """Every field of the dataclass `obj` as its annotation says (list -> tuple, int -> float), or a ConfigError."""
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        try:
+            setattr(obj, field.name, _coerce(value, hints[field.name]))
+        except TypeError:
+            raise ConfigError(f"{name}.{field.name} must be {_describe(hints[field.name])}, got {value!r}") from None
+
+
+def sections() -> dict[str, type[Section]]:
+    """Every registered section (importing the modules that define them)."""
+    for module in SECTION_MODULES:
+        importlib.import_module(module)
+    return SECTIONS
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Build every section of `config`: an unknown section, key or value is a ConfigError naming it."""
+    known = sections()
+    for name in config:
+        if name not in known:
+            raise ConfigError(f"unknown config section {name!r}{_suggest(str(name), known)}; valid: {', '.join(known)}")
+    for name, cls in known.items():
+        section(config, name, cls)
+    return config
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`section.key: old -> new` for every value that differs between two configs (defaults filled in)."""
+    found = []
+    for name, cls in sections().items():
+        a, b = (to_dict(section(c, name, cls)) for c in (old, new))
+        found += [f"{name}.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files and overrides
 
 
 def available() -> list[str]:
@@ -27,16 +197,21 @@ def available() -> list[str]:
 
 
 def load(name_or_path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """Read a named config (see `available()`) or a YAML path, then apply `a.b=value` overrides (YAML values)."""
+    """Read a named config (see `available()`) or a YAML path, apply `a.b=value` overrides (YAML values), and
+    check every section (`validate`)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"config {str(name_or_path)!r} not found (named configs: {', '.join(available())})")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = parse_yaml(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
+        raise ConfigError(f"{path}: not a readable YAML file ({str(error).splitlines()[0]})") from error
+    config = config or {}
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config is a mapping of sections")
-    return apply_overrides(config, overrides)
+    return validate(apply_overrides(config, overrides))
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -51,21 +226,11 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = parse_yaml(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: not a YAML value ({str(error).splitlines()[0]})") from error
     return config
-
-
-def section(config: dict[str, Any], name: str, cls: type[T]) -> T:
-    """config[name] as the dataclass `cls`; unknown keys are an error naming them and the valid ones."""
-    values = config.get(name) or {}
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; valid: {', '.join(sorted(fields))}"
-        )
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**kwargs)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Stages (each skipped when its result exists, unless fresh=True), all under one f
   analysis/      eigenvalues, band decodes, cumulative effect, power spectra (hkd.analysis.analyze)
   edit/          frequency-targeted editing, inpainting, colourisation (hkd.editing.run)
   report.md      everything above on one page
+  .hkd-demo      the marker that says hkd made the folder: `--fresh` deletes only a folder that holds it
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from pathlib import Path
 import torch
 
 from hkd import config as configs
+from hkd.checkpoint import LOCK_NAME, atomic_write, output_folder, run_lock
+from hkd.errors import UserError
+
+MARKER = ".hkd-demo"
 
 # The demo's scale on top of hkd/configs/digits.yaml: about 10 minutes on 2 CPU cores. 30 epochs over 2000
 # trajectories (930 steps): at 10 epochs the one-step samples were still blurred averages (fd_digits 250 against
@@ -59,21 +64,25 @@ def settings(out: Path, quick: bool, overrides: list[str] = ()) -> dict:
     return configs.load("digits", [*DEMO, *(QUICK if quick else []), *paths, *overrides])
 
 
-def check(config: dict) -> None:
-    """Every section of the config, read as its dataclass before any work: a wrong key fails now, not in stage 3."""
-    from hkd.data import DataConfig
-    from hkd.data.store import TrajectoryConfig
-    from hkd.model import ModelConfig
-    from hkd.teacher import TeacherConfig
-    from hkd.train import TrainConfig
-
-    sections = {"data": DataConfig, "teacher": TeacherConfig, "trajectories": TrajectoryConfig, "train": TrainConfig}
-    sections["model"] = ModelConfig
-    for name, cls in sections.items():
-        try:
-            configs.section(config, name, cls)
-        except (TypeError, ValueError) as error:
-            raise configs.ConfigError(str(error)) from error
+def claim(out: Path, fresh: bool) -> None:
+    """Make `out` (locked by the caller) the demo's folder. A new or empty folder gets the marker. With fresh, the
+    contents of a folder that holds the marker are deleted; any other folder is refused, never deleted."""
+    contents = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    marked = (out / MARKER).is_file()
+    if fresh and contents:
+        if not marked:
+            raise UserError(
+                f"--fresh: {out} was not made by `hkd demo` (no {MARKER} file in it), so it is not deleted; "
+                "choose another --out or empty it yourself"
+            )
+        for path in contents:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        contents = []
+    if not contents:
+        atomic_write(out / MARKER, "made by `hkd demo`: `hkd demo --fresh` deletes this folder's contents\n")
 
 
 def run(
@@ -85,8 +94,25 @@ def run(
     overrides: list[str] = (),
     log=print,
 ) -> Path:
-    """Run (or finish) every stage; returns the path of report.md."""
-    from hkd import analysis, editing, metrics
+    """Run (or finish) every stage in `out`; returns the path of report.md. `out` is locked for the run: a second
+    demo into the same folder is refused."""
+    out = Path(out)
+    config = settings(out, quick, list(overrides))
+    device = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
+    config = configs.validate(configs.apply_overrides(config, [f"train.device={device.type}"]))
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link: give the folder itself")
+    if fresh and out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        claim(out, fresh)  # refuses, before the lock file is written into someone else's folder
+    with run_lock(output_folder(out, "--out")):
+        claim(out, fresh)
+        return _stages(out, config, device, quick, log)
+
+
+def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> Path:
+    from hkd import analysis, checkpoint, editing, metrics
     from hkd import train as training
     from hkd.data import digits
     from hkd.data.store import TrajectoryConfig, read_manifest, write_store
@@ -94,18 +120,11 @@ def run(
     from hkd.model import HKDModel
     from hkd.teacher import CHECKPOINT_NAME, load_teacher, train_teacher
 
-    out = Path(out)
-    config = settings(out, quick, list(overrides))
-    device = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
-    config = configs.apply_overrides(config, [f"train.device={device.type}"])
-    check(config)
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     timings_file = out / "timings.json"  # seconds per stage, kept across re-runs for the report
-    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    try:
+        timings: dict[str, float] = json.loads(timings_file.read_text())
+    except (OSError, ValueError):  # none yet (or unreadable): the report then lists fewer times
+        timings = {}
 
     def stage(name: str, done: bool, work) -> None:
         if done:
@@ -122,9 +141,7 @@ def run(
     steps = config["teacher"]["steps"]
 
     def teacher_done() -> bool:
-        return (
-            teacher_ckpt.is_file() and torch.load(teacher_ckpt, map_location="cpu", weights_only=False)["step"] >= steps
-        )
+        return teacher_ckpt.is_file() and checkpoint.load(teacher_ckpt)["step"] >= steps
 
     stage("1/8 teacher", teacher_done(), lambda: train_teacher(config, out / "teacher", device=device, log=log))
     teacher = load_teacher(teacher_ckpt, device=device)
@@ -221,6 +238,9 @@ def write_report(out: Path, config: dict, timings: dict[str, float], quick: bool
         "![samples](samples.png)" if (out / "samples.png").is_file() else "*(samples.png missing)*",
         "## Evaluation",
         _text(out / "eval" / "eval.md"),
+        "## Trajectory faithfulness",
+        *_images(out / "eval", out),
+        _text(out / "eval" / "faithfulness.md"),
         "## Spectral analysis",
         *_images(out / "analysis", out),
         _text(out / "analysis" / "analysis.md"),

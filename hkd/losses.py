@@ -10,6 +10,11 @@ P is one of
                   3 channels and images smaller than `lpips_resize` are upsampled bilinearly (AlexNet needs >= ~32 px).
 * "pseudo_huber": sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(C H W) (improved consistency training), weight-free.
 * "none":         no perceptual term.
+
+latent_consistency (lambda3; the project's addition, not in the paper): between pairs of sampled times s > t of one
+trajectory, the relative error of the Koopman evolution against the encoder's own latent at t,
+    sum_l ||exp(tau(s, t) A^(l)) E^(l)(x_s) - sg(E^(l)(x_t))||^2 / ||sg(E^(l)(x_t))||^2 / L,
+relative so that shrinking the latents cannot lower it.
 """
 
 from __future__ import annotations
@@ -98,6 +103,26 @@ class LPIPS(nn.Module):
         if self.resize and min(x.shape[-2:]) < self.resize:
             x, y = (F.interpolate(v.float(), size=(self.resize, self.resize), mode="bilinear") for v in (x, y))
         return self.lpips(x.float(), y.float()).flatten()
+
+
+def latent_consistency(model: nn.Module, latents: list[Tensor], t: Tensor, per_trajectory: int) -> Tensor:
+    """Per-trajectory latent consistency (B,): latents (B * s, d, h, w) per level and times t (B * s,) of s sampled
+    times per trajectory (trajectory-major); every ordered pair of distinct times s > t, one propagation call."""
+    s = per_trajectory
+    t = t.reshape(-1, s).double()
+    i, j = (index.flatten() for index in torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij"))
+    keep = (t[:, i] > t[:, j]).to(latents[0].dtype)  # (B, s * s): evolve from the earlier (noisier) time only
+    t_from, t_to = t[:, i].flatten(), t[:, j].flatten()
+    grouped = [z.reshape(-1, s, *z.shape[1:]) for z in latents]
+    sources = [z[:, i].flatten(0, 1) for z in grouped]
+    targets = [z[:, j].flatten(0, 1).detach() for z in grouped]
+    evolved = model.propagate(sources, t_from, t_to)
+    errors = [
+        (a.float() - b.float()).square().flatten(1).sum(1) / b.float().square().flatten(1).sum(1).clamp_min(1e-12)
+        for a, b in zip(evolved, targets, strict=True)
+    ]
+    per_pair = torch.stack(errors).mean(0).reshape(-1, s * s) * keep
+    return per_pair.sum(1) / keep.sum(1).clamp_min(1)
 
 
 class Distance(nn.Module):

@@ -15,15 +15,19 @@ Images everywhere are float tensors (N, C, H, W) in the model's pixel range [-1,
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hkd import checkpoint
+from hkd.errors import UserError
 from hkd.losses import pseudo_huber
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -77,40 +81,158 @@ def inception_weights(path: str | os.PathLike | None = None) -> Path:
     )
 
 
-class _UInt8Images(torch.utils.data.Dataset):
-    """[-1, 1] float images as the uint8 RGB tensors torch-fidelity expects."""
-
-    def __init__(self, images: Tensor):
-        images = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        self.images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.images[i]
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float images as uint8, quantised as EDM does: floor(127.5 x + 128) clipped to [0, 255] (an image
+    read from uint8 pixels comes back exactly)."""
+    return (images.detach().float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
-def fid(images1: Tensor, images2: Tensor, *, weights: str | os.PathLike | None = None) -> float:
-    """FID between two image sets (N, 1 or 3, H, W) in [-1, 1] (torch-fidelity, Inception-v3 pool3 features)."""
-    try:
-        import torch_fidelity
-    except ImportError as error:
-        raise ImportError("FID needs torch-fidelity: pip install 'hkd[fid]' (or pip install torch-fidelity)") from error
-    for name, images in (("images1", images1), ("images2", images2)):
-        if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"fid: {name} must be (N, 1 or 3, H, W), got {tuple(images.shape)}")
-    path = inception_weights(weights)
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_UInt8Images(images1),
-        input2=_UInt8Images(images2),
-        fid=True,
-        feature_extractor_weights_path=str(path),
-        cuda=torch.cuda.is_available(),
-        cache=False,
-        verbose=False,
+class Inception(nn.Module):
+    """torch-fidelity's FID Inception-v3 (the TF-FID port; pool3, 2048 features) with weights from a local file.
+
+    The file is first read with torch.load(weights_only=True), so only a plain tensor file gets to torch-fidelity
+    (whose own loader unpickles without that restriction)."""
+
+    def __init__(self, weights: str | os.PathLike | None = None):
+        super().__init__()
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as error:
+            raise ImportError(
+                "FID needs torch-fidelity: pip install 'hkd[fid]' (or pip install torch-fidelity)"
+            ) from error
+        self.path = inception_weights(weights)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+                raise ValueError("not a state dict of tensors")
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(self.path)).eval()
+        except Exception as error:
+            raise ValueError(f"{self.path} is not torch-fidelity's Inception-v3 weights file: {error}") from None
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """Features (N, 2048) float64 of uint8 images (N, 1 or 3, H, W) (grey is repeated to RGB)."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"Inception takes uint8 images (N, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        device = next(self.net.parameters()).device
+        return self.net(images.expand(-1, 3, -1, -1).to(device))[0].double().cpu()
+
+
+class FeatureStats:
+    """Running mean and covariance of features, float64 (the sums EDM's fid.py keeps): add batches, then stats()."""
+
+    def __init__(self):
+        self.n, self.total, self.outer = 0, None, None
+
+    def add(self, features: Tensor) -> None:
+        features = features.double()
+        if self.total is None:
+            self.total, self.outer = features.new_zeros(features.shape[1]), features.new_zeros((features.shape[1],) * 2)
+        self.n += features.shape[0]
+        self.total += features.sum(0)
+        self.outer += features.T @ features
+
+    def stats(self) -> tuple[Tensor, Tensor]:
+        """(mu, sigma), sigma the unbiased covariance (as np.cov)."""
+        if self.n < 2:
+            raise ValueError(f"Frechet statistics need at least 2 samples, got {self.n}")
+        mu = self.total / self.n
+        return mu, (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+
+
+def _progress(iterable, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=total <= 1, leave=False)
+
+
+def inception_stats(images, inception: Inception, *, batch_size: int = 250, desc: str = "Inception") -> tuple:
+    """(mu, sigma) of the Inception features of `images`: a tensor (N, C, H, W) in [-1, 1], a Dataset of such
+    images, or an iterable of batches; quantised to uint8 as EDM does, fed in batches with a progress bar."""
+    if isinstance(images, Tensor):
+        batches, total = images.split(batch_size), math.ceil(len(images) / batch_size)
+    elif isinstance(images, torch.utils.data.Dataset):
+        batches = torch.utils.data.DataLoader(images, batch_size=batch_size)
+        total = len(batches)
+    else:
+        batches, total = images, 0
+    stats = FeatureStats()
+    for batch in _progress(batches, total, desc):
+        stats.add(inception(to_uint8(batch)))
+    return stats.stats()
+
+
+def save_stats(path: str | os.PathLike, mu: Tensor, sigma: Tensor) -> Path:
+    """Reference statistics as EDM's `fid.py ref` writes them: an .npz with mu (D,) and sigma (D, D)."""
+    import numpy as np
+
+    return checkpoint.atomic_write(
+        path, lambda file: np.savez(file, mu=mu.double().numpy(), sigma=sigma.double().numpy())
     )
-    return float(metrics["frechet_inception_distance"])
+
+
+def load_stats(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
+    """(mu, sigma) from an .npz with mu (D,) and sigma (D, D) (EDM's fid.py ref, or save_stats); never unpickles."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {str(path)!r} not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mu, sigma = torch.from_numpy(data["mu"]).double(), torch.from_numpy(data["sigma"]).double()
+    except (KeyError, ValueError, OSError) as error:
+        raise ValueError(f"{path} is not FID reference statistics (an .npz with mu and sigma): {error}") from None
+    if mu.dim() != 1 or tuple(sigma.shape) != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} do not fit (D,) and (D, D)")
+    return mu, sigma
+
+
+def fid(images: Tensor, reference, *, weights: str | os.PathLike | None = None, batch_size: int = 250) -> float:
+    """FID of images (N, 1 or 3, H, W) in [-1, 1] against `reference`: images like them, or (mu, sigma) reference
+    statistics (load_stats). torch-fidelity's Inception-v3 pool3 features, EDM's uint8 quantisation."""
+    for name, value in (("images", images), ("reference", reference)):
+        if isinstance(value, Tensor) and (value.dim() != 4 or value.shape[1] not in (1, 3)):
+            raise ValueError(f"fid: {name} must be (N, 1 or 3, H, W), got {tuple(value.shape)}")
+    inception = _inception(str(inception_weights(weights)))
+    if isinstance(reference, Tensor):
+        reference = inception_stats(reference, inception, batch_size=batch_size, desc="FID reference")
+    mu, sigma = inception_stats(images, inception, batch_size=batch_size, desc="FID samples")
+    if mu.shape != reference[0].shape:
+        raise ValueError(f"fid: reference statistics of {len(reference[0])} features, Inception gives {len(mu)}")
+    return frechet_distance(mu, sigma, *reference)
+
+
+@functools.lru_cache(maxsize=1)
+def _inception(path: str) -> Inception:
+    inception = Inception(path)
+    return inception.to("cuda") if torch.cuda.is_available() else inception
+
+
+def reference_for(source: str, resolution: int, channels: int, weights=None) -> tuple[Tensor, Tensor]:
+    """FID reference statistics from `source`: an .npz (mu, sigma), an image folder, or a config (name or YAML
+    path) whose data section names the dataset; images are brought to the model's resolution and channels."""
+    if str(source).endswith(".npz"):
+        return load_stats(source)
+    from hkd.data import DataConfig, ImageFolder, load_dataset
+
+    if Path(source).is_dir():
+        dataset = ImageFolder(source, resolution, channels)
+    else:
+        from hkd import config
+        from hkd.config import section
+
+        data = section(config.load(source), "data", DataConfig)
+        if (data.resolution, data.channels) != (resolution, channels):
+            raise ValueError(
+                f"the reference {source!r} has {data.channels}x{data.resolution}x{data.resolution} images, "
+                f"the model makes {channels}x{resolution}x{resolution}"
+            )
+        dataset = load_dataset(data)
+    return inception_stats(dataset, _inception(str(inception_weights(weights))), desc="FID reference")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,27 +302,29 @@ def _cache_dir() -> Path:
 _CLASSIFIER: DigitsClassifier | None = None
 
 
+def classifier_cache() -> Path:
+    """The classifier's cache file: its name covers the recipe and the exact pixels it was trained on."""
+    images, _ = digits_dataset()
+    recipe = hashlib.sha256(images.numpy().tobytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    return _cache_dir() / f"digits_classifier_{recipe}.pt"
+
+
 def digits_classifier() -> DigitsClassifier:
-    """The cached classifier (memory, then $HKD_CACHE_DIR or ~/.cache/hkd, then trained and written atomically)."""
+    """The cached classifier (memory, then $HKD_CACHE_DIR or ~/.cache/hkd, then trained and written atomically).
+    The cache is read with hkd.checkpoint.load (checksummed, weights only): a corrupt or foreign cache file is
+    replaced by a freshly trained classifier, never executed."""
     global _CLASSIFIER
     if _CLASSIFIER is not None:
         return _CLASSIFIER
-    images, _ = digits_dataset()  # the cache key covers the recipe and the exact pixels it was trained on
-    recipe = hashlib.sha256(images.numpy().tobytes() + Path(__file__).read_bytes()).hexdigest()[:16]
-    path = _cache_dir() / f"digits_classifier_{recipe}.pt"
+    path = classifier_cache()
     model = DigitsClassifier()
     try:
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(checkpoint.load(path)["model"])
         model.eval().requires_grad_(False)
-    except (FileNotFoundError, RuntimeError, EOFError, OSError):
+    except (UserError, KeyError, RuntimeError, OSError):
         model, _ = train_digits_classifier()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-                torch.save(model.state_dict(), handle)
-            os.replace(handle.name, path)
-        except OSError:  # a read-only home: keep it in memory only
-            pass
+        with contextlib.suppress(OSError, UserError):  # a read-only or odd cache place: keep it in memory only
+            checkpoint.save(path, {"model": model.state_dict()})
     _CLASSIFIER = model
     return model
 
@@ -308,10 +432,11 @@ def sample_metrics(
     images: Tensor, teacher_endpoint: Tensor, *, inception_weights=None, reference=None, lpips=None
 ) -> dict:
     """Every metric that applies: the digits metrics for 1x16x16 images, FID when Inception weights are given (or
-    found), teacher fidelity. `reference`: the real images for FD / FID (default: the embedded digits)."""
+    found), teacher fidelity. `reference`: the real images for FD / FID (default: the embedded digits), or FID
+    reference statistics (mu, sigma)."""
     out = {}
     if tuple(images.shape[1:]) == (1, 16, 16):
-        out.update(digits_metrics(images, reference))
+        out.update(digits_metrics(images, reference if isinstance(reference, Tensor) else None))
     if inception_weights is not None or tuple(images.shape[1:]) != (1, 16, 16):
         if reference is None:
             raise ValueError("FID needs reference images (the dataset) for images other than the embedded digits")
@@ -384,20 +509,38 @@ def evaluate(
         for name, evaluations, images in candidates
     ]
     notes = f"{num} samples, noise seed {seed}. " + METRIC_NOTES
-    return rows, write_table(rows, out_dir, "eval", "HKD against its teacher and the one-step baseline", notes)
+    written = write_table(rows, out_dir, "eval", "HKD against its teacher and the one-step baseline", notes)
+    from hkd import faithfulness  # the trajectory on held-out teacher trajectories (noise seed + 1)
+
+    models = {"HKD": model} | ({"direct regression baseline": baseline} if baseline is not None else {})
+    return rows, written + faithfulness.run(models, teacher, num=min(num, 64), seed=seed + 1, out_dir=out_dir)
 
 
-def ablate(config: dict, teacher, *, out_dir: str | Path, num: int = 500, seed: int = 0, dataset=None, log=print):
+def ablate(
+    config: dict,
+    teacher,
+    *,
+    out_dir: str | Path,
+    num: int = 500,
+    seed: int = 0,
+    dataset=None,
+    log=print,
+    reference=None,
+    inception_weights=None,
+):
     """The paper's four ablation configurations, trained with `config` (same data, steps, batch and seed: equal
     budgets) through hkd.train.train, each in out_dir/<name>/ (a finished run is reused, an interrupted one resumed),
     then evaluated on the same noise. `dataset`: trajectories for hkd.train.train (default: train.store).
-    Returns (rows, written files)."""
+    `reference`: FID reference images or statistics (needed, and checked before training, for images other than
+    the embedded digits). Returns (rows, written files)."""
     from hkd import train as training
     from hkd.config import apply_overrides
     from hkd.model import HKDModel
 
     out_dir = Path(out_dir)
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    if reference is None and (shape != (1, 16, 16) or inception_weights is not None):
+        raise ValueError(f"the ablation evaluates {shape} images by FID: it needs a reference (images or statistics)")
     noise = torch.randn(num, *shape, generator=torch.Generator().manual_seed(seed))
     endpoint = teacher_samples(teacher, noise, 18)
     rows = []
@@ -411,11 +554,12 @@ def ablate(config: dict, teacher, *, out_dir: str | Path, num: int = 500, seed: 
         else:
             resume = (run / training.CHECKPOINT_NAME).is_file()
             model = training.train(cfg, resume=resume, dataset=dataset, log=log)["ema"]
-            if not (run / "model").is_dir():  # the trainer stopped early (SIGTERM / SIGINT) after a checkpoint
-                raise InterruptedError(f"the ablation stopped during {name!r}: run the same command again to resume")
         row = {"name": name, "evaluations": 1, "koopman": koopman, "trajectory_loss": consistency}
         row["hierarchy"] = hierarchy
-        row.update(sample_metrics(one_step(model.eval(), noise), endpoint))
+        metrics = sample_metrics(
+            one_step(model.eval(), noise), endpoint, inception_weights=inception_weights, reference=reference
+        )
+        row.update(metrics)
         rows.append({**row, "paper_fid_cifar10": paper})
     notes = (
         f"Equal budgets: every run uses the same train section ({_budget(config)}); {num} samples, noise seed {seed}. "

@@ -24,23 +24,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from hkd.config import ConfigError, section, to_dict
+from hkd import checkpoint
+from hkd.config import Section, section, to_dict
+from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError
 from hkd.propagator import HKDPropagator
 from hkd.unet import UNet
 
 WEIGHTS_NAME, CONFIG_NAME, FORMAT = "model.safetensors", "config.json", "hkd-model"
 CLOCKS = ("identity", "log")
+GENERATOR_INITS = ("zero", "spread")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section, name="model"):
     """The `model:` section of a run config."""
 
     img_resolution: int = 32
@@ -55,34 +57,78 @@ class ModelConfig:
     backend: str = "auto"  # of the propagation ops
     clock: str = "identity"  # c(t) = t ("identity", the paper) or ln t ("log")
     encoder_sees_noise: bool = True
+    band_reading: str = "alpha"  # what orders the spectral bands of the analysis and editing: alpha or rate (|beta|)
+    generator_init: str = "zero"  # "zero" (the paper: A = 0) or "spread" (spectral: rotation rates spread, see below)
     koopman: bool = True
     hierarchy: bool = True
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_data: float = 0.5
+    stem_channels: int | None = None  # the input convolution's width (None: channel_mult[0] * model_channels)
+
+    def check(self) -> None:
+        for key in ("img_resolution", "img_channels", "model_channels", "num_blocks"):
+            self.require(getattr(self, key) >= 1, key, ">= 1")
+        self.require(len(self.channel_mult) >= 1 and min(self.channel_mult) >= 1, "channel_mult", "positive integers")
+        levels = 2 ** (len(self.channel_mult) - 1)
+        self.require(self.img_resolution % levels == 0, "img_resolution", f"a multiple of {levels} (channel_mult)")
+        self.require(0 <= self.dropout < 1, "dropout", "in [0, 1)")
+        self.require(self.generator in ("spectral", "dense"), "generator", "spectral or dense")
+        if self.generator == "spectral":  # 2x2 blocks pair the channels of every level
+            even = all(self.model_channels * m % 2 == 0 for m in self.channel_mult)
+            self.require(even, "model_channels", "even with spectral generators (times every channel_mult)")
+        self.require(self.clock in CLOCKS, "clock", f"one of {', '.join(CLOCKS)}")
+        self.require(0 < self.sigma_min < self.sigma_max, "sigma_min", f"in (0, sigma_max = {self.sigma_max})")
+        self.require(self.sigma_data > 0, "sigma_data", "> 0")
+        self.require(self.band_reading in ("alpha", "rate"), "band_reading", "alpha or rate")
+        self.require(self.generator_init in GENERATOR_INITS, "generator_init", f"one of {', '.join(GENERATOR_INITS)}")
+        if self.generator_init == "spread":
+            self.require(
+                self.generator == "spectral", "generator_init", "zero with dense generators (spread: spectral)"
+            )
+        from hkd.ops._backend import BACKENDS
+
+        self.require(self.backend in ("auto", *BACKENDS), "backend", f"one of auto, {', '.join(BACKENDS)}")
 
 
-UNET_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+UNET_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "stem_channels")
+
+
+class TeacherSplitError(TypeError, ValueError):
+    """from_teacher cannot use this teacher's network as HKD's encoder and decoder (raised before any work)."""
 
 
 class HKDModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.clock not in CLOCKS:
-            raise ConfigError(f"model.clock must be one of {CLOCKS}, got {config.clock!r}")
-        if not 0 < config.sigma_min < config.sigma_max:
-            raise ConfigError(f"need 0 < model.sigma_min < model.sigma_max, got {config.sigma_min}, {config.sigma_max}")
         self.config = config
         self.img_resolution, self.img_channels = config.img_resolution, config.img_channels
         self.T, self.eps, self.sigma_data = config.sigma_max, config.sigma_min, config.sigma_data
         unet_args = {name: getattr(config, name) for name in UNET_FIELDS}
         self.net = UNet(config.img_resolution, config.img_channels, config.img_channels, **unet_args)
-        self.propagator = HKDPropagator(self.net.latent_shapes, config.generator, config.per_position, config.backend)
+        self.propagator = HKDPropagator(
+            self.net.latent_shapes, config.generator, config.per_position, config.backend, config.band_reading
+        )
         for level, parameters in enumerate(self._generators_per_level()):
             learnable = config.koopman and (config.hierarchy or level == len(self.net.latent_shapes) - 1)
             for p in parameters:
                 p.requires_grad_(learnable)
+        if config.generator_init == "spread" and config.koopman:
+            self._spread_rotations()
         self._fixed = None  # (generators, FixedStepPropagator) for generate(), see _one_step_propagator
+
+    @torch.no_grad()
+    def _spread_rotations(self) -> None:
+        """generator_init=spread: alpha = 0 and, per level, the rotation rates of the pairs k = 0 .. n-1 spread
+        evenly, beta_k = pi k / (n |tau(T, eps)|), so that from T to eps pair k turns by pi k / n (the same at every
+        position): a range of frequencies from the first step, instead of A = 0 where every mode starts equal."""
+        span = float(self.tau(self.T, self.eps).abs())
+        for beta in self.propagator.betas:
+            if not beta.requires_grad:  # a frozen level (hierarchy=false) stays the identity
+                continue
+            n = beta.shape[0]
+            rates = torch.arange(n, dtype=torch.float64) * math.pi / (n * span)
+            beta.copy_(rates.reshape(n, *([1] * (beta.dim() - 1))).expand_as(beta))
 
     def _generators_per_level(self) -> list[list[nn.Parameter]]:
         if self.propagator.generator == "spectral":
@@ -135,9 +181,11 @@ class HKDModel(nn.Module):
         labels = torch.full((B,), math.log(T) / 4, device=latents[0].device)
         return T * sd / math.sqrt(T**2 + sd**2) * self.net.decode(latents, labels).float()
 
-    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
-        """x_hat at eps from x_t: D(exp(tau(t, eps) A) E(x_t, t))."""
-        return self.decode(self.propagate(self.encode(x_t, t), t, self.eps))
+    def forward(self, x_t: Tensor, t: Tensor | float, return_latents: bool = False) -> Tensor | tuple:
+        """x_hat at eps from x_t: D(exp(tau(t, eps) A) E(x_t, t)); with return_latents, (x_hat, E(x_t, t))."""
+        latents = self.encode(x_t, t)
+        x_hat = self.decode(self.propagate(latents, t, self.eps))
+        return (x_hat, latents) if return_latents else x_hat
 
     # Generation ----------------------------------------------------------------------------------------------------
 
@@ -175,16 +223,27 @@ class HKDModel(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, config: ModelConfig | None = None) -> HKDModel:
-        """An HKDModel whose encoder and decoder are the teacher's U-Net (hkd.teacher.EDMPrecond or a bare UNet),
-        generators zero. Without `config`, the U-Net sizes, image size and sigma_data come from the teacher; with
-        it, they must match the teacher's."""
-        net = getattr(teacher, "net", teacher)
+        """An HKDModel whose encoder and decoder are the teacher's U-Net, generators zero: an hkd teacher or an EDM
+        one (hkd.teacher.EDMPrecond around an hkd.unet.UNet, as load_teacher returns both), or a bare UNet. Without
+        `config`, the U-Net sizes, image size and sigma_data come from the teacher; with it, they must match.
+        A teacher whose network cannot be split this way (a diffusers UNet2DModel, VP/VE preconditioning, class
+        labels) raises TeacherSplitError, one line, before any work."""
+        from hkd.teacher import EDMPrecond
+
+        source = getattr(teacher, "identity", {}).get("source", "")
+        net = teacher.net if isinstance(teacher, EDMPrecond) else teacher
         if not isinstance(net, UNet):
-            raise TypeError(
-                f"from_teacher needs an hkd.unet.UNet or an EDMPrecond around one, got {type(net).__name__}"
+            kind = "a diffusers UNet2DModel" if source == "diffusers" else type(teacher).__name__
+            if source.startswith("edm"):
+                kind = f"EDM with {getattr(teacher, 'kind', '?').upper()} preconditioning (HKD's clock is EDM's)"
+            raise TeacherSplitError(
+                f"from_teacher cannot split {kind} into HKD's encoder and decoder: it needs an hkd.unet.UNet, bare or "
+                "in EDM preconditioning (an hkd teacher, or an EDM DDPM++ .pkl with EDMPrecond)"
             )
-        if not net.architecture["embed_noise"] or net.in_channels != net.out_channels:
-            raise ValueError("from_teacher needs a teacher UNet with embed_noise=True and in_channels == out_channels")
+        if not net.architecture["embed_noise"] or net.in_channels != net.out_channels or net.label_dim:
+            raise TeacherSplitError(
+                "from_teacher needs an unconditional teacher UNet with embed_noise=True and in_channels == out_channels"
+            )
         found = {name: net.architecture[name] for name in UNET_FIELDS}
         found |= dict(img_resolution=net.img_resolution, img_channels=net.in_channels)
         if hasattr(teacher, "sigma_data"):
@@ -193,7 +252,7 @@ class HKDModel(nn.Module):
             config = ModelConfig(**found)
         differ = {k: (getattr(config, k), v) for k, v in found.items() if _plain(getattr(config, k)) != _plain(v)}
         if differ:
-            raise ValueError(
+            raise ConfigError(
                 "model config does not match the teacher: "
                 + ", ".join(f"{k}={ours!r} (teacher {theirs!r})" for k, (ours, theirs) in differ.items())
             )
@@ -202,69 +261,71 @@ class HKDModel(nn.Module):
         return model.to(next(net.parameters()).device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """directory/model.safetensors (weights) and directory/config.json (format and model config), each atomic."""
-        from safetensors.torch import save_file
+        """directory/model.safetensors (weights, with the sha256 `checkpoint.digest` of the tensors in its
+        metadata) and directory/config.json (format and model config), each atomic. Non-finite weights are refused."""
+        from safetensors.torch import save
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in sorted(self.state_dict().items())}
+        bad = checkpoint.nonfinite(state)
+        if bad:
+            raise NonFiniteError(f"not saving the model to {directory}: non-finite weights in {', '.join(bad[:5])}")
         config = json.dumps({"format": FORMAT, "version": 1, "model": to_dict(self.config)}, indent=2)
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": FORMAT}))
-        _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(config + "\n"))
+        metadata = {"format": FORMAT, checkpoint.DIGEST_KEY: checkpoint.digest(state)}
+        checkpoint.atomic_write(Path(directory) / WEIGHTS_NAME, save(state, metadata=metadata))
+        checkpoint.atomic_write(Path(directory) / CONFIG_NAME, config + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> HKDModel:
-        """The model written by save_pretrained; a missing, corrupt or mismatched file is an error naming it."""
-        from safetensors import SafetensorError
+        """The model written by save_pretrained. The config's sizes are checked against the weight file's tensor
+        shapes before anything is allocated, and the weights against their checksum; a missing, corrupt or
+        mismatched file is an error naming it. Nothing from the files is executed (JSON and safetensors only)."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(
-                    f"{directory / name} not found (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})"
-                )
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise MissingFileError(f"{path} not found (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
         try:
-            saved = json.loads((directory / CONFIG_NAME).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{directory / CONFIG_NAME} is corrupt: {error}") from error
+            saved = json.loads(config_path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise CorruptFileError(f"{config_path} is corrupt: {error}") from error
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-            raise ValueError(f"{directory / CONFIG_NAME} is not an HKD model config (format {FORMAT!r})")
-        model = cls(section(saved, "model", ModelConfig))
+            raise CorruptFileError(f"{config_path} is not an HKD model config (format {FORMAT!r})")
+        config = section(saved, "model", ModelConfig)
         try:
-            state = load_file(str(directory / WEIGHTS_NAME))
+            with safe_open(str(weights_path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                shapes = {k: tuple(file.get_slice(k).get_shape()) for k in file.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{directory / WEIGHTS_NAME} is corrupt or not a safetensors file: {error}") from error
-        ours = model.state_dict()
-        missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-        shapes = [
-            f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-            for k, v in ours.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        if missing or unexpected or shapes:
-            problems = [f"missing {missing[:5]}" * bool(missing), f"unexpected {unexpected[:5]}" * bool(unexpected)]
-            problems += [f"shapes {shapes[:5]}" * bool(shapes)]
-            raise ValueError(
-                f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: {'; '.join(p for p in problems if p)}"
-            )
+            raise CorruptFileError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
+        with torch.device("meta"):  # the config's tensor shapes, nothing allocated
+            expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        _check_shapes(expected, shapes, f"{weights_path} does not match {CONFIG_NAME}")
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CorruptFileError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
+        saved_digest = metadata.get(checkpoint.DIGEST_KEY)  # files from before checksums carry none
+        if saved_digest is not None and checkpoint.digest(dict(sorted(state.items()))) != saved_digest:
+            raise CorruptFileError(f"{weights_path} is corrupt: its checksum differs (altered or damaged)")
+        model = cls(config)
         model.load_state_dict(state)
         return model.to(device)
 
 
+def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], what: str) -> None:
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [f"{k} {found[k]} != {v}" for k, v in expected.items() if k in found and found[k] != v]
+    if missing or unexpected or shapes:
+        problems = [f"missing {missing[:5]}" * bool(missing), f"unexpected {unexpected[:5]}" * bool(unexpected)]
+        problems += [f"shapes {shapes[:5]}" * bool(shapes)]
+        raise CorruptFileError(f"{what}: {'; '.join(p for p in problems if p)}")
+
+
 def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # `hkd generate` ------------------------------------------------------------------------------------------------------
@@ -284,7 +345,8 @@ def generate_to(
     """One-step samples from noise of `seed` (drawn on the CPU: the same images on any device), written to `out`:
     grid.png, samples/NNNNNN.png; with trajectory=K, K states from T to eps (log-spaced times, closed form) per
     sample as trajectories/NNNNNN.png strips and trajectory_grid.png (one row per sample); with npz, samples.npz
-    (images (N, C, H, W) float32, and trajectory (N, K, C, H, W) with times (K,)). Returns the paths written."""
+    (images (N, C, H, W) float32; arr_0 (N, H, W, C) uint8, EDM's quantisation, the layout FID tools read; and
+    trajectory (N, K, C, H, W) with times (K,)). Sample PNGs are at native resolution. Returns the paths written."""
     from hkd.data.images import save_grid
 
     if num < 1 or trajectory < 0 or trajectory == 1 or batch_size < 1:
@@ -306,10 +368,12 @@ def generate_to(
     scale = max(1, 64 // model.img_resolution)
     written = [out / "grid.png"]
     save_grid(images, written[0], nrow=math.ceil(math.sqrt(num)), scale=scale)
-    for i, image in enumerate(images):
-        save_grid(image[None], out / "samples" / f"{i:06d}.png", scale=scale, padding=0)
+    for i, image in enumerate(images):  # native resolution (only the grids are upscaled)
+        save_grid(image[None], out / "samples" / f"{i:06d}.png", padding=0)
     written.append(out / "samples")
-    arrays = {"images": images.numpy()}
+    from hkd.metrics import to_uint8
+
+    arrays = {"images": images.numpy(), "arr_0": to_uint8(images).permute(0, 2, 3, 1).numpy()}
     if trajectory:
         states = torch.cat(states)
         for i, strip in enumerate(states):
@@ -320,10 +384,6 @@ def generate_to(
     if npz:
         import numpy as np
 
-        def write(path: Path) -> None:
-            with open(path, "wb") as file:
-                np.savez(file, seed=seed, **arrays)
-
-        _atomic_write(out / "samples.npz", write)
+        checkpoint.atomic_write(out / "samples.npz", lambda file: np.savez(file, seed=seed, **arrays))
         written.append(out / "samples.npz")
     return written

@@ -10,7 +10,9 @@ Generators (all initialised to zero, so the evolution starts as the identity):
 
 Spectral components, for the analysis: `eigenvalues()` gives per level a complex tensor laid out as (n, h, w) (or (n,)
 when shared over positions), n = d/2 for spectral (alpha + i beta, one of each conjugate pair) and n = d for dense
-(all eigenvalues). `band_mask` selects the components whose real part falls in a quantile band, in that same layout;
+(all eigenvalues). `band_mask` selects the components whose reading falls in a quantile band, in that same layout (the
+reading: the real part alpha, the growth or decay rate, or the rotation rate |beta|, the usual meaning of a Koopman
+mode's frequency; `band_reading` is the default);
 `band_project` keeps those components of a latent and zeroes the rest. Each component's subspace is invariant under
 exp(tau A), so projecting before or after the evolution gives the same result.
 """
@@ -26,6 +28,7 @@ from hkd import ops
 
 GENERATORS = ("spectral", "dense")
 BAND_NAMES = {"low": 0, "middle": 1, "high": 2}
+READINGS = ("alpha", "rate")  # what orders the bands: Re(lambda) = alpha, or |Im(lambda)| = |beta|
 
 
 class HKDPropagator(nn.Module):
@@ -41,10 +44,14 @@ class HKDPropagator(nn.Module):
         generator: str = "spectral",
         per_position: bool = True,
         backend: str = "auto",
+        band_reading: str = "alpha",
     ):
         super().__init__()
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+        if band_reading not in READINGS:
+            raise ValueError(f"band_reading must be one of {READINGS}, got {band_reading!r}")
+        self.band_reading = band_reading
         self.level_shapes = [tuple(int(n) for n in shape) for shape in level_shapes]
         if not self.level_shapes or any(len(s) < 1 or min(s) < 1 for s in self.level_shapes):
             raise ValueError(f"level_shapes must be a non-empty list of (d, h, w), got {level_shapes}")
@@ -102,13 +109,16 @@ class HKDPropagator(nn.Module):
                 out.append(eig.T.reshape(d, *spatial) if self.per_position else eig)
             return out
 
-    def band_mask(self, level: int, band: int | str, num_bands: int = 3) -> Tensor:
+    def band_mask(self, level: int, band: int | str, num_bands: int = 3, reading: str | None = None) -> Tensor:
         """Boolean mask over level `level`'s components (the layout of `eigenvalues()[level]`) keeping those whose
-        real part lies in quantile band `band` of num_bands (0 = lowest real parts; "low"/"middle"/"high" when
-        num_bands=3). Band b is q_b <= Re < q_{b+1} (the last band includes the maximum), q_b the lower b/num_bands
-        quantile of the level's real parts over all its modes and positions (a conjugate pair counted once):
-        equal real parts, conjugate pairs included, always share a band, so bands can be uneven (everything is in
-        the top band while A = 0)."""
+        reading (alpha = Re, or rate = |Im|; default `band_reading`) lies in quantile band `band` of num_bands (0 =
+        lowest; "low"/"middle"/"high" when num_bands=3). Band b is q_b <= v < q_{b+1} (the last band includes the
+        maximum), q_b the lower b/num_bands quantile of the level's values over all its modes and positions (a
+        conjugate pair counted once): equal values, conjugate pairs included, always share a band, so bands can be
+        uneven (everything is in the top band while A = 0)."""
+        reading = self.band_reading if reading is None else reading
+        if reading not in READINGS:
+            raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
         if isinstance(band, str):
             if num_bands != 3 or band not in BAND_NAMES:
                 raise ValueError(f"band names {tuple(BAND_NAMES)} need num_bands=3; got {band!r}, {num_bands}")
@@ -118,12 +128,12 @@ class HKDPropagator(nn.Module):
         if not 0 <= level < len(self.level_shapes):
             raise ValueError(f"level must be in [0, {len(self.level_shapes)}), got {level}")
         eig = self.eigenvalues()[level]
-        real = eig.real
+        value = eig.real if reading == "alpha" else eig.imag.abs()
         # quantiles over modes: a spectral entry is one conjugate pair; count a dense conjugate pair once too
-        flat = real.reshape(-1) if self.generator == "spectral" else real[eig.imag >= 0]
+        flat = value.reshape(-1) if self.generator == "spectral" else value[eig.imag >= 0]
         q = torch.tensor([band / num_bands, (band + 1) / num_bands], dtype=flat.dtype)
         low, high = torch.quantile(flat, q, interpolation="lower")
-        return (real >= low) & ((real < high) if band < num_bands - 1 else (real <= flat.max()))
+        return (value >= low) & ((value < high) if band < num_bands - 1 else (value <= flat.max()))
 
     def band_project(self, level: int, z: Tensor, mask: Tensor) -> Tensor:
         """Level `level`'s latent z (B, d, h, w) with only the components in `mask` (from band_mask) kept."""

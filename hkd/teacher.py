@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from hkd import checkpoint
-from hkd.config import section, to_dict
+from hkd.config import Section, section, to_dict
 from hkd.data import DataConfig, load_dataset
+from hkd.errors import ConfigError, CorruptFileError, MissingFileError, RunStopped, UserError
 
 CHECKPOINT_NAME = "teacher.pt"
 
@@ -51,7 +53,7 @@ class EDMPrecond(nn.Module):
         super().__init__()
         self.net, self.sigma_data = net, sigma_data
 
-    def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         x = x.to(torch.float32)
         sigma = _sigma_column(sigma, x)
         sd = self.sigma_data
@@ -59,7 +61,8 @@ class EDMPrecond(nn.Module):
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         c_noise = sigma.log().flatten() / 4
-        return c_skip * x + c_out * self.net(c_in * x, c_noise).to(torch.float32)
+        labels = () if class_labels is None else (class_labels,)  # a conditional UNet (label_dim > 0) takes them
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, *labels).to(torch.float32)
 
 
 def edm_noise(
@@ -135,7 +138,7 @@ def heun_sampler(
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(Section, name="teacher"):
     """The `teacher` section: the U-Net (hkd.unet.UNet), EDM's loss, Adam with a linear warm-up, and EMA with
     EDM's half-life (in images) ramped up to `ema_rampup` of the images seen so far."""
 
@@ -159,10 +162,19 @@ class TeacherConfig:
     log_every: int = 100  # steps
     sample_grid: int = 64  # samples saved as samples.png after training (0: none)
 
-    def __post_init__(self):
+    def check(self) -> None:
+        for key in ("model_channels", "num_blocks", "batch_size", "steps", "checkpoint_every", "log_every"):
+            self.require(getattr(self, key) >= 1, key, ">= 1")
+        self.require(len(self.channel_mult) >= 1 and min(self.channel_mult) >= 1, "channel_mult", "positive integers")
+        for key in ("sigma_data", "lr", "P_std", "ema_halflife"):
+            self.require(getattr(self, key) > 0, key, "> 0")
+        self.require(0 <= self.dropout < 1, "dropout", "in [0, 1)")
+        self.require(0 <= self.ema_rampup <= 1, "ema_rampup", "in [0, 1]")
+        self.require(self.lr_warmup >= 0, "lr_warmup", ">= 0")
+        self.require(self.sample_grid >= 0, "sample_grid", ">= 0")
         micro = self.micro_batch
         if micro is not None and not (1 <= micro <= self.batch_size and self.batch_size % micro == 0):
-            raise ValueError(f"teacher.micro_batch = {micro} must divide teacher.batch_size = {self.batch_size}")
+            raise ConfigError(f"teacher.micro_batch = {micro} must divide teacher.batch_size = {self.batch_size}")
 
 
 ARCHITECTURE = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "sigma_data")
@@ -189,7 +201,7 @@ def _batches(dataset, batch_size: int, seed: int, step: int):
     data order is a function of the step alone and a resumed run sees the same batches as an uninterrupted one."""
     per_epoch = len(dataset) // batch_size
     if per_epoch == 0:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than teacher.batch_size = {batch_size}")
+        raise ConfigError(f"the dataset has {len(dataset)} images, fewer than teacher.batch_size = {batch_size}")
 
     def batch_indices():
         for s in itertools.count(step):
@@ -227,7 +239,7 @@ def train_teacher(
         changed = [k for k in ARCHITECTURE if old["teacher"][k] != saved_config["teacher"][k]]
         changed += [f"data.{k}" for k in old["data"] if old["data"][k] != saved_config["data"][k]]
         if changed:
-            raise ValueError(f"{path} was trained with other settings ({', '.join(changed)}); use another out dir")
+            raise ConfigError(f"{path} was trained with other settings ({', '.join(changed)}); use another out dir")
         denoiser.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -289,8 +301,9 @@ def train_teacher(
                 save()
         save()
     if stop.requested is not None:
-        log(f"stopped at step {step}; {path} written, run again to resume")
-    elif cfg.sample_grid:
+        name = signal.Signals(stop.requested).name
+        raise RunStopped(f"stopped by {name} at step {step}: {path} written; run again to resume", stop.requested)
+    if cfg.sample_grid:
         from hkd.data.images import save_grid
 
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -314,32 +327,61 @@ def weights_hash(module: nn.Module, config: dict[str, Any]) -> str:
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A frozen denoiser D(x, sigma) from our checkpoint (teacher.pt or its folder; the EMA weights) or from a
+    """A frozen denoiser D(x, sigma) from our checkpoint (teacher.pt or its folder; the EMA weights), an EDM snapshot
+    pickle (`*.pkl`, see hkd.edm_pickle; nothing in it is executed) or its `hkd import-teacher` folder, or a
     diffusers UNet2DModel saved in a local folder (with `config.json`, or a pipeline folder with `unet/` and
     `scheduler/`; needs `pip install hkd[diffusers]`). Attributes: identity, img_resolution, img_channels."""
     path = Path(path)
     if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
         path = path / CHECKPOINT_NAME
-    if path.is_file():
+    if path.is_dir() and _json(path / "config.json").get("format") == "hkd-model":
+        raise UserError(f"{path} is an HKD model (hkd train's output), not a teacher: pass the teacher's teacher.pt")
+    edm = _edm_teacher(path)
+    if edm is not None:
+        denoiser = edm
+    elif path.is_file():
         state = checkpoint.load(path)
         if state.get("format") != "hkd-teacher":
-            raise ValueError(f"{path} is not an hkd teacher checkpoint (written by `hkd train-teacher`)")
+            raise CorruptFileError(f"{path} is not an hkd teacher checkpoint (written by `hkd train-teacher`)")
         data = section(state["config"], "data", DataConfig)
         cfg = section(state["config"], "teacher", TeacherConfig)
         denoiser = build_net(data, cfg)
-        denoiser.load_state_dict(state["ema"])
+        try:
+            denoiser.load_state_dict(state["ema"])
+        except (KeyError, RuntimeError) as error:
+            raise CorruptFileError(f"{path}: the weights do not match the saved config ({error})") from error
         config = {"data": to_dict(data), "teacher": {k: state["config"]["teacher"][k] for k in ARCHITECTURE}}
         denoiser.img_resolution, denoiser.img_channels = data.resolution, data.channels
         denoiser.identity = {"source": "hkd", "path": str(path.resolve()), "step": state["step"], "config": config}
     elif path.is_dir() and ((path / "config.json").is_file() or (path / "unet").is_dir()):
         denoiser = load_diffusers(path)
     else:
-        raise FileNotFoundError(
-            f"teacher {str(path)!r} not found: expected an hkd teacher.pt (or its folder) or a diffusers UNet2DModel "
-            "folder"
+        raise MissingFileError(
+            f"teacher {str(path)!r} not found: expected an hkd teacher.pt (or its folder), an EDM snapshot .pkl, a "
+            "folder written by `hkd import-teacher`, or a diffusers UNet2DModel folder"
         )
     denoiser.identity["hash"] = weights_hash(denoiser, denoiser.identity["config"])
     return denoiser.eval().requires_grad_(False).to(device)
+
+
+def _edm_teacher(path: Path) -> nn.Module | None:
+    """An EDM snapshot pickle (read without executing it) or its `hkd import-teacher` folder; None for other paths."""
+    from hkd import edm_pickle
+
+    if path.is_file() and path.suffix == ".pkl":
+        return edm_pickle.load_edm_pickle(path)
+    if path.is_dir() and _json(path / "config.json").get("format") == edm_pickle.FORMAT:
+        return edm_pickle.load_imported(path)
+    return None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or {} when it is missing or not a JSON object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def vp_alphas_cumprod(scheduler: dict[str, Any]) -> Tensor:
@@ -398,11 +440,15 @@ def load_diffusers(path: Path) -> VPPrecond:
     except ImportError as error:
         raise ImportError("loading a diffusers teacher needs `pip install hkd[diffusers]`") from error
     unet_dir = path / "unet" if (path / "unet").is_dir() else path
-    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(f"{unet_dir} is not a loadable diffusers UNet2DModel folder ({reason})") from error
     scheduler = {}
     for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
         if candidate.is_file():
-            scheduler = json.loads(candidate.read_text())
+            scheduler = _json(candidate)
             break
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
     scheduler = {k: scheduler[k] for k in keys if k in scheduler}  # absent: DDPM's defaults

@@ -40,8 +40,10 @@ import copy
 import csv
 import dataclasses
 import functools
+import io
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -53,15 +55,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from hkd import checkpoint
-from hkd.config import section, to_dict
-from hkd.losses import PERCEPTUAL, Distance, lambda1_schedule
+from hkd import config as configs
+from hkd.config import Section, section, to_dict
+from hkd.errors import ConfigError, MissingFileError, NonFiniteError, RunStopped, UserError
+from hkd.losses import PERCEPTUAL, Distance, lambda1_schedule, latent_consistency
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_FIELDS = ("step", "epoch", "loss", "lambda1", "lr", "grad_norm", "skipped", "seconds")
+# What `--resume` lets change: the step budget, and settings that change no number of the run
+RESUME_MAY_CHANGE = ("train.max_steps", "train.out", "train.progress", "train.workers")
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Section, name="train"):
     """The `train:` section."""
 
     out: str = "runs/hkd"  # run folder
@@ -86,6 +92,7 @@ class TrainConfig:
     lambda1_start: float = 1.0  # MSE weight decays geometrically from start to end over the epochs
     lambda1_end: float = 1e-3
     lambda2: float = 1.0  # weight of the perceptual term
+    lambda3: float = 0.0  # latent consistency between sampled times (hkd.losses): the project's addition
     lpips_net: str = "alex"
     lpips_weights: str | None = None  # backbone weights file (default: the torch hub cache)
     lpips_resize: int = 224
@@ -100,23 +107,27 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
 
-    def __post_init__(self):
-        checks = {
-            "precision": (self.precision, ("fp32", "bf16", "fp16")),
-            "time_sampling": (self.time_sampling, ("uniform", "grid")),
-            "perceptual": (self.perceptual, PERCEPTUAL),
-            "on_nonfinite": (self.on_nonfinite, ("stop", "skip")),
+    def check(self) -> None:
+        choices = {
+            "precision": ("fp32", "bf16", "fp16"),
+            "time_sampling": ("uniform", "grid"),
+            "perceptual": PERCEPTUAL,
+            "on_nonfinite": ("stop", "skip"),
+            "device": ("auto", "cpu", "cuda"),
         }
-        for key, (value, choices) in checks.items():
-            if value not in choices:
-                raise ValueError(f"train.{key} must be one of {', '.join(choices)}, not {value!r}")
-        for key in ("batch", "epochs", "checkpoint_every", "log_every", "sample_count"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if self.time_samples < 0:
-            raise ValueError(f"train.time_samples must be >= 0, got {self.time_samples}")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"train.ema must be in [0, 1), got {self.ema}")
+        for key, valid in choices.items():
+            self.require(getattr(self, key) in valid, key, f"one of {', '.join(valid)}")
+        for key in ("batch", "epochs", "checkpoint_every", "log_every", "sample_count", "lpips_resize"):
+            self.require(getattr(self, key) >= 1, key, ">= 1")
+        self.require(self.max_steps is None or self.max_steps >= 1, "max_steps", ">= 1 (or null: all epochs)")
+        for key in ("time_samples", "sample_every", "workers", "threads", "grad_clip", "lambda2", "lambda3", "seed"):
+            self.require(getattr(self, key) >= 0, key, ">= 0")
+        self.require(self.lr > 0, "lr", "> 0")
+        self.require(0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]")
+        self.require(all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "two numbers in [0, 1)")
+        self.require(0 <= self.ema < 1, "ema", "in [0, 1)")
+        self.require(self.lambda1_start > 0, "lambda1_start", "> 0 (the MSE weight decays geometrically)")
+        self.require(self.lambda1_end > 0, "lambda1_end", "> 0 (the MSE weight decays geometrically)")
         accumulation_rounds(self.batch, self.micro_batch, 1)
 
 
@@ -129,12 +140,12 @@ def accumulation_rounds(batch: int, micro_batch: int | None, world: int) -> int:
     if not (1 <= micro_batch <= local and local % micro_batch == 0):
         share = f"the {local} trajectories per process of " if world > 1 else ""
         processes = f" on {world} processes" if world > 1 else ""
-        raise ValueError(f"train.micro_batch = {micro_batch} must divide {share}train.batch = {batch}{processes}")
+        raise ConfigError(f"train.micro_batch = {micro_batch} must divide {share}train.batch = {batch}{processes}")
     return local // micro_batch
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf (train.on_nonfinite = stop)."""
+class NonFiniteLoss(NonFiniteError):
+    """The loss or the weights became NaN or inf (train.on_nonfinite = stop); the last good checkpoint is kept."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,16 +168,29 @@ def sample_time_indices(times: Tensor, u: Tensor, mode: str) -> Tensor:
 
 
 def trajectory_loss(
-    model: nn.Module, states: Tensor, times: Tensor, u: Tensor, distance: Distance, lambda1: float, mode: str
+    model: nn.Module,
+    states: Tensor,
+    times: Tensor,
+    u: Tensor,
+    distance: Distance,
+    lambda1: float,
+    mode: str,
+    lambda3: float = 0.0,
 ) -> Tensor:
     """Algorithm 1's loss for a batch of trajectories: states (B, K, C, H, W) at times (B, K); u (B, s-1) uniform
-    draws choosing the intermediate times (s-1 may be 0). One forward pass over all B * s (x_t, t) pairs."""
+    draws choosing the intermediate times (s-1 may be 0). One forward pass over all B * s (x_t, t) pairs. lambda3 > 0
+    adds hkd.losses.latent_consistency between the sampled times of each trajectory (the project's addition)."""
     rows = torch.arange(states.shape[0], device=states.device)[:, None]
     index = torch.cat([sample_time_indices(times, u, mode), times.argmax(1, keepdim=True)], dim=1)  # + T
     x_t, t = states[rows, index].flatten(0, 1), times[rows, index].flatten()
     x_eps = states[rows[:, 0], times.argmin(1)]
-    x_hat = model(x_t, t)
-    return distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).mean()
+    if lambda3 == 0:
+        x_hat = model(x_t, t)
+        return distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).mean()
+    x_hat, latents = model(x_t, t, return_latents=True)
+    loss = distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).reshape(-1, index.shape[1])
+    consistency = latent_consistency(getattr(model, "module", model), latents, t, index.shape[1])
+    return (loss.mean(1) + lambda3 * consistency).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,9 +260,12 @@ def _distributed(device: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA GPU is available")
+        raise ConfigError("train.device=cuda but no CUDA GPU is available")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        except dist.DistNetworkError as error:  # e.g. MASTER_PORT in use
+            raise UserError(f"cannot start the process group: {str(error).splitlines()[0]}") from error
     rank = dist.get_rank() if world > 1 else 0
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -267,7 +294,7 @@ def build_dataset(config: dict[str, Any], cfg: TrainConfig, teacher: nn.Module |
     from hkd.data.store import TrajectoryConfig, TrajectoryDataset, expectation
 
     if cfg.store is None:
-        raise ValueError("train.store is not set: make a store with `hkd trajectories` and pass train.store=DIR")
+        raise ConfigError("train.store is not set: make a store with `hkd trajectories` and pass train.store=DIR")
     teacher_hash = getattr(teacher, "identity", {}).get("hash") if teacher is not None else None
     shape = (model.img_channels, model.img_resolution, model.img_resolution) if hasattr(model, "img_channels") else None
     expect = expectation(section(config, "trajectories", TrajectoryConfig), teacher_hash, shape)
@@ -293,7 +320,7 @@ class _Batches:
         self.local_batch = local_batch
         self.steps_per_epoch = len(self.sampler) // local_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the dataset has {len(dataset)} trajectories, fewer than one global batch "
                 f"({local_batch * world}); lower train.batch"
             )
@@ -320,7 +347,7 @@ class _Online:
         self.local_batch = local_batch
         self.steps_per_epoch = trajectories.num_trajectories // (local_batch * world)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"trajectories.num_trajectories is smaller than one global batch ({local_batch * world})")
+            raise ConfigError(f"trajectories.num_trajectories is smaller than one global batch ({local_batch * world})")
         shape = (1, len(self.online.times), *self.online.shape)
         self.first = torch.zeros(shape), self.online.times[None]
 
@@ -347,12 +374,11 @@ class _Log:
         if step and self.path.exists():
             with open(self.path, newline="") as file:
                 rows = [r for r in csv.DictReader(file) if int(r["step"]) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as file:  # rewritten atomically: a crash here keeps the old log
-            writer = csv.DictWriter(file, LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")  # rewritten atomically: a crash here keeps the old log
+        writer = csv.DictWriter(text, LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        checkpoint.atomic_write(self.path, text.getvalue())
         self.file = open(self.path, "a", newline="")  # noqa: SIM115 (closed in close())
         self.csv = csv.DictWriter(self.file, LOG_FIELDS)
         try:
@@ -390,28 +416,51 @@ def train(
     """Train HKD as configured (`train:` section, plus `model:` when `model` is not given). `dataset` items are dicts
     with "states" (K, C, H, W) and "times" (K,) (default: the store at train.store). Returns {"step", "checkpoint",
     "losses": [(step, mean loss since the previous log row)], "skipped", "model", "ema", "rank"}; rank 0's run folder
-    holds the rest."""
+    holds the rest. Rank 0 locks train.out for the run. A SIGTERM/SIGINT stop writes the checkpoint, then raises
+    RunStopped (continue with resume=True)."""
     cfg = section(config, "train", TrainConfig)
+    first = int(os.environ.get("RANK", "0")) == 0
+    with checkpoint.run_lock(checkpoint.output_folder(cfg.out, "train.out")) if first else contextlib.nullcontext():
+        return _train(config, cfg, resume, model, dataset, log)
+
+
+def _resume_changes(saved: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """ConfigError listing what `config` changes from the checkpoint's, beyond RESUME_MAY_CHANGE."""
+    try:
+        changed = [c for c in configs.changes(saved, config) if c.split(":")[0] not in RESUME_MAY_CHANGE]
+    except ConfigError as error:
+        raise ConfigError(f"--resume: the config saved in {path} is not readable here ({error})") from error
+    if changed:
+        raise ConfigError(
+            f"--resume: the config differs from the one {path} was trained with: {'; '.join(changed)}. "
+            f"Only {', '.join(RESUME_MAY_CHANGE)} may change; start a new run (another train.out) to change more"
+        )
+
+
+def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[str, Any]:
     rank, world, device = _distributed(cfg.device)
     log = log if rank == 0 else (lambda line: None)
     if cfg.batch % world:
-        raise ValueError(f"train.batch = {cfg.batch} must be divisible by the number of processes ({world})")
+        raise ConfigError(f"train.batch = {cfg.batch} must be divisible by the number of processes ({world})")
     rounds = accumulation_rounds(cfg.batch, cfg.micro_batch, world)
     if cfg.precision != "fp32" and device.type != "cuda":
-        raise ValueError(f"train.precision={cfg.precision} needs a GPU; use fp32 on the CPU")
+        raise ConfigError(f"train.precision={cfg.precision} needs a GPU; use fp32 on the CPU")
     out = Path(cfg.out)
     path = out / CHECKPOINT_NAME
     if resume and not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        raise MissingFileError(f"--resume: no checkpoint at {path}")
     if not resume and path.is_file():
-        raise ValueError(f"{path} exists: pass --resume to continue that run, or choose another train.out")
+        raise ConfigError(f"{path} exists: pass --resume to continue that run, or choose another train.out")
+    saved = checkpoint.load(path, map_location=device) if resume else None
+    if saved is not None:
+        _resume_changes(saved["config"], config, path)
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     distance = Distance(cfg.perceptual, cfg.lambda2, cfg.lpips_net, cfg.lpips_weights, cfg.lpips_resize).to(device)
     if cfg.online and cfg.teacher is None:
-        raise ValueError("train.online=true draws trajectories from the teacher: set train.teacher")
+        raise ConfigError("train.online=true draws trajectories from the teacher: set train.teacher")
     teacher = None
     if cfg.teacher is not None and (model is None or dataset is None):
         from hkd.teacher import load_teacher
@@ -427,7 +476,7 @@ def train(
     raw = raw.to(device)
     T = float(batches.first[1].max())
     if hasattr(raw, "T") and not math.isclose(T, raw.T, rel_tol=1e-6):
-        raise ValueError(f"the trajectories start at T = {T}, the model at model.sigma_max = {raw.T}")
+        raise ConfigError(f"the trajectories start at T = {T}, the model at model.sigma_max = {raw.T}")
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
     if cfg.compile:
         raw.compile()  # in place: the state dict keeps its names, and the EMA (samples) stays eager
@@ -443,10 +492,8 @@ def train(
     intermediate = cfg.time_samples if cfg.consistency else 0
 
     step, skipped, losses, running, count = 0, 0, [], 0.0, 0  # running, count: loss sum since the last log row
-    if resume:
-        state = checkpoint.load(path, map_location=device)
-        if "model" in config and state["config"].get("model") != config["model"]:
-            raise ValueError(f"{path} was trained with another model section: {state['config'].get('model')}")
+    if saved is not None:
+        state = saved
         raw.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -474,7 +521,14 @@ def train(
                 "losses": losses,
                 "running": (running, count),
             }
-            checkpoint.save(path, state)
+            try:
+                checkpoint.save(path, state)
+            except NonFiniteError as error:
+                last = f"{path} (step {checkpoint.load(path)['step']})" if path.exists() else "none yet"
+                raise NonFiniteLoss(
+                    f"the weights are not finite at step {step} ({error}); the last good checkpoint is {last}. "
+                    "Lower train.lr, set train.grad_clip or use train.precision=fp32"
+                ) from None
 
     def samples() -> None:
         if rank != 0:
@@ -512,7 +566,9 @@ def train(
                 lambda1 = lambda1_schedule(step / steps_per_epoch, cfg.epochs, cfg.lambda1_start, cfg.lambda1_end)
 
                 # Optimiser step: gradients accumulated over the micro-batches (times split with their trajectories).
-                loss_fn = functools.partial(trajectory_loss, distance=distance, lambda1=lambda1, mode=cfg.time_sampling)
+                loss_fn = functools.partial(
+                    trajectory_loss, distance=distance, lambda1=lambda1, mode=cfg.time_sampling, lambda3=cfg.lambda3
+                )
                 micro_batches = split_batch((states, times, u.to(device)), rounds)
                 value, finite, grad_norm = train_step(
                     net, optimizer, micro_batches, loss_fn, scaler=scaler, grad_clip=cfg.grad_clip, autocast=autocast
@@ -563,9 +619,7 @@ def train(
                 break
     if progress is not None:
         progress.close()
-    if stop_flag:
-        log(f"stopped at step {step}: {path} written; continue with --resume")
-    elif rank == 0:
+    if not stop_flag and rank == 0:
         samples()
         if hasattr(ema, "save_pretrained"):
             ema.save_pretrained(out / "model")
@@ -573,6 +627,10 @@ def train(
         logger.close()
     if world > 1:
         dist.barrier()
+    if stop_flag:
+        signum = stop.requested or signal.SIGTERM
+        raise RunStopped(f"stopped by {signal.Signals(signum).name} at step {step}: {path} written; run again "
+                         "to continue (hkd train: with --resume)", signum)  # fmt: skip
     return {
         "step": step,
         "checkpoint": path,

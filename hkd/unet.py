@@ -108,6 +108,8 @@ class UNet(nn.Module):
     channel_mult[l] * model_channels is the width at resolution img_resolution / 2^l; num_blocks residual blocks per
     level on the way down (num_blocks + 1 on the way up); self-attention after the blocks at the resolutions in
     attn_resolutions and in the middle. embed_noise=False drops the noise embedding (noise_labels ignored).
+    stem_channels sets the input convolution's width (default channel_mult[0] * model_channels; EDM's SongUNet uses
+    model_channels). label_dim > 0 makes it class-conditional: `forward(x, noise_labels, class_labels)`.
     """
 
     def __init__(
@@ -121,6 +123,8 @@ class UNet(nn.Module):
         attn_resolutions: tuple[int, ...] = (),
         dropout: float = 0.0,
         embed_noise: bool = True,
+        stem_channels: int | None = None,
+        label_dim: int = 0,
     ):
         super().__init__()
         levels = len(channel_mult)
@@ -136,13 +140,18 @@ class UNet(nn.Module):
             attn_resolutions=tuple(attn_resolutions),
             dropout=dropout,
             embed_noise=embed_noise,
+            stem_channels=stem_channels,
+            label_dim=label_dim,
         )
+        if label_dim and not embed_noise:
+            raise ValueError("label_dim > 0 needs embed_noise=True (the class labels join the noise embedding)")
         emb = 4 * model_channels if embed_noise else 0
         if embed_noise:
             self.map_noise = PositionalEmbedding(model_channels)
             self.map_layer0 = nn.Linear(model_channels, emb)
             self.map_layer1 = nn.Linear(emb, emb)
-        self.embed_noise = embed_noise
+        self.map_label = nn.Linear(label_dim, model_channels) if label_dim else None
+        self.embed_noise, self.label_dim = embed_noise, label_dim
 
         # Down path: record each output's width; one chunk of the latent per output.
         self.enc = nn.ModuleDict()
@@ -151,8 +160,9 @@ class UNet(nn.Module):
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
-                self.enc[f"{res}x{res}_conv"] = nn.Conv2d(cout, model_channels * mult, 3, padding=1)
-                cout = model_channels * mult
+                width = stem_channels or model_channels * mult
+                self.enc[f"{res}x{res}_conv"] = nn.Conv2d(cout, width, 3, padding=1)
+                cout = width
             else:
                 self.enc[f"{res}x{res}_down"] = ResBlock(cout, cout, emb, down=True, dropout=dropout)
             chunks = [cout]
@@ -184,19 +194,24 @@ class UNet(nn.Module):
         self.out_norm = group_norm(cout)
         self.out_conv = zero_init(nn.Conv2d(cout, out_channels, 3, padding=1))
 
-    def embed(self, noise_labels: Tensor | None) -> Tensor | None:
-        """The noise embedding fed to every block, (B, 4 * model_channels); None when embed_noise=False."""
+    def embed(self, noise_labels: Tensor | None, class_labels: Tensor | None = None) -> Tensor | None:
+        """The noise embedding fed to every block, (B, 4 * model_channels); None when embed_noise=False. With
+        label_dim > 0, class_labels (B, label_dim) (one-hot; None: all zero) join it through map_label."""
         if not self.embed_noise:
             return None
         emb = self.map_noise(noise_labels.reshape(-1))
+        if self.map_label is not None:
+            if class_labels is None:
+                class_labels = torch.zeros(1, self.label_dim, device=emb.device)
+            emb = emb + self.map_label(class_labels.float().reshape(-1, self.label_dim) * math.sqrt(self.label_dim))
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
-    def encode(self, x: Tensor, noise_labels: Tensor | None) -> list[Tensor]:
+    def encode(self, x: Tensor, noise_labels: Tensor | None, class_labels: Tensor | None = None) -> list[Tensor]:
         """The down path: the latents, one (B, d_l, h_l, w_l) tensor per level (see the module docstring)."""
         expected = (self.in_channels, self.img_resolution, self.img_resolution)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"UNet expects images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        emb = self.embed(noise_labels)
+        emb = self.embed(noise_labels, class_labels)
         outputs = []
         for block in self.enc.values():
             x = block(x) if isinstance(block, nn.Conv2d) else block(x, emb)
@@ -207,14 +222,14 @@ class UNet(nn.Module):
             start += len(chunks)
         return latents
 
-    def decode(self, latents: list[Tensor], noise_labels: Tensor | None) -> Tensor:
+    def decode(self, latents: list[Tensor], noise_labels: Tensor | None, class_labels: Tensor | None = None) -> Tensor:
         """The middle and up path: an image (B, out_channels, R, R) from the latents `encode` returns."""
         if len(latents) != len(self.latent_shapes) or any(
             tuple(z.shape[1:]) != shape for z, shape in zip(latents, self.latent_shapes, strict=False)
         ):
             got = [tuple(z.shape[1:]) for z in latents]
             raise ValueError(f"UNet.decode expects latents of shapes {self.latent_shapes} (after the batch), got {got}")
-        emb = self.embed(noise_labels)
+        emb = self.embed(noise_labels, class_labels)
         skips = [
             s for z, chunks in zip(latents, self.latent_chunks, strict=True) for s in torch.split(z, chunks, dim=1)
         ]
@@ -225,5 +240,5 @@ class UNet(nn.Module):
             x = block(x, emb)
         return self.out_conv(F.silu(self.out_norm(x)))
 
-    def forward(self, x: Tensor, noise_labels: Tensor | None) -> Tensor:
-        return self.decode(self.encode(x, noise_labels), noise_labels)
+    def forward(self, x: Tensor, noise_labels: Tensor | None, class_labels: Tensor | None = None) -> Tensor:
+        return self.decode(self.encode(x, noise_labels, class_labels), noise_labels, class_labels)

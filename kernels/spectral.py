@@ -25,8 +25,17 @@ BACKWARD_BLOCK = 128
 
 @triton.jit
 def _rotation(alpha, beta, t):
-    angle = beta * t
-    return tl.exp(alpha * t), tl.cos(angle), tl.sin(angle)
+    # The angle beta t in float64 (exact for float32 inputs), reduced by pi/2 there as in csrc/spectral.h: sin and
+    # cos then see |r| <= pi/4 in the compute dtype; r is clamped so that a huge angle still gives a rotation.
+    x = beta.to(tl.float64) * t.to(tl.float64)
+    j = tl.floor(x * 0.63661977236758134308 + 0.5)
+    r = (x - j * 1.57079632673412561417) - j * 6.07710050650619224932e-11
+    r = tl.where(r > 0.7854, 0.7854, tl.where(r < -0.7854, -0.7854, r)).to(alpha.dtype)
+    q = j - 4.0 * tl.floor(j * 0.25)  # j mod 4, or NaN / garbage for a non-finite or huge angle
+    q = tl.where((q >= 0.0) & (q < 4.0), q, 0.0).to(tl.int32)
+    s, c = tl.sin(r), tl.cos(r)
+    sq, cq = tl.where((q & 1) != 0, c, s), tl.where((q & 1) != 0, s, c)
+    return tl.exp(alpha * t), tl.where(((q + 1) & 2) != 0, -cq, cq), tl.where((q & 2) != 0, -sq, sq)
 
 
 @triton.jit

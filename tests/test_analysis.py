@@ -134,3 +134,28 @@ def test_band_images_keep_bands_and_contributions_add_up():
     high = model.decode(analysis.project(model.propagator, z, "high"))
     torch.testing.assert_close(images["decode"]["high/all"], high)
     assert not torch.allclose(images["decode"]["high/all"], images["decode"]["low/all"])
+
+
+@pytest.mark.parametrize("generator", ["spectral", "dense"])
+def test_band_readings_cut_on_alpha_or_on_the_rotation_rate(generator):
+    propagator = random_propagator(generator)
+    eig = propagator.eigenvalues()[0]
+    for reading, value in (("alpha", eig.real), ("rate", eig.imag.abs())):
+        masks = [propagator.band_mask(0, band, reading=reading) for band in analysis.BANDS]
+        assert sum(m.long() for m in masks).eq(1).all()  # a partition
+        parts = [value[m] for m in masks if m.any()]  # a band can be empty: ties (real dense eigenvalues) share one
+        assert all(lo.max() <= hi.min() for lo, hi in zip(parts, parts[1:], strict=False))
+    with pytest.raises(ValueError, match="reading"):
+        propagator.band_mask(0, "low", reading="frequency")
+
+
+def test_band_correspondence_reports_each_reading():
+    model = tiny_model()
+    result = analysis.band_correspondence(model, torch.randn(2, 1, 8, 8))
+    assert set(result) == {"alpha", "rate"}
+    for r in result.values():
+        assert r["spread"] == pytest.approx(r["high"]["centroid"] - r["low"]["centroid"])
+        assert r["contribution_spread"] == pytest.approx(
+            r["high"]["contribution_centroid"] - r["low"]["contribution_centroid"]
+        )
+        assert all(0 <= r[b]["centroid"] <= 4 for b in analysis.BANDS)

@@ -29,13 +29,13 @@ def test_digits_are_sklearn_digits_in_minus_one_one():
 def test_load_dataset_checks_its_section(tmp_path):
     assert len(load_dataset(DataConfig())) == 1797
     with pytest.raises(ValueError, match="channels must be 1"):
-        load_dataset(DataConfig(channels=3))
+        DataConfig(channels=3)  # checked when the section is read, before any work
     with pytest.raises(ValueError, match="needs data.root"):
-        load_dataset(DataConfig(name="cifar10", resolution=32, channels=3))
+        DataConfig(name="cifar10", resolution=32, channels=3)
     with pytest.raises(FileNotFoundError, match="CIFAR-10 not found.*never downloads"):
         load_dataset(DataConfig(name="cifar10", resolution=32, channels=3, root=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown data.name"):
-        load_dataset(DataConfig(name="mnist"))
+        DataConfig(name="mnist")
 
 
 def test_image_folder(tmp_path):

@@ -120,7 +120,8 @@ def test_evaluate_writes_the_comparison_table(classifier_cache, tmp_path):
     assert {"fd_digits", "recognisable", "pseudo_huber", "feature_distance"} <= set(rows[2])
     text = written[0].read_text()
     assert "HKD (one step)" in text and "| teacher (Euler, 3 steps) | 3 |" in text
-    assert [p.name for p in written] == ["eval.md", "eval.json"]
+    names = ["eval.md", "eval.json", "faithfulness.md", "faithfulness.json", "faithfulness.png", "trajectories.png"]
+    assert [p.name for p in written] == names
 
 
 @pytest.mark.slow
@@ -142,34 +143,18 @@ def test_ablation_trains_the_four_configurations_with_equal_budgets(classifier_c
     assert again == rows
 
 
-def test_fid_hands_torch_fidelity_uint8_rgb_images_and_the_local_weights(tmp_path, monkeypatch):
-    """Our side of the torch-fidelity call (the Inception network itself cannot run without its weights here)."""
-    torch_fidelity = pytest.importorskip("torch_fidelity")
-    seen = {}
-
-    def calculate_metrics(**kwargs):
-        seen.update(kwargs)
-        return {"frechet_inception_distance": 1.5}
-
-    monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
-    weights = tmp_path / "inception.pth"
-    weights.write_bytes(b"")
-    x = torch.rand(3, 1, 4, 4) * 2 - 1
-    assert metrics.fid(x, x, weights=weights) == 1.5
-    assert seen["fid"] and seen["feature_extractor_weights_path"] == str(weights)
-    image = seen["input1"][0]
-    assert image.dtype == torch.uint8 and image.shape == (3, 4, 4)
-    assert torch.equal(image[0], ((x[0, 0] + 1) * 127.5).round().to(torch.uint8))
-    with pytest.raises(ValueError, match="images1 must be"):
-        metrics.fid(x[0], x, weights=weights)
-
-
 def test_an_interrupted_ablation_run_stops_the_ablation(tmp_path, monkeypatch):
-    """The trainer returns after a SIGTERM checkpoint without writing model/: the ablation must not go on."""
+    """The trainer raises RunStopped after a SIGTERM checkpoint: the ablation must not go on."""
     import hkd.train
+    from hkd.errors import RunStopped
 
     calls = []
-    monkeypatch.setattr(hkd.train, "train", lambda config, **kwargs: calls.append(config) or {"ema": None})
-    with pytest.raises(InterruptedError, match="stopped during 'direct regression'.*again to resume"):
+
+    def stopped(config, **kwargs):
+        calls.append(config)
+        raise RunStopped("stopped by SIGTERM at step 3: checkpoint.pt written; run again to continue")
+
+    monkeypatch.setattr(hkd.train, "train", stopped)
+    with pytest.raises(RunStopped, match="stopped by SIGTERM.*run again"):
         metrics.ablate(tiny_config(tmp_path), tiny_teacher(), out_dir=tmp_path, num=2)
     assert len(calls) == 1 and not (tmp_path / "ablation.md").exists()

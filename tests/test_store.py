@@ -131,7 +131,9 @@ def test_verify_and_dataset_name_corrupt_shards(tmp_path):
     path.write_bytes(data[: len(data) // 2])  # truncated
     problems = verify_store(tmp_path)
     assert len(problems) == 1 and problems[0].startswith("shard_00001.npy: ") and "truncated" in problems[0]
-    dataset = TrajectoryDataset(tmp_path)
+    with pytest.raises(CorruptShardError, match="shard_00001.npy.*truncated.*--verify"):
+        TrajectoryDataset(tmp_path)  # training checks the store when it opens it
+    dataset = TrajectoryDataset(tmp_path, verify=False)
     dataset[0]
     with pytest.raises(CorruptShardError, match="shard_00001.npy"):
         dataset[4]
@@ -139,6 +141,8 @@ def test_verify_and_dataset_name_corrupt_shards(tmp_path):
     flipped[-1] ^= 0xFF
     path.write_bytes(bytes(flipped))  # same size, other bytes
     assert verify_store(tmp_path) == ["shard_00001.npy: checksum differs from the manifest's (modified or corrupt)"]
+    with pytest.raises(CorruptShardError, match="shard_00001.npy: checksum differs"):
+        TrajectoryDataset(tmp_path)
 
 
 def test_store_refuses_other_teacher_or_settings(tmp_path):

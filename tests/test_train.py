@@ -8,6 +8,7 @@ import torch
 
 from hkd import checkpoint, train
 from hkd.config import ConfigError
+from hkd.errors import RunStopped
 
 # Tiny sizes: the whole file runs in about a minute on 2 shared cores.
 MODEL = dict(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1, 2], num_blocks=1)
@@ -182,9 +183,10 @@ def test_resume_after_sigterm_is_exact(tmp_path):
     data = Trajectories(count=32)  # 4 steps of 8 per epoch: the runs cross epoch boundaries (sampler, lr decay)
     straight = train.train(config(tmp_path, "straight", seed=3, max_steps=14), dataset=data)
     # the same run, killed by SIGTERM while loading a batch (about step 7): it finishes that step, checkpoints, stops
-    stopped = train.train(config(tmp_path, "resumed", seed=3, max_steps=14), dataset=SignalAt(data, at=6 * 8 + 2))
-    assert 5 <= stopped["step"] < 14
-    assert checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["step"] == stopped["step"]
+    with pytest.raises(RunStopped, match="stopped by SIGTERM at step .*checkpoint.pt written") as stopped:
+        train.train(config(tmp_path, "resumed", seed=3, max_steps=14), dataset=SignalAt(data, at=6 * 8 + 2))
+    assert stopped.value.exit_code == 128 + signal.SIGTERM  # what `hkd train` exits with
+    assert 5 <= checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["step"] < 14
     torch.manual_seed(987654321)  # a global RNG state unlike the first run's: it must not matter
     resumed = train.train(config(tmp_path, "resumed", seed=3, max_steps=14), dataset=data, resume=True)
     assert resumed["step"] == 14

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -32,8 +33,12 @@
 
 namespace hkd::spectral {
 
-// Checks shared by the CPU and CUDA glue: everything a kernel relies on for memory safety.
-void check_inputs(at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau) {
+using Inputs = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
+
+// Checks shared by the CPU and CUDA glue: the shapes, dtypes and devices every kernel relies on for memory safety.
+// Returns the inputs as contiguous tensors (the kernels index them so; a no-op for contiguous ones): strided,
+// expanded (stride 0), sliced or channels_last arguments are copied, whichever way the op is called.
+Inputs checked_inputs(at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau) {
   TORCH_CHECK(!latents.empty(), "spectral_propagate: empty list of levels");
   TORCH_CHECK(alphas.size() == latents.size() && betas.size() == latents.size(),
               "spectral_propagate: ", latents.size(), " latents but ", alphas.size(), " alphas and ", betas.size(),
@@ -43,26 +48,43 @@ void check_inputs(at::TensorList latents, at::TensorList alphas, at::TensorList 
   TORCH_CHECK(at::isFloatingType(z0.scalar_type()), "spectral_propagate: latents must be floating point");
   const auto param_type = at::toOpMathType(z0.scalar_type());
   const int64_t batch = z0.size(0);
+  std::vector<at::Tensor> z_out, alpha_out, beta_out;
   for (size_t l = 0; l < latents.size(); ++l) {
     const auto &z = latents[l], &alpha = alphas[l], &beta = betas[l];
-    TORCH_CHECK(z.dim() >= 2 && z.size(0) == batch && z.size(1) % 2 == 0 && z.is_contiguous(),
-                "spectral_propagate: level ", l, " latent ", z.sizes(), " must be contiguous (", batch,
-                ", even d, *S)");
+    TORCH_CHECK(z.dim() >= 2 && z.size(0) == batch && z.size(1) % 2 == 0, "spectral_propagate: level ", l,
+                " latent ", z.sizes(), " must be (", batch, ", even d, *S)");
     TORCH_CHECK(z.scalar_type() == z0.scalar_type(), "spectral_propagate: level ", l, " dtype differs from level 0");
     TORCH_CHECK(alpha.sizes() == beta.sizes() && alpha.dim() >= 1 && alpha.size(0) == z.size(1) / 2 &&
                     (alpha.dim() == 1 || alpha.sizes().slice(1) == z.sizes().slice(2)),
                 "spectral_propagate: level ", l, " alpha ", alpha.sizes(), " and beta ", beta.sizes(),
                 " must both be (d/2,) or (d/2, *S) for the latent ", z.sizes());
-    TORCH_CHECK(alpha.scalar_type() == param_type && beta.scalar_type() == param_type && alpha.is_contiguous() &&
-                    beta.is_contiguous(),
-                "spectral_propagate: level ", l, " alpha and beta must be contiguous ", param_type);
+    TORCH_CHECK(alpha.scalar_type() == param_type && beta.scalar_type() == param_type, "spectral_propagate: level ",
+                l, " alpha and beta must be ", param_type);
     for (const auto* t : {&z, &alpha, &beta})
       TORCH_CHECK(t->device() == z0.device(), "spectral_propagate: level ", l, " tensors on different devices");
+    z_out.push_back(z.contiguous());
+    alpha_out.push_back(alpha.contiguous());
+    beta_out.push_back(beta.contiguous());
   }
   TORCH_CHECK(tau.scalar_type() == param_type && (tau.dim() == 0 || (tau.dim() == 1 && tau.size(0) == batch)) &&
                   tau.device() == z0.device(),
               "spectral_propagate: tau must be a ", param_type, " scalar or (", batch, ",) tensor on ", z0.device(),
               ", got ", tau.sizes());
+  return {z_out, alpha_out, beta_out, tau.contiguous()};
+}
+
+// The upstream gradients of the backward, checked against the latents and made contiguous.
+std::vector<at::Tensor> checked_grads(at::TensorList grads, const std::vector<at::Tensor>& latents) {
+  TORCH_CHECK(grads.size() == latents.size(), "spectral_propagate_backward: ", grads.size(), " grads for ",
+              latents.size(), " levels");
+  std::vector<at::Tensor> out;
+  for (size_t l = 0; l < grads.size(); ++l) {
+    TORCH_CHECK(grads[l].sizes() == latents[l].sizes() && grads[l].scalar_type() == latents[l].scalar_type() &&
+                    grads[l].device() == latents[l].device(),
+                "spectral_propagate_backward: level ", l, " grad must be a tensor like its latent");
+    out.push_back(grads[l].contiguous());
+  }
+  return out;
 }
 
 namespace {
@@ -328,9 +350,11 @@ at::Tensor empty_output(const at::Tensor& like) {
   return out;
 }
 
-std::vector<at::Tensor> forward_cpu(at::TensorList latents, at::TensorList alphas, at::TensorList betas,
-                                    const at::Tensor& tau) {
-  check_inputs(latents, alphas, betas, tau);
+std::vector<at::Tensor> forward_cpu(at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
+                                    const at::Tensor& tau_in) {
+  std::vector<at::Tensor> latents, alphas, betas;
+  at::Tensor tau;
+  std::tie(latents, alphas, betas, tau) = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
   std::vector<at::Tensor> out;
   for (const auto& z : latents) out.push_back(empty_output(z));
   const int64_t batch = latents[0].size(0);
@@ -371,15 +395,12 @@ std::vector<at::Tensor> forward_cpu(at::TensorList latents, at::TensorList alpha
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> backward_cpu(
-    at::TensorList grads, at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau,
-    bool need_latents, bool need_params, bool need_tau) {
-  check_inputs(latents, alphas, betas, tau);
-  TORCH_CHECK(grads.size() == latents.size(), "spectral_propagate_backward: ", grads.size(), " grads for ",
-              latents.size(), " levels");
-  for (size_t l = 0; l < grads.size(); ++l)
-    TORCH_CHECK(grads[l].sizes() == latents[l].sizes() && grads[l].scalar_type() == latents[l].scalar_type() &&
-                    grads[l].is_contiguous() && grads[l].device() == latents[l].device(),
-                "spectral_propagate_backward: level ", l, " grad must be a contiguous tensor like its latent");
+    at::TensorList grads_in, at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
+    const at::Tensor& tau_in, bool need_latents, bool need_params, bool need_tau) {
+  std::vector<at::Tensor> latents, alphas, betas;
+  at::Tensor tau;
+  std::tie(latents, alphas, betas, tau) = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
+  const auto grads = checked_grads(grads_in, latents);
   const int64_t batch = latents[0].size(0);
   std::vector<at::Tensor> grad_latents, grad_alphas, grad_betas;
   at::Tensor grad_tau = tau.new_empty({0});

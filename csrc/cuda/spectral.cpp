@@ -7,14 +7,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "spectral.h"
 
 namespace hkd::spectral {
 
-// defined in csrc/cpu/spectral.cpp
-void check_inputs(at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau);
+// defined in csrc/cpu/spectral.cpp: the checks, and the inputs as contiguous tensors (the kernels index them so)
+using Inputs = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
+Inputs checked_inputs(at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau);
+std::vector<at::Tensor> checked_grads(at::TensorList grads, const std::vector<at::Tensor>& latents);
 
 namespace {
 
@@ -54,9 +57,11 @@ void check_launch(int error) {
   TORCH_CHECK(error == 0, "spectral_propagate: CUDA error: ", cudaGetErrorString(cudaError_t(error)));
 }
 
-std::vector<at::Tensor> forward_cuda(at::TensorList latents, at::TensorList alphas, at::TensorList betas,
-                                     const at::Tensor& tau) {
-  check_inputs(latents, alphas, betas, tau);
+std::vector<at::Tensor> forward_cuda(at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
+                                     const at::Tensor& tau_in) {
+  std::vector<at::Tensor> latents, alphas, betas;
+  at::Tensor tau;
+  std::tie(latents, alphas, betas, tau) = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
   const c10::cuda::CUDAGuard guard(latents[0].device());
   std::vector<at::Tensor> out;
   for (const auto& z : latents) out.push_back(at::empty_like(z));
@@ -71,15 +76,12 @@ std::vector<at::Tensor> forward_cuda(at::TensorList latents, at::TensorList alph
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> backward_cuda(
-    at::TensorList grads, at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau,
-    bool need_latents, bool need_params, bool need_tau) {
-  check_inputs(latents, alphas, betas, tau);
-  TORCH_CHECK(grads.size() == latents.size(), "spectral_propagate_backward: ", grads.size(), " grads for ",
-              latents.size(), " levels");
-  for (size_t l = 0; l < grads.size(); ++l)
-    TORCH_CHECK(grads[l].sizes() == latents[l].sizes() && grads[l].scalar_type() == latents[l].scalar_type() &&
-                    grads[l].is_contiguous() && grads[l].device() == latents[l].device(),
-                "spectral_propagate_backward: level ", l, " grad must be a contiguous tensor like its latent");
+    at::TensorList grads_in, at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
+    const at::Tensor& tau_in, bool need_latents, bool need_params, bool need_tau) {
+  std::vector<at::Tensor> latents, alphas, betas;
+  at::Tensor tau;
+  std::tie(latents, alphas, betas, tau) = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
+  const auto grads = checked_grads(grads_in, latents);
   const c10::cuda::CUDAGuard guard(latents[0].device());
   const int64_t batch = latents[0].size(0);
   const bool need_terms = need_params || need_tau;

@@ -13,11 +13,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from hkd.config import ConfigError, Section
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section, name="data"):
     """The `data` section. name: digits (embedded, default), folder (images under `root`), cifar10 (torchvision's
     python version under `root`, never downloaded)."""
 
@@ -25,6 +27,18 @@ class DataConfig:
     resolution: int = 16
     channels: int = 1
     root: str | None = None
+
+    def check(self) -> None:
+        if self.name not in ("digits", "folder", "cifar10"):
+            raise ConfigError(f"unknown data.name {self.name!r} (digits, folder, cifar10)")
+        if self.name != "digits" and not self.root:
+            raise ConfigError(f"data.name={self.name} needs data.root (a folder on disk)")
+        self.require(self.resolution >= 1, "resolution", ">= 1")
+        self.require(self.channels in (1, 3), "channels", "1 or 3")
+        self.require(self.name != "digits" or self.channels == 1, "channels", "1 for the (grey) digits")
+        if self.name == "cifar10":
+            self.require(self.resolution == 32, "resolution", "32 for CIFAR-10")
+            self.require(self.channels == 3, "channels", "3 for CIFAR-10")
 
 
 class TensorImages(Dataset):

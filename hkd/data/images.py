@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from hkd.checkpoint import atomic_write
 
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, *, scale: int = 1, padding: int = 1) -> None:
@@ -27,13 +27,4 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, *, scale: 
         grid[:, top : top + h, left : left + w] = x[i].numpy()
     grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
     image = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            image.save(file, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: image.save(file, format="PNG"))

@@ -14,7 +14,10 @@ Disk: S * C * H * W * 2 bytes per trajectory in float16 (digits 16x16, all 19 st
 117 kB, so 1M trajectories take 117 GB; store fewer states with `state_indices`).
 
 Safety: a shard is written under a temporary name and renamed when complete, then recorded in the manifest (under a
-file lock); a restart skips recorded shards and redoes any other; `verify_store` checks every shard. Shard k is
+file lock); a restart skips recorded shards and redoes any other. `verify_store` checks every shard (checksum,
+shape, dtype, finite values) and the manifest (its times against the solver's grid, plain shard names);
+`TrajectoryDataset` checks the manifest and every shard's checksum when it opens a store, so training never reads
+an altered store. Local workers die with the process that started them. Shard k is
 written by worker k mod (world_size * workers), so torchrun ranks and local workers write disjoint shards.
 
 The trainer reads a store with `TrajectoryDataset` or draws fresh trajectories with `OnlineTrajectories`; both give
@@ -24,11 +27,17 @@ the same dict per trajectory: x_T, x_eps (C, H, W), x_t (num_times, C, H, W) at 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
+import io
 import json
+import math
 import os
+import re
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,14 +46,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hkd.checkpoint import atomic_write
+from hkd.config import Section
+from hkd.errors import ConfigError, CorruptFileError, MissingFileError, UserError
 from hkd.teacher import heun_sampler, time_steps
 
 MANIFEST = "manifest.json"
 FORMAT = "hkd-trajectories"
+SHARD_NAME = re.compile(r"shard_[0-9]{5,}\.npy")
 
 
 @dataclass
-class TrajectoryConfig:
+class TrajectoryConfig(Section, name="trajectories"):
     """The `trajectories` section: the solver (EDM Heun), which of its states to keep, and the store's layout."""
 
     num_trajectories: int = 10000
@@ -58,6 +71,15 @@ class TrajectoryConfig:
     dtype: str = "float16"
     seed: int = 0
 
+    def check(self) -> None:
+        for key in ("num_trajectories", "num_steps", "shard_size", "batch_size"):
+            self.require(getattr(self, key) >= 1, key, ">= 1")
+        self.require(0 < self.sigma_min < self.sigma_max, "sigma_min", f"in (0, sigma_max = {self.sigma_max})")
+        self.require(self.rho > 0, "rho", "> 0")
+        self.require(self.dtype in ("float16", "float32", "float64"), "dtype", "float16, float32 or float64")
+        self.require(self.seed >= 0, "seed", ">= 0")
+        self.indices()
+
     def solver(self) -> dict[str, Any]:
         return {"sampler": "heun", **{k: getattr(self, k) for k in ("num_steps", "sigma_min", "sigma_max", "rho")}}
 
@@ -66,12 +88,12 @@ class TrajectoryConfig:
         chosen = range(n + 1) if self.state_indices is None else self.state_indices
         bad = [i for i in chosen if not 0 <= i <= n]
         if bad:
-            raise ValueError(f"trajectories.state_indices {bad} outside the solver's grid 0..{n}")
+            raise ConfigError(f"trajectories.state_indices {bad} outside the solver's grid 0..{n}")
         return sorted(set(chosen) | {0, n})
 
 
-class CorruptShardError(ValueError):
-    """A shard that is missing, truncated or does not match the manifest; the message names it."""
+class CorruptShardError(CorruptFileError):
+    """A shard or manifest that is missing, truncated, altered or does not match; the message names it."""
 
 
 def trajectory_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:
@@ -85,9 +107,6 @@ def shard_name(k: int) -> str:
 
 def make_spec(identity: dict[str, Any], cfg: TrajectoryConfig, state_shape: tuple[int, ...]) -> dict[str, Any]:
     """Everything that defines a store's content (the manifest without its list of finished shards)."""
-    if cfg.num_trajectories < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
-        raise ValueError("trajectories.num_trajectories, shard_size and batch_size must be positive")
-    np.dtype(cfg.dtype)  # a clear numpy error for an unknown dtype
     indices = cfg.indices()
     grid = time_steps(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).tolist()
     return {
@@ -119,19 +138,63 @@ def _content(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(store_dir: str | Path) -> dict[str, Any]:
+    """The store's manifest; one that is not JSON, not a store's, or names a shard by anything but a plain
+    `shard_NNNNN.npy` (a path, `..`) is a CorruptShardError naming it."""
     path = Path(store_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no trajectory store at {str(store_dir)!r} ({MANIFEST} not found)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a trajectory store manifest")
+        raise MissingFileError(f"no trajectory store at {str(store_dir)!r} ({MANIFEST} not found)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptShardError(f"{path} is corrupt: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptShardError(f"{path} is not a trajectory store manifest")
+    shards = manifest.get("shards")
+    if not isinstance(shards, dict):
+        raise CorruptShardError(f"{path}: 'shards' is not a mapping of shard names")
+    bad = [name for name in shards if not (isinstance(name, str) and SHARD_NAME.fullmatch(name))]
+    if bad:
+        raise CorruptShardError(f"{path}: shard names must be plain file names shard_NNNNN.npy, got {bad[:3]}")
     return manifest
 
 
+def manifest_problems(manifest: dict[str, Any]) -> list[str]:
+    """What is wrong in a manifest, one line each: its times against the solver's grid (recomputed from the solver
+    settings), its state indices, and each shard's name and range against its position in the store."""
+    try:
+        solver = manifest["solver"]
+        grid = time_steps(*(solver[k] for k in ("num_steps", "sigma_min", "sigma_max", "rho"))).tolist()
+        indices, times = manifest["state_indices"], manifest["times"]
+        shard_size, total = int(manifest["shard_size"]), int(manifest["num_trajectories"])
+    except (KeyError, TypeError, ValueError) as error:
+        return [f"{MANIFEST}: incomplete or malformed ({type(error).__name__}: {error})"]
+
+    def same(a: list, b: list) -> bool:
+        return len(a) == len(b) and all(
+            math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b, strict=True)
+        )
+
+    problems = []
+    if not same(manifest.get("solver_times", []), grid):
+        problems.append(f"{MANIFEST}: solver_times differ from the grid of its solver settings {solver}")
+    n = len(grid) - 1
+    if not (all(isinstance(i, int) and 0 <= i <= n for i in indices) and indices and indices[0] == 0):
+        problems.append(f"{MANIFEST}: state_indices {indices} are not indices into the solver's grid 0..{n}")
+    elif not same(times, [grid[i] for i in indices]):
+        problems.append(f"{MANIFEST}: times differ from the solver's grid at state_indices (altered)")
+    if manifest.get("num_shards") != -(-total // max(shard_size, 1)):
+        problems.append(f"{MANIFEST}: num_shards does not match num_trajectories and shard_size")
+    for name, entry in manifest["shards"].items():
+        entry = entry if isinstance(entry, dict) else {}
+        k = int(name[len("shard_") : -len(".npy")])
+        span = [k * shard_size, min(total, (k + 1) * shard_size)]
+        if k >= manifest.get("num_shards", 0) or entry.get("trajectories") != span:
+            problems.append(f"{name}: the manifest's trajectory range {entry.get('trajectories')} is not {span}")
+    return problems
+
+
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value, indent=1))
 
 
 @contextlib.contextmanager
@@ -175,20 +238,27 @@ def _write_shard(denoiser: nn.Module, store_dir: Path, spec: dict[str, Any], k: 
         out[a - start : b - start] = states[indices].transpose(0, 1).cpu().numpy().astype(spec["dtype"])
         advance(b - a)
     name = shard_name(k)
-    tmp = store_dir / f".{name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as file:
-        np.save(file, out)
-        file.flush()
-        os.fsync(file.fileno())
-    digest = _sha256(tmp)
-    os.replace(tmp, store_dir / name)
+    buffer = io.BytesIO()
+    np.save(buffer, out)
+    digest = hashlib.sha256(buffer.getbuffer()).hexdigest()
+    atomic_write(store_dir / name, buffer.getbuffer())
     with _locked(store_dir):
         manifest = read_manifest(store_dir)
         manifest["shards"][name] = {"trajectories": [start, stop], "sha256": digest}
         _write_json(store_dir / MANIFEST, manifest)
 
 
-def _run_worker(denoiser, store_dir, spec, shards, device, threads, counter) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this worker process when its parent dies, even by kill -9."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _run_worker(denoiser, store_dir, spec, shards, device, threads, counter, parent=None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     if threads:
         torch.set_num_threads(threads)
 
@@ -219,7 +289,7 @@ def write_store(
     A store made with another teacher or other settings is refused; unfinished shards are (re)done.
     """
     if workers > 1 and torch.device(device).type != "cpu":
-        raise ValueError("local workers run on the CPU; for several GPUs start one process per GPU with torchrun")
+        raise UserError("local workers run on the CPU; for several GPUs start one process per GPU with torchrun")
     store_dir = Path(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -231,7 +301,7 @@ def write_store(
             old, new = _content(manifest), _content(spec)
             diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if diff:
-                raise ValueError(
+                raise ConfigError(
                     f"{store_dir} holds another store (its {', '.join(diff)} differ{'s' if len(diff) == 1 else ''}"
                     " from this teacher and config); write to a new folder"
                 )
@@ -264,7 +334,7 @@ def write_store(
             _run_worker(denoiser, store_dir, spec, mine[0], device, 0, counter)
         else:
             threads = max(1, torch.get_num_threads() // workers)
-            args = [(denoiser, store_dir, spec, shards, device, threads, counter) for shards in mine]
+            args = [(denoiser, store_dir, spec, shards, device, threads, counter, os.getpid()) for shards in mine]
             processes = [ctx.Process(target=_run_worker, args=a, daemon=True) for a in args]
             for p in processes:
                 p.start()
@@ -306,7 +376,7 @@ def verify_store(store_dir: str | Path) -> list[str]:
     Returns the problems, one line each, naming the shard; empty when the store is complete and intact."""
     store_dir = Path(store_dir)
     manifest = read_manifest(store_dir)
-    problems = []
+    problems = manifest_problems(manifest)
     for k in range(manifest["num_shards"]):
         name = shard_name(k)
         entry = manifest["shards"].get(name)
@@ -323,6 +393,25 @@ def verify_store(store_dir: str | Path) -> list[str]:
         elif not all(np.isfinite(array[i : i + 256]).all() for i in range(0, len(array), 256)):
             problems.append(f"{name}: non-finite values")
     return problems
+
+
+def _check_shards(store_dir: Path, manifest: dict[str, Any], names: list[str]) -> None:
+    """Every named shard opens with the manifest's shape and dtype and has its recorded checksum (one read of the
+    store, a few threads), or a CorruptShardError naming the first bad one."""
+
+    def check(name: str) -> str | None:
+        try:
+            _open_shard(store_dir, manifest, name)
+        except CorruptShardError as error:
+            return str(error)
+        if _sha256(store_dir / name) != manifest["shards"][name].get("sha256"):
+            return f"shard {store_dir / name}: checksum differs from the manifest's (modified or corrupt)"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        problems = [p for p in pool.map(check, names) if p]
+    if problems:
+        raise CorruptShardError(f"{problems[0]}; check the store with `hkd trajectories --verify {store_dir}`")
 
 
 def expectation(cfg: TrajectoryConfig, teacher_hash: str | None = None, state_shape=None) -> dict[str, Any]:
@@ -350,7 +439,7 @@ def sample_time_indices(num_stored: int, num_times: int, generator: torch.Genera
     """num_times positions, i.i.d. uniform among the stored states strictly between x_T and x_eps (Algorithm 1's
     t_i ~ U, on the solver's grid)."""
     if num_times and num_stored < 3:
-        raise ValueError("the store keeps no state between x_T and x_eps: add state_indices or use num_times=0")
+        raise ConfigError("the store keeps no state between x_T and x_eps: add state_indices or use num_times=0")
     return torch.randint(1, num_stored - 1, (num_times,), generator=generator)
 
 
@@ -375,15 +464,21 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         *,
         expect: dict[str, Any] | None = None,
         allow_partial: bool = False,
+        verify: bool = True,
     ):
         self.store_dir = Path(store_dir)
         self.manifest = manifest = read_manifest(self.store_dir)
+        problems = manifest_problems(manifest)
+        if problems:
+            raise CorruptShardError(f"trajectory store {self.store_dir}: {'; '.join(problems[:3])}")
         wrong = _mismatches(expect or {}, manifest)
         if wrong:
-            raise ValueError(f"trajectory store {self.store_dir} does not match the config: {'; '.join(wrong)}")
+            raise ConfigError(f"trajectory store {self.store_dir} does not match the config: {'; '.join(wrong)}")
         names = sorted(manifest["shards"], key=lambda n: manifest["shards"][n]["trajectories"][0])
+        if verify:
+            _check_shards(self.store_dir, manifest, names)
         if len(names) < manifest["num_shards"] and not allow_partial:
-            raise ValueError(
+            raise ConfigError(
                 f"trajectory store {self.store_dir} is unfinished ({len(names)} of {manifest['num_shards']} shards); "
                 "complete it with `hkd trajectories` (same arguments) or pass allow_partial=True"
             )

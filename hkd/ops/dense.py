@@ -147,8 +147,19 @@ def _expm_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
+def _frechet_adjoint(expm_op, A: Tensor, grad: Tensor) -> Tensor:
+    """L(A^T, G), the gradient of exp at A, as the top-right block of exp([[A^T, G], [0, A^T]]): built from the
+    op itself, so that autograd can differentiate it again."""
+    n = A.shape[-1]
+    At = A.transpose(-1, -2)
+    block = torch.cat((torch.cat((At, grad), -1), torch.cat((torch.zeros_like(At), At), -1)), -2)
+    return expm_op(block)[..., :n, n:]
+
+
 def _expm_backward(ctx, grad):
     (A,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph (double backward): a gradient that is differentiable again
+        return _frechet_adjoint(torch.ops.hkd.expm, A, grad)
     return torch.ops.hkd.expm_backward(A, grad)
 
 
@@ -157,6 +168,8 @@ def _action_setup(ctx, inputs, output):
 
 
 def _action_backward(ctx, grad):
+    if torch.is_grad_enabled():  # create_graph (double backward): the plain-PyTorch reverse is differentiable
+        return taylor_action_backward(grad, *ctx.saved_tensors)
     return tuple(torch.ops.hkd.dense_action_backward(grad, *ctx.saved_tensors))
 
 
@@ -191,12 +204,8 @@ def _action_triton(z: Tensor, A: Tensor, tau: Tensor) -> Tensor:
 
 
 def _expm_triton_backward(ctx, grad):
-    # L(A^T, G) is the top-right block of exp([[A^T, G], [0, A^T]])
     (A,) = ctx.saved_tensors
-    n = A.shape[-1]
-    At = A.transpose(-1, -2)
-    block = torch.cat((torch.cat((At, grad), -1), torch.cat((torch.zeros_like(At), At), -1)), -2)
-    return _expm_triton(block)[..., :n, n:]
+    return _frechet_adjoint(_expm_triton, A, grad)
 
 
 def _action_triton_backward(ctx, grad):
@@ -211,7 +220,7 @@ _action_triton.register_autograd(_action_triton_backward, setup_context=_action_
 
 # ---- fronts ------------------------------------------------------------------------------------------------
 def _expm(A: Tensor, backend: str) -> Tensor:
-    if backend == "reference":
+    if backend == "reference" or A.shape[-1] == 0:  # 0 x 0 matrices: their (empty) exponential needs no kernel
         return reference.expm(A)
     if backend == "triton":
         return _expm_triton(A)
@@ -219,7 +228,7 @@ def _expm(A: Tensor, backend: str) -> Tensor:
 
 
 def _action(z: Tensor, A: Tensor, tau: Tensor, backend: str) -> Tensor:
-    if backend == "reference":
+    if backend == "reference" or A.shape[-1] == 0:
         return taylor_action(z, A, tau)
     if backend == "triton":
         return _action_triton(z, A, tau)
@@ -262,9 +271,18 @@ def _check(latents, generators, tau) -> Tensor:
             raise ValueError(
                 f"dense_propagate: level {level} mixes devices ({z.device}, {A.device}; expected {device})"
             )
+        for name, t in ((f"latents[{level}]", z), (f"generators[{level}]", A)):
+            if not t.is_floating_point():
+                raise ValueError(f"dense_propagate: {name} dtype {t.dtype}; must be a real float")
     if isinstance(tau, Tensor) and tau.device != device:
         raise ValueError(f"dense_propagate: tau is on {tau.device}, the latents on {device} (mixes devices)")
     tau = torch.as_tensor(tau, device=device)
+    if tau.is_complex() or tau.dtype == torch.bool:
+        raise ValueError(f"dense_propagate: tau dtype {tau.dtype}; must be a real number")
+    if not torch.compiler.is_compiling():  # one host sync for all levels
+        finite = torch.stack([torch.isfinite(A).all() for A in generators]).tolist()
+        if not all(finite):
+            raise ValueError(f"dense_propagate: generators[{finite.index(False)}] has NaN or infinite entries")
     if tau.dim() > 1 or (tau.dim() == 1 and tau.shape[0] != latents[0].shape[0]):
         raise ValueError(f"dense_propagate: tau must be 0-d or (B,) = ({latents[0].shape[0]},), got {tuple(tau.shape)}")
     return tau

@@ -1,0 +1,428 @@
+"""Probe `hkd` as a careless user and an attacker would: bad arguments, planted pickles, flipped bytes, kills.
+
+    python benchmarks/probe_hardening.py [--out FILE.json]
+
+Runs every probe against the hkd that Python imports (PYTHONPATH=... selects another checkout, e.g. an older
+commit unpacked with `git archive`), and prints one line per probe with its outcome:
+
+    clean       exit code 2 and one line on stderr, no traceback
+    usage       exit code 2 with argparse's usage block (several lines), no traceback
+    traceback   an exception escaped to the user
+    accepted    nonsense accepted: exit 0, or the command started its work
+    executed    a planted pickle ran its code
+    data loss   a file hkd did not make, or the last good checkpoint, was deleted or overwritten
+    silent      an altered file or store was used without a word
+    ok          a protection works (files kept, exit code 143, workers gone, umask respected)
+
+The bad-argument table is tests/test_cli_errors.py's CASES. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_cli_errors import CASES, make_paths  # noqa: E402 (the bad-argument table and its paths)
+
+TINY = ["teacher.model_channels=4", "teacher.channel_mult=[1]", "teacher.steps=1", "teacher.batch_size=8"]
+TINY += ["teacher.sample_grid=0", "teacher.log_every=1"]
+SOLVER = ["trajectories.num_trajectories=4", "trajectories.num_steps=2", "trajectories.shard_size=2"]
+
+
+class Plant:
+    """A pickle with a side effect: unpickling it creates the folder `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+class WorkStarted(Exception):  # noqa: N818
+    pass
+
+
+def cli(argv):
+    """(exit code or 'traceback', stderr) of hkd ARGV run in this process."""
+    from hkd.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit:
+            code = exit.code
+        except WorkStarted:
+            code = "work"
+        except Exception:  # noqa: BLE001 (what the user would see as a traceback)
+            code = "traceback"
+    return code, err.getvalue()
+
+
+def classify(code, err) -> str:
+    if code == "traceback" or "Traceback" in err:
+        return "traceback"
+    if code == 2:
+        return "clean" if err.count("\n") == 1 else "usage"
+    return "accepted"
+
+
+def fixtures(root: Path) -> dict[str, str]:
+    """A tiny teacher and its store in root, and the paths of tests/test_cli_errors.py's CASES."""
+    from hkd.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["train-teacher", "--out", str(root / "teacher"), "--device", "cpu", *TINY]) == 0
+        args = ["trajectories", "--teacher", str(root / "teacher"), "--out", str(root / "store"), "--quiet"]
+        assert main([*args, "--device", "cpu", *SOLVER]) == 0
+    return make_paths(root)
+
+
+def train_args(root: Path, out: Path, *extra: str) -> list[str]:
+    run = [f"train.store={root / 'store'}", f"train.teacher={root / 'teacher' / 'teacher.pt'}", f"train.out={out}"]
+    run += [
+        "train.batch=2",
+        "train.max_steps=1",
+        "train.progress=false",
+        "train.sample_count=1",
+        "train.time_samples=1",
+    ]
+    return ["train", *TINY, *SOLVER, *run, *extra]
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The special probes: each returns its outcome
+
+
+def pickle_places(root: Path, tmp: Path) -> dict[str, str]:
+    from hkd import metrics
+
+    marker = tmp / "EXECUTED"
+    places = {}
+
+    def planted(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": "hkd-teacher", "step": 10**9, "payload": Plant(marker)}, path)
+        return path
+
+    model = tmp / "pmodel"
+    model.mkdir()
+    shutil.copy(root / "model" / "config.json", model)
+    planted(model / "model.safetensors")
+    places["pickle in a model folder (generate)"] = ["generate", "--model", model, "--out", tmp / "g"]
+    planted(tmp / "prun" / "checkpoint.pt")
+    places["pickle as a run checkpoint (train --resume)"] = [*train_args(root, tmp / "prun"), "--resume"]
+    planted(tmp / "pteacher" / "teacher.pt")
+    places["pickle as a teacher (trajectories)"] = ["trajectories", "--teacher", tmp / "pteacher", "--out", tmp / "s"]
+    store = tmp / "pstore"
+    store.mkdir()
+    manifest = json.loads((root / "store" / "manifest.json").read_text())
+    np.save(store / "shard_00000.npy", np.array([Plant(marker)], dtype=object), allow_pickle=True)
+    digest = hashlib.sha256((store / "shard_00000.npy").read_bytes()).hexdigest()
+    manifest["shards"]["shard_00000.npy"]["sha256"] = digest
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    places["pickle as a store shard (--verify)"] = ["trajectories", "--verify", store]
+    places["pickle as a store shard (train)"] = train_args(root, tmp / "prun2", f"train.store={store}")
+    planted(tmp / "pdemo" / "teacher" / "teacher.pt")
+    places["pickle in a demo folder (demo re-run)"] = ["demo", "--quick", "--out", tmp / "pdemo", "--device", "cpu"]
+
+    outcomes = {}
+    for name, argv in places.items():
+        code, err = cli(argv)
+        outcomes[name] = "executed" if marker.exists() else classify(code, err)
+        if marker.exists():
+            marker.rmdir()
+    os.environ["HKD_CACHE_DIR"] = str(tmp / "cache")
+    metrics._CLASSIFIER = None
+    if hasattr(metrics, "classifier_cache"):
+        cache = metrics.classifier_cache()
+    else:  # the recipe of the older code
+        images, _ = metrics.digits_dataset()
+        recipe = hashlib.sha256(images.numpy().tobytes() + Path(metrics.__file__).read_bytes()).hexdigest()[:16]
+        cache = tmp / "cache" / f"digits_classifier_{recipe}.pt"
+    planted(cache)
+    try:
+        metrics.digits_classifier()
+        outcome = "ok"
+    except Exception:  # noqa: BLE001
+        outcome = "traceback"
+    outcomes["pickle as the classifier cache (eval)"] = "executed" if marker.exists() else outcome
+    return outcomes
+
+
+def fresh_on_a_user_folder(paths: dict, tmp: Path) -> str:
+    user = tmp / "thesis"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    code, err = cli(["demo", "--quick", "--fresh", "--out", user, "--device", "cpu"])
+    return "data loss" if not (user / "thesis.tex").exists() else classify(code, err)
+
+
+def nonfinite_weights(tmp: Path) -> str:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from hkd import checkpoint, train
+    from hkd.model import HKDModel, ModelConfig
+
+    class Trajectories(torch.utils.data.Dataset):
+        times = torch.tensor([80.0, 10.0, 1.0, 0.1, 0.0])
+        states = torch.rand(16, 1, 1, 8, 8) + times[:, None, None, None] * torch.randn(16, 1, 1, 8, 8)
+
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"states": self.states[i], "times": self.times}
+
+    def poison(optimizer, args, kwargs):
+        poison.calls += 1
+        if poison.calls == 5:
+            optimizer.param_groups[0]["params"][0].data.view(-1)[0] = float("inf")
+
+    poison.calls = 0
+    settings = dict(out=str(tmp / "nf"), batch=8, epochs=4, checkpoint_every=1, sample_every=0, progress=False)
+    model = HKDModel(ModelConfig(img_resolution=8, img_channels=1, model_channels=4, channel_mult=(1,)))
+    handle = register_optimizer_step_post_hook(poison)
+    with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+        train.train({"train": settings}, dataset=Trajectories(), model=model)
+    handle.remove()
+    state = checkpoint.load(tmp / "nf" / "checkpoint.pt")
+    finite = all(torch.isfinite(v).all() for v in state["model"].values())
+    return "ok" if finite else "data loss"
+
+
+def flipped_checkpoint(tmp: Path) -> str:
+    from hkd import checkpoint
+
+    path = tmp / "flip.pt"
+    weights = torch.linspace(0, 1, 4096)
+    checkpoint.save(path, {"step": 3, "w": weights})
+    flip(path, path.read_bytes().find(weights[2000:2004].numpy().tobytes()) + 1)
+    try:
+        checkpoint.load(path)
+        return "silent"
+    except ValueError:
+        return "clean"
+
+
+def flipped_model(root: Path, tmp: Path) -> str:
+    shutil.copytree(root / "model", tmp / "fmodel")
+    file = tmp / "fmodel" / "model.safetensors"
+    flip(file, len(file.read_bytes()) - 3)
+    code, err = cli(["generate", "--model", tmp / "fmodel", "--out", tmp / "fg", "--num", "1"])
+    return "silent" if code == 0 else classify(code, err)
+
+
+def store_probes(root: Path, tmp: Path) -> dict[str, str]:
+    from hkd.data import store
+
+    outcomes = {}
+    copy = tmp / "times"
+    shutil.copytree(root / "store", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "times": [t * 1.01 for t in manifest["times"]]}))
+    outcomes["manifest times altered (--verify)"] = "silent" if not store.verify_store(copy) else "clean"
+
+    copy = tmp / "flipped"
+    shutil.copytree(root / "store", copy)
+    flip(copy / "shard_00001.npy", len((copy / "shard_00001.npy").read_bytes()) - 1)
+    try:
+        store.TrajectoryDataset(copy)
+        outcomes["flipped shard byte (training opens the store)"] = "silent"
+    except ValueError:
+        outcomes["flipped shard byte (training opens the store)"] = "clean"
+
+    copy = tmp / "escape" / "store"
+    shutil.copytree(root / "store", copy)
+    (tmp / "escape" / "outside").mkdir()
+    shutil.copy(copy / "shard_00000.npy", tmp / "escape" / "outside" / "x.npy")
+    entry = manifest["shards"]["shard_00000.npy"]
+    manifest["shards"] = {"../outside/x.npy": entry, "shard_00001.npy": manifest["shards"]["shard_00001.npy"]}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        dataset = store.TrajectoryDataset(copy)
+        dataset[0]
+        outcomes["manifest shard name ../outside/x.npy (training)"] = "silent"
+    except ValueError:
+        outcomes["manifest shard name ../outside/x.npy (training)"] = "clean"
+    return outcomes
+
+
+def stale_temporaries(root: Path, tmp: Path) -> str:
+    run = tmp / "stale"
+    code, _ = cli(train_args(root, run))
+    assert code == 0, code
+    script = (
+        "import os, signal, torch, sys\nfrom hkd import checkpoint\n"
+        "def die(obj, file, *a, **k): file.write(b'partial'); file.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = die\n"
+        f"checkpoint.save({str(run / 'checkpoint.pt')!r}, {{'step': 1}})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], env={**os.environ}, check=False)
+    left = list(run.glob(".*tmp"))
+    cli([*train_args(root, run, "train.max_steps=2"), "--resume"])
+    after = list(run.glob(".*tmp"))
+    return "no temporary left by the kill" if not left else ("ok" if not after else "stale temporary kept")
+
+
+def umask_probe(root: Path, tmp: Path) -> str:
+    previous = os.umask(0o022)
+    try:
+        cli(["generate", "--model", root / "model", "--out", tmp / "um", "--num", "1"])
+    finally:
+        os.umask(previous)
+    mode = (tmp / "um" / "grid.png").stat().st_mode & 0o777
+    return "ok" if mode == 0o644 else f"mode {mode:o} under umask 022"
+
+
+def sigterm_and_lock(tmp: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = ["train-teacher", "--out", str(tmp / "sig"), "--device", "cpu", *TINY, "teacher.steps=100000"]
+    process = subprocess.Popen([sys.executable, "-m", "hkd.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    process.stdout.readline()
+    second = subprocess.run([sys.executable, "-m", "hkd.cli", *args, "teacher.steps=2"], capture_output=True,
+                            text=True, env=env, timeout=600)  # fmt: skip
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=300)
+    lock = "clean" if second.returncode == 2 and "Traceback" not in second.stderr else "accepted"
+    rc = process.returncode
+    return {
+        "second run into the same folder": lock,
+        "SIGTERM during training: exit code": "ok" if rc == 128 + signal.SIGTERM else f"exit {rc}",
+    }
+
+
+def orphan_workers(tmp: Path) -> str:
+    script = (
+        "import time, torch\nfrom hkd.data.store import TrajectoryConfig, write_store\n"
+        "class Slow(torch.nn.Module):\n"
+        "    img_channels, img_resolution, identity = 1, 4, {'source': 'probe', 'config': {}, 'hash': '0'}\n"
+        "    def forward(self, x, sigma):\n        time.sleep(0.5)\n        return x\n"
+        "cfg = TrajectoryConfig(num_trajectories=40, num_steps=50, shard_size=2, batch_size=2)\n"
+        f"write_store(Slow(), {str(tmp / 'orphans')!r}, cfg, workers=2, progress=False)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    children: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(children) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == parent.pid]
+    parent.kill()
+    parent.wait()
+    time.sleep(5)
+    alive = [c for c in children if _alive(c)]
+    for c in alive:
+        os.kill(c, signal.SIGKILL)
+    return "ok" if not alive else f"{len(alive)} workers outlived kill -9 of the parent"
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def config_probes(root: Path, tmp: Path) -> dict[str, str]:
+    from hkd import config
+
+    outcomes = {}
+    try:
+        lr = config.load("digits", ["train.lr=1e-4"])["train"]["lr"]
+        outcomes["train.lr=1e-4 is a number"] = "ok" if isinstance(lr, float) else "silent"
+    except Exception:  # noqa: BLE001
+        outcomes["train.lr=1e-4 is a number"] = "traceback"
+    code, _ = cli(train_args(root, tmp / "resume"))
+    code, err = cli([*train_args(root, tmp / "resume", "train.lr=0.5", "train.max_steps=2"), "--resume"])
+    outcomes["--resume with a changed train.lr"] = "accepted" if code == 0 else classify(code, err)
+    return outcomes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="also write the outcomes as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    import hkd.teacher
+
+    outcomes: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        root = tmp / "fixtures"
+        root.mkdir()
+        os.chdir(tmp)
+        paths = fixtures(root)
+        import hkd.bench
+        import hkd.train
+
+        def refuse(*a, **k):
+            raise WorkStarted
+
+        # the points where real work starts: a bad call must have failed before them
+        patched = [(hkd.teacher, "_batches"), (hkd.train, "_Batches"), (hkd.train, "_Online")]
+        patched += [(hkd.bench, "bench_spectral"), (hkd.bench, "bench_dense")]
+        real = [getattr(module, name) for module, name in patched]
+        for module, name in patched:
+            setattr(module, name, refuse)
+        for i, (line, fragment) in enumerate(CASES):
+            if fragment is None:
+                continue
+            argv = [part.format(**paths, out=str(tmp / f"out{i}")) for part in line.split()]
+            outcomes[f"hkd {line}"] = classify(*cli(argv))
+        outcomes["demo --fresh on a folder hkd did not make"] = fresh_on_a_user_folder(paths, tmp)
+        for (module, name), value in zip(patched, real, strict=True):
+            setattr(module, name, value)
+        outcomes |= pickle_places(root, tmp)
+        outcomes["a NaN/inf weight at a checkpoint step"] = nonfinite_weights(tmp)
+        outcomes["flipped byte in checkpoint.pt"] = flipped_checkpoint(tmp)
+        outcomes["flipped byte in model.safetensors (generate)"] = flipped_model(root, tmp)
+        outcomes |= store_probes(root, tmp)
+        outcomes["kill -9 during a checkpoint save, then resume"] = stale_temporaries(root, tmp)
+        outcomes["file mode under umask 022"] = umask_probe(root, tmp)
+        outcomes |= config_probes(root, tmp)
+        outcomes |= sigterm_and_lock(tmp)
+        outcomes["--workers 2, parent killed -9"] = orphan_workers(tmp)
+        os.chdir(ROOT)
+    for name, outcome in outcomes.items():
+        print(f"{outcome:12s} {name}")
+    counts: dict[str, int] = {}
+    for outcome in outcomes.values():
+        counts[outcome] = counts.get(outcome, 0) + 1
+    print(f"{len(outcomes)} probes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if args.out:
+        Path(args.out).write_text(json.dumps(outcomes, indent=1))
+
+
+if __name__ == "__main__":
+    main()
