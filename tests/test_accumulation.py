@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hkd import checkpoint, cli, config, train
+from hkd.errors import RunStopped
 from hkd.propagator import HKDPropagator
 from hkd.teacher import TeacherConfig, train_teacher
 
@@ -234,8 +235,9 @@ def test_train_with_micro_batches_matches_and_resumes_mid_epoch_exactly(tmp_path
     cfg = run_config(tmp_path, "resumed", micro_batch=2)
     stopping = copy.copy(data)
     stopping.kill_at, stopping.calls = 2 * 8 + 3, 0
-    stopped = train.train(cfg, dataset=stopping)
-    assert stopped["step"] == 3 and checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["step"] == 3
+    with pytest.raises(RunStopped, match="stopped by SIGTERM at step 3"):
+        train.train(cfg, dataset=stopping)
+    assert checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["step"] == 3
     torch.manual_seed(12345)  # another global RNG state: it must not matter
     resumed = train.train(cfg, dataset=data, resume=True)
     assert resumed["step"] == 6 and resumed["losses"] == straight["losses"]
