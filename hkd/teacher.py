@@ -65,6 +65,15 @@ class EDMPrecond(nn.Module):
         return c_skip * x + c_out * self.net(c_in * x, c_noise, *labels).to(torch.float32)
 
 
+def edm_noise(
+    images: Tensor, P_mean: float = -1.2, P_std: float = 1.2, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """EDM's draws for a batch: sigma (B, 1, 1, 1) with ln(sigma) ~ N(P_mean, P_std^2), and noise n ~ N(0, sigma^2)."""
+    rnd_normal = torch.randn((images.shape[0], 1, 1, 1), generator=generator, device=images.device)
+    sigma = (rnd_normal * P_std + P_mean).exp()
+    return sigma, torch.randn(images.shape, generator=generator, device=images.device) * sigma
+
+
 def edm_loss(
     denoiser: nn.Module,
     images: Tensor,
@@ -72,13 +81,12 @@ def edm_loss(
     P_std: float = 1.2,
     sigma_data: float = 0.5,
     generator: torch.Generator | None = None,
+    noise: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """EDM's loss, averaged: ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2 on ||D - y||^2."""
-    shape = (images.shape[0], 1, 1, 1)
-    rnd_normal = torch.randn(shape, generator=generator, device=images.device)
-    sigma = (rnd_normal * P_std + P_mean).exp()
+    """EDM's loss, averaged: ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2 on ||D - y||^2.
+    noise: (sigma, n) of edm_noise, drawn here unless given (a micro-batch's rows of its batch's draws)."""
+    sigma, n = edm_noise(images, P_mean, P_std, generator) if noise is None else noise
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    n = torch.randn(images.shape, generator=generator, device=images.device) * sigma
     return (weight * (denoiser(images + n, sigma) - images) ** 2).mean()
 
 
@@ -143,6 +151,7 @@ class TeacherConfig(Section, name="teacher"):
     P_mean: float = -1.2
     P_std: float = 1.2
     batch_size: int = 128
+    micro_batch: int | None = None  # images per forward; batch_size / micro_batch accumulated per step (None: all)
     lr: float = 2e-3
     lr_warmup: int = 100  # steps
     steps: int = 2000
@@ -163,6 +172,9 @@ class TeacherConfig(Section, name="teacher"):
         self.require(0 <= self.ema_rampup <= 1, "ema_rampup", "in [0, 1]")
         self.require(self.lr_warmup >= 0, "lr_warmup", ">= 0")
         self.require(self.sample_grid >= 0, "sample_grid", ">= 0")
+        micro = self.micro_batch
+        if micro is not None and not (1 <= micro <= self.batch_size and self.batch_size % micro == 0):
+            raise ConfigError(f"teacher.micro_batch = {micro} must divide teacher.batch_size = {self.batch_size}")
 
 
 ARCHITECTURE = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "sigma_data")
@@ -255,13 +267,24 @@ def train_teacher(
     with checkpoint.StopSignal() as stop:
         while step < cfg.steps and stop.requested is None:
             images = next(batches).to(device)
+
+            # Accumulate gradients: the batch's noise is drawn at once, so the micro-batches change nothing.
+            optimizer.zero_grad(set_to_none=True)
+            noise = edm_noise(images, cfg.P_mean, cfg.P_std)
+            loss = torch.zeros((), device=device)
+            for micro in zip(*(x.split(cfg.micro_batch or cfg.batch_size) for x in (images, *noise)), strict=True):
+                micro_loss = edm_loss(denoiser, micro[0], sigma_data=cfg.sigma_data, noise=micro[1:])
+                micro_loss = micro_loss * (len(micro[0]) / len(images))
+                micro_loss.backward()
+                loss += micro_loss.detach()
+
+            # Update weights.
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup, 1))
-            loss = edm_loss(denoiser, images, cfg.P_mean, cfg.P_std, cfg.sigma_data)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
             step += 1
+
+            # Update EMA.
             halflife = min(cfg.ema_halflife, step * cfg.batch_size * cfg.ema_rampup)
             beta = 0.5 ** (cfg.batch_size / max(halflife, 1e-8))
             with torch.no_grad():
@@ -444,6 +467,7 @@ __all__ = [
     "TeacherConfig",
     "VPPrecond",
     "edm_loss",
+    "edm_noise",
     "heun_sampler",
     "load_teacher",
     "time_steps",

@@ -16,6 +16,12 @@ Everything random in a step is a function of (seed, step) or (seed, epoch): the 
 each epoch) and the times (a generator seeded by the step, drawn for the whole global batch and split like the data).
 So resuming is exact, and N ranks see the same samples and times as one process with the same global batch.
 
+Batch. `train.batch` is the global batch. Each process's share is split into micro-batches of `train.micro_batch`
+trajectories (batch / (micro_batch * world) per step), whose gradients accumulate before one optimiser step; DDP
+all-reduces once, in the last backward pass. The times are drawn for the whole batch and split with their
+trajectories, so the split changes memory and speed, not the step (dropout's masks aside: they are drawn per
+forward). `train.compile: true` runs the model under torch.compile (the fused Koopman ops compile into its graph).
+
 Data: a trajectory store (train.store, checked against the `trajectories:` settings and the teacher), or with
 train.online=true fresh trajectories solved by the teacher each step (no store; an epoch is
 trajectories.num_trajectories trajectories). Both are deterministic in the step, so both resume exactly.
@@ -33,12 +39,14 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import functools
 import io
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +75,7 @@ class TrainConfig(Section, name="train"):
     teacher: str | None = None  # teacher checkpoint: E and D start as its U-Net (Algorithm 1, step 1); None: random
     online: bool = False  # draw fresh trajectories from the teacher each step instead of reading train.store
     batch: int = 64  # global batch (trajectories per step, all ranks together)
+    micro_batch: int | None = None  # trajectories per forward per process; None: batch / world (no accumulation)
     epochs: int = 100
     max_steps: int | None = None  # stop earlier (the schedules still run over `epochs`)
     lr: float = 1e-3
@@ -75,6 +84,7 @@ class TrainConfig(Section, name="train"):
     ema: float = 0.999  # EMA decay per step (0: the EMA is the model)
     grad_clip: float = 1.0  # max global gradient norm (0: off)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with a GradScaler; bf16/fp16 need a GPU)
+    compile: bool = False  # run the model (fused propagation included) under torch.compile
     time_samples: int = 4  # s - 1 intermediate times per trajectory (plus T)
     time_sampling: str = "uniform"  # uniform (t ~ U[eps, T], nearest grid point) | grid (uniform grid index)
     consistency: bool = True  # trajectory-consistency loss; false: only t = T
@@ -118,6 +128,20 @@ class TrainConfig(Section, name="train"):
         self.require(0 <= self.ema < 1, "ema", "in [0, 1)")
         self.require(self.lambda1_start > 0, "lambda1_start", "> 0 (the MSE weight decays geometrically)")
         self.require(self.lambda1_end > 0, "lambda1_end", "> 0 (the MSE weight decays geometrically)")
+        accumulation_rounds(self.batch, self.micro_batch, 1)
+
+
+def accumulation_rounds(batch: int, micro_batch: int | None, world: int) -> int:
+    """Micro-batches per step and process: batch / (micro_batch * world) (1 without a micro_batch). A split that
+    does not come out even is an error naming the numbers; batch % world is checked where the processes start."""
+    if micro_batch is None:
+        return 1
+    local = batch // world
+    if not (1 <= micro_batch <= local and local % micro_batch == 0):
+        share = f"the {local} trajectories per process of " if world > 1 else ""
+        processes = f" on {world} processes" if world > 1 else ""
+        raise ConfigError(f"train.micro_batch = {micro_batch} must divide {share}train.batch = {batch}{processes}")
+    return local // micro_batch
 
 
 class NonFiniteLoss(NonFiniteError):
@@ -167,6 +191,64 @@ def trajectory_loss(
     loss = distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).reshape(-1, index.shape[1])
     consistency = latent_consistency(getattr(model, "module", model), latents, t, index.shape[1])
     return (loss.mean(1) + lambda3 * consistency).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One optimiser step
+
+
+def split_batch(tensors: tuple[Tensor, ...], rounds: int) -> list[tuple[Tensor, ...]]:
+    """A batch (tensors with the batch dimension first) as `rounds` equal micro-batches, in order."""
+    return list(zip(*(x.chunk(rounds) for x in tensors), strict=True))
+
+
+def train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[Tensor, ...]],
+    loss_fn: Callable[..., Tensor],
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float = 0.0,
+    autocast: torch.dtype | None = None,
+) -> tuple[float, bool, float]:
+    """One optimiser step on this process's batch, given as micro-batches; loss_fn(net, *micro_batch) is the mean
+    loss of a micro-batch. Each micro-batch's loss is weighted by its share of the batch, so the gradients add up
+    to those of the batch's mean loss. Under DDP the gradients are all-reduced once, in the last backward pass
+    (no_sync on the others), which averages the ranks' batches into the global one. No update when the loss is
+    not finite on some rank. Returns (this rank's batch loss, finite on every rank, gradient norm before clipping)."""
+    ddp = isinstance(net, nn.parallel.DistributedDataParallel)
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
+    device = micro_batches[0][0].device
+    total = sum(len(micro[0]) for micro in micro_batches)
+
+    # Accumulate gradients.
+    optimizer.zero_grad(set_to_none=True)
+    batch_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for i, micro in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1 or not ddp
+        with contextlib.nullcontext() if sync else net.no_sync():
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = loss_fn(net, *micro) * (len(micro[0]) / total)
+            scaler.scale(loss).backward()
+        batch_loss += loss.detach()
+    value = batch_loss.item()
+
+    # Skip the update when the loss is not finite on some rank.
+    finite = torch.tensor(float(math.isfinite(value)), device=device)
+    if ddp:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        return value, False, math.nan
+
+    # Update weights.
+    scaler.unscale_(optimizer)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = float(nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else math.inf))
+    scaler.step(optimizer)
+    scaler.update()
+    return value, True, grad_norm
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,6 +442,7 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
     log = log if rank == 0 else (lambda line: None)
     if cfg.batch % world:
         raise ConfigError(f"train.batch = {cfg.batch} must be divisible by the number of processes ({world})")
+    rounds = accumulation_rounds(cfg.batch, cfg.micro_batch, world)
     if cfg.precision != "fp32" and device.type != "cuda":
         raise ConfigError(f"train.precision={cfg.precision} needs a GPU; use fp32 on the CPU")
     out = Path(cfg.out)
@@ -395,13 +478,15 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
     if hasattr(raw, "T") and not math.isclose(T, raw.T, rel_tol=1e-6):
         raise ConfigError(f"the trajectories start at T = {T}, the model at model.sigma_max = {raw.T}")
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
+    if cfg.compile:
+        raw.compile()  # in place: the state dict keeps its names, and the EMA (samples) stays eager
     net = raw
     if world > 1:
         net = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(raw.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     steps_per_epoch = batches.steps_per_epoch
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     intermediate = cfg.time_samples if cfg.consistency else 0
@@ -479,14 +564,15 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
                 generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
                 u = torch.rand(cfg.batch, intermediate, generator=generator, dtype=torch.float64)[rank::world]
                 lambda1 = lambda1_schedule(step / steps_per_epoch, cfg.epochs, cfg.lambda1_start, cfg.lambda1_end)
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = trajectory_loss(
-                        net, states, times, u.to(device), distance, lambda1, cfg.time_sampling, cfg.lambda3
-                    )
-                value = loss.item()
-                finite = torch.tensor(float(math.isfinite(value)), device=device)
-                if world > 1:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+
+                # Optimiser step: gradients accumulated over the micro-batches (times split with their trajectories).
+                loss_fn = functools.partial(
+                    trajectory_loss, distance=distance, lambda1=lambda1, mode=cfg.time_sampling, lambda3=cfg.lambda3
+                )
+                micro_batches = split_batch((states, times, u.to(device)), rounds)
+                value, finite, grad_norm = train_step(
+                    net, optimizer, micro_batches, loss_fn, scaler=scaler, grad_clip=cfg.grad_clip, autocast=autocast
+                )
                 if not finite:
                     if cfg.on_nonfinite == "stop":
                         last = f"{path} (step {checkpoint.load(path)['step']})" if path.exists() else "none yet"
@@ -496,18 +582,11 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
                             "train.on_nonfinite=skip"
                         )
                     skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    grad_norm = float("nan")
                 else:
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    limit = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                    grad_norm = float(nn.utils.clip_grad_norm_(raw.parameters(), limit))
-                    scaler.step(optimizer)
-                    scaler.update()
                     _ema_update(ema, raw, cfg.ema)
                     running, count = running + value, count + 1
+
+                # Bookkeeping: schedule, log, samples, checkpoint.
                 step += 1
                 if step % steps_per_epoch == 0:
                     scheduler.step()
