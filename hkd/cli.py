@@ -120,10 +120,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from hkd import metrics
 
     device = _device(args.device)
-    _out(args.out)
     model, teacher = _model(args.model, device), _teacher(args.teacher, device)
     baseline = _model(args.baseline, device) if args.baseline else None
     reference = _fid_reference(args, model)
+    _out(args.out)  # after every check of the inputs: a refused run creates nothing
     rows, written = metrics.evaluate(
         model, teacher, baseline=baseline, num=args.num, seed=args.seed, few_steps=args.few_steps,
         inception_weights=args.inception_weights, lpips_weights=args.lpips_weights, out_dir=args.out,

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hkd.errors import CorruptFileError
+from hkd import checkpoint
+from hkd.errors import CorruptFileError, MissingFileError
 from hkd.teacher import EDMPrecond, _sigma_column
 from hkd.unet import UNet
 
@@ -400,36 +401,43 @@ def load_edm_pickle(path: str | Path) -> nn.Module:
 
 def import_teacher(path: str | Path, out_dir: str | Path) -> Path:
     """Write out_dir/model.safetensors and out_dir/config.json (format hkd-edm-teacher) from an EDM pickle."""
-    from safetensors.torch import save_file
-
-    from hkd.model import _atomic_write
+    from safetensors.torch import save
 
     denoiser = load_edm_pickle(path)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "version": 1, "source": str(Path(path).resolve()), **denoiser.identity["config"]}
-    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.net.state_dict().items()}
-    _atomic_write(out_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-    _atomic_write(out_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    state = {k: v.detach().cpu().contiguous() for k, v in sorted(denoiser.net.state_dict().items())}
+    metadata = {"format": FORMAT, checkpoint.DIGEST_KEY: checkpoint.digest(state)}
+    checkpoint.atomic_write(out_dir / "model.safetensors", save(state, metadata=metadata))
+    checkpoint.atomic_write(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
 def load_imported(directory: str | Path) -> nn.Module:
     """The teacher `import_teacher` wrote (identity source "edm-import"; same hash as the pickle it came from)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
-    if config.get("format") != FORMAT:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise EDMPickleError(f"{directory / 'config.json'} cannot be read: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise EDMPickleError(f"{directory / 'config.json'} is not an imported EDM teacher (format {FORMAT!r})")
     if not (directory / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{directory / 'model.safetensors'} not found (written by `hkd import-teacher`)")
+        raise MissingFileError(f"{directory / 'model.safetensors'} not found (written by `hkd import-teacher`)")
     core = {"unet": config["unet"], "precond": config["precond"]}
     denoiser = from_config(core)
+    weights_path = directory / "model.safetensors"
     try:
-        weights = load_file(str(directory / "model.safetensors"))
+        with safe_open(str(weights_path), framework="pt") as file:
+            saved_digest = (file.metadata() or {}).get(checkpoint.DIGEST_KEY)
+        weights = load_file(str(weights_path))
     except Exception as error:
-        raise EDMPickleError(f"{directory / 'model.safetensors'} is corrupt: {error}") from None
+        raise EDMPickleError(f"{weights_path} is corrupt: {error}") from None
+    if saved_digest is not None and checkpoint.digest(dict(sorted(weights.items()))) != saved_digest:
+        raise EDMPickleError(f"{weights_path} is corrupt: its checksum differs (altered or damaged)")
     _load(denoiser.net, weights, str(directory))
     denoiser.identity = {"source": "edm-import", "path": str(directory.resolve()), "config": core}
     return denoiser
