@@ -37,6 +37,14 @@ def count(minimum: int = 1):
     return parse
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free port) to 65535."""
+    value = count(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535, got {value}")
+    return value
+
+
 def fractions(text: str) -> tuple[float, ...]:
     """An argparse type: comma-separated numbers in [0, 1]."""
     try:
@@ -539,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="HKD model folder (default: the demo's, runs/demo/hkd/model)")
     p.add_argument("--teacher", help="also show the teacher's Heun trajectory (teacher.pt, its folder, diffusers)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
+    p.add_argument("--port", type=port, default=7860, help="port (default 7860; 0: any free port)")
     p.add_argument("--device", **device)
     p.set_defaults(func=cmd_explore)
 
@@ -563,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="a config (its data section) or an image folder")
     p.add_argument("--out", required=True, help="the .npz to write")
-    p.add_argument("--resolution", type=int, default=32, help="image size (for a folder; default 32)")
+    p.add_argument("--resolution", type=count(1), default=32, help="image size (for a folder; default 32)")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="for a folder (default 3)")
     p.add_argument("--inception-weights", help="the weights file (default $HKD_INCEPTION_WEIGHTS or the hub cache)")
     p.set_defaults(func=cmd_fid_ref)

@@ -26,3 +26,12 @@ def _seed_per_test(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine oversubscription costs more than it gains at small sizes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,12 +21,7 @@ from hkd.teacher import TeacherConfig, train_teacher
 MODEL = dict(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1, 2], num_blocks=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def edm_grid(steps: int = 6, dtype=torch.float64) -> torch.Tensor:
