@@ -7,6 +7,8 @@ every stored time t in (0, T], per level l:
     no evolution (A = 0)  r_0(t) = ||E(x_T) - E(x_t, t)|| / ||E(x_t, t)||
     relative              r_A(t) / r_0(t)   (< 1: the evolution moves the latent towards the teacher's; undefined at T)
     endpoint consistency  d(D(exp((eps - t) A) E(x_t, t)), x_0), and d(D(E(x_t, t)), x_0) without the evolution
+    decoded trajectory    MSE(D(exp((t - T) A) E(x_T)), D_teacher(x_t; t)), and MSE(D(E(x_T)), D_teacher(x_t; t))
+                          without the evolution: does the decoded Koopman state follow the teacher's denoised estimate
 
 with norms per sample over the level's (d, h, w) and ratios averaged over samples; "all" is the norm over every
 level together. d is the mean squared error and the digits classifier's feature distance (for 1x16x16 images).
@@ -51,10 +53,11 @@ def _endpoint_distances(images: Tensor, endpoint: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def measure(model, times: Tensor, states: Tensor, batch_size: int = 256) -> list[dict]:
+def measure(model, times: Tensor, states: Tensor, teacher=None, batch_size: int = 256) -> list[dict]:
     """One row per stored time t > 0 (from T down): t, the ratios per level and for all levels, the relative ratio,
-    and the endpoint distances with and without the evolution. times (K,), states (K, B, C, H, W) as returned by
-    teacher_trajectories (times[0] = T; the state at the smallest time is the endpoint x_0)."""
+    and the endpoint distances with and without the evolution; with the teacher, also the decoded-trajectory MSE
+    with and without the evolution. times (K,), states (K, B, C, H, W) as returned by teacher_trajectories
+    (times[0] = T; the state at the smallest time is the endpoint x_0)."""
     device = next(model.parameters()).device
     last = int(times.argmin())
     endpoint = states[last].float()
@@ -65,7 +68,7 @@ def measure(model, times: Tensor, states: Tensor, batch_size: int = 256) -> list
         if t <= 0:
             continue
         koopman, still, scale = [], [], []
-        with_evolution, without = [], []
+        with_evolution, without, decoded, decoded_still = [], [], [], []
         for x_T, x_t in zip(states[0].split(batch_size), states[k].split(batch_size), strict=True):
             x_T, x_t = x_T.to(device, torch.float32), x_t.to(device, torch.float32)
             z_T, z_t = model.encode(x_T, T), model.encode(x_t, t)
@@ -75,6 +78,10 @@ def measure(model, times: Tensor, states: Tensor, batch_size: int = 256) -> list
             still.append(_norms([a - b for a, b in zip(z_T, z_t, strict=True)]))
             with_evolution.append(model.decode(model.propagate(z_t, t, model.eps)).float().cpu())
             without.append(model.decode(z_t).float().cpu())
+            if teacher is not None:
+                target = teacher(x_t, t).float()
+                decoded.append((model.decode(evolved).float() - target).double().square().flatten(1).mean(1).cpu())
+                decoded_still.append((model.decode(z_T).float() - target).double().square().flatten(1).mean(1).cpu())
         scale, koopman, still = (torch.cat(v, 1) for v in (scale, koopman, still))
         scale = scale.clamp_min(1e-30)
         r_A, r_0 = (koopman / scale).mean(1), (still / scale).mean(1)
@@ -86,6 +93,9 @@ def measure(model, times: Tensor, states: Tensor, batch_size: int = 256) -> list
         for prefix, images in (("endpoint", with_evolution), ("endpoint_still", without)):
             for key, value in _endpoint_distances(torch.cat(images), endpoint).items():
                 row[f"{prefix}_{key}"] = value
+        if teacher is not None:
+            row["decoded_mse"] = float(torch.cat(decoded).mean())
+            row["decoded_still_mse"] = float(torch.cat(decoded_still).mean())
         rows.append(row)
     return rows
 
@@ -101,6 +111,11 @@ def summary(rows: list[dict]) -> dict[str, float]:
         "below_still": float((relative < 1).double().mean()) if len(below) else math.nan,
         "endpoint_mse_mean": float(torch.tensor([r["endpoint_mse"] for r in rows]).mean()),
         "endpoint_still_mse_mean": float(torch.tensor([r["endpoint_still_mse"] for r in rows]).mean()),
+        **{
+            f"{key}_mean": float(torch.tensor([r[key] for r in rows]).mean())
+            for key in ("decoded_mse", "decoded_still_mse")
+            if key in rows[0]
+        },
     }
 
 
@@ -109,7 +124,7 @@ def figure(results: dict[str, list[dict]], path: str | Path) -> Path:
     model), and the endpoint MSE with and without the evolution."""
     from hkd import figures
 
-    fig, axes = figures.plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = figures.plt.subplots(1, 4, figsize=(18, 3.8))
     first, first_rows = next(iter(results.items()))
     levels = sorted(k[len("relative_") :] for k in first_rows[0] if k.startswith("relative_level"))
     t = [r["t"] for r in first_rows]
@@ -121,8 +136,12 @@ def figure(results: dict[str, list[dict]], path: str | Path) -> Path:
         axes[1].plot(t, [r["relative_all"] for r in rows], marker=".", label=name)
         axes[2].plot(t, [r["endpoint_mse"] for r in rows], marker=".", label=f"{name}: D(exp((eps - t) A) E(x_t))")
         axes[2].plot(t, [r["endpoint_still_mse"] for r in rows], ls="--", label=f"{name}: D(E(x_t))")
+        if "decoded_mse" in rows[0]:
+            axes[3].plot(t, [r["decoded_mse"] for r in rows], marker=".", label=f"{name}: D(exp((t - T) A) E(x_T))")
+            axes[3].plot(t, [r["decoded_still_mse"] for r in rows], ls="--", label=f"{name}: D(E(x_T))")
     axes[1].set_title("latent consistency r_A / r_0, all levels (< 1: better than A = 0)", fontsize=9)
     axes[2].set_title("endpoint MSE to the teacher's x_0", fontsize=9)
+    axes[3].set_title("decoded state MSE to the teacher's D(x_t; t)", fontsize=9)
     for ax in axes[:2]:
         ax.axhline(1.0, color="grey", lw=0.8)
     for ax in axes:
@@ -130,8 +149,8 @@ def figure(results: dict[str, list[dict]], path: str | Path) -> Path:
         ax.set_xlabel("t (sigma)")
         ax.legend(fontsize=7)
     axes[0].set_yscale("log")
-    axes[1].set_yscale("log")
-    axes[2].set_yscale("log")
+    for ax in axes[1:]:
+        ax.set_yscale("log")
     return figures.save_figure(fig, path)
 
 
@@ -163,21 +182,23 @@ def run(models: dict, teacher, *, num: int = 64, seed: int = 1, out_dir: str | P
     from hkd import figures
 
     times, states = teacher_trajectories(teacher, num, seed)
-    results = {name: measure(model, times, states) for name, model in models.items()}
+    results = {name: measure(model, times, states, teacher) for name, model in models.items()}
     out_dir = Path(out_dir)
     parts = [
         "# Trajectory faithfulness",
         f"{num} held-out teacher trajectories (Heun, 18 steps, torch noise seed {seed}). r_A = ||exp((t - T) A) "
         "E(x_T) - E(x_t, t)|| / ||E(x_t, t)||, r_0 the same with A = 0 (no evolution); relative = r_A / r_0 (below 1: "
         "the evolution moves the latents towards the encoding of the teacher's state). endpoint: MSE from "
-        "D(exp((eps - t) A) E(x_t, t)) to the teacher's endpoint; endpoint_still: from D(E(x_t, t)).",
+        "D(exp((eps - t) A) E(x_t, t)) to the teacher's endpoint; endpoint_still: from D(E(x_t, t)). decoded: MSE from "
+        "the decoded Koopman state D(exp((t - T) A) E(x_T)) to the teacher's denoised estimate D(x_t; t); "
+        "decoded_still: from D(E(x_T)) (no evolution).",
     ]
     for name, rows in results.items():
         s = summary(rows)
         parts.append(f"### {name}\n\n" + ", ".join(f"{k} {v:.4g}" for k, v in s.items()))
         columns = ["t", "ratio_all", "ratio_still_all", "relative_all"]
         columns += [k for k in rows[0] if k.startswith("relative_level")]
-        columns += [k for k in rows[0] if k.startswith("endpoint")]
+        columns += [k for k in rows[0] if k.startswith(("endpoint", "decoded"))]
         parts.append(figures.markdown_table(columns, [[r[c] for c in columns] for r in rows]))
     summaries = {name: summary(rows) for name, rows in results.items()}
     return [

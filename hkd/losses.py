@@ -125,6 +125,29 @@ def latent_consistency(model: nn.Module, latents: list[Tensor], t: Tensor, per_t
     return per_pair.sum(1) / keep.sum(1).clamp_min(1)
 
 
+def decoded_trajectory(
+    model: nn.Module,
+    teacher: nn.Module,
+    latents: list[Tensor],
+    x_t: Tensor,
+    t: Tensor,
+    per_trajectory: int,
+    distance: Distance,
+    lambda1: float,
+) -> Tensor:
+    """Per-trajectory decoded-trajectory error (B,): the Koopman state evolved from T to the trajectory's first
+    sampled time t < T, decoded, against the teacher's denoised estimate there,
+    distance(D(exp((t - T) A) E(x_T)), D_teacher(x_t; t)). latents, x_t and t hold s = per_trajectory sampled times
+    per trajectory (trajectory-major), T last. One time per trajectory keeps the cost at one extra decode."""
+    B, s = t.shape[0] // per_trajectory, per_trajectory
+    times = t.reshape(B, s)
+    z_T = [z.reshape(B, s, *z.shape[1:])[:, -1] for z in latents]
+    decoded = model.decode(model.propagate(z_T, times[:, -1], times[:, 0]))
+    with torch.no_grad():
+        target = teacher(x_t.reshape(B, s, *x_t.shape[1:])[:, 0], times[:, 0])
+    return distance(decoded, target, lambda1)
+
+
 class Distance(nn.Module):
     """Per-sample lambda1 * MSE + lambda2 * perceptual; `forward(x_hat, x_eps, lambda1) -> (B,)`."""
 

@@ -14,8 +14,9 @@ Choices (where the paper is silent):
   D(z) = c_out(T) F_up(z, c_noise(T)), in the teacher's denoised-image space. From the teacher's weights and A = 0,
   the one-step output is then the teacher's denoiser D(x_T; T) (minus c_skip(T) x_T, 4e-5 x_T at T = 80).
 * koopman=False (ablation): the evolution is the identity (the generators stay zero and frozen).
-  hierarchy=False (ablation): only the deepest level (the bottleneck's resolution) has a learnable generator; the
-  other levels' generators stay zero and frozen, so those skips reach the decoder un-evolved.
+  hierarchy=False (ablation): one Koopman latent, at the deepest level (the bottleneck's resolution). The other
+  levels' skips are removed (E returns zeros there, so nothing reaches the decoder without the evolution) and their
+  generators stay zero and frozen.
   Frozen means requires_grad=False, which DDP and the optimiser then skip.
 """
 
@@ -167,7 +168,10 @@ class HKDModel(nn.Module):
         self.check_images(x_t)
         sigma = self._sigma(t if self.config.encoder_sees_noise else self.T, x_t.shape[0], x_t.device)
         c_in = 1 / (sigma**2 + self.sigma_data**2).sqrt()
-        return self.net.encode(c_in.reshape(-1, 1, 1, 1) * x_t.float(), sigma.log() / 4)
+        latents = self.net.encode(c_in.reshape(-1, 1, 1, 1) * x_t.float(), sigma.log() / 4)
+        if not self.config.hierarchy:  # one Koopman latent: the bottleneck's; the other skips are removed
+            latents = [*(torch.zeros_like(z) for z in latents[:-1]), latents[-1]]
+        return latents
 
     def propagate(self, latents: list[Tensor], t_from: Tensor | float, t_to: Tensor | float) -> list[Tensor]:
         """exp(tau(t_from, t_to) A^(l)) z^(l) for every level, in one op call (the identity when koopman=False)."""

@@ -58,7 +58,7 @@ from hkd import checkpoint
 from hkd import config as configs
 from hkd.config import Section, section, to_dict
 from hkd.errors import ConfigError, MissingFileError, NonFiniteError, RunStopped, UserError
-from hkd.losses import PERCEPTUAL, Distance, lambda1_schedule, latent_consistency
+from hkd.losses import PERCEPTUAL, Distance, decoded_trajectory, lambda1_schedule, latent_consistency
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_FIELDS = ("step", "epoch", "loss", "lambda1", "lr", "grad_norm", "skipped", "seconds")
@@ -93,6 +93,7 @@ class TrainConfig(Section, name="train"):
     lambda1_end: float = 1e-3
     lambda2: float = 1.0  # weight of the perceptual term
     lambda3: float = 0.0  # latent consistency between sampled times (hkd.losses): the project's addition
+    lambda4: float = 0.0  # decoded trajectory: D(exp((t - T) A) E(x_T)) against the teacher's D(x_t; t) (addition)
     lpips_net: str = "alex"
     lpips_weights: str | None = None  # backbone weights file (default: the torch hub cache)
     lpips_resize: int = 224
@@ -120,8 +121,11 @@ class TrainConfig(Section, name="train"):
         for key in ("batch", "epochs", "checkpoint_every", "log_every", "sample_count", "lpips_resize"):
             self.require(getattr(self, key) >= 1, key, ">= 1")
         self.require(self.max_steps is None or self.max_steps >= 1, "max_steps", ">= 1 (or null: all epochs)")
-        for key in ("time_samples", "sample_every", "workers", "threads", "grad_clip", "lambda2", "lambda3", "seed"):
+        nonnegative = ("time_samples", "sample_every", "workers", "threads", "grad_clip", "lambda2", "lambda3")
+        for key in (*nonnegative, "lambda4", "seed"):
             self.require(getattr(self, key) >= 0, key, ">= 0")
+        intermediate = self.consistency and self.time_samples >= 1
+        self.require(self.lambda4 == 0 or intermediate, "lambda4", "0 unless consistency=true and time_samples >= 1")
         self.require(self.lr > 0, "lr", "> 0")
         self.require(0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]")
         self.require(all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "two numbers in [0, 1)")
@@ -176,21 +180,29 @@ def trajectory_loss(
     lambda1: float,
     mode: str,
     lambda3: float = 0.0,
+    lambda4: float = 0.0,
+    teacher: nn.Module | None = None,
 ) -> Tensor:
     """Algorithm 1's loss for a batch of trajectories: states (B, K, C, H, W) at times (B, K); u (B, s-1) uniform
-    draws choosing the intermediate times (s-1 may be 0). One forward pass over all B * s (x_t, t) pairs. lambda3 > 0
-    adds hkd.losses.latent_consistency between the sampled times of each trajectory (the project's addition)."""
+    draws choosing the intermediate times (s-1 may be 0). One forward pass over all B * s (x_t, t) pairs. The
+    project's additions: lambda3 > 0 adds hkd.losses.latent_consistency between the sampled times of each
+    trajectory, lambda4 > 0 hkd.losses.decoded_trajectory against the teacher's denoised estimate."""
     rows = torch.arange(states.shape[0], device=states.device)[:, None]
     index = torch.cat([sample_time_indices(times, u, mode), times.argmax(1, keepdim=True)], dim=1)  # + T
     x_t, t = states[rows, index].flatten(0, 1), times[rows, index].flatten()
     x_eps = states[rows[:, 0], times.argmin(1)]
-    if lambda3 == 0:
+    if lambda3 == 0 and lambda4 == 0:
         x_hat = model(x_t, t)
         return distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).mean()
     x_hat, latents = model(x_t, t, return_latents=True)
     loss = distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).reshape(-1, index.shape[1])
-    consistency = latent_consistency(getattr(model, "module", model), latents, t, index.shape[1])
-    return (loss.mean(1) + lambda3 * consistency).mean()
+    loss = loss.mean(1)
+    hkd = getattr(model, "module", model)
+    if lambda3 > 0:
+        loss = loss + lambda3 * latent_consistency(hkd, latents, t, index.shape[1])
+    if lambda4 > 0 and index.shape[1] > 1:
+        loss = loss + lambda4 * decoded_trajectory(hkd, teacher, latents, x_t, t, index.shape[1], distance, lambda1)
+    return loss.mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,11 +474,15 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
     if cfg.online and cfg.teacher is None:
         raise ConfigError("train.online=true draws trajectories from the teacher: set train.teacher")
     teacher = None
-    if cfg.teacher is not None and (model is None or dataset is None):
+    if cfg.teacher is not None and (model is None or dataset is None or cfg.lambda4 > 0):
         from hkd.teacher import load_teacher
 
         teacher = load_teacher(cfg.teacher, device if cfg.online else "cpu")
+    if cfg.lambda4 > 0 and teacher is None:
+        raise ConfigError("train.lambda4 > 0 compares with the teacher's denoised estimates: set train.teacher")
     raw = build_model(config, teacher) if model is None else model
+    if teacher is not None:  # after build_model: the model's U-Net starts as a copy of the teacher's, trainable
+        teacher.requires_grad_(False).eval()
     local_batch = cfg.batch // world
     if cfg.online and dataset is None:
         batches = _Online(teacher, config, local_batch, rank, world, device)
@@ -567,7 +583,13 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
 
                 # Optimiser step: gradients accumulated over the micro-batches (times split with their trajectories).
                 loss_fn = functools.partial(
-                    trajectory_loss, distance=distance, lambda1=lambda1, mode=cfg.time_sampling, lambda3=cfg.lambda3
+                    trajectory_loss,
+                    distance=distance,
+                    lambda1=lambda1,
+                    mode=cfg.time_sampling,
+                    lambda3=cfg.lambda3,
+                    lambda4=cfg.lambda4,
+                    teacher=teacher,
                 )
                 micro_batches = split_batch((states, times, u.to(device)), rounds)
                 value, finite, grad_norm = train_step(
