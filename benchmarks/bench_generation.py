@@ -56,7 +56,7 @@ def timed(fn, device, repeats, warmup=True):
 def teacher_sampler(denoiser):
     """hkd.teacher's Heun sampler when it is there; otherwise 35 plain evaluations of the same denoiser."""
     try:
-        from hkd.teacher import heun_sampler
+        from hkd.edm import heun_sampler
 
         return "Heun sampler, 18 steps (35 evaluations)", lambda noise: heun_sampler(denoiser, noise, num_steps=18)
     except ImportError:
@@ -80,7 +80,7 @@ def main() -> None:
     device = torch.device(args.device)
     resolution, channels, sizes = PRESETS[args.preset]
 
-    from hkd.teacher import EDMPrecond
+    from hkd.edm import EDMPrecond
 
     net = UNet(resolution, channels, channels, **sizes)
     for p in net.parameters():

@@ -196,8 +196,8 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> 
 def compare_samples(teacher, model, baseline, out: Path, num: int = 32, seed: int = 0) -> Path:
     """samples.png: the teacher's Heun endpoint (35 evaluations), HKD and the direct regression baseline (one
     evaluation each) from the same noise."""
+    from hkd.edm import heun_sampler
     from hkd.figures import image_table, save_figure
-    from hkd.teacher import heun_sampler
 
     device = next(model.parameters()).device
     shape = (num, model.img_channels, model.img_resolution, model.img_resolution)

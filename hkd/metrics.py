@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hkd import checkpoint
+from hkd.edm import euler_sampler, heun_sampler
 from hkd.errors import UserError
 from hkd.losses import pseudo_huber
 
@@ -404,28 +405,15 @@ def one_step(model, noise: Tensor, batch_size: int = 256) -> Tensor:
 @torch.no_grad()
 def teacher_samples(teacher, noise: Tensor, num_steps: int, batch_size: int = 256) -> Tensor:
     """The teacher's Heun endpoint (2 num_steps - 1 evaluations) from standard-normal noise."""
-    from hkd.teacher import heun_sampler
-
     device = next(teacher.parameters()).device
     return _batched(lambda n: heun_sampler(teacher, n.to(device), num_steps)[1][-1], noise, batch_size)
 
 
 @torch.no_grad()
 def teacher_euler(teacher, noise: Tensor, num_steps: int, batch_size: int = 256) -> Tensor:
-    """The teacher's few-step baseline: Euler (DDIM) on EDM's time grid, num_steps evaluations. (Heun with 2 steps
-    is no baseline: its correction evaluates the ODE slope at sigma_min and multiplies it by the whole step.)"""
-    from hkd.teacher import time_steps
-
+    """The teacher's few-step baseline: hkd.edm.euler_sampler, num_steps evaluations, from standard-normal noise."""
     device = next(teacher.parameters()).device
-    t = time_steps(num_steps).to(device)
-
-    def euler(n: Tensor) -> Tensor:
-        x = n.to(device, torch.float64) * t[0]
-        for t_cur, t_next in zip(t[:-1], t[1:], strict=True):
-            x = x + (t_next - t_cur) * (x - teacher(x, t_cur).to(torch.float64)) / t_cur
-        return x
-
-    return _batched(euler, noise, batch_size)
+    return _batched(lambda n: euler_sampler(teacher, n.to(device), num_steps), noise, batch_size)
 
 
 def sample_metrics(

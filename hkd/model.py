@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from hkd import checkpoint
 from hkd.config import Section, section, to_dict
+from hkd.edm import EDMPrecond, preconditioning
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError
 from hkd.propagator import HKDPropagator
 from hkd.unet import UNet
@@ -166,8 +167,8 @@ class HKDModel(nn.Module):
         """E(x_t): the latents at time t (t a scalar or one per sample)."""
         self.check_images(x_t)
         sigma = self._sigma(t if self.config.encoder_sees_noise else self.T, x_t.shape[0], x_t.device)
-        c_in = 1 / (sigma**2 + self.sigma_data**2).sqrt()
-        return self.net.encode(c_in.reshape(-1, 1, 1, 1) * x_t.float(), sigma.log() / 4)
+        _, _, c_in, c_noise = preconditioning(sigma, self.sigma_data)
+        return self.net.encode(c_in.reshape(-1, 1, 1, 1) * x_t.float(), c_noise)
 
     def propagate(self, latents: list[Tensor], t_from: Tensor | float, t_to: Tensor | float) -> list[Tensor]:
         """exp(tau(t_from, t_to) A^(l)) z^(l) for every level, in one op call (the identity when koopman=False)."""
@@ -177,9 +178,9 @@ class HKDModel(nn.Module):
 
     def decode(self, latents: list[Tensor]) -> Tensor:
         """D(z): an image in the teacher's denoised-image space (float32)."""
-        B, T, sd = latents[0].shape[0], self.T, self.sigma_data
-        labels = torch.full((B,), math.log(T) / 4, device=latents[0].device)
-        return T * sd / math.sqrt(T**2 + sd**2) * self.net.decode(latents, labels).float()
+        _, c_out, _, c_noise = preconditioning(self.T, self.sigma_data)
+        labels = torch.full((latents[0].shape[0],), c_noise, device=latents[0].device)
+        return c_out * self.net.decode(latents, labels).float()
 
     def forward(self, x_t: Tensor, t: Tensor | float, return_latents: bool = False) -> Tensor | tuple:
         """x_hat at eps from x_t: D(exp(tau(t, eps) A) E(x_t, t)); with return_latents, (x_hat, E(x_t, t))."""
@@ -224,12 +225,10 @@ class HKDModel(nn.Module):
     @classmethod
     def from_teacher(cls, teacher: nn.Module, config: ModelConfig | None = None) -> HKDModel:
         """An HKDModel whose encoder and decoder are the teacher's U-Net, generators zero: an hkd teacher or an EDM
-        one (hkd.teacher.EDMPrecond around an hkd.unet.UNet, as load_teacher returns both), or a bare UNet. Without
+        one (hkd.edm.EDMPrecond around an hkd.unet.UNet, as load_teacher returns both), or a bare UNet. Without
         `config`, the U-Net sizes, image size and sigma_data come from the teacher; with it, they must match.
         A teacher whose network cannot be split this way (a diffusers UNet2DModel, VP/VE preconditioning, class
         labels) raises TeacherSplitError, one line, before any work."""
-        from hkd.teacher import EDMPrecond
-
         source = getattr(teacher, "identity", {}).get("source", "")
         net = teacher.net if isinstance(teacher, EDMPrecond) else teacher
         if not isinstance(net, UNet):

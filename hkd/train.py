@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from hkd import checkpoint
 from hkd import config as configs
 from hkd.config import Section, section, to_dict
+from hkd.edm import ema_update
 from hkd.errors import ConfigError, MissingFileError, NonFiniteError, RunStopped, UserError
 from hkd.losses import PERCEPTUAL, Distance, lambda1_schedule, latent_consistency
 
@@ -357,14 +358,6 @@ class _Online:
             yield self.online.draw(self.local_batch)
 
 
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1 - decay)
-        for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)
-
-
 class _Log:
     """CSV (and TensorBoard when installed) on rank 0. On resume, rows after the checkpoint's step are dropped."""
 
@@ -583,7 +576,7 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
                         )
                     skipped += 1
                 else:
-                    _ema_update(ema, raw, cfg.ema)
+                    ema_update(ema, raw, cfg.ema)
                     running, count = running + value, count + 1
 
                 # Bookkeeping: schedule, log, samples, checkpoint.

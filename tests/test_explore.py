@@ -19,8 +19,8 @@ from test_model import TINY, tiny_model
 
 from hkd import analysis, editing, explore
 from hkd.cli import main
+from hkd.edm import EDMPrecond, heun_sampler
 from hkd.model import HKDModel
-from hkd.teacher import EDMPrecond, heun_sampler
 from hkd.unet import UNet
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -168,7 +168,7 @@ def test_teacher_trajectory_is_computed_once_and_interpolated(model, monkeypatch
         calls.append(1)
         return heun_sampler(*args, **kwargs)
 
-    monkeypatch.setattr("hkd.teacher.heun_sampler", counting)
+    monkeypatch.setattr("hkd.edm.heun_sampler", counting)
     teacher = tiny_teacher()
     x = explore.Explorer(model, teacher)
     times, states = heun_sampler(teacher, x.noise(3), 18, model.eps, model.T)

@@ -126,7 +126,7 @@ def test_evaluate_writes_the_comparison_table(classifier_cache, tmp_path):
 
 @pytest.mark.slow
 def test_ablation_trains_the_four_configurations_with_equal_budgets(classifier_cache, tmp_path):
-    from hkd.teacher import heun_sampler
+    from hkd.edm import heun_sampler
 
     teacher = tiny_teacher()
     times, states = heun_sampler(teacher, torch.randn(8, 1, 16, 16), num_steps=3)

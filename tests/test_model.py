@@ -158,8 +158,9 @@ def test_from_teacher_unet_copies_encoder_and_decoder():
 
 
 def test_from_teacher_edm_precond():
-    teacher = pytest.importorskip("hkd.teacher")
-    denoiser = teacher.EDMPrecond(teacher_unet(), sigma_data=0.5)
+    from hkd.edm import EDMPrecond
+
+    denoiser = EDMPrecond(teacher_unet(), sigma_data=0.5)
     model = HKDModel.from_teacher(denoiser).eval()
     x = 80 * torch.randn(2, 3, 8, 8)
     c_skip = 0.25 / (80**2 + 0.25)

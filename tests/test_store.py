@@ -9,7 +9,8 @@ from torch import nn
 
 from hkd.data import store
 from hkd.data.store import CorruptShardError, TrajectoryConfig, TrajectoryDataset, verify_store, write_store
-from hkd.teacher import EDMPrecond, heun_sampler, weights_hash
+from hkd.edm import EDMPrecond, heun_sampler
+from hkd.teacher import weights_hash
 
 
 class TinyNet(nn.Module):
