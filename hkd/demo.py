@@ -3,7 +3,7 @@ embedded digits, with no data or weights of the user's own.
 
 Stages (each skipped when its result exists, unless fresh=True), all under one folder:
   teacher/       EDM teacher trained on the digits (hkd.teacher.train_teacher)
-  trajectories/  its PF-ODE trajectories (hkd.data.store.write_store)
+  trajectories/  its PF-ODE trajectories (hkd.trajectories.write_store)
   hkd/           HKD trained on them (Algorithm 1, hkd.train.train)
   baseline/      the direct one-step regression baseline: the same run with koopman=false, consistency=false
   samples.png    teacher (35 evaluations), HKD and the baseline (one each) from the same noise, side by side
@@ -115,7 +115,7 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> 
     from hkd import analysis, checkpoint, editing, metrics
     from hkd import train as training
     from hkd.data import digits
-    from hkd.data.store import TrajectoryConfig, read_manifest, write_store
+    from hkd.trajectories import TrajectoryConfig, read_manifest, write_store
     from hkd.figures import write_json
     from hkd.model import HKDModel
     from hkd.teacher import CHECKPOINT_NAME, load_teacher, train_teacher

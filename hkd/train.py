@@ -292,7 +292,7 @@ def build_model(config: dict[str, Any], teacher: nn.Module | None = None) -> nn.
 def build_dataset(config: dict[str, Any], cfg: TrainConfig, teacher: nn.Module | None, model: nn.Module):
     """The store at train.store; refused (naming the differences) unless it was made with the `trajectories:`
     settings of this config, by this teacher (when given), with images of the model's shape."""
-    from hkd.data.store import TrajectoryConfig, TrajectoryDataset, expectation
+    from hkd.trajectories import TrajectoryConfig, TrajectoryDataset, expectation
 
     if cfg.store is None:
         raise ConfigError("train.store is not set: make a store with `hkd trajectories` and pass train.store=DIR")
@@ -336,12 +336,12 @@ class _Batches:
 
 
 class _Online:
-    """Fresh trajectories from the teacher (hkd.data.store.OnlineTrajectories) instead of a store. Global step k
+    """Fresh trajectories from the teacher (hkd.trajectories.OnlineTrajectories) instead of a store. Global step k
     draws trajectories k B .. (k + 1) B - 1 (noise from (trajectories.seed, index)), rank r the ones = r mod world,
     so the position is the step itself; an epoch is trajectories.num_trajectories trajectories."""
 
     def __init__(self, teacher, config: dict[str, Any], local_batch: int, rank: int, world: int, device):
-        from hkd.data.store import OnlineTrajectories, TrajectoryConfig
+        from hkd.trajectories import OnlineTrajectories, TrajectoryConfig
 
         trajectories = section(config, "trajectories", TrajectoryConfig)
         self.online = OnlineTrajectories(teacher, trajectories, device=device, rank=rank, world_size=world)
