@@ -203,7 +203,7 @@ def _known_images(source: str, model, num: int, seed: int):
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from hkd import metrics
+    from hkd import experiments
 
     cfg = _config(args)
     _out(args.out)
@@ -212,7 +212,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         raise UserError("--teacher is needed (or train.teacher in the config): the ablation evaluates against it")
     teacher = _teacher(teacher_path, _device(args.device))
     reference = _fid_reference(args, teacher)
-    rows, written = metrics.ablate(
+    rows, written = experiments.ablate(
         cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed, reference=reference,
         inception_weights=args.inception_weights,
     )  # fmt: skip

@@ -112,13 +112,11 @@ def run(
 
 
 def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> Path:
-    from hkd import analysis, checkpoint, editing, metrics
-    from hkd import train as training
+    from hkd import analysis, checkpoint, editing, experiments, metrics
     from hkd.data import digits
-    from hkd.trajectories import TrajectoryConfig, read_manifest, write_store
     from hkd.figures import write_json
-    from hkd.model import HKDModel
     from hkd.teacher import CHECKPOINT_NAME, load_teacher, train_teacher
+    from hkd.trajectories import TrajectoryConfig, read_manifest, write_store
 
     timings_file = out / "timings.json"  # seconds per stage, kept across re-runs for the report
     try:
@@ -126,16 +124,18 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> 
     except (OSError, ValueError):  # none yet (or unreadable): the report then lists fewer times
         timings = {}
 
-    def stage(name: str, done: bool, work) -> None:
+    def stage(name: str, done: bool, work):
+        """work()'s result, timed; None, without running it, when the stage was done earlier."""
         if done:
             log(f"[demo] {name}: done earlier, skipped (--fresh redoes it)")
-            return
+            return None
         log(f"[demo] {name} ...")
         start = time.perf_counter()
-        work()
+        result = work()
         timings[name] = time.perf_counter() - start
         write_json(timings_file, timings)
         log(f"[demo] {name}: {timings[name]:.0f} s")
+        return result
 
     teacher_ckpt = out / "teacher" / CHECKPOINT_NAME
     steps = config["teacher"]["steps"]
@@ -163,13 +163,10 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> 
     )
 
     def trained(label: str, name: str, switches: list[str]):
-        """Train (or resume) one run as a stage; its EMA model, or the saved one when the stage was done earlier."""
-        run_dir = out / name
-        cfg = configs.apply_overrides(config, [*switches, f"train.out={run_dir}"])
-        resume = (run_dir / training.CHECKPOINT_NAME).is_file()
-        result: dict = {}
-        stage(label, (run_dir / "model").is_dir(), lambda: result.update(training.train(cfg, resume=resume, log=log)))
-        return result["ema"].eval() if result else HKDModel.from_pretrained(run_dir / "model", device=device)
+        """One run as a stage (hkd.experiments.trained_model): trained or resumed, or reused when done earlier."""
+        cfg = configs.apply_overrides(config, [*switches, f"train.out={out / name}"])
+        model = stage(label, experiments.finished(cfg), lambda: experiments.trained_model(cfg, device=device, log=log))
+        return experiments.trained_model(cfg, device=device, log=log) if model is None else model
 
     model = trained("3/8 HKD", "hkd", [])
     baseline = trained("4/8 one-step baseline", "baseline", ["model.koopman=false", "train.consistency=false"])

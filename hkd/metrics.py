@@ -381,14 +381,7 @@ def teacher_fidelity(images: Tensor, teacher_images: Tensor, lpips=None) -> dict
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# `hkd eval`: the comparison table, and `hkd ablate`: the paper's ablation at the embedded scale
-
-ABLATION = (  # name, model.koopman, train.consistency, model.hierarchy, the paper's CIFAR-10 FID
-    ("direct regression", False, False, True, 5.72),
-    ("Koopman, no trajectory loss", True, False, True, 5.57),
-    ("Koopman + trajectory loss, no hierarchy", True, True, False, 4.78),
-    ("HKD (all three)", True, True, True, 3.30),
-)
+# `hkd eval`: the comparison table
 
 
 def _batched(fn, noise: Tensor, batch_size: int) -> Tensor:
@@ -502,62 +495,3 @@ def evaluate(
 
     models = {"HKD": model} | ({"direct regression baseline": baseline} if baseline is not None else {})
     return rows, written + faithfulness.run(models, teacher, num=min(num, 64), seed=seed + 1, out_dir=out_dir)
-
-
-def ablate(
-    config: dict,
-    teacher,
-    *,
-    out_dir: str | Path,
-    num: int = 500,
-    seed: int = 0,
-    dataset=None,
-    log=print,
-    reference=None,
-    inception_weights=None,
-):
-    """The paper's four ablation configurations, trained with `config` (same data, steps, batch and seed: equal
-    budgets) through hkd.train.train, each in out_dir/<name>/ (a finished run is reused, an interrupted one resumed),
-    then evaluated on the same noise. `dataset`: trajectories for hkd.train.train (default: train.store).
-    `reference`: FID reference images or statistics (needed, and checked before training, for images other than
-    the embedded digits). Returns (rows, written files)."""
-    from hkd import train as training
-    from hkd.config import apply_overrides
-    from hkd.model import HKDModel
-
-    out_dir = Path(out_dir)
-    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    if reference is None and (shape != (1, 16, 16) or inception_weights is not None):
-        raise ValueError(f"the ablation evaluates {shape} images by FID: it needs a reference (images or statistics)")
-    noise = torch.randn(num, *shape, generator=torch.Generator().manual_seed(seed))
-    endpoint = teacher_samples(teacher, noise, 18)
-    rows = []
-    for name, koopman, consistency, hierarchy, paper in ABLATION:
-        run = out_dir / name.replace(" ", "_").replace(",", "").replace("+", "and").replace("(", "").replace(")", "")
-        switches = [f"model.koopman={koopman}", f"model.hierarchy={hierarchy}", f"train.consistency={consistency}"]
-        cfg = apply_overrides(config, [*switches, f"train.out={run}"])
-        log(f"ablation: {name} ({', '.join(switches)}) -> {run}")
-        if (run / "model").is_dir():
-            model = HKDModel.from_pretrained(run / "model")
-        else:
-            resume = (run / training.CHECKPOINT_NAME).is_file()
-            model = training.train(cfg, resume=resume, dataset=dataset, log=log)["ema"]
-        row = {"name": name, "evaluations": 1, "koopman": koopman, "trajectory_loss": consistency}
-        row["hierarchy"] = hierarchy
-        metrics = sample_metrics(
-            one_step(model.eval(), noise), endpoint, inception_weights=inception_weights, reference=reference
-        )
-        row.update(metrics)
-        rows.append({**row, "paper_fid_cifar10": paper})
-    notes = (
-        f"Equal budgets: every run uses the same train section ({_budget(config)}); {num} samples, noise seed {seed}. "
-        "paper_fid_cifar10: the paper's FID-50k on CIFAR-10 for the same switches (another scale and metric: compare "
-        "the ordering, not the values). " + METRIC_NOTES
-    )
-    return rows, write_table(rows, out_dir, "ablation", "Ablation (the paper's four configurations)", notes)
-
-
-def _budget(config: dict) -> str:
-    train = config.get("train") or {}
-    keys = ("epochs", "max_steps", "batch", "lr", "time_samples", "seed")
-    return ", ".join(f"{k}={train[k]}" for k in keys if k in train) or "the trainer's defaults"
