@@ -202,8 +202,8 @@ def compare_samples(teacher, model, baseline, out: Path, num: int = 32, seed: in
     with torch.no_grad():
         images = [
             heun_sampler(teacher, noise)[1][-1],
-            model.generate(model.T * noise),
-            baseline.generate(model.T * noise),
+            model.generate(noise),
+            baseline.generate(noise),
         ]
     labels = ["teacher, 35 evaluations", "HKD, 1 evaluation", "direct regression, 1 evaluation"]
     fig = image_table([images], [""], labels, "The same noise, three generators", nrow=8)

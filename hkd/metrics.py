@@ -390,9 +390,9 @@ def _batched(fn, noise: Tensor, batch_size: int) -> Tensor:
 
 @torch.no_grad()
 def one_step(model, noise: Tensor, batch_size: int = 256) -> Tensor:
-    """HKD's one-step images from standard-normal noise (x_T = T noise)."""
+    """HKD's one-step images from standard-normal noise."""
     device = next(model.parameters()).device
-    return _batched(lambda n: model.generate(n.to(device) * model.T), noise, batch_size)
+    return _batched(lambda n: model.generate(n.to(device)), noise, batch_size)
 
 
 @torch.no_grad()

@@ -205,19 +205,20 @@ class HKDModel(nn.Module):
         return cached[1]
 
     def generate(self, noise: Tensor) -> Tensor:
-        """One step: x_eps from x_T = noise (the caller passes sigma_max * randn). Without autograd and with
-        koopman=True the evolution is the cached fixed step propagator.at(tau(T, eps))."""
+        """One step: x_eps from standard-normal noise (x_T = T noise, as EDM's sampler starts). Without autograd and
+        with koopman=True the evolution is the cached fixed step propagator.at(tau(T, eps))."""
         self.check_images(noise, "noise")
+        x_T = noise * self.T
         if torch.is_grad_enabled() or not self.config.koopman:
-            return self(noise, self.T)
-        return self.decode(self._one_step_propagator()(self.encode(noise, self.T)))
+            return self(x_T, self.T)
+        return self.decode(self._one_step_propagator()(self.encode(x_T, self.T)))
 
     def trajectory(self, noise: Tensor, times: Tensor | list[float]) -> Tensor:
-        """Decoded states at each of `times` (in (0, T]) from x_T = noise, closed form after one encoder pass:
-        D(exp(tau(T, s) A) E(x_T)) for s in times. Returns (len(times), B, C, H, W)."""
+        """Decoded states at each of `times` (in (0, T]) from standard-normal noise (x_T = T noise), closed form after
+        one encoder pass: D(exp(tau(T, s) A) E(x_T)) for s in times. Returns (len(times), B, C, H, W)."""
         self.check_images(noise, "noise")
         times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
-        z_T = self.encode(noise, self.T)
+        z_T = self.encode(noise * self.T, self.T)
         return torch.stack([self.decode(self.propagate(z_T, self.T, s)) for s in times])
 
     # Weights -------------------------------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ def generate_to(
         )
     out, device = Path(out), next(model.parameters()).device
     shape = (num, model.img_channels, model.img_resolution, model.img_resolution)
-    noise = model.T * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     times = torch.logspace(math.log10(model.T), math.log10(model.eps), trajectory, dtype=torch.float64)
     if trajectory:
         times[0], times[-1] = model.T, model.eps  # exact ends

@@ -530,9 +530,9 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
 
         states, times = batches.first
         generator = torch.Generator().manual_seed(cfg.seed)
-        noise = torch.randn(cfg.sample_count, *states.shape[2:], generator=generator) * times.max()
+        noise = torch.randn(cfg.sample_count, *states.shape[2:], generator=generator).to(device)
         with torch.no_grad():
-            images = ema.generate(noise.to(device)) if hasattr(ema, "generate") else ema(noise.to(device), times.max())
+            images = ema.generate(noise) if hasattr(ema, "generate") else ema(noise * times.max(), times.max())
         save_grid(images, out / "samples" / f"step_{step:08d}.png", nrow=int(math.sqrt(cfg.sample_count)), scale=2)
 
     logger = None
