@@ -130,7 +130,7 @@ def main() -> None:
 
     rows = {}
     with torch.no_grad():
-        rows["baseline: re-encode x_T each frame"] = timed_ms(lambda t: model.trajectory(model.T * noise, [t]), times)
+        rows["baseline: re-encode x_T each frame"] = timed_ms(lambda t: model.trajectory(noise, [t]), times)
     rows["frame (E(x_T) cached)"] = timed_ms(lambda t: explorer.frame(0, t), times)
     rows["frame, 2 bands off"] = timed_ms(lambda t: explorer.frame(0, t, off), times)
     rows["frame + PNG"] = timed_ms(lambda t: explore.png_bytes(explorer.frame(0, t)), times)

@@ -56,7 +56,7 @@ def timed(fn, device, repeats, warmup=True):
 def teacher_sampler(denoiser):
     """hkd.teacher's Heun sampler when it is there; otherwise 35 plain evaluations of the same denoiser."""
     try:
-        from hkd.teacher import heun_sampler
+        from hkd.edm import heun_sampler
 
         return "Heun sampler, 18 steps (35 evaluations)", lambda noise: heun_sampler(denoiser, noise, num_steps=18)
     except ImportError:
@@ -80,7 +80,7 @@ def main() -> None:
     device = torch.device(args.device)
     resolution, channels, sizes = PRESETS[args.preset]
 
-    from hkd.teacher import EDMPrecond
+    from hkd.edm import EDMPrecond
 
     net = UNet(resolution, channels, channels, **sizes)
     for p in net.parameters():
@@ -103,24 +103,24 @@ def main() -> None:
             backend=args.backend, **sizes,
         )  # fmt: skip
         model = HKDModel.from_teacher(teacher, config).eval()
-        bench_hkd(model, 80 * noise, t_teacher, device, args.repeats, exported=not args.no_export)
+        bench_hkd(model, noise, t_teacher, device, args.repeats, exported=not args.no_export)
 
 
-def bench_hkd(model, x_T, t_teacher, device, repeats, exported=True) -> None:
+def bench_hkd(model, noise, t_teacher, device, repeats, exported=True) -> None:
     for p in model.propagator.parameters():
         p.data.normal_(0, 1e-3)
-    batch, config = x_T.shape[0], model.config
-    t_hkd = timed(lambda: model.generate(x_T), device, repeats)
+    batch, config = noise.shape[0], model.config
+    t_hkd = timed(lambda: model.generate(noise), device, repeats)
     label = f"HKD one step ({config.generator}, {'per position' if config.per_position else 'shared'})"
     print(f"{label:58s} {t_hkd:9.4f} {batch / t_hkd:10.1f} {t_teacher / t_hkd:9.1f}x")
-    latents = model.encode(x_T, 80.0)
+    latents = model.encode(80 * noise, 80.0)
     tau = model.tau(80.0, model.eps)
     fixed = model.propagator.at(tau.float())
     t_layer = timed(lambda: model.propagator(latents, tau), device, repeats)
     t_fixed = timed(lambda: fixed(latents), device, repeats)
     print(f"{'  layer alone: forward(latents, tau) / at(tau) apply':58s} {t_layer:9.5f} / {t_fixed:.5f}")
     if exported:
-        bench_exported(model, x_T / 80, t_hkd, t_teacher, device, repeats)
+        bench_exported(model, noise, t_hkd, t_teacher, device, repeats)
 
 
 def bench_exported(model, noise, t_eager, t_teacher, device, repeats) -> None:
@@ -129,7 +129,7 @@ def bench_exported(model, noise, t_eager, t_teacher, device, repeats) -> None:
 
     from hkd.export import export
 
-    eager = model.generate(80 * noise).cpu()
+    eager = model.generate(noise).cpu()
     with tempfile.TemporaryDirectory() as folder:
         program = torch.export.load(export(model, Path(folder) / "model.pt2", "pt2", dynamic_batch=True))
         program = program.module().to(device)

@@ -20,8 +20,9 @@ import torch
 
 from hkd import config
 from hkd.data import DataConfig, load_dataset
-from hkd.data.store import TrajectoryConfig, TrajectoryDataset, write_store
-from hkd.teacher import TeacherConfig, _batches, build_net, edm_loss, weights_hash
+from hkd.edm import edm_loss
+from hkd.teacher import TeacherConfig, _batches, build_net, weights_hash
+from hkd.trajectories import TrajectoryConfig, TrajectoryDataset, write_store
 
 
 def clock():

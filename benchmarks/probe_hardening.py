@@ -237,20 +237,20 @@ def flipped_model(root: Path, tmp: Path) -> str:
 
 
 def store_probes(root: Path, tmp: Path) -> dict[str, str]:
-    from hkd.data import store
+    from hkd import trajectories
 
     outcomes = {}
     copy = tmp / "times"
     shutil.copytree(root / "store", copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "times": [t * 1.01 for t in manifest["times"]]}))
-    outcomes["manifest times altered (--verify)"] = "silent" if not store.verify_store(copy) else "clean"
+    outcomes["manifest times altered (--verify)"] = "silent" if not trajectories.verify_store(copy) else "clean"
 
     copy = tmp / "flipped"
     shutil.copytree(root / "store", copy)
     flip(copy / "shard_00001.npy", len((copy / "shard_00001.npy").read_bytes()) - 1)
     try:
-        store.TrajectoryDataset(copy)
+        trajectories.TrajectoryDataset(copy)
         outcomes["flipped shard byte (training opens the store)"] = "silent"
     except ValueError:
         outcomes["flipped shard byte (training opens the store)"] = "clean"
@@ -263,7 +263,7 @@ def store_probes(root: Path, tmp: Path) -> dict[str, str]:
     manifest["shards"] = {"../outside/x.npy": entry, "shard_00001.npy": manifest["shards"]["shard_00001.npy"]}
     (copy / "manifest.json").write_text(json.dumps(manifest))
     try:
-        dataset = store.TrajectoryDataset(copy)
+        dataset = trajectories.TrajectoryDataset(copy)
         dataset[0]
         outcomes["manifest shard name ../outside/x.npy (training)"] = "silent"
     except ValueError:
@@ -318,7 +318,7 @@ def sigterm_and_lock(tmp: Path) -> dict[str, str]:
 
 def orphan_workers(tmp: Path) -> str:
     script = (
-        "import time, torch\nfrom hkd.data.store import TrajectoryConfig, write_store\n"
+        "import time, torch\nfrom hkd.trajectories import TrajectoryConfig, write_store\n"
         "class Slow(torch.nn.Module):\n"
         "    img_channels, img_resolution, identity = 1, 4, {'source': 'probe', 'config': {}, 'hash': '0'}\n"
         "    def forward(self, x, sigma):\n        time.sleep(0.5)\n        return x\n"

@@ -203,7 +203,7 @@ def _known_images(source: str, model, num: int, seed: int):
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from hkd import metrics
+    from hkd import experiments
 
     cfg = _config(args)
     _out(args.out)
@@ -212,7 +212,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         raise UserError("--teacher is needed (or train.teacher in the config): the ablation evaluates against it")
     teacher = _teacher(teacher_path, _device(args.device))
     reference = _fid_reference(args, teacher)
-    rows, written = metrics.ablate(
+    rows, written = experiments.ablate(
         cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed, reference=reference,
         inception_weights=args.inception_weights,
     )  # fmt: skip
@@ -260,16 +260,16 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
 
     import torch
 
+    from hkd import trajectories
     from hkd.config import section
-    from hkd.data import store
 
     if args.verify:
-        problems = store.verify_store(args.verify)
+        problems = trajectories.verify_store(args.verify)
         for line in problems:
             print(line)
         if problems:
             raise UserError(f"{args.verify}: {len(problems)} shard(s) with problems")
-        manifest = store.read_manifest(args.verify)
+        manifest = trajectories.read_manifest(args.verify)
         print(f"{args.verify}: {manifest['num_shards']} shards, {manifest['num_trajectories']} trajectories, intact")
         return
     if not args.teacher or not args.out:
@@ -277,7 +277,7 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     config = _config(args)
     if args.num is not None:
         config.setdefault("trajectories", {})["num_trajectories"] = args.num
-    cfg = section(config, "trajectories", store.TrajectoryConfig)
+    cfg = section(config, "trajectories", trajectories.TrajectoryConfig)
     device = _device(args.device)
     if args.workers > 1 and device.type != "cpu":
         raise UserError("--workers > 1 runs local processes on the CPU; for several GPUs use torchrun")
@@ -285,7 +285,7 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     teacher = _teacher(args.teacher, device)
-    manifest = store.write_store(
+    manifest = trajectories.write_store(
         teacher, args.out, cfg, workers=args.workers, device=device, max_shards=args.max_shards,
         progress=not args.quiet,
     )  # fmt: skip

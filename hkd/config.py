@@ -27,7 +27,7 @@ from hkd.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The modules that define the sections: importing them registers their dataclasses in SECTIONS.
-SECTION_MODULES = ("hkd.data", "hkd.teacher", "hkd.data.store", "hkd.model", "hkd.train")
+SECTION_MODULES = ("hkd.data", "hkd.teacher", "hkd.trajectories", "hkd.model", "hkd.train")
 SECTIONS: dict[str, type[Section]] = {}
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@ embedded digits, with no data or weights of the user's own.
 
 Stages (each skipped when its result exists, unless fresh=True), all under one folder:
   teacher/       EDM teacher trained on the digits (hkd.teacher.train_teacher)
-  trajectories/  its PF-ODE trajectories (hkd.data.store.write_store)
+  trajectories/  its PF-ODE trajectories (hkd.trajectories.write_store)
   hkd/           HKD trained on them (Algorithm 1, hkd.train.train)
   baseline/      the direct one-step regression baseline: the same run with koopman=false, consistency=false
   samples.png    teacher (35 evaluations), HKD and the baseline (one each) from the same noise, side by side
@@ -112,13 +112,11 @@ def run(
 
 
 def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> Path:
-    from hkd import analysis, checkpoint, editing, metrics
-    from hkd import train as training
+    from hkd import analysis, checkpoint, editing, experiments, metrics
     from hkd.data import digits
-    from hkd.data.store import TrajectoryConfig, read_manifest, write_store
     from hkd.figures import write_json
-    from hkd.model import HKDModel
     from hkd.teacher import CHECKPOINT_NAME, load_teacher, train_teacher
+    from hkd.trajectories import TrajectoryConfig, read_manifest, write_store
 
     timings_file = out / "timings.json"  # seconds per stage, kept across re-runs for the report
     try:
@@ -126,16 +124,18 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> 
     except (OSError, ValueError):  # none yet (or unreadable): the report then lists fewer times
         timings = {}
 
-    def stage(name: str, done: bool, work) -> None:
+    def stage(name: str, done: bool, work):
+        """work()'s result, timed; None, without running it, when the stage was done earlier."""
         if done:
             log(f"[demo] {name}: done earlier, skipped (--fresh redoes it)")
-            return
+            return None
         log(f"[demo] {name} ...")
         start = time.perf_counter()
-        work()
+        result = work()
         timings[name] = time.perf_counter() - start
         write_json(timings_file, timings)
         log(f"[demo] {name}: {timings[name]:.0f} s")
+        return result
 
     teacher_ckpt = out / "teacher" / CHECKPOINT_NAME
     steps = config["teacher"]["steps"]
@@ -163,13 +163,10 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> 
     )
 
     def trained(label: str, name: str, switches: list[str]):
-        """Train (or resume) one run as a stage; its EMA model, or the saved one when the stage was done earlier."""
-        run_dir = out / name
-        cfg = configs.apply_overrides(config, [*switches, f"train.out={run_dir}"])
-        resume = (run_dir / training.CHECKPOINT_NAME).is_file()
-        result: dict = {}
-        stage(label, (run_dir / "model").is_dir(), lambda: result.update(training.train(cfg, resume=resume, log=log)))
-        return result["ema"].eval() if result else HKDModel.from_pretrained(run_dir / "model", device=device)
+        """One run as a stage (hkd.experiments.trained_model): trained or resumed, or reused when done earlier."""
+        cfg = configs.apply_overrides(config, [*switches, f"train.out={out / name}"])
+        model = stage(label, experiments.finished(cfg), lambda: experiments.trained_model(cfg, device=device, log=log))
+        return experiments.trained_model(cfg, device=device, log=log) if model is None else model
 
     model = trained("3/8 HKD", "hkd", [])
     baseline = trained("4/8 one-step baseline", "baseline", ["model.koopman=false", "train.consistency=false"])
@@ -196,8 +193,8 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> 
 def compare_samples(teacher, model, baseline, out: Path, num: int = 32, seed: int = 0) -> Path:
     """samples.png: the teacher's Heun endpoint (35 evaluations), HKD and the direct regression baseline (one
     evaluation each) from the same noise."""
+    from hkd.edm import heun_sampler
     from hkd.figures import image_table, save_figure
-    from hkd.teacher import heun_sampler
 
     device = next(model.parameters()).device
     shape = (num, model.img_channels, model.img_resolution, model.img_resolution)
@@ -205,8 +202,8 @@ def compare_samples(teacher, model, baseline, out: Path, num: int = 32, seed: in
     with torch.no_grad():
         images = [
             heun_sampler(teacher, noise)[1][-1],
-            model.generate(model.T * noise),
-            baseline.generate(model.T * noise),
+            model.generate(noise),
+            baseline.generate(noise),
         ]
     labels = ["teacher, 35 evaluations", "HKD, 1 evaluation", "direct regression, 1 evaluation"]
     fig = image_table([images], [""], labels, "The same noise, three generators", nrow=8)

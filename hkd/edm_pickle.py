@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from hkd import checkpoint
+from hkd.edm import EDMPrecond, sigma_column
 from hkd.errors import CorruptFileError, MissingFileError
-from hkd.teacher import EDMPrecond, _sigma_column
 from hkd.unet import UNet
 
 FORMAT = "hkd-edm-teacher"
@@ -205,7 +205,7 @@ class SDEPrecond(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         x = x.to(torch.float32)
-        sigma = _sigma_column(sigma, x)
+        sigma = sigma_column(sigma, x)
         if self.kind == "vp":
             t = ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
             c_in, c_out, c_noise = 1 / (sigma**2 + 1).sqrt(), -sigma, (self.M - 1) * t

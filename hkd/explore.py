@@ -233,7 +233,7 @@ class Explorer:
     @torch.no_grad()
     def teacher_trajectory(self, seed: int) -> tuple[Tensor, Tensor, Tensor]:
         """(times, states, denoised estimates) of the teacher's Heun trajectory from the seed's noise, cached."""
-        from hkd.teacher import heun_sampler
+        from hkd.edm import heun_sampler
 
         def compute():
             m = self.model

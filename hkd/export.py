@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from hkd.edm import preconditioning
 from hkd.errors import UserError
 from hkd.model import HKDModel
 from hkd.ops import reference
@@ -87,14 +88,14 @@ class OneStepGenerator(nn.Module):
 
     def __init__(self, model: HKDModel, dtype: torch.dtype = torch.float32):
         super().__init__()
-        T, sd = model.T, model.sigma_data
+        _, c_out, c_in, c_noise = preconditioning(model.T, model.sigma_data)
         self.net = copy.deepcopy(model.net).to("cpu", dtype).eval()
         for name, module in self.net.named_modules():  # the noise embedding stays float32, as hkd.unet computes it
             if name.startswith("map_") or name.endswith("affine"):
                 module.float()
-        self.register_buffer("label", torch.tensor([math.log(T) / 4]))  # c_noise(T), broadcast over the batch
-        self.input_scale = T / math.sqrt(T**2 + sd**2)  # c_in(T) T
-        self.output_scale = T * sd / math.sqrt(T**2 + sd**2)  # c_out(T)
+        self.register_buffer("label", torch.tensor([c_noise]))  # c_noise(T), broadcast over the batch
+        self.input_scale = c_in * model.T  # c_in(T) T: the input is standard-normal noise
+        self.output_scale = c_out
         self.generator = model.propagator.generator if model.config.koopman else None
         for level, factors in enumerate(folded_evolution(model)):
             for name, factor in zip(("re", "im") if self.generator == "spectral" else ("M",), factors, strict=True):

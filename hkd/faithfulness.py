@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hkd.teacher import heun_sampler
+from hkd.edm import heun_sampler
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hkd import checkpoint
+from hkd.edm import euler_sampler, heun_sampler
 from hkd.errors import UserError
 from hkd.losses import pseudo_huber
 
@@ -380,14 +381,7 @@ def teacher_fidelity(images: Tensor, teacher_images: Tensor, lpips=None) -> dict
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# `hkd eval`: the comparison table, and `hkd ablate`: the paper's ablation at the embedded scale
-
-ABLATION = (  # name, model.koopman, train.consistency, model.hierarchy, the paper's CIFAR-10 FID
-    ("direct regression", False, False, True, 5.72),
-    ("Koopman, no trajectory loss", True, False, True, 5.57),
-    ("Koopman + trajectory loss, no hierarchy", True, True, False, 4.78),
-    ("HKD (all three)", True, True, True, 3.30),
-)
+# `hkd eval`: the comparison table
 
 
 def _batched(fn, noise: Tensor, batch_size: int) -> Tensor:
@@ -396,36 +390,23 @@ def _batched(fn, noise: Tensor, batch_size: int) -> Tensor:
 
 @torch.no_grad()
 def one_step(model, noise: Tensor, batch_size: int = 256) -> Tensor:
-    """HKD's one-step images from standard-normal noise (x_T = T noise)."""
+    """HKD's one-step images from standard-normal noise."""
     device = next(model.parameters()).device
-    return _batched(lambda n: model.generate(n.to(device) * model.T), noise, batch_size)
+    return _batched(lambda n: model.generate(n.to(device)), noise, batch_size)
 
 
 @torch.no_grad()
 def teacher_samples(teacher, noise: Tensor, num_steps: int, batch_size: int = 256) -> Tensor:
     """The teacher's Heun endpoint (2 num_steps - 1 evaluations) from standard-normal noise."""
-    from hkd.teacher import heun_sampler
-
     device = next(teacher.parameters()).device
     return _batched(lambda n: heun_sampler(teacher, n.to(device), num_steps)[1][-1], noise, batch_size)
 
 
 @torch.no_grad()
 def teacher_euler(teacher, noise: Tensor, num_steps: int, batch_size: int = 256) -> Tensor:
-    """The teacher's few-step baseline: Euler (DDIM) on EDM's time grid, num_steps evaluations. (Heun with 2 steps
-    is no baseline: its correction evaluates the ODE slope at sigma_min and multiplies it by the whole step.)"""
-    from hkd.teacher import time_steps
-
+    """The teacher's few-step baseline: hkd.edm.euler_sampler, num_steps evaluations, from standard-normal noise."""
     device = next(teacher.parameters()).device
-    t = time_steps(num_steps).to(device)
-
-    def euler(n: Tensor) -> Tensor:
-        x = n.to(device, torch.float64) * t[0]
-        for t_cur, t_next in zip(t[:-1], t[1:], strict=True):
-            x = x + (t_next - t_cur) * (x - teacher(x, t_cur).to(torch.float64)) / t_cur
-        return x
-
-    return _batched(euler, noise, batch_size)
+    return _batched(lambda n: euler_sampler(teacher, n.to(device), num_steps), noise, batch_size)
 
 
 def sample_metrics(
@@ -514,62 +495,3 @@ def evaluate(
 
     models = {"HKD": model} | ({"direct regression baseline": baseline} if baseline is not None else {})
     return rows, written + faithfulness.run(models, teacher, num=min(num, 64), seed=seed + 1, out_dir=out_dir)
-
-
-def ablate(
-    config: dict,
-    teacher,
-    *,
-    out_dir: str | Path,
-    num: int = 500,
-    seed: int = 0,
-    dataset=None,
-    log=print,
-    reference=None,
-    inception_weights=None,
-):
-    """The paper's four ablation configurations, trained with `config` (same data, steps, batch and seed: equal
-    budgets) through hkd.train.train, each in out_dir/<name>/ (a finished run is reused, an interrupted one resumed),
-    then evaluated on the same noise. `dataset`: trajectories for hkd.train.train (default: train.store).
-    `reference`: FID reference images or statistics (needed, and checked before training, for images other than
-    the embedded digits). Returns (rows, written files)."""
-    from hkd import train as training
-    from hkd.config import apply_overrides
-    from hkd.model import HKDModel
-
-    out_dir = Path(out_dir)
-    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    if reference is None and (shape != (1, 16, 16) or inception_weights is not None):
-        raise ValueError(f"the ablation evaluates {shape} images by FID: it needs a reference (images or statistics)")
-    noise = torch.randn(num, *shape, generator=torch.Generator().manual_seed(seed))
-    endpoint = teacher_samples(teacher, noise, 18)
-    rows = []
-    for name, koopman, consistency, hierarchy, paper in ABLATION:
-        run = out_dir / name.replace(" ", "_").replace(",", "").replace("+", "and").replace("(", "").replace(")", "")
-        switches = [f"model.koopman={koopman}", f"model.hierarchy={hierarchy}", f"train.consistency={consistency}"]
-        cfg = apply_overrides(config, [*switches, f"train.out={run}"])
-        log(f"ablation: {name} ({', '.join(switches)}) -> {run}")
-        if (run / "model").is_dir():
-            model = HKDModel.from_pretrained(run / "model")
-        else:
-            resume = (run / training.CHECKPOINT_NAME).is_file()
-            model = training.train(cfg, resume=resume, dataset=dataset, log=log)["ema"]
-        row = {"name": name, "evaluations": 1, "koopman": koopman, "trajectory_loss": consistency}
-        row["hierarchy"] = hierarchy
-        metrics = sample_metrics(
-            one_step(model.eval(), noise), endpoint, inception_weights=inception_weights, reference=reference
-        )
-        row.update(metrics)
-        rows.append({**row, "paper_fid_cifar10": paper})
-    notes = (
-        f"Equal budgets: every run uses the same train section ({_budget(config)}); {num} samples, noise seed {seed}. "
-        "paper_fid_cifar10: the paper's FID-50k on CIFAR-10 for the same switches (another scale and metric: compare "
-        "the ordering, not the values). " + METRIC_NOTES
-    )
-    return rows, write_table(rows, out_dir, "ablation", "Ablation (the paper's four configurations)", notes)
-
-
-def _budget(config: dict) -> str:
-    train = config.get("train") or {}
-    keys = ("epochs", "max_steps", "batch", "lr", "time_samples", "seed")
-    return ", ".join(f"{k}={train[k]}" for k in keys if k in train) or "the trainer's defaults"

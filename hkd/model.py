@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from hkd import checkpoint
 from hkd.config import Section, section, to_dict
+from hkd.edm import EDMPrecond, preconditioning
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError
 from hkd.propagator import HKDPropagator
 from hkd.unet import UNet
@@ -167,8 +168,8 @@ class HKDModel(nn.Module):
         """E(x_t): the latents at time t (t a scalar or one per sample)."""
         self.check_images(x_t)
         sigma = self._sigma(t if self.config.encoder_sees_noise else self.T, x_t.shape[0], x_t.device)
-        c_in = 1 / (sigma**2 + self.sigma_data**2).sqrt()
-        latents = self.net.encode(c_in.reshape(-1, 1, 1, 1) * x_t.float(), sigma.log() / 4)
+        _, _, c_in, c_noise = preconditioning(sigma, self.sigma_data)
+        latents = self.net.encode(c_in.reshape(-1, 1, 1, 1) * x_t.float(), c_noise)
         if not self.config.hierarchy:  # one Koopman latent: the bottleneck's; the other skips are removed
             latents = [*(torch.zeros_like(z) for z in latents[:-1]), latents[-1]]
         return latents
@@ -181,9 +182,9 @@ class HKDModel(nn.Module):
 
     def decode(self, latents: list[Tensor]) -> Tensor:
         """D(z): an image in the teacher's denoised-image space (float32)."""
-        B, T, sd = latents[0].shape[0], self.T, self.sigma_data
-        labels = torch.full((B,), math.log(T) / 4, device=latents[0].device)
-        return T * sd / math.sqrt(T**2 + sd**2) * self.net.decode(latents, labels).float()
+        _, c_out, _, c_noise = preconditioning(self.T, self.sigma_data)
+        labels = torch.full((latents[0].shape[0],), c_noise, device=latents[0].device)
+        return c_out * self.net.decode(latents, labels).float()
 
     def forward(self, x_t: Tensor, t: Tensor | float, return_latents: bool = False) -> Tensor | tuple:
         """x_hat at eps from x_t: D(exp(tau(t, eps) A) E(x_t, t)); with return_latents, (x_hat, E(x_t, t))."""
@@ -208,19 +209,20 @@ class HKDModel(nn.Module):
         return cached[1]
 
     def generate(self, noise: Tensor) -> Tensor:
-        """One step: x_eps from x_T = noise (the caller passes sigma_max * randn). Without autograd and with
-        koopman=True the evolution is the cached fixed step propagator.at(tau(T, eps))."""
+        """One step: x_eps from standard-normal noise (x_T = T noise, as EDM's sampler starts). Without autograd and
+        with koopman=True the evolution is the cached fixed step propagator.at(tau(T, eps))."""
         self.check_images(noise, "noise")
+        x_T = noise * self.T
         if torch.is_grad_enabled() or not self.config.koopman:
-            return self(noise, self.T)
-        return self.decode(self._one_step_propagator()(self.encode(noise, self.T)))
+            return self(x_T, self.T)
+        return self.decode(self._one_step_propagator()(self.encode(x_T, self.T)))
 
     def trajectory(self, noise: Tensor, times: Tensor | list[float]) -> Tensor:
-        """Decoded states at each of `times` (in (0, T]) from x_T = noise, closed form after one encoder pass:
-        D(exp(tau(T, s) A) E(x_T)) for s in times. Returns (len(times), B, C, H, W)."""
+        """Decoded states at each of `times` (in (0, T]) from standard-normal noise (x_T = T noise), closed form after
+        one encoder pass: D(exp(tau(T, s) A) E(x_T)) for s in times. Returns (len(times), B, C, H, W)."""
         self.check_images(noise, "noise")
         times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
-        z_T = self.encode(noise, self.T)
+        z_T = self.encode(noise * self.T, self.T)
         return torch.stack([self.decode(self.propagate(z_T, self.T, s)) for s in times])
 
     # Weights -------------------------------------------------------------------------------------------------------
@@ -228,12 +230,10 @@ class HKDModel(nn.Module):
     @classmethod
     def from_teacher(cls, teacher: nn.Module, config: ModelConfig | None = None) -> HKDModel:
         """An HKDModel whose encoder and decoder are the teacher's U-Net, generators zero: an hkd teacher or an EDM
-        one (hkd.teacher.EDMPrecond around an hkd.unet.UNet, as load_teacher returns both), or a bare UNet. Without
+        one (hkd.edm.EDMPrecond around an hkd.unet.UNet, as load_teacher returns both), or a bare UNet. Without
         `config`, the U-Net sizes, image size and sigma_data come from the teacher; with it, they must match.
         A teacher whose network cannot be split this way (a diffusers UNet2DModel, VP/VE preconditioning, class
         labels) raises TeacherSplitError, one line, before any work."""
-        from hkd.teacher import EDMPrecond
-
         source = getattr(teacher, "identity", {}).get("source", "")
         net = teacher.net if isinstance(teacher, EDMPrecond) else teacher
         if not isinstance(net, UNet):
@@ -359,7 +359,7 @@ def generate_to(
         )
     out, device = Path(out), next(model.parameters()).device
     shape = (num, model.img_channels, model.img_resolution, model.img_resolution)
-    noise = model.T * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     times = torch.logspace(math.log10(model.T), math.log10(model.eps), trajectory, dtype=torch.float64)
     if trajectory:
         times[0], times[-1] = model.T, model.eps  # exact ends

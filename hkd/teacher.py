@@ -1,9 +1,8 @@
-"""The teacher: EDM preconditioning, the EDM loss, the deterministic Heun sampler (every state), training, loading.
+"""The teacher: training and loading. EDM's maths (preconditioning, loss, samplers, EMA) is in hkd.edm.
 
-Notation follows Karras et al. 2022 (EDM), with sigma(t) = t: x_t = x_0 + t n, the denoiser D(x; sigma) predicts
-x_0, and the probability-flow ODE is dx/dt = (x - D(x; t)) / t. A teacher is any nn.Module `denoiser(x, sigma)`:
+A teacher is any nn.Module `denoiser(x, sigma)` in EDM's form (hkd.edm), with sigma(t) = t:
 
-- `EDMPrecond(net, sigma_data)`: D = c_skip x + c_out F(c_in x, c_noise), F an `hkd.unet.UNet` (ours);
+- `hkd.edm.EDMPrecond(net, sigma_data)`: D = c_skip x + c_out F(c_in x, c_noise), F an `hkd.unet.UNet` (ours);
 - `VPPrecond(unet, alphas_cumprod, prediction_type)`: a discrete-time variance-preserving (DDPM) diffusers
   `UNet2DModel`, rewritten in the EDM parametrisation (x_edm = x_vp / sqrt(abar), sigma = sqrt((1 - abar) / abar)),
   so the same sampler and trajectory store work with it.
@@ -31,106 +30,10 @@ from torch import Tensor, nn
 from hkd import checkpoint
 from hkd.config import Section, section, to_dict
 from hkd.data import DataConfig, load_dataset
+from hkd.edm import EDMPrecond, edm_loss, edm_noise, ema_halflife_decay, ema_update, heun_sampler, sigma_column
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, RunStopped, UserError
 
 CHECKPOINT_NAME = "teacher.pt"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Preconditioning and loss
-
-
-def _sigma_column(sigma: Tensor | float, x: Tensor) -> Tensor:
-    """sigma (a number, () or (B,)) as a float32 (B, 1, 1, 1) column."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-    return sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
-
-
-class EDMPrecond(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) with EDM's c_skip, c_out, c_in and c_noise = ln(sigma) / 4."""
-
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
-        super().__init__()
-        self.net, self.sigma_data = net, sigma_data
-
-    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        x = x.to(torch.float32)
-        sigma = _sigma_column(sigma, x)
-        sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sigma**2 + sd**2).sqrt()
-        c_noise = sigma.log().flatten() / 4
-        labels = () if class_labels is None else (class_labels,)  # a conditional UNet (label_dim > 0) takes them
-        return c_skip * x + c_out * self.net(c_in * x, c_noise, *labels).to(torch.float32)
-
-
-def edm_noise(
-    images: Tensor, P_mean: float = -1.2, P_std: float = 1.2, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """EDM's draws for a batch: sigma (B, 1, 1, 1) with ln(sigma) ~ N(P_mean, P_std^2), and noise n ~ N(0, sigma^2)."""
-    rnd_normal = torch.randn((images.shape[0], 1, 1, 1), generator=generator, device=images.device)
-    sigma = (rnd_normal * P_std + P_mean).exp()
-    return sigma, torch.randn(images.shape, generator=generator, device=images.device) * sigma
-
-
-def edm_loss(
-    denoiser: nn.Module,
-    images: Tensor,
-    P_mean: float = -1.2,
-    P_std: float = 1.2,
-    sigma_data: float = 0.5,
-    generator: torch.Generator | None = None,
-    noise: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """EDM's loss, averaged: ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2 on ||D - y||^2.
-    noise: (sigma, n) of edm_noise, drawn here unless given (a micro-batch's rows of its batch's draws)."""
-    sigma, n = edm_noise(images, P_mean, P_std, generator) if noise is None else noise
-    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    return (weight * (denoiser(images + n, sigma) - images) ** 2).mean()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampler
-
-
-def time_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
-    """EDM's time grid t_0 = sigma_max > ... > t_{N-1} = sigma_min, plus t_N = 0: (num_steps + 1,) float64."""
-    if num_steps < 1 or not 0 < sigma_min < sigma_max:
-        raise ValueError(
-            f"need num_steps >= 1 and 0 < sigma_min < sigma_max, got {num_steps}, {sigma_min}, {sigma_max}"
-        )
-    i = torch.arange(num_steps, dtype=torch.float64)
-    t = (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-
-
-@torch.no_grad()
-def heun_sampler(
-    denoiser: nn.Module,
-    noise: Tensor,
-    num_steps: int = 18,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
-) -> tuple[Tensor, Tensor]:
-    """EDM Algorithm 1, deterministic (S_churn = 0): 2 num_steps - 1 evaluations of the denoiser.
-
-    noise: (B, C, H, W) standard normal; x_0 = t_0 noise. Returns (times (N + 1,), states (N + 1, B, C, H, W)),
-    both float64, states[i] = x at times[i]; states[0] = x_T and states[-1] (times[-1] = 0) is the generated image.
-    """
-    t = time_steps(num_steps, sigma_min, sigma_max, rho).to(noise.device)
-    x = noise.to(torch.float64) * t[0]
-    states = [x]
-    for i, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:], strict=True)):
-        d = (x - denoiser(x, t_cur).to(torch.float64)) / t_cur  # Euler step
-        x_next = x + (t_next - t_cur) * d
-        if i < num_steps - 1:  # second-order correction, except for the last step (to t = 0)
-            d_prime = (x_next - denoiser(x_next, t_next).to(torch.float64)) / t_next
-            x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d_prime)
-        x = x_next
-        states.append(x)
-    return t, torch.stack(states)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,11 +188,8 @@ def train_teacher(
             step += 1
 
             # Update EMA.
-            halflife = min(cfg.ema_halflife, step * cfg.batch_size * cfg.ema_rampup)
-            beta = 0.5 ** (cfg.batch_size / max(halflife, 1e-8))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), denoiser.parameters(), strict=True):
-                    p_ema.lerp_(p, 1 - beta)
+            decay = ema_halflife_decay(cfg.ema_halflife, cfg.ema_rampup, step * cfg.batch_size, cfg.batch_size)
+            ema_update(ema, denoiser, decay)
             running += loss.item()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 n = step % cfg.log_every or cfg.log_every
@@ -423,7 +323,7 @@ class VPPrecond(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         x = x.to(torch.float32)
-        sigma = _sigma_column(sigma, x)
+        sigma = sigma_column(sigma, x)
         c_in = 1 / (1 + sigma**2).sqrt()
         out = self.unet(c_in * x, self.timestep(sigma.flatten())).sample[:, : x.shape[1]].to(torch.float32)
         if self.prediction_type == "epsilon":
@@ -462,14 +362,4 @@ def load_diffusers(path: Path) -> VPPrecond:
     return denoiser
 
 
-__all__ = [
-    "EDMPrecond",
-    "TeacherConfig",
-    "VPPrecond",
-    "edm_loss",
-    "edm_noise",
-    "heun_sampler",
-    "load_teacher",
-    "time_steps",
-    "train_teacher",
-]
+__all__ = ["TeacherConfig", "VPPrecond", "load_teacher", "train_teacher"]

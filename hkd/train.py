@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from hkd import checkpoint
 from hkd import config as configs
 from hkd.config import Section, section, to_dict
+from hkd.edm import ema_update
 from hkd.errors import ConfigError, MissingFileError, NonFiniteError, RunStopped, UserError
 from hkd.losses import PERCEPTUAL, Distance, decoded_trajectory, lambda1_schedule, latent_consistency
 
@@ -303,7 +304,7 @@ def build_model(config: dict[str, Any], teacher: nn.Module | None = None) -> nn.
 def build_dataset(config: dict[str, Any], cfg: TrainConfig, teacher: nn.Module | None, model: nn.Module):
     """The store at train.store; refused (naming the differences) unless it was made with the `trajectories:`
     settings of this config, by this teacher (when given), with images of the model's shape."""
-    from hkd.data.store import TrajectoryConfig, TrajectoryDataset, expectation
+    from hkd.trajectories import TrajectoryConfig, TrajectoryDataset, expectation
 
     if cfg.store is None:
         raise ConfigError("train.store is not set: make a store with `hkd trajectories` and pass train.store=DIR")
@@ -347,12 +348,12 @@ class _Batches:
 
 
 class _Online:
-    """Fresh trajectories from the teacher (hkd.data.store.OnlineTrajectories) instead of a store. Global step k
+    """Fresh trajectories from the teacher (hkd.trajectories.OnlineTrajectories) instead of a store. Global step k
     draws trajectories k B .. (k + 1) B - 1 (noise from (trajectories.seed, index)), rank r the ones = r mod world,
     so the position is the step itself; an epoch is trajectories.num_trajectories trajectories."""
 
     def __init__(self, teacher, config: dict[str, Any], local_batch: int, rank: int, world: int, device):
-        from hkd.data.store import OnlineTrajectories, TrajectoryConfig
+        from hkd.trajectories import OnlineTrajectories, TrajectoryConfig
 
         trajectories = section(config, "trajectories", TrajectoryConfig)
         self.online = OnlineTrajectories(teacher, trajectories, device=device, rank=rank, world_size=world)
@@ -367,14 +368,6 @@ class _Online:
         self.online.next_index = (epoch * self.steps_per_epoch + start) * self.local_batch
         for _ in range(start, self.steps_per_epoch):
             yield self.online.draw(self.local_batch)
-
-
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1 - decay)
-        for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)
 
 
 class _Log:
@@ -553,9 +546,9 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
 
         states, times = batches.first
         generator = torch.Generator().manual_seed(cfg.seed)
-        noise = torch.randn(cfg.sample_count, *states.shape[2:], generator=generator) * times.max()
+        noise = torch.randn(cfg.sample_count, *states.shape[2:], generator=generator).to(device)
         with torch.no_grad():
-            images = ema.generate(noise.to(device)) if hasattr(ema, "generate") else ema(noise.to(device), times.max())
+            images = ema.generate(noise) if hasattr(ema, "generate") else ema(noise * times.max(), times.max())
         save_grid(images, out / "samples" / f"step_{step:08d}.png", nrow=int(math.sqrt(cfg.sample_count)), scale=2)
 
     logger = None
@@ -605,7 +598,7 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
                         )
                     skipped += 1
                 else:
-                    _ema_update(ema, raw, cfg.ema)
+                    ema_update(ema, raw, cfg.ema)
                     running, count = running + value, count + 1
 
                 # Bookkeeping: schedule, log, samples, checkpoint.

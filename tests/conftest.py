@@ -35,3 +35,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory):
+    """A fresh cache folder for the digits classifier: trained once per test module (about 2 s) and written there."""
+    from hkd import metrics
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HKD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    mp.setattr(metrics, "_CLASSIFIER", None)
+    yield
+    mp.undo()

@@ -74,8 +74,8 @@ def test_save_grid_round_trip(tmp_path):
 
 
 def test_digits_config_sections():
-    from hkd.data.store import TrajectoryConfig
     from hkd.teacher import TeacherConfig
+    from hkd.trajectories import TrajectoryConfig
 
     cfg = config.load("digits")
     assert config.section(cfg, "data", DataConfig) == DataConfig()

@@ -175,10 +175,11 @@ def test_from_teacher_starts_from_the_edm_network(tmp_path):
     teacher = load_teacher(path)
     model = HKDModel.from_teacher(teacher).eval()
     assert model.config.stem_channels == 16 and model.config.sigma_data == 0.5
-    x_T, T = 80 * torch.randn(3, 3, 16, 16), 80.0
+    noise, T = torch.randn(3, 3, 16, 16), 80.0
+    x_T = T * noise
     c_skip = 0.25 / (T**2 + 0.25)
     with torch.no_grad():
-        one_step = model.generate(x_T)
+        one_step = model.generate(noise)
         # A = 0: the teacher's D(x_T; T), less the documented c_skip(T) x_T term
         torch.testing.assert_close(one_step + c_skip * x_T, teacher(x_T, T), rtol=1e-5, atol=1e-5)
         assert _relative(one_step, teacher(x_T, T) - c_skip * x_T) < 1e-5

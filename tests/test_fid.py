@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hkd import cli, metrics
+from hkd import cli, experiments, metrics
 
 torch_fidelity = pytest.importorskip("torch_fidelity")
 
@@ -206,5 +206,5 @@ def test_ablation_of_rgb_images_needs_a_reference_before_training(tmp_path):
     teacher = torch.nn.Identity()
     teacher.img_channels, teacher.img_resolution = 3, 32
     with pytest.raises(ValueError, match="needs a reference"):
-        metrics.ablate({"train": {"out": str(tmp_path)}}, teacher, out_dir=tmp_path, num=2)
+        experiments.ablate({"train": {"out": str(tmp_path)}}, teacher, out_dir=tmp_path, num=2)
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from hkd import checkpoint, config, demo, metrics
+from hkd import checkpoint, config, demo, metrics, trajectories
 from hkd.cli import main
-from hkd.data import store
 from hkd.errors import ConfigError, CorruptFileError, NonFiniteError, RunStopped, UserError
 from hkd.model import HKDModel, ModelConfig
 
@@ -92,7 +91,7 @@ def test_a_planted_pickle_never_runs_in_any_place_a_command_reads(made, tmp_path
     manifest = json.loads((made / "store" / "manifest.json").read_text())
     shard_store.mkdir()
     np.save(shard_store / "shard_00000.npy", np.array([Plant(marker)], dtype=object), allow_pickle=True)
-    manifest["shards"]["shard_00000.npy"]["sha256"] = store._sha256(shard_store / "shard_00000.npy")
+    manifest["shards"]["shard_00000.npy"]["sha256"] = trajectories._sha256(shard_store / "shard_00000.npy")
     (shard_store / "manifest.json").write_text(json.dumps(manifest))
     places["store (--verify)"] = ["trajectories", "--verify", shard_store]
     places["store (train)"] = train_args(made, tmp_path / "run2", f"train.store={shard_store}")
@@ -328,7 +327,7 @@ def _alive(pid):
 def test_trajectory_workers_die_with_their_parent(tmp_path):
     script = (
         "import time, torch\n"
-        "from hkd.data.store import TrajectoryConfig, write_store\n"
+        "from hkd.trajectories import TrajectoryConfig, write_store\n"
         "class Slow(torch.nn.Module):\n"
         "    img_channels, img_resolution, identity = 1, 4, {'source': 'test', 'config': {}, 'hash': '0'}\n"
         "    def forward(self, x, sigma):\n"
@@ -362,16 +361,16 @@ def test_store_times_and_shard_names_are_checked(made, tmp_path):
     manifest = json.loads(path.read_text())
     altered = {**manifest, "times": [t * 1.01 for t in manifest["times"]]}
     path.write_text(json.dumps(altered))
-    assert any("times differ from the solver's grid" in p for p in store.verify_store(tmp_path / "s"))
+    assert any("times differ from the solver's grid" in p for p in trajectories.verify_store(tmp_path / "s"))
     with pytest.raises(CorruptFileError, match="times differ"):
-        store.TrajectoryDataset(tmp_path / "s")
+        trajectories.TrajectoryDataset(tmp_path / "s")
 
     escaping = dict(manifest, shards={"../outside/x.npy": manifest["shards"]["shard_00000.npy"]})
     path.write_text(json.dumps(escaping))
     with pytest.raises(CorruptFileError, match="plain file names"):
-        store.verify_store(tmp_path / "s")
+        trajectories.verify_store(tmp_path / "s")
     with pytest.raises(CorruptFileError, match="plain file names"):
-        store.TrajectoryDataset(tmp_path / "s")
+        trajectories.TrajectoryDataset(tmp_path / "s")
 
 
 def test_config_errors_name_the_key_and_the_closest_valid_one():
@@ -391,7 +390,7 @@ def test_config_errors_name_the_key_and_the_closest_valid_one():
         config.load("digits", ["train.adam_betas=[0.9]"])
     # every section is a Section: built directly, it is checked the same way
     with pytest.raises(ConfigError, match="trajectories.batch_size must be >= 1"):
-        store.TrajectoryConfig(batch_size=0)
+        trajectories.TrajectoryConfig(batch_size=0)
     assert ModelConfig(channel_mult=[1, 2]).channel_mult == (1, 2) and isinstance(ModelConfig(dropout=0).dropout, float)
     assert set(config.sections()) == {"data", "teacher", "trajectories", "model", "train"}
     changed = config.changes(config.load("digits"), config.load("digits", ["train.lr=0.002", "model.clock=log"]))

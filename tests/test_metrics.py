@@ -34,16 +34,6 @@ def test_gaussian_stats_needs_two_samples():
         metrics.gaussian_stats(torch.randn(1, 4))
 
 
-@pytest.fixture(scope="module")
-def classifier_cache(tmp_path_factory):
-    """A fresh cache folder: the classifier is trained once for this module (about 2 s) and written there."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HKD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    mp.setattr(metrics, "_CLASSIFIER", None)
-    yield
-    mp.undo()
-
-
 def test_digits_classifier_is_accurate_deterministic_and_cached(classifier_cache, tmp_path):
     model = metrics.digits_classifier()
     cached = list(metrics._cache_dir().glob("digits_classifier_*.pt"))
@@ -122,39 +112,3 @@ def test_evaluate_writes_the_comparison_table(classifier_cache, tmp_path):
     assert "HKD (one step)" in text and "| teacher (Euler, 3 steps) | 3 |" in text
     names = ["eval.md", "eval.json", "faithfulness.md", "faithfulness.json", "faithfulness.png", "trajectories.png"]
     assert [p.name for p in written] == names
-
-
-@pytest.mark.slow
-def test_ablation_trains_the_four_configurations_with_equal_budgets(classifier_cache, tmp_path):
-    from hkd.teacher import heun_sampler
-
-    teacher = tiny_teacher()
-    times, states = heun_sampler(teacher, torch.randn(8, 1, 16, 16), num_steps=3)
-    dataset = [{"states": states[:-1, i].float(), "times": times[:-1].float()} for i in range(8)]  # t > 0
-    rows, written = metrics.ablate(tiny_config(tmp_path), teacher, out_dir=tmp_path, num=4, dataset=dataset)
-    assert [(r["koopman"], r["trajectory_loss"], r["hierarchy"]) for r in rows] == [
-        (k, c, h) for _, k, c, h, _ in metrics.ABLATION
-    ]
-    assert [r["paper_fid_cifar10"] for r in rows] == [5.72, 5.57, 4.78, 3.30]
-    runs = sorted(p for p in tmp_path.iterdir() if (p / "model").is_dir())
-    assert len(runs) == 4
-    # a rerun reuses the finished runs and gives the same table
-    again, _ = metrics.ablate(tiny_config(tmp_path), teacher, out_dir=tmp_path, num=4, dataset=dataset)
-    assert again == rows
-
-
-def test_an_interrupted_ablation_run_stops_the_ablation(tmp_path, monkeypatch):
-    """The trainer raises RunStopped after a SIGTERM checkpoint: the ablation must not go on."""
-    import hkd.train
-    from hkd.errors import RunStopped
-
-    calls = []
-
-    def stopped(config, **kwargs):
-        calls.append(config)
-        raise RunStopped("stopped by SIGTERM at step 3: checkpoint.pt written; run again to continue")
-
-    monkeypatch.setattr(hkd.train, "train", stopped)
-    with pytest.raises(RunStopped, match="stopped by SIGTERM.*run again"):
-        metrics.ablate(tiny_config(tmp_path), tiny_teacher(), out_dir=tmp_path, num=2)
-    assert len(calls) == 1 and not (tmp_path / "ablation.md").exists()

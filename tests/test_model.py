@@ -34,26 +34,26 @@ def test_zero_generators_are_encode_then_decode():
     perturb(model.net)
     x, t = torch.randn(2, 3, 8, 8) * 5, torch.tensor([5.0, 0.3])
     torch.testing.assert_close(model(x, t), model.decode(model.encode(x, t)))
-    noise = 80 * torch.randn(2, 3, 8, 8)
+    noise = torch.randn(2, 3, 8, 8)  # standard normal: x_T = T noise
     with torch.no_grad():
-        torch.testing.assert_close(model.generate(noise), model.decode(model.encode(noise, 80.0)))
+        torch.testing.assert_close(model.generate(noise), model.decode(model.encode(80 * noise, 80.0)))
 
 
 @pytest.mark.parametrize("generator,clock", [("spectral", "identity"), ("spectral", "log"), ("dense", "log")])
 def test_trajectory_is_closed_form_and_a_semigroup(generator, clock):
     model = tiny_model(generator=generator, clock=clock)
-    noise = 80 * torch.randn(2, 3, 8, 8)
+    noise = torch.randn(2, 3, 8, 8)
     times = [80.0, 10.0, 0.5, 0.002]
     with torch.no_grad():
         frames = model.trajectory(noise, times)
         assert frames.shape == (4, 2, 3, 8, 8)
-        z_T = model.encode(noise, 80.0)
+        z_T = model.encode(80 * noise, 80.0)
         z_mid = model.propagate(z_T, 80.0, 10.0)
         torch.testing.assert_close(frames[2], model.decode(model.propagate(z_mid, 10.0, 0.5)), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(frames[0], model.decode(z_T))
         torch.testing.assert_close(frames[-1], model.generate(noise), rtol=1e-4, atol=1e-5)
         assert (frames[0] - frames[-1]).abs().max() > 1e-3  # the generators do evolve the latents
-    torch.testing.assert_close(model(noise, 80.0).detach(), frames[-1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(80 * noise, 80.0).detach(), frames[-1], rtol=1e-4, atol=1e-5)
     expected = math.log(0.002 / 80) if clock == "log" else 0.002 - 80
     assert float(model.tau(80.0, 0.002)) == pytest.approx(expected)
 
@@ -64,15 +64,15 @@ def test_per_sample_times_and_the_cached_one_step_propagator():
     together = model(x, t)
     for i in range(3):
         torch.testing.assert_close(together[i : i + 1], model(x[i : i + 1], t[i]), rtol=1e-4, atol=1e-5)
-    noise = 80 * torch.randn(2, 3, 8, 8)
+    noise = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         first = model.generate(noise)
-        torch.testing.assert_close(first, model(noise, 80.0))
+        torch.testing.assert_close(first, model(80 * noise, 80.0))
         model.propagator.generators[0].mul_(-2)  # in place, as an optimiser step: the cache must notice
-        torch.testing.assert_close(model.generate(noise), model(noise, 80.0))
+        torch.testing.assert_close(model.generate(noise), model(80 * noise, 80.0))
         assert (model.generate(noise) - first).abs().max() > 1e-4
         model.propagator.generators[1].data.mul_(0.5)  # through .data (no version bump)
-        torch.testing.assert_close(model.generate(noise), model(noise, 80.0))
+        torch.testing.assert_close(model.generate(noise), model(80 * noise, 80.0))
 
 
 def test_ablations_freeze_the_right_generators():
@@ -161,12 +161,14 @@ def test_from_teacher_unet_copies_encoder_and_decoder():
 
 
 def test_from_teacher_edm_precond():
-    teacher = pytest.importorskip("hkd.teacher")
-    denoiser = teacher.EDMPrecond(teacher_unet(), sigma_data=0.5)
+    from hkd.edm import EDMPrecond
+
+    denoiser = EDMPrecond(teacher_unet(), sigma_data=0.5)
     model = HKDModel.from_teacher(denoiser).eval()
-    x = 80 * torch.randn(2, 3, 8, 8)
+    noise = torch.randn(2, 3, 8, 8)
+    x = 80 * noise
     c_skip = 0.25 / (80**2 + 0.25)
-    torch.testing.assert_close(model.generate(x) + c_skip * x, denoiser(x, 80.0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.generate(noise) + c_skip * x, denoiser(x, 80.0), rtol=1e-4, atol=1e-5)
 
 
 def test_hkd_generate_command(tmp_path, capsys):
@@ -183,7 +185,7 @@ def test_hkd_generate_command(tmp_path, capsys):
     assert (out / "grid.png").is_file() and (out / "trajectory_grid.png").is_file()
     assert len(list((out / "trajectories").iterdir())) == 3
     saved = np.load(out / "samples.npz")
-    noise = 80 * torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(7))
+    noise = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(saved["images"]), model.generate(noise))
     assert saved["trajectory"].shape == (3, 4, 1, 8, 8) and saved["times"][0] == 80.0

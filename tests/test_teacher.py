@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from hkd import config, teacher
-from hkd.teacher import EDMPrecond, edm_loss, heun_sampler, load_teacher, time_steps, train_teacher
+from hkd.edm import EDMPrecond, edm_loss, heun_sampler, time_steps
+from hkd.teacher import load_teacher, train_teacher
 
 # a U-Net small enough to train for a few dozen steps in seconds on the CPU
 TINY = [

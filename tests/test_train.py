@@ -295,8 +295,7 @@ def test_ddp_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp
 
 
 def test_hkd_train_command_on_a_real_store(tmp_path, capsys):
-    from hkd import cli, config, teacher
-    from hkd.data import store
+    from hkd import cli, config, teacher, trajectories
 
     sizes = ["teacher.model_channels=8", "teacher.channel_mult=[1, 2]", "teacher.batch_size=16", "teacher.steps=2"]
     sizes += ["teacher.sample_grid=0", "teacher.log_every=1"]
@@ -304,8 +303,8 @@ def test_hkd_train_command_on_a_real_store(tmp_path, capsys):
     cfg = config.load("digits", sizes + solver)
     teacher.train_teacher(cfg, tmp_path / "teacher", log=lambda line: None)
     denoiser = teacher.load_teacher(tmp_path / "teacher")
-    store.write_store(denoiser, tmp_path / "store", config.section(cfg, "trajectories", store.TrajectoryConfig),
-                      progress=False)  # fmt: skip
+    solver_cfg = config.section(cfg, "trajectories", trajectories.TrajectoryConfig)
+    trajectories.write_store(denoiser, tmp_path / "store", solver_cfg, progress=False)
     run = [f"train.store={tmp_path / 'store'}", f"train.teacher={tmp_path / 'teacher' / 'teacher.pt'}"]
     run += [f"train.out={tmp_path / 'hkd'}", "train.batch=8", "train.epochs=2", "train.progress=false"]
     run += ["train.sample_count=4", "train.checkpoint_every=2"]

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from hkd.checkpoint import atomic_write
 from hkd.config import Section
+from hkd.edm import heun_sampler, time_steps
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, UserError
-from hkd.teacher import heun_sampler, time_steps
 
 MANIFEST = "manifest.json"
 FORMAT = "hkd-trajectories"

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from hkd.data import store
-from hkd.data.store import CorruptShardError, TrajectoryConfig, TrajectoryDataset, verify_store, write_store
-from hkd.teacher import EDMPrecond, heun_sampler, weights_hash
+from hkd import trajectories
+from hkd.edm import EDMPrecond, heun_sampler
+from hkd.teacher import weights_hash
+from hkd.trajectories import CorruptShardError, TrajectoryConfig, TrajectoryDataset, verify_store, write_store
 
 
 class TinyNet(nn.Module):
@@ -50,7 +51,7 @@ def test_states_are_the_heun_trajectories_and_endpoint_is_last_state(tmp_path):
     dataset = TrajectoryDataset(tmp_path, num_times=3)
     assert len(dataset) == 10
     for i in (0, 5, 9):  # shards of 4, 4 and 2 trajectories
-        noise = store.trajectory_noise(CFG.seed, i, (1, 8, 8))[None]
+        noise = trajectories.trajectory_noise(CFG.seed, i, (1, 8, 8))[None]
         times, states = heun_sampler(teacher, noise, num_steps=4)
         item = dataset[i]
         assert item["index"] == i
@@ -96,12 +97,12 @@ def test_kill_midway_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return heun_sampler(*args, **kwargs)
 
-    monkeypatch.setattr(store, "heun_sampler", dying_sampler)
+    monkeypatch.setattr(trajectories, "heun_sampler", dying_sampler)
     with pytest.raises(KeyboardInterrupt):
         write_store(teacher, tmp_path / "resumed", CFG, progress=False)
-    monkeypatch.setattr(store, "heun_sampler", heun_sampler)
+    monkeypatch.setattr(trajectories, "heun_sampler", heun_sampler)
     assert list(shards(tmp_path / "resumed")) == ["shard_00000.npy"]  # no partial shard looks complete
-    assert store.read_manifest(tmp_path / "resumed")["shards"].keys() == {"shard_00000.npy"}
+    assert trajectories.read_manifest(tmp_path / "resumed")["shards"].keys() == {"shard_00000.npy"}
     assert verify_store(tmp_path / "resumed") == [
         f"shard_0000{k}.npy: not finished (run `hkd trajectories` again to complete the store)" for k in (1, 2)
     ]
@@ -156,12 +157,12 @@ def test_store_refuses_other_teacher_or_settings(tmp_path):
     # batch size is not content: a resume may use another one
     write_store(teacher, tmp_path, TrajectoryConfig(**{**CFG.__dict__, "batch_size": 2}), progress=False)
 
-    expect = store.expectation(CFG, teacher.identity["hash"], (1, 8, 8))
+    expect = trajectories.expectation(CFG, teacher.identity["hash"], (1, 8, 8))
     assert len(TrajectoryDataset(tmp_path, expect=expect)) == 10
     with pytest.raises(ValueError, match="teacher.hash is '.*' in the store"):
-        TrajectoryDataset(tmp_path, expect=store.expectation(CFG, "0" * 64))
+        TrajectoryDataset(tmp_path, expect=trajectories.expectation(CFG, "0" * 64))
     with pytest.raises(ValueError, match="solver.num_steps is 4 in the store, 6 expected"):
-        TrajectoryDataset(tmp_path, expect=store.expectation(other))
+        TrajectoryDataset(tmp_path, expect=trajectories.expectation(other))
     with pytest.raises(FileNotFoundError, match="no trajectory store"):
         TrajectoryDataset(tmp_path / "nowhere")
 
@@ -199,7 +200,7 @@ def test_online_mode_draws_the_store_trajectories(tmp_path):
     teacher = tiny_teacher()
     write_store(teacher, tmp_path, CFG, progress=False)
     dataset = TrajectoryDataset(tmp_path)
-    online = store.OnlineTrajectories(teacher, CFG, num_times=2, rank=1, world_size=2)
+    online = trajectories.OnlineTrajectories(teacher, CFG, num_times=2, rank=1, world_size=2)
     first, second = online.draw(2), online.draw(2)
     assert first["index"].tolist() == [1, 3] and second["index"].tolist() == [5, 7] and online.next_index == 4
     for batch in (first, second):
@@ -211,8 +212,8 @@ def test_online_mode_draws_the_store_trajectories(tmp_path):
 
 
 def test_stored_noise_depends_only_on_seed_and_index():
-    a = store.trajectory_noise(3, 17, (1, 4, 4))
-    assert torch.equal(a, store.trajectory_noise(3, 17, (1, 4, 4)))
-    assert not torch.equal(a, store.trajectory_noise(3, 18, (1, 4, 4)))
-    assert not torch.equal(a, store.trajectory_noise(4, 17, (1, 4, 4)))
-    assert np.isclose(store.trajectory_noise(0, 0, (64, 64, 4)).std().item(), 1, atol=0.05)
+    a = trajectories.trajectory_noise(3, 17, (1, 4, 4))
+    assert torch.equal(a, trajectories.trajectory_noise(3, 17, (1, 4, 4)))
+    assert not torch.equal(a, trajectories.trajectory_noise(3, 18, (1, 4, 4)))
+    assert not torch.equal(a, trajectories.trajectory_noise(4, 17, (1, 4, 4)))
+    assert np.isclose(trajectories.trajectory_noise(0, 0, (64, 64, 4)).std().item(), 1, atol=0.05)
