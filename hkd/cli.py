@@ -308,7 +308,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from hkd import demo
 
     device = _device(args.device).type if args.device != "auto" else "auto"
-    report = demo.run(args.out, quick=args.quick, fresh=args.fresh, device=device, overrides=args.overrides)
+    scale = {"quick": args.quick, "quality": args.quality}
+    report = demo.run(args.out, **scale, fresh=args.fresh, device=device, overrides=args.overrides)
     print(f"wrote {report} (open it in any Markdown viewer)")
 
 
@@ -410,10 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline on the embedded digits: teacher, trajectories, HKD, eval, analysis, edit, report",
         description="Train an EDM teacher on the embedded digits, write its trajectories, train HKD and the one-step "
         "baseline, evaluate, analyse the spectrum, edit, and write OUT/report.md. Finished stages are skipped on a "
-        "re-run. About 10 minutes on 2 CPU cores (--quick: under a minute).",
+        "re-run. About 10 minutes on 2 CPU cores (--quick: under a minute; --quality: about 50 minutes).",
     )
     p.add_argument("--out", default="runs/demo", help="folder for every stage and the report (default: runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a smoke run of every stage at toy scale")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--quick", action="store_true", help="a smoke run of every stage at toy scale")
+    scale.add_argument(
+        "--quality", action="store_true", help="HKD and the baseline 3x longer, and the paper's ablation at that budget"
+    )
     p.add_argument(
         "--fresh", action="store_true", help="delete OUT (a folder an earlier demo made) and redo every stage"
     )

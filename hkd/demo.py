@@ -7,9 +7,11 @@ Stages (each skipped when its result exists, unless fresh=True), all under one f
   hkd/           HKD trained on them (Algorithm 1, hkd.train.train)
   baseline/      the direct one-step regression baseline: the same run with koopman=false, consistency=false
   samples.png    teacher (35 evaluations), HKD and the baseline (one each) from the same noise, side by side
+  curve/         the learning curve: one-step quality of HKD and the baseline at milestones of their training
   eval/          the table: teacher at 35 and 3 evaluations, HKD one step, the baseline (hkd.metrics.evaluate)
   analysis/      eigenvalues, band decodes, cumulative effect, power spectra (hkd.analysis.analyze)
   edit/          frequency-targeted editing, inpainting, colourisation (hkd.editing.run)
+  ablation/      with --quality: the paper's four configurations at the same budget (hkd.experiments.ablate)
   report.md      everything above on one page
   .hkd-demo      the marker that says hkd made the folder: `--fresh` deletes only a folder that holds it
 """
@@ -39,6 +41,9 @@ DEMO = [
     "train.sample_every=0",
     "train.checkpoint_every=100",
 ]
+# --quality: HKD and the baseline three times longer (90 epochs, 2790 steps), and the ablation's two other runs at
+# that budget: about 50 minutes on 2 CPU cores, estimated from the plain demo's stage times.
+QUALITY = ["train.epochs=90"]
 # --quick: a smoke run of every stage (under a minute on 2 CPU cores); the numbers mean nothing.
 QUICK = [
     "teacher.steps=150",
@@ -55,13 +60,14 @@ QUICK = [
 ]
 
 
-def settings(out: Path, quick: bool, overrides: list[str] = ()) -> dict:
+def settings(out: Path, quick: bool, overrides: list[str] = (), quality: bool = False) -> dict:
     paths = [
         f"train.out={out / 'hkd'}",
         f"train.store={out / 'trajectories'}",
         f"train.teacher={out / 'teacher' / 'teacher.pt'}",
     ]
-    return configs.load("digits", [*DEMO, *(QUICK if quick else []), *paths, *overrides])
+    scale = [*(QUICK if quick else []), *(QUALITY if quality else [])]
+    return configs.load("digits", [*DEMO, *scale, *paths, *overrides])
 
 
 def claim(out: Path, fresh: bool) -> None:
@@ -89,15 +95,18 @@ def run(
     out: str | Path = "runs/demo",
     *,
     quick: bool = False,
+    quality: bool = False,
     fresh: bool = False,
     device: str = "auto",
     overrides: list[str] = (),
     log=print,
 ) -> Path:
     """Run (or finish) every stage in `out`; returns the path of report.md. `out` is locked for the run: a second
-    demo into the same folder is refused."""
+    demo into the same folder is refused. quality: the longer preset with the ablation (see QUALITY)."""
     out = Path(out)
-    config = settings(out, quick, list(overrides))
+    if quick and quality:
+        raise UserError("--quick and --quality: choose one")
+    config = settings(out, quick, list(overrides), quality)
     device = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
@@ -108,10 +117,10 @@ def run(
         claim(out, fresh)  # refuses, before the lock file is written into someone else's folder
     with run_lock(output_folder(out, "--out")):
         claim(out, fresh)
-        return _stages(out, config, device, quick, log)
+        return _stages(out, config, device, quick, quality, log)
 
 
-def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> Path:
+def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality: bool, log) -> Path:
     from hkd import analysis, checkpoint, editing, experiments, metrics
     from hkd.data import digits
     from hkd.figures import write_json
@@ -162,17 +171,30 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> 
         lambda: write_store(teacher, store, trajectory_cfg, workers=workers, device=device),
     )
 
+    # Learning curves: each run stops at milestones and its one-step samples are measured there (500 noises).
+    num = 128 if quick else 500
+    shape = (num, teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    endpoint = metrics.teacher_samples(teacher, noise, 18)
+    train_cfg = config["train"]
+    total = train_cfg["epochs"] * (trajectory_cfg.num_trajectories // train_cfg["batch"])
+    total = min(total, train_cfg.get("max_steps") or total)
+    milestones = sorted({max(1, round(total * f)) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 1)})
+    curves = {}
+
     def trained(label: str, name: str, switches: list[str]):
-        """One run as a stage (hkd.experiments.trained_model): trained or resumed, or reused when done earlier."""
+        """One run as a stage, trained (or resumed) through its learning curve, or reused when done earlier."""
         cfg = configs.apply_overrides(config, [*switches, f"train.out={out / name}"])
-        model = stage(label, experiments.finished(cfg), lambda: experiments.trained_model(cfg, device=device, log=log))
-        return experiments.trained_model(cfg, device=device, log=log) if model is None else model
+        done = experiments.finished(cfg) and experiments.run_steps(cfg) >= total
+        work = lambda: experiments.learning_curve(cfg, milestones, noise, endpoint, device=device, log=log)  # noqa: E731
+        model, curves[label.split(" ", 1)[1]] = stage(label, done, work) or work()
+        return model
 
     model = trained("3/8 HKD", "hkd", [])
-    baseline = trained("4/8 one-step baseline", "baseline", ["model.koopman=false", "train.consistency=false"])
+    baseline = trained("4/8 direct regression", "baseline", ["model.koopman=false", "train.consistency=false"])
+    experiments.curve_table(curves, out / "curve")
 
     stage("5/8 samples", (out / "samples.png").is_file(), lambda: compare_samples(teacher, model, baseline, out))
-    num = 128 if quick else 500
     stage(
         "6/8 evaluation",
         (out / "eval" / "eval.md").is_file(),
@@ -185,7 +207,12 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, log) -> 
     known = digits.load(size=model.img_resolution)[0][::97][:4].to(device)
     stage("8/8 editing", (out / "edit").is_dir() and any((out / "edit").glob("*.png")),
           lambda: editing.run(model, out / "edit", num=4, known=known))  # fmt: skip
-    report = write_report(out, config, timings, quick)
+    if quality:
+        runs = {"HKD (all three)": out / "hkd", "direct regression": out / "baseline"}
+        ablation = out / "ablation"
+        work = lambda: experiments.ablate(config, teacher, out_dir=ablation, num=num, folders=runs, log=log)  # noqa: E731
+        stage("9 ablation (--quality)", (ablation / "ablation.md").is_file(), work)
+    report = write_report(out, config, timings, quick, quality)
     log(f"[demo] report: {report}")
     return report
 
@@ -222,7 +249,7 @@ def _text(path: Path) -> str:
     return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
 
 
-def write_report(out: Path, config: dict, timings: dict[str, float], quick: bool) -> Path:
+def write_report(out: Path, config: dict, timings: dict[str, float], quick: bool, quality: bool = False) -> Path:
     """report.md: sample grids, the evaluation table, the spectral analysis and the edits, with relative links."""
     from hkd.figures import atomic_write
 
@@ -235,6 +262,9 @@ def write_report(out: Path, config: dict, timings: dict[str, float], quick: bool
         "![samples](samples.png)" if (out / "samples.png").is_file() else "*(samples.png missing)*",
         "## Evaluation",
         _text(out / "eval" / "eval.md"),
+        "## Learning curve",
+        *_images(out / "curve", out),
+        _text(out / "curve" / "curve.md"),
         "## Trajectory faithfulness",
         *_images(out / "eval", out),
         _text(out / "eval" / "faithfulness.md"),
@@ -243,9 +273,14 @@ def write_report(out: Path, config: dict, timings: dict[str, float], quick: bool
         _text(out / "analysis" / "analysis.md"),
         "## Editing",
         *_images(out / "edit", out),
+        "## Ablation",
+        _text(out / "ablation" / "ablation.md")
+        if (out / "ablation" / "ablation.md").is_file()
+        else "Not run at this scale: `hkd demo --quality` trains the paper's four configurations at its budget.",
         "## Run",
         f"Stage times (s, each from the run that did the stage): "
         f"{', '.join(f'{k} {v:.0f}' for k, v in sorted(timings.items()))}; total {sum(timings.values()):.0f}.",
-        "Settings: `hkd/configs/digits.yaml` with " + ", ".join(f"`{o}`" for o in DEMO + (QUICK if quick else [])),
+        "Settings: `hkd/configs/digits.yaml` with "
+        + ", ".join(f"`{o}`" for o in DEMO + (QUICK if quick else []) + (QUALITY if quality else [])),
     ]
     return atomic_write(out / "report.md", "\n\n".join(p for p in parts if p) + "\n")

@@ -1,9 +1,11 @@
-"""Experiments that train several models: the paper's ablation (`hkd ablate`), and `trained_model`, the one way a
-run is reused when it finished, resumed when it was interrupted, or trained, that `hkd demo` and the ablation share.
+"""Experiments that train several models: the paper's ablation (`hkd ablate`), the learning curve (one-step quality
+against training steps), and `trained_model`, the one way a run is reused when it finished, resumed when it was
+interrupted, or trained, that `hkd demo` and the ablation share.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -44,6 +46,83 @@ def trained_model(config: dict, *, dataset=None, device: str | torch.device = "c
     return training.train(config, resume=resume, dataset=dataset, log=log)["ema"].eval()
 
 
+def forward_passes(config: dict, steps: int) -> int:
+    """(x_t, t) forward passes of `steps` optimiser steps: batch * s per step with the trajectory loss (s - 1
+    intermediate times + T), batch without it. The budget that makes HKD and direct regression comparable."""
+    from hkd.train import TrainConfig
+
+    cfg = section(config, "train", TrainConfig)
+    return steps * cfg.batch * (cfg.time_samples + 1 if cfg.consistency else 1)
+
+
+def run_steps(config: dict) -> int:
+    """The optimiser steps the run in train.out has taken (its checkpoint's), 0 before the first."""
+    from hkd import checkpoint
+    from hkd.train import CHECKPOINT_NAME
+
+    path = run_folder(config) / CHECKPOINT_NAME
+    return int(checkpoint.load(path)["step"]) if path.is_file() else 0
+
+
+def learning_curve(
+    config: dict, milestones: list[int], noise: torch.Tensor, endpoint: torch.Tensor, *, device="cpu", log=print
+) -> tuple[HKDModel, list[dict]]:
+    """Train the run in train.out in stages, stopping at each of `milestones` (optimiser steps; train.max_steps, so
+    the schedules still run over train.epochs), and evaluate the EMA one-step model there on `noise` against the
+    teacher's `endpoint` for the same noise. The rows (step, forward_passes, metrics) are kept in
+    train.out/curve.json as they come, so an interrupted curve resumes. The last milestone is the run's total
+    (train.epochs or train.max_steps). Returns (the final EMA model, the rows)."""
+    from hkd import train as training
+    from hkd.figures import write_json
+
+    path = run_folder(config) / "curve.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    model = None
+    for k in sorted(set(milestones)):
+        step = run_steps(config)
+        if any(row["step"] == k for row in rows) or step > k:
+            continue  # measured earlier, or passed (the model at k is gone)
+        if step == k and finished(config):  # stopped at k earlier, before its row was written
+            model = HKDModel.from_pretrained(run_folder(config) / "model", device=device).eval()
+        else:
+            staged = apply_overrides(config, [f"train.max_steps={k}"])
+            model = training.train(staged, resume=step > 0, log=log)["ema"].eval()
+        metrics = sample_metrics(one_step(model, noise), endpoint)
+        rows.append({"step": k, "forward_passes": forward_passes(config, k), **metrics})
+        write_json(path, rows)
+    return model if model is not None else trained_model(config, device=device, log=log), rows
+
+
+def curve_table(curves: dict[str, list[dict]], out_dir: str | Path, metric: str = "fd_digits") -> list[Path]:
+    """curve.md, curve.json and curve.png in out_dir: `metric` against optimiser steps and against (x_t, t) forward
+    passes, one series per named run."""
+    from hkd import figures
+
+    out_dir = Path(out_dir)
+    columns = ["run", "step", "forward_passes", metric, "mse", "feature_distance"]
+    table = [[name, *(row.get(c, float("nan")) for c in columns[1:])] for name, rows in curves.items() for row in rows]
+    text = (
+        "# Learning curve\n\nOne-step samples of each run's EMA model at its milestones (the same noise), against "
+        "the teacher's 35-evaluation endpoint for that noise (mse, feature_distance). Forward passes count the "
+        "(x_t, t) pairs the run's encoder has seen: HKD sees s times per trajectory, direct regression one.\n\n"
+        + figures.markdown_table(columns, table)
+    )
+    fig, axes = figures.plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, rows in curves.items():
+        for ax, x in zip(axes, ("step", "forward_passes"), strict=True):
+            ax.plot([r[x] for r in rows], [r[metric] for r in rows], marker="o", label=name)
+            ax.set_xlabel(x.replace("_", " "))
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+    return [
+        figures.atomic_write(out_dir / "curve.md", text + "\n"),
+        figures.write_json(out_dir / "curve.json", curves),
+        figures.save_figure(fig, out_dir / "curve.png"),
+    ]
+
+
 def ablate(
     config: dict,
     teacher,
@@ -55,12 +134,16 @@ def ablate(
     log=print,
     reference=None,
     inception_weights=None,
+    folders: dict[str, str | Path] | None = None,
 ):
     """The paper's four ablation configurations, trained with `config` (same data, steps, batch and seed: equal
     budgets) through hkd.train.train, each in out_dir/<name>/ (a finished run is reused, an interrupted one resumed),
     then evaluated on the same noise. `dataset`: trajectories for hkd.train.train (default: train.store).
     `reference`: FID reference images or statistics (needed, and checked before training, for images other than
-    the embedded digits). Returns (rows, written files)."""
+    the embedded digits). `folders`: run folders by ablation name for runs made elsewhere with the same settings
+    (hkd demo passes its HKD and baseline runs). Each row states its budget: optimiser steps and (x_t, t) forward
+    passes (the runs without the trajectory loss see one time per trajectory, the others s). Returns (rows,
+    written files)."""
     out_dir = Path(out_dir)
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     if reference is None and (shape != (1, 16, 16) or inception_weights is not None):
@@ -70,19 +153,23 @@ def ablate(
     rows = []
     for name, koopman, consistency, hierarchy, paper in ABLATION:
         run = out_dir / name.replace(" ", "_").replace(",", "").replace("+", "and").replace("(", "").replace(")", "")
+        run = Path((folders or {}).get(name, run))
         switches = [f"model.koopman={koopman}", f"model.hierarchy={hierarchy}", f"train.consistency={consistency}"]
         cfg = apply_overrides(config, [*switches, f"train.out={run}"])
         log(f"ablation: {name} ({', '.join(switches)}) -> {run}")
         model = trained_model(cfg, dataset=dataset, device=next(teacher.parameters()).device, log=log)
         row = {"name": name, "evaluations": 1, "koopman": koopman, "trajectory_loss": consistency}
         row["hierarchy"] = hierarchy
+        row["steps"] = run_steps(cfg)
+        row["forward_passes"] = forward_passes(cfg, row["steps"])
         metrics = sample_metrics(
             one_step(model, noise), endpoint, inception_weights=inception_weights, reference=reference
         )
         row.update(metrics)
         rows.append({**row, "paper_fid_cifar10": paper})
     notes = (
-        f"Equal budgets: every run uses the same train section ({_budget(config)}); {num} samples, noise seed {seed}. "
+        f"Equal steps: every run uses the same train section ({_budget(config)}); the forward passes differ (one "
+        f"(x_t, t) per trajectory without the trajectory loss, s with it). {num} samples, noise seed {seed}. "
         "paper_fid_cifar10: the paper's FID-50k on CIFAR-10 for the same switches (another scale and metric: compare "
         "the ordering, not the values). " + METRIC_NOTES
     )
