@@ -1,4 +1,4 @@
-"""dense_propagate before and after a change, side by side in one run: the workload of the dense-plan issue.
+"""dense_propagate before and after a change, side by side in one run: the "plain" workload of hkd bench dense.
 
     python benchmarks/dense_before_after.py --before DIR [--rounds 5]
 

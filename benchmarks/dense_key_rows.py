@@ -1,6 +1,6 @@
 """Rerun the key rows of `hkd bench dense` for one matrix class, single-threaded, interleaved, with process CPU time.
 
-    python benchmarks/dense_key_rows.py KIND B d TAU_MAX ROUNDS     # e.g. issue 256 256 2 5
+    python benchmarks/dense_key_rows.py KIND B d TAU_MAX ROUNDS     # e.g. plain 256 256 2 5
 
 Wall-clock minimum (median) and the minimum of time.process_time() (which leaves out the time the process waited for
 a core on a shared machine), for the plain Taylor composite and dense_propagate, forward and forward + backward.

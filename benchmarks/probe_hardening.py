@@ -39,20 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_cli_errors import CASES, make_paths  # noqa: E402 (the bad-argument table and its paths)
-
-TINY = ["teacher.model_channels=4", "teacher.channel_mult=[1]", "teacher.steps=1", "teacher.batch_size=8"]
-TINY += ["teacher.sample_grid=0", "teacher.log_every=1"]
-SOLVER = ["trajectories.num_trajectories=4", "trajectories.num_steps=2", "trajectories.shard_size=2"]
-
-
-class Plant:
-    """A pickle with a side effect: unpickling it creates the folder `marker`."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
+from test_hardening import SOLVER, Plant, train_args  # noqa: E402 (the tiny runs and the planted pickle)
+from test_hardening import TINY_TEACHER as TINY  # noqa: E402
 
 
 class WorkStarted(Exception):  # noqa: N818
@@ -93,18 +81,6 @@ def fixtures(root: Path) -> dict[str, str]:
         args = ["trajectories", "--teacher", str(root / "teacher"), "--out", str(root / "store"), "--quiet"]
         assert main([*args, "--device", "cpu", *SOLVER]) == 0
     return make_paths(root)
-
-
-def train_args(root: Path, out: Path, *extra: str) -> list[str]:
-    run = [f"train.store={root / 'store'}", f"train.teacher={root / 'teacher' / 'teacher.pt'}", f"train.out={out}"]
-    run += [
-        "train.batch=2",
-        "train.max_steps=1",
-        "train.progress=false",
-        "train.sample_count=1",
-        "train.time_samples=1",
-    ]
-    return ["train", *TINY, *SOLVER, *run, *extra]
 
 
 def flip(path: Path, offset: int) -> None:

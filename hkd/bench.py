@@ -3,7 +3,7 @@ its baseline, as ratios, in one run. Rows are timed interleaved (round-robin ove
 load on a shared machine hits every row alike. The Triton interpreter is not a timing vehicle: Triton rows appear
 only on a GPU.
 
-spectral  hkd.ops.spectral_propagate on workload W of issue 3: B = 64 (and larger B), three levels of 256 channels at
+spectral  hkd.ops.spectral_propagate on workload W: B = 64 (and larger B), three levels of 256 channels at
           32x32, 16x16, 8x8, per-position generators, per-sample tau, float32. Rows: the floor (a copy of the same
           bytes: `clone` allocates its output like the op does, `copy_` writes into a preallocated buffer), the eager
           composite (hkd.ops.reference), torch.compile of that composite (the baseline), every usable backend;
@@ -13,7 +13,7 @@ dense     hkd.ops.dense_propagate with per-sample tau_b ~ U(0, tau_max), tau_max
           the Taylor loop with a convergence test (`taylor_composite`) and one torch.linalg.matrix_exp(tau_b A) per
           sample then bmm; forward and forward + backward, each backend's action kernel also forced, scipy's
           expm_multiply (float64, one shared tau = tau_max / 2) as an outside reference point, and the relative error
-          of each against float64. First the workload of the plan's issue (256, 256, 1), A = randn / 16,
+          of each against float64. First the "plain" workload (256, 256, 1), A = randn / 16,
           tau_b ~ U(0, 2). And hkd.ops.expm against torch.linalg.matrix_exp, forward and forward + backward.
           Ratio = baseline time / row time (> 1: faster than the baseline).
 """
@@ -135,13 +135,13 @@ SCIPY_ROW = "scipy expm_multiply (shared tau, f64)"
 
 
 def dense_generator(kind: str, d: int, device=None) -> torch.Tensor:
-    """A d x d generator of one matrix class (float64); "issue": randn / 16 as it is (spectral radius ~1).
+    """A d x d generator of one matrix class (float64); "plain": randn / 16 as it is (spectral radius ~1).
     gaussian N: randn shifted so that its rightmost eigenvalue has real part 0 (exp(tau A) stays bounded for tau up
     to 80), scaled to ||A||_1 = N. skew-symmetric: every eigenvalue imaginary, ||A||_1 = 60. non-normal: upper
     triangular, diagonal in [-1, -0.1], off-diagonal entries randn * 2. hkd-like: 2x2 rotation-scaling blocks with alpha
     in [-0.05, 0] and beta in [-10, 10], in a random orthogonal basis."""
     g = torch.randn(d, d, dtype=torch.float64)
-    if kind == "issue":
+    if kind == "plain":
         A = g / 16
     elif kind.startswith("gaussian"):
         A = g - torch.linalg.eigvals(g).real.max() * torch.eye(d, dtype=torch.float64)
@@ -159,7 +159,7 @@ def dense_generator(kind: str, d: int, device=None) -> torch.Tensor:
         Q = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]
         A = Q @ blocks @ Q.T
     else:
-        raise ValueError(f"unknown matrix class {kind!r}; choose one of {MATRIX_CLASSES + ('issue',)}")
+        raise ValueError(f"unknown matrix class {kind!r}; choose one of {MATRIX_CLASSES + ('plain',)}")
     return A.to(device)
 
 
@@ -204,15 +204,15 @@ def bench_dense(
     classes=MATRIX_CLASSES,
     tau_maxes=TAU_MAXES,
     expms=((1024, 32), (256, 64)),
-    issue: bool = True,
+    plain: bool = True,
     out=print,
 ) -> None:
     """dense_propagate with per-sample tau over matrix classes, against the better plain-PyTorch composite."""
     device = torch.device(device)
     out(f"# hkd bench dense: {describe(device)}, float32; min of {repeats} interleaved rounds")
     torch.manual_seed(0)
-    if issue:
-        _class_table(256, 256, 1, ("issue",), 2.0, device, repeats, out)
+    if plain:
+        _class_table(256, 256, 1, ("plain",), 2.0, device, repeats, out)
     for B, d, P in workloads:
         for tau_max in tau_maxes:
             _class_table(B, d, P, classes, tau_max, device, repeats, out)

@@ -1,4 +1,5 @@
-"""Every file hkd writes and reads back: atomic, checksummed, pickle-free; plus resume state and run control.
+"""Every file hkd writes and reads back: atomic, checksummed, pickle-free; plus resume state and run control, and
+model folders (save_pretrained / load_pretrained: safetensors weights and a JSON config).
 
     checkpoint.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), ...,
                            "rng": checkpoint.rng_state(), "step": step})
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import random
 import secrets
@@ -31,7 +33,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from hkd.errors import CorruptFileError, MissingFileError, NonFiniteError, UserError
+from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError, UserError
 
 TMP_SUFFIX = ".hkd.tmp"
 LOCK_NAME = ".hkd.lock"
@@ -135,6 +137,21 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     return state
 
 
+RESUME_HINT = "run the same command again with --resume to continue"
+
+
+def resume_from(path: str | os.PathLike, resume: bool, where: str, map_location="cpu") -> dict[str, Any] | None:
+    """How `hkd train` and `hkd train-teacher` start: with resume, from the checkpoint at `path` (which must exist);
+    without, from scratch (and a checkpoint there is refused, never overwritten). `where` names the option or key
+    that sets the folder. Returns the loaded state, or None."""
+    path = Path(path)
+    if resume and not path.is_file():
+        raise MissingFileError(f"--resume: no checkpoint at {path}")
+    if not resume and path.is_file():
+        raise ConfigError(f"{path} exists: pass --resume to continue that run, or choose another {where}")
+    return load(path, map_location) if resume else None
+
+
 def output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
     """`path` as a folder hkd may write into, created if needed; a file in the way, a read-only place or a missing
     permission is a UserError naming `what` and the path, found before any work."""
@@ -230,3 +247,72 @@ class StopSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model folders: weights and config, as save_pretrained / from_pretrained write and read them
+
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+
+
+def save_pretrained(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """directory/model.safetensors (the state dict, with the sha256 `digest` of its tensors in the metadata) and
+    directory/config.json (`config`, a JSON object with its "format"), each atomic. Non-finite weights are refused."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in sorted(state.items())}
+    bad = nonfinite(state)
+    if bad:
+        raise NonFiniteError(f"not saving the model to {directory}: non-finite weights in {', '.join(bad[:5])}")
+    metadata = {"format": config["format"], DIGEST_KEY: digest(state)}
+    atomic_write(Path(directory) / WEIGHTS_NAME, save(state, metadata=metadata))
+    atomic_write(Path(directory) / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+
+
+def load_pretrained(directory: str | os.PathLike, kind: str, build: Callable[[dict[str, Any]], torch.nn.Module]):
+    """The module `build(config)` makes from directory/config.json (whose "format" must be `kind`), with the
+    weights of directory/model.safetensors, on the CPU. The config's tensor shapes (built on the meta device, nothing
+    allocated) are checked against the weight file's before anything is allocated, and the weights against their
+    checksum; a missing, corrupt or mismatched file is an error naming it. Only JSON and safetensors are read."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise MissingFileError(f"{path} not found (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        saved = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptFileError(f"{config_path} is corrupt: {error}") from error
+    if not isinstance(saved, dict) or saved.get("format") != kind:
+        raise CorruptFileError(f"{config_path} is not an HKD model config (format {kind!r})")
+    try:
+        with safe_open(str(weights_path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            shapes = {k: tuple(file.get_slice(k).get_shape()) for k in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CorruptFileError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build(saved).state_dict().items()}
+    _check_shapes(expected, shapes, f"{weights_path} does not match {CONFIG_NAME}")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CorruptFileError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
+    saved_digest = metadata.get(DIGEST_KEY)  # files from before checksums carry none
+    if saved_digest is not None and digest(dict(sorted(state.items()))) != saved_digest:
+        raise CorruptFileError(f"{weights_path} is corrupt: its checksum differs (altered or damaged)")
+    module = build(saved)
+    module.load_state_dict(state)
+    return module
+
+
+def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], what: str) -> None:
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [f"{k} {found[k]} != {v}" for k, v in expected.items() if k in found and found[k] != v]
+    if missing or unexpected or shapes:
+        problems = [f"missing {missing[:5]}" * bool(missing), f"unexpected {unexpected[:5]}" * bool(unexpected)]
+        problems += [f"shapes {shapes[:5]}" * bool(shapes)]
+        raise CorruptFileError(f"{what}: {'; '.join(p for p in problems if p)}")

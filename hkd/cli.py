@@ -98,13 +98,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def _device(name: str):
-    import torch
+    from hkd.config import choose_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available")
-    return torch.device(name)
+    return choose_device(name, "--device")
 
 
 def _model(path: str, device):
@@ -251,7 +247,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
 
     config, device = _config(args), _device(args.device)
     with run_lock(_out(args.out)):
-        result = train_teacher(config, args.out, device=device)
+        result = train_teacher(config, args.out, resume=args.resume, device=device)
     print(f"wrote {result['checkpoint']} (step {result['step']})")
 
 
@@ -307,9 +303,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from hkd import demo
 
-    device = _device(args.device).type if args.device != "auto" else "auto"
     scale = {"quick": args.quick, "quality": args.quality}
-    report = demo.run(args.out, **scale, fresh=args.fresh, device=device, overrides=args.overrides)
+    report = demo.run(args.out, **scale, fresh=args.fresh, device=args.device, overrides=args.overrides)
     print(f"wrote {report} (open it in any Markdown viewer)")
 
 
@@ -399,6 +394,24 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+DEVICE = dict(choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: the GPU if any)")
+
+
+def _model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HKD model folder (save_pretrained: config.json + model.safetensors)")
+
+
+def _config_options(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--config", default="digits", help="config name or YAML path (default digits)")
+    p.add_argument("overrides", nargs="*", help=f"config overrides a.b=value, e.g. {example}")
+
+
+def _fid_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file: adds FID")
+    p.add_argument("--reference", help="FID reference: an .npz of statistics (hkd fid-ref, or EDM's fid.py ref), "
+                   "an image folder, or a config whose data section names the dataset (e.g. cifar10)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
@@ -428,9 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=20")
     p.set_defaults(func=cmd_demo)
 
-    device = dict(choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: the GPU if any)")
     p = sub.add_parser("eval", help="table: teacher at 35 and few evaluations, HKD one step, one-step baseline")
-    p.add_argument("--model", required=True, help="HKD model folder (save_pretrained, e.g. RUN/model)")
+    _model_option(p)
     p.add_argument(
         "--teacher",
         required=True,
@@ -440,27 +452,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "train.consistency=false; `hkd ablate` trains it as 'direct regression')")  # fmt: skip
     p.add_argument("--num", type=count(2), default=500, help="samples per row (default 500)")
     p.add_argument("--few-steps", type=count(1), default=3, help="Euler steps (= evaluations) of the cheap teacher row")
-    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file: adds FID")
-    p.add_argument("--reference", help="FID reference: an .npz of statistics (hkd fid-ref, or EDM's fid.py ref), "
-                   "an image folder, or a config whose data section names the dataset (e.g. cifar10)")  # fmt: skip
+    _fid_options(p)
     p.add_argument("--lpips-weights", help="torchvision AlexNet ImageNet weights file: adds LPIPS to the teacher "
                    "fidelity (needs pip install 'hkd[lpips]')")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every row)")
     p.add_argument("--out", default="runs/eval", help="folder for eval.md and eval.json")
-    p.add_argument("--device", **device)
+    p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("analyze", help="spectral analysis: eigenvalues, band decodes, cumulative effect, spectra")
-    p.add_argument("--model", required=True, help="HKD model folder (save_pretrained)")
+    _model_option(p)
     p.add_argument("--num", type=count(1), default=8, help="samples to decode per band (default 8)")
     p.add_argument("--times", type=count(2), default=12, help="times from T to eps for the cumulative effect")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="runs/analysis", help="folder for the figures, analysis.md and analysis.json")
-    p.add_argument("--device", **device)
+    p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("edit", help="frequency-targeted editing (grid over r), all-band baseline, inpainting")
-    p.add_argument("--model", required=True, help="HKD model folder (save_pretrained)")
+    _model_option(p)
     p.add_argument("--band", choices=("low", "middle", "high"), default="high", help="band to swap (default high)")
     p.add_argument("--region", choices=("lower", "upper", "left", "right", "all"), default="lower",
                    help="spatial region whose components are swapped (default lower half)")  # fmt: skip
@@ -475,36 +485,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=count(1), default=4, help="images per figure (default 4)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="runs/edit", help="folder for the figures and edit.json")
-    p.add_argument("--device", **device)
+    p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("ablate", help="train and evaluate the paper's four ablation configurations, equal budgets")
-    p.add_argument("--config", default="digits", help="training config (name or YAML path; default digits)")
-    p.add_argument("overrides", nargs="*", help="config overrides a.b=value, applied to all four runs")
+    _config_options(p, "train.epochs=20 (applied to all four runs)")
     p.add_argument("--teacher", help="the teacher whose trajectories the store holds (default: train.teacher)")
     p.add_argument("--num", type=count(2), default=500, help="evaluation samples (default 500)")
     p.add_argument("--seed", type=int, default=0, help="evaluation noise seed")
     p.add_argument("--out", default="runs/ablation", help="folder for the four runs and ablation.md/json")
-    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file (FID)")
-    p.add_argument("--reference", help="FID reference (.npz statistics, image folder or config; as for eval)")
-    p.add_argument("--device", **device)
+    _fid_options(p)
+    p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_ablate)
     p = sub.add_parser("generate", help="one-step samples of a trained HKD model (PNG grid and files, optional .npz)")
-    p.add_argument("--model", required=True, help="model folder (save_pretrained: config.json + model.safetensors)")
+    _model_option(p)
     p.add_argument("--num", type=count(1), default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--trajectory", type=count(0), default=0, metavar="K", help="also K states from T to eps per sample")
     p.add_argument("--npz", action="store_true", help="also samples.npz (float32 arrays)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=count(1), default=256, help="samples per forward pass (default 256)")
-    p.add_argument("--device", **device)
+    p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("train-teacher", help="train an EDM teacher (default: the embedded digits); resumes from --out")
-    p.add_argument("--config", default="digits", help="config name or YAML path (default digits)")
-    p.add_argument("overrides", nargs="*", help="config overrides a.b=value, e.g. teacher.steps=500")
+    p = sub.add_parser("train-teacher", help="train an EDM teacher (default: the embedded digits)")
+    _config_options(p, "teacher.steps=500")
     p.add_argument("--out", default="runs/teacher", help="folder for teacher.pt and samples.png")
-    p.add_argument("--device", **device)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its teacher.pt")
+    p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_train_teacher)
 
     p = sub.add_parser("trajectories", help="write (or resume, or --verify) a sharded store of teacher trajectories")
@@ -514,20 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="store folder (an unfinished store there is completed)")
     p.add_argument("--num", type=count(1), help="number of trajectories (trajectories.num_trajectories)")
-    p.add_argument("--config", default="digits", help="config name or YAML path for the trajectories section")
-    p.add_argument("overrides", nargs="*", help="config overrides a.b=value, e.g. trajectories.shard_size=500")
+    _config_options(p, "trajectories.shard_size=500")
     p.add_argument("--workers", type=count(1), default=1, help="local worker processes (CPU); torchrun ranks add up")
     p.add_argument(
         "--max-shards", type=count(1), help="stop after this many new shards per worker (run again to go on)"
     )
     p.add_argument("--verify", metavar="DIR", help="check every shard of the store DIR against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--device", **device)
+    p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_trajectories)
 
     p = sub.add_parser("train", help="train HKD on a trajectory store (Algorithm 1); torchrun for several GPUs")
-    p.add_argument("--config", default="digits", help="config name or YAML path (default digits)")
-    p.add_argument("overrides", nargs="*", help="config overrides a.b=value, e.g. train.store=DIR train.batch=128")
+    _config_options(p, "train.store=DIR train.batch=128")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out from its checkpoint.pt")
     p.set_defaults(func=cmd_train)
 
@@ -545,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=count(0), default=0, help="timed rounds per row (default 15 spectral, 5 dense)")
     p.add_argument("--threads", type=count(0), default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the spectral op")
-    p.add_argument("--device", **device)
+    p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("explore", help="a local web app: the trajectory, bands, edits and the teacher in the browser")
@@ -553,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="also show the teacher's Heun trajectory (teacher.pt, its folder, diffusers)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port, default=7860, help="port (default 7860; 0: any free port)")
-    p.add_argument("--device", **device)
+    p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser(
@@ -589,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
         "denoised-image space, about [-1, 1]). Load a .pt2 with torch.export.load(FILE).module(); run a .onnx with "
         "ONNX Runtime (needs pip install 'hkd[export]' to write).",
     )
-    p.add_argument("--model", required=True, help="model folder (save_pretrained: config.json + model.safetensors)")
+    _model_option(p)
     p.add_argument("--format", required=True, metavar="{pt2,onnx}", help="pt2 (torch.export) or onnx")
     p.add_argument("--out", required=True, help="output file (its folder must exist)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: a fixed batch, --batch)")

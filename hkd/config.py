@@ -31,7 +31,17 @@ SECTION_MODULES = ("hkd.data", "hkd.teacher", "hkd.trajectories", "hkd.model", "
 SECTIONS: dict[str, type[Section]] = {}
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "Section", "apply_overrides", "available", "changes", "load", "section", "validate"]
+__all__ = [
+    "ConfigError",
+    "Section",
+    "apply_overrides",
+    "available",
+    "changes",
+    "choose_device",
+    "load",
+    "section",
+    "validate",
+]
 
 
 class _Loader(yaml.SafeLoader):
@@ -244,3 +254,15 @@ def to_dict(obj: Any) -> dict[str, Any]:
         return value
 
     return plain(dataclasses.asdict(obj))
+
+
+def choose_device(name: str, what: str = "--device"):
+    """The torch.device that `name` (auto, cpu or cuda; the option or config key `what`) chooses: auto is the GPU
+    when there is one, else the CPU; cuda without a GPU is a ConfigError naming `what`."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what}=cuda: no CUDA GPU is available")
+    return torch.device(name)

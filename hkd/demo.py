@@ -31,9 +31,8 @@ from hkd.errors import UserError
 
 MARKER = ".hkd-demo"
 
-# The demo's scale on top of hkd/configs/digits.yaml: about 10 minutes on 2 CPU cores. 30 epochs over 2000
-# trajectories (930 steps): at 10 epochs the one-step samples were still blurred averages (fd_digits 250 against
-# 37 at 30 epochs, the same teacher and trajectories).
+# The demo's scale on top of hkd/configs/digits.yaml: 30 epochs over 2000 trajectories (930 steps); with a third of
+# the epochs the one-step samples were still blurred averages (the measurements are in benchmarks/RESULTS.md).
 DEMO = [
     "trajectories.num_trajectories=2000",
     "trajectories.shard_size=500",
@@ -107,9 +106,7 @@ def run(
     if quick and quality:
         raise UserError("--quick and --quality: choose one")
     config = settings(out, quick, list(overrides), quality)
-    device = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    device = configs.choose_device(device, "--device")
     config = configs.validate(configs.apply_overrides(config, [f"train.device={device.type}"]))
     if out.is_symlink():
         raise UserError(f"--out {out} is a symbolic link: give the folder itself")
@@ -152,7 +149,12 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
     def teacher_done() -> bool:
         return teacher_ckpt.is_file() and checkpoint.load(teacher_ckpt)["step"] >= steps
 
-    stage("1/8 teacher", teacher_done(), lambda: train_teacher(config, out / "teacher", device=device, log=log))
+    resume = teacher_ckpt.is_file()
+    stage(
+        "1/8 teacher",
+        teacher_done(),
+        lambda: train_teacher(config, out / "teacher", resume=resume, device=device, log=log),
+    )
     teacher = load_teacher(teacher_ckpt, device=device)
 
     store = out / "trajectories"

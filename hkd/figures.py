@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from hkd.checkpoint import atomic_write  # noqa: E402 (also hkd.figures.atomic_write, as before)
+from hkd.data.images import tile_array  # noqa: E402
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
@@ -31,15 +32,8 @@ def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Pat
 
 def tile(images: Tensor, nrow: int = 8, padding: int = 1) -> np.ndarray:
     """Images (N, C, H, W) in [-1, 1] as one (H', W') or (H', W', 3) array in [0, 1] for imshow (white padding)."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
-    n, c, h, w = x.shape
-    ncol = min(nrow, n)
-    rows = -(-n // ncol)
-    grid = np.ones((c, rows * (h + padding) + padding, ncol * (w + padding) + padding), np.float32)
-    for i in range(n):
-        top, left = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
-        grid[:, top : top + h, left : left + w] = x[i]
-    return grid[0] if c == 1 else grid.transpose(1, 2, 0)
+    grid = tile_array(((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy(), nrow, padding, fill=1.0)
+    return grid[0] if len(grid) == 1 else grid.transpose(1, 2, 0)
 
 
 def show_images(ax: plt.Axes, images: Tensor, title: str = "", nrow: int = 8) -> None:

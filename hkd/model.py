@@ -22,7 +22,6 @@ Choices (where the paper is silent):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -34,11 +33,11 @@ from torch import Tensor, nn
 from hkd import checkpoint
 from hkd.config import Section, section, to_dict
 from hkd.edm import EDMPrecond, preconditioning
-from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError
+from hkd.errors import ConfigError
 from hkd.propagator import HKDPropagator
-from hkd.unet import UNet
+from hkd.unet import ARCHITECTURE, UNet, architecture
 
-WEIGHTS_NAME, CONFIG_NAME, FORMAT = "model.safetensors", "config.json", "hkd-model"
+FORMAT = "hkd-model"
 CLOCKS = ("identity", "log")
 GENERATOR_INITS = ("zero", "spread")
 
@@ -93,9 +92,6 @@ class ModelConfig(Section, name="model"):
         self.require(self.backend in ("auto", *BACKENDS), "backend", f"one of auto, {', '.join(BACKENDS)}")
 
 
-UNET_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "stem_channels")
-
-
 class TeacherSplitError(TypeError, ValueError):
     """from_teacher cannot use this teacher's network as HKD's encoder and decoder (raised before any work)."""
 
@@ -106,8 +102,7 @@ class HKDModel(nn.Module):
         self.config = config
         self.img_resolution, self.img_channels = config.img_resolution, config.img_channels
         self.T, self.eps, self.sigma_data = config.sigma_max, config.sigma_min, config.sigma_data
-        unet_args = {name: getattr(config, name) for name in UNET_FIELDS}
-        self.net = UNet(config.img_resolution, config.img_channels, config.img_channels, **unet_args)
+        self.net = UNet(config.img_resolution, config.img_channels, config.img_channels, **architecture(config))
         self.propagator = HKDPropagator(
             self.net.latent_shapes, config.generator, config.per_position, config.backend, config.band_reading
         )
@@ -248,7 +243,7 @@ class HKDModel(nn.Module):
             raise TeacherSplitError(
                 "from_teacher needs an unconditional teacher UNet with embed_noise=True and in_channels == out_channels"
             )
-        found = {name: net.architecture[name] for name in UNET_FIELDS}
+        found = {name: net.architecture[name] for name in ARCHITECTURE}
         found |= dict(img_resolution=net.img_resolution, img_channels=net.in_channels)
         if hasattr(teacher, "sigma_data"):
             found["sigma_data"] = teacher.sigma_data
@@ -265,67 +260,16 @@ class HKDModel(nn.Module):
         return model.to(next(net.parameters()).device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """directory/model.safetensors (weights, with the sha256 `checkpoint.digest` of the tensors in its
-        metadata) and directory/config.json (format and model config), each atomic. Non-finite weights are refused."""
-        from safetensors.torch import save
-
-        state = {k: v.detach().cpu().contiguous() for k, v in sorted(self.state_dict().items())}
-        bad = checkpoint.nonfinite(state)
-        if bad:
-            raise NonFiniteError(f"not saving the model to {directory}: non-finite weights in {', '.join(bad[:5])}")
-        config = json.dumps({"format": FORMAT, "version": 1, "model": to_dict(self.config)}, indent=2)
-        metadata = {"format": FORMAT, checkpoint.DIGEST_KEY: checkpoint.digest(state)}
-        checkpoint.atomic_write(Path(directory) / WEIGHTS_NAME, save(state, metadata=metadata))
-        checkpoint.atomic_write(Path(directory) / CONFIG_NAME, config + "\n")
+        """directory/model.safetensors and directory/config.json (format and model config), as
+        hkd.checkpoint.save_pretrained writes them."""
+        config = {"format": FORMAT, "version": 1, "model": to_dict(self.config)}
+        checkpoint.save_pretrained(directory, self.state_dict(), config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> HKDModel:
-        """The model written by save_pretrained. The config's sizes are checked against the weight file's tensor
-        shapes before anything is allocated, and the weights against their checksum; a missing, corrupt or
-        mismatched file is an error naming it. Nothing from the files is executed (JSON and safetensors only)."""
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise MissingFileError(f"{path} not found (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            saved = json.loads(config_path.read_text())
-        except (ValueError, UnicodeDecodeError) as error:
-            raise CorruptFileError(f"{config_path} is corrupt: {error}") from error
-        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-            raise CorruptFileError(f"{config_path} is not an HKD model config (format {FORMAT!r})")
-        config = section(saved, "model", ModelConfig)
-        try:
-            with safe_open(str(weights_path), framework="pt") as file:
-                metadata = file.metadata() or {}
-                shapes = {k: tuple(file.get_slice(k).get_shape()) for k in file.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CorruptFileError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
-        with torch.device("meta"):  # the config's tensor shapes, nothing allocated
-            expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
-        _check_shapes(expected, shapes, f"{weights_path} does not match {CONFIG_NAME}")
-        try:
-            state = load_file(str(weights_path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CorruptFileError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
-        saved_digest = metadata.get(checkpoint.DIGEST_KEY)  # files from before checksums carry none
-        if saved_digest is not None and checkpoint.digest(dict(sorted(state.items()))) != saved_digest:
-            raise CorruptFileError(f"{weights_path} is corrupt: its checksum differs (altered or damaged)")
-        model = cls(config)
-        model.load_state_dict(state)
+        """The model written by save_pretrained, checked and loaded by hkd.checkpoint.load_pretrained."""
+        model = checkpoint.load_pretrained(directory, FORMAT, lambda saved: cls(section(saved, "model", ModelConfig)))
         return model.to(device)
-
-
-def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], what: str) -> None:
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    shapes = [f"{k} {found[k]} != {v}" for k, v in expected.items() if k in found and found[k] != v]
-    if missing or unexpected or shapes:
-        problems = [f"missing {missing[:5]}" * bool(missing), f"unexpected {unexpected[:5]}" * bool(unexpected)]
-        problems += [f"shapes {shapes[:5]}" * bool(shapes)]
-        raise CorruptFileError(f"{what}: {'; '.join(p for p in problems if p)}")
 
 
 def _plain(value):

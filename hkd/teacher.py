@@ -32,6 +32,7 @@ from hkd.config import Section, section, to_dict
 from hkd.data import DataConfig, load_dataset
 from hkd.edm import EDMPrecond, edm_loss, edm_noise, ema_halflife_decay, ema_update, heun_sampler, sigma_column
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, RunStopped, UserError
+from hkd.unet import UNet, architecture
 
 CHECKPOINT_NAME = "teacher.pt"
 
@@ -80,23 +81,13 @@ class TeacherConfig(Section, name="teacher"):
             raise ConfigError(f"teacher.micro_batch = {micro} must divide teacher.batch_size = {self.batch_size}")
 
 
-ARCHITECTURE = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "sigma_data")
+# What fixes a teacher's network: the U-Net fields of the section, and sigma_data (resume checks it, the hash covers it)
+ARCHITECTURE = (*architecture(TeacherConfig()), "sigma_data")
 
 
 def build_net(data: DataConfig, cfg: TeacherConfig) -> EDMPrecond:
-    from hkd.unet import UNet
-
-    net = UNet(
-        data.resolution,
-        data.channels,
-        data.channels,
-        model_channels=cfg.model_channels,
-        channel_mult=tuple(cfg.channel_mult),
-        num_blocks=cfg.num_blocks,
-        attn_resolutions=tuple(cfg.attn_resolutions),
-        dropout=cfg.dropout,
-    )
-    return EDMPrecond(net, cfg.sigma_data)
+    """The teacher's denoiser: EDM preconditioning around the U-Net of the section's architecture."""
+    return EDMPrecond(UNet(data.resolution, data.channels, data.channels, **architecture(cfg)), cfg.sigma_data)
 
 
 def _batches(dataset, batch_size: int, seed: int, step: int):
@@ -118,9 +109,10 @@ def _batches(dataset, batch_size: int, seed: int, step: int):
 
 
 def train_teacher(
-    config: dict[str, Any], out_dir: str | Path, *, device: str | torch.device = "cpu", log=print
+    config: dict[str, Any], out_dir: str | Path, *, resume: bool = False, device: str | torch.device = "cpu", log=print
 ) -> dict[str, Any]:
-    """Train an EDM teacher on the `data` section's images; resume from out_dir/teacher.pt when it exists.
+    """Train an EDM teacher on the `data` section's images. resume=True continues from out_dir/teacher.pt (which must
+    exist; without resume it must not), as hkd.train.train does.
 
     The checkpoint (written atomically every `checkpoint_every` steps, at the end, and on SIGTERM/SIGINT) holds the
     network, its EMA, the optimizer, the step, the RNG states and the config. Returns {"checkpoint": path,
@@ -130,14 +122,14 @@ def train_teacher(
     out_dir = Path(out_dir)
     path = out_dir / CHECKPOINT_NAME
     saved_config = {"data": to_dict(data), "teacher": to_dict(cfg)}
+    state = checkpoint.resume_from(path, resume, "--out")
     torch.manual_seed(cfg.seed)
     dataset = load_dataset(data)
     denoiser = build_net(data, cfg).to(device).train()
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
     step, losses = 0, []
-    if path.exists():
-        state = checkpoint.load(path)
+    if state is not None:
         old = state["config"]
         changed = [k for k in ARCHITECTURE if old["teacher"][k] != saved_config["teacher"][k]]
         changed += [f"data.{k}" for k in old["data"] if old["data"][k] != saved_config["data"][k]]
@@ -202,7 +194,8 @@ def train_teacher(
         save()
     if stop.requested is not None:
         name = signal.Signals(stop.requested).name
-        raise RunStopped(f"stopped by {name} at step {step}: {path} written; run again to resume", stop.requested)
+        message = f"stopped by {name} at step {step}: {path} written; {checkpoint.RESUME_HINT}"
+        raise RunStopped(message, stop.requested)
     if cfg.sample_grid:
         from hkd.data.images import save_grid
 

@@ -58,7 +58,7 @@ from hkd import checkpoint
 from hkd import config as configs
 from hkd.config import Section, section, to_dict
 from hkd.edm import ema_update
-from hkd.errors import ConfigError, MissingFileError, NonFiniteError, RunStopped, UserError
+from hkd.errors import ConfigError, NonFiniteError, RunStopped, UserError
 from hkd.losses import PERCEPTUAL, Distance, decoded_trajectory, lambda1_schedule, latent_consistency
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -197,8 +197,7 @@ def trajectory_loss(
         return distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).mean()
     x_hat, latents = model(x_t, t, return_latents=True)
     loss = distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).reshape(-1, index.shape[1])
-    loss = loss.mean(1)
-    hkd = getattr(model, "module", model)
+    loss, hkd = loss.mean(1), getattr(model, "module", model)
     if lambda3 > 0:
         loss = loss + lambda3 * latent_consistency(hkd, latents, t, index.shape[1])
     if lambda4 > 0 and index.shape[1] > 1:
@@ -271,9 +270,7 @@ def train_step(
 def _distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); starts the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA GPU is available")
+    cuda = configs.choose_device(device, "train.device").type == "cuda"
     if world > 1 and not dist.is_initialized():
         try:
             dist.init_process_group("nccl" if cuda else "gloo")
@@ -407,26 +404,70 @@ class _Log:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loop
+# Checkpoint state
 
 
-def train(
-    config: dict[str, Any],
-    *,
-    resume: bool = False,
-    model: nn.Module | None = None,
-    dataset=None,
-    log=print,
-) -> dict[str, Any]:
-    """Train HKD as configured (`train:` section, plus `model:` when `model` is not given). `dataset` items are dicts
-    with "states" (K, C, H, W) and "times" (K,) (default: the store at train.store). Returns {"step", "checkpoint",
-    "losses": [(step, mean loss since the previous log row)], "skipped", "model", "ema", "rank"}; rank 0's run folder
-    holds the rest. Rank 0 locks train.out for the run. A SIGTERM/SIGINT stop writes the checkpoint, then raises
-    RunStopped (continue with resume=True)."""
-    cfg = section(config, "train", TrainConfig)
-    first = int(os.environ.get("RANK", "0")) == 0
-    with checkpoint.run_lock(checkpoint.output_folder(cfg.out, "train.out")) if first else contextlib.nullcontext():
-        return _train(config, cfg, resume, model, dataset, log)
+@dataclasses.dataclass
+class RunState:
+    """What a checkpoint holds besides the config: weights, optimiser, schedules and counters (`running`, `count`:
+    the loss sum and number of steps since the last log row)."""
+
+    model: nn.Module
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    skipped: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+    running: float = 0.0
+    count: int = 0
+
+
+def checkpoint_state(config: dict[str, Any], run: RunState, steps_per_epoch: int) -> dict[str, Any]:
+    """The checkpoint of `run`: everything an exact resume needs, the RNG states included."""
+    return {
+        "format": "hkd-train",
+        "config": config,
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": checkpoint.rng_state(),
+        "step": run.step,
+        "epoch": run.step // steps_per_epoch,
+        "skipped": run.skipped,
+        "losses": run.losses,
+        "running": (run.running, run.count),
+    }
+
+
+def restore(run: RunState, state: dict[str, Any]) -> None:
+    """Load a checkpoint_state into `run` (and the RNG states)."""
+    run.model.load_state_dict(state["model"])
+    run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(state["rng"])
+    run.step, run.skipped, run.losses = state["step"], state["skipped"], [tuple(x) for x in state["losses"]]
+    run.running, run.count = state["running"]
+
+
+def _last_good(path: Path) -> str:
+    return f"{path} (step {checkpoint.load(path)['step']})" if path.exists() else "none yet"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """checkpoint.save; non-finite weights are a NonFiniteLoss naming the last good checkpoint, which is kept."""
+    try:
+        checkpoint.save(path, state)
+    except NonFiniteError as error:
+        raise NonFiniteLoss(
+            f"the weights are not finite at step {state['step']} ({error}); the last good checkpoint is "
+            f"{_last_good(path)}. Lower train.lr, set train.grad_clip or use train.precision=fp32"
+        ) from None
 
 
 def _resume_changes(saved: dict[str, Any], config: dict[str, Any], path: Path) -> None:
@@ -442,37 +483,59 @@ def _resume_changes(saved: dict[str, Any], config: dict[str, Any], path: Path) -
         )
 
 
-def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[str, Any]:
-    rank, world, device = _distributed(cfg.device)
-    log = log if rank == 0 else (lambda line: None)
-    if cfg.batch % world:
-        raise ConfigError(f"train.batch = {cfg.batch} must be divisible by the number of processes ({world})")
-    rounds = accumulation_rounds(cfg.batch, cfg.micro_batch, world)
-    if cfg.precision != "fp32" and device.type != "cuda":
-        raise ConfigError(f"train.precision={cfg.precision} needs a GPU; use fp32 on the CPU")
-    out = Path(cfg.out)
-    path = out / CHECKPOINT_NAME
-    if resume and not path.is_file():
-        raise MissingFileError(f"--resume: no checkpoint at {path}")
-    if not resume and path.is_file():
-        raise ConfigError(f"{path} exists: pass --resume to continue that run, or choose another train.out")
-    saved = checkpoint.load(path, map_location=device) if resume else None
-    if saved is not None:
-        _resume_changes(saved["config"], config, path)
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    distance = Distance(cfg.perceptual, cfg.lambda2, cfg.lpips_net, cfg.lpips_weights, cfg.lpips_resize).to(device)
-    if cfg.online and cfg.teacher is None:
-        raise ConfigError("train.online=true draws trajectories from the teacher: set train.teacher")
+
+def _stream(batches, step: int, steps_per_epoch: int):
+    """The batches of steps step, step + 1, ...: epoch after epoch, from the position of `step` in its epoch."""
+    epoch, position = divmod(step, steps_per_epoch)
+    while True:
+        yield from batches.epoch(epoch, position)
+        epoch, position = epoch + 1, 0
+
+
+def _stop_requested(stop: checkpoint.StopSignal, world: int, device: torch.device) -> bool:
+    """Whether a SIGTERM/SIGINT reached any rank (all ranks then stop at the same step)."""
+    flag = torch.tensor(float(stop.requested is not None), device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def _log_mean(run: RunState, world: int, device: torch.device) -> float:
+    """The mean loss since the last log row over every rank (each rank's local mean: their average is the global
+    batch's mean); appended to run.losses, and the running sums restart."""
+    if world > 1:
+        totals = torch.tensor([run.running, run.count], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        run.running, run.count = float(totals[0]), int(totals[1])
+    mean = run.running / max(run.count, 1)
+    run.losses.append((run.step, mean))
+    run.running, run.count = 0.0, 0
+    return mean
+
+
+def _save_samples(ema: nn.Module, first: tuple[Tensor, Tensor], cfg: TrainConfig, path: Path, device) -> None:
+    """One-step samples of the EMA model from fixed noise (train.seed), as a PNG grid."""
+    from hkd.data.images import save_grid
+
+    states, times = first
+    noise = torch.randn(cfg.sample_count, *states.shape[2:], generator=torch.Generator().manual_seed(cfg.seed))
+    noise = noise.to(device)
+    with torch.no_grad():
+        images = ema.generate(noise) if hasattr(ema, "generate") else ema(noise * times.max(), times.max())
+    save_grid(images, path, nrow=int(math.sqrt(cfg.sample_count)), scale=2)
+
+
+def _prepare(config, cfg: TrainConfig, model, dataset, rank: int, world: int, device: torch.device):
+    """(this rank's batches, the RunState at step 0, the network to train: the model, or its DDP wrapper, and the
+    teacher: loaded when the model starts from it, the data come from it, or lambda4 compares with it)."""
     teacher = None
     if cfg.teacher is not None and (model is None or dataset is None or cfg.lambda4 > 0):
         from hkd.teacher import load_teacher
 
         teacher = load_teacher(cfg.teacher, device if cfg.online else "cpu")
-    if cfg.lambda4 > 0 and teacher is None:
-        raise ConfigError("train.lambda4 > 0 compares with the teacher's denoised estimates: set train.teacher")
     raw = build_model(config, teacher) if model is None else model
     if teacher is not None:  # after build_model: the model's U-Net starts as a copy of the teacher's, trainable
         teacher.requires_grad_(False).eval()
@@ -495,163 +558,137 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
     optimizer = torch.optim.Adam(raw.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return batches, RunState(raw, ema, optimizer, scheduler, scaler), net, teacher
+
+
+def train(
+    config: dict[str, Any],
+    *,
+    resume: bool = False,
+    model: nn.Module | None = None,
+    dataset=None,
+    log=print,
+) -> dict[str, Any]:
+    """Train HKD as configured (`train:` section, plus `model:` when `model` is not given). `dataset` items are dicts
+    with "states" (K, C, H, W) and "times" (K,) (default: the store at train.store). Returns {"step", "checkpoint",
+    "losses": [(step, mean loss since the previous log row)], "skipped", "model", "ema", "rank"}; rank 0's run folder
+    holds the rest. Rank 0 locks train.out for the run. resume=True continues the run in train.out from its
+    checkpoint (which must exist; without resume it must not). A SIGTERM/SIGINT stop writes the checkpoint, then
+    raises RunStopped (continue with resume=True)."""
+    cfg = section(config, "train", TrainConfig)
+    first = int(os.environ.get("RANK", "0")) == 0
+    with checkpoint.run_lock(checkpoint.output_folder(cfg.out, "train.out")) if first else contextlib.nullcontext():
+        return _train(config, cfg, resume, model, dataset, log)
+
+
+def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[str, Any]:
+    # Setup: processes, the checks that need no work, then data, model, optimiser.
+    rank, world, device = _distributed(cfg.device)
+    log = log if rank == 0 else (lambda line: None)
+    if cfg.batch % world:
+        raise ConfigError(f"train.batch = {cfg.batch} must be divisible by the number of processes ({world})")
+    rounds = accumulation_rounds(cfg.batch, cfg.micro_batch, world)
+    if cfg.precision != "fp32" and device.type != "cuda":
+        raise ConfigError(f"train.precision={cfg.precision} needs a GPU; use fp32 on the CPU")
+    if cfg.online and cfg.teacher is None:
+        raise ConfigError("train.online=true draws trajectories from the teacher: set train.teacher")
+    if cfg.lambda4 > 0 and cfg.teacher is None:
+        raise ConfigError("train.lambda4 > 0 compares with the teacher's denoised estimates: set train.teacher")
+    out = Path(cfg.out)
+    path = out / CHECKPOINT_NAME
+    saved = checkpoint.resume_from(path, resume, "train.out", map_location=device)
+    if saved is not None:
+        _resume_changes(saved["config"], config, path)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    distance = Distance(cfg.perceptual, cfg.lambda2, cfg.lpips_net, cfg.lpips_weights, cfg.lpips_resize).to(device)
+    batches, run, net, teacher = _prepare(config, cfg, model, dataset, rank, world, device)
+    raw, ema, optimizer = run.model, run.ema, run.optimizer
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     steps_per_epoch = batches.steps_per_epoch
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     intermediate = cfg.time_samples if cfg.consistency else 0
 
-    step, skipped, losses, running, count = 0, 0, [], 0.0, 0  # running, count: loss sum since the last log row
+    # Resume: weights, optimiser, schedules, counters and RNG states from the checkpoint.
     if saved is not None:
-        state = saved
-        raw.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step, skipped, losses = state["step"], state["skipped"], [tuple(x) for x in state["losses"]]
-        running, count = state["running"]
-        log(f"resumed from {path} at step {step} (epoch {step // steps_per_epoch})")
-
-    def save() -> None:
-        if rank == 0:
-            state = {
-                "format": "hkd-train",
-                "config": config,
-                "model": raw.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": checkpoint.rng_state(),
-                "step": step,
-                "epoch": step // steps_per_epoch,
-                "skipped": skipped,
-                "losses": losses,
-                "running": (running, count),
-            }
-            try:
-                checkpoint.save(path, state)
-            except NonFiniteError as error:
-                last = f"{path} (step {checkpoint.load(path)['step']})" if path.exists() else "none yet"
-                raise NonFiniteLoss(
-                    f"the weights are not finite at step {step} ({error}); the last good checkpoint is {last}. "
-                    "Lower train.lr, set train.grad_clip or use train.precision=fp32"
-                ) from None
-
-    def samples() -> None:
-        if rank != 0:
-            return
-        from hkd.data.images import save_grid
-
-        states, times = batches.first
-        generator = torch.Generator().manual_seed(cfg.seed)
-        noise = torch.randn(cfg.sample_count, *states.shape[2:], generator=generator).to(device)
-        with torch.no_grad():
-            images = ema.generate(noise) if hasattr(ema, "generate") else ema(noise * times.max(), times.max())
-        save_grid(images, out / "samples" / f"step_{step:08d}.png", nrow=int(math.sqrt(cfg.sample_count)), scale=2)
-
-    logger = None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        logger = _Log(out, step)
+        restore(run, saved)
+        log(f"resumed from {path} at step {run.step} (epoch {run.step // steps_per_epoch})")
+    logger = _Log(out, run.step) if rank == 0 else None
     progress = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=total, initial=step, desc="hkd train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        progress = tqdm(
+            total=total, initial=run.step, desc="hkd train", unit="step", file=sys.stderr, dynamic_ncols=True
+        )
 
-    last_log = time.perf_counter()
+    # The loop: one optimiser step per batch, until the step budget is spent or a signal stops every rank.
+    last_log, stopped = time.perf_counter(), False
     net.train()
-    stop_flag = torch.zeros((), device=device)
+    stream = _stream(batches, run.step, steps_per_epoch)
     with checkpoint.StopSignal() as stop:
-        while step < total:
-            epoch, position = divmod(step, steps_per_epoch)
-            for item in batches.epoch(epoch, position):
-                states, times = (x.to(device, torch.float32, non_blocking=True) for x in _trajectories(item))
-                # the times of the whole global batch from (seed, step); this rank's rows, as the sampler splits data
-                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-                u = torch.rand(cfg.batch, intermediate, generator=generator, dtype=torch.float64)[rank::world]
-                lambda1 = lambda1_schedule(step / steps_per_epoch, cfg.epochs, cfg.lambda1_start, cfg.lambda1_end)
+        while run.step < total and not stopped:
+            states, times = (x.to(device, torch.float32, non_blocking=True) for x in _trajectories(next(stream)))
+            # the times of the whole global batch from (seed, step); this rank's rows, as the sampler splits data
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.step)
+            u = torch.rand(cfg.batch, intermediate, generator=generator, dtype=torch.float64)[rank::world]
+            lambda1 = lambda1_schedule(run.step / steps_per_epoch, cfg.epochs, cfg.lambda1_start, cfg.lambda1_end)
 
-                # Optimiser step: gradients accumulated over the micro-batches (times split with their trajectories).
-                loss_fn = functools.partial(
-                    trajectory_loss,
-                    distance=distance,
-                    lambda1=lambda1,
-                    mode=cfg.time_sampling,
-                    lambda3=cfg.lambda3,
-                    lambda4=cfg.lambda4,
-                    teacher=teacher,
+            # Optimiser step: gradients accumulated over the micro-batches (times split with their trajectories).
+            loss_fn = functools.partial(
+                trajectory_loss, distance=distance, lambda1=lambda1, mode=cfg.time_sampling, lambda3=cfg.lambda3,
+                lambda4=cfg.lambda4, teacher=teacher,
+            )  # fmt: skip
+            value, finite, grad_norm = train_step(
+                net, optimizer, split_batch((states, times, u.to(device)), rounds), loss_fn,
+                scaler=run.scaler, grad_clip=cfg.grad_clip, autocast=autocast,
+            )  # fmt: skip
+            if not finite and cfg.on_nonfinite == "stop":
+                raise NonFiniteLoss(
+                    f"the loss is {value} at step {run.step} (epoch {run.step // steps_per_epoch}); the last good "
+                    f"checkpoint is {_last_good(path)}. Lower train.lr, set train.grad_clip, use train.precision=fp32, "
+                    "or set train.on_nonfinite=skip"
                 )
-                micro_batches = split_batch((states, times, u.to(device)), rounds)
-                value, finite, grad_norm = train_step(
-                    net, optimizer, micro_batches, loss_fn, scaler=scaler, grad_clip=cfg.grad_clip, autocast=autocast
-                )
-                if not finite:
-                    if cfg.on_nonfinite == "stop":
-                        last = f"{path} (step {checkpoint.load(path)['step']})" if path.exists() else "none yet"
-                        raise NonFiniteLoss(
-                            f"the loss is {value} at step {step} (epoch {epoch}); the last good checkpoint "
-                            f"is {last}. Lower train.lr, set train.grad_clip, use train.precision=fp32, or set "
-                            "train.on_nonfinite=skip"
-                        )
-                    skipped += 1
-                else:
-                    ema_update(ema, raw, cfg.ema)
-                    running, count = running + value, count + 1
+            if finite:
+                ema_update(ema, raw, cfg.ema)
+                run.running, run.count = run.running + value, run.count + 1
+            run.skipped += not finite
 
-                # Bookkeeping: schedule, log, samples, checkpoint.
-                step += 1
-                if step % steps_per_epoch == 0:
-                    scheduler.step()
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{value:.4f}", epoch=step // steps_per_epoch, refresh=False)
-                if step % cfg.log_every == 0 or step == total:
-                    if world > 1:  # every rank's local mean: their average is the global batch's mean
-                        totals = torch.tensor([running, count], dtype=torch.float64, device=device)
-                        dist.all_reduce(totals)
-                        running, count = float(totals[0]), int(totals[1])
-                    mean = running / max(count, 1)
-                    losses.append((step, mean))
-                    now = time.perf_counter()
-                    if logger is not None:
-                        row = dict(step=step, epoch=step / steps_per_epoch, loss=mean, lambda1=lambda1)
-                        row.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, skipped=skipped)
-                        logger.write({**row, "seconds": now - last_log})
-                    running, count, last_log = 0.0, 0, now
-                if cfg.sample_every and step % cfg.sample_every == 0:
-                    samples()
-                stop_flag.fill_(stop.requested is not None)
-                if world > 1:
-                    dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
-                if step % cfg.checkpoint_every == 0 or step == total or stop_flag:
-                    save()
-                if stop_flag or step == total:
-                    break
-            if stop_flag:
-                break
+            # Bookkeeping: schedule, progress, log, samples.
+            run.step += 1
+            if run.step % steps_per_epoch == 0:
+                run.scheduler.step()
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{value:.4f}", epoch=run.step // steps_per_epoch, refresh=False)
+            if run.step % cfg.log_every == 0 or run.step == total:
+                mean, now = _log_mean(run, world, device), time.perf_counter()
+                if logger is not None:
+                    row = dict(step=run.step, epoch=run.step / steps_per_epoch, loss=mean, lambda1=lambda1)
+                    row.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, skipped=run.skipped)
+                    logger.write({**row, "seconds": now - last_log})
+                last_log = now
+            if cfg.sample_every and run.step % cfg.sample_every == 0 and rank == 0:
+                _save_samples(ema, batches.first, cfg, out / "samples" / f"step_{run.step:08d}.png", device)
+
+            # Checkpoint: every checkpoint_every steps, at the end, and when a signal stops the run.
+            stopped = _stop_requested(stop, world, device)
+            if (run.step % cfg.checkpoint_every == 0 or run.step == total or stopped) and rank == 0:
+                save_checkpoint(path, checkpoint_state(config, run, steps_per_epoch))
+    stream.close()
     if progress is not None:
         progress.close()
-    if not stop_flag and rank == 0:
-        samples()
+    if not stopped and rank == 0:
+        _save_samples(ema, batches.first, cfg, out / "samples" / f"step_{run.step:08d}.png", device)
         if hasattr(ema, "save_pretrained"):
             ema.save_pretrained(out / "model")
     if logger is not None:
         logger.close()
     if world > 1:
         dist.barrier()
-    if stop_flag:
+    if stopped:
         signum = stop.requested or signal.SIGTERM
-        raise RunStopped(f"stopped by {signal.Signals(signum).name} at step {step}: {path} written; run again "
-                         "to continue (hkd train: with --resume)", signum)  # fmt: skip
-    return {
-        "step": step,
-        "checkpoint": path,
-        "losses": losses,
-        "skipped": skipped,
-        "model": raw,
-        "ema": ema,
-        "rank": rank,
-    }
+        name = signal.Signals(signum).name
+        raise RunStopped(f"stopped by {name} at step {run.step}: {path} written; {checkpoint.RESUME_HINT}", signum)
+    return dict(step=run.step, checkpoint=path, losses=run.losses, skipped=run.skipped, model=raw, ema=ema, rank=rank)

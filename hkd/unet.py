@@ -102,6 +102,15 @@ class ResBlock(nn.Module):
         return x
 
 
+# The U-Net's architecture: the constructor arguments beyond image size and channels that a config section sets
+ARCHITECTURE = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "stem_channels")
+
+
+def architecture(section) -> dict:
+    """The ARCHITECTURE fields that a config section (model, teacher) has, as UNet keyword arguments."""
+    return {name: getattr(section, name) for name in ARCHITECTURE if hasattr(section, name)}
+
+
 class UNet(nn.Module):
     """DDPM++-style U-Net: `forward(x, noise_labels)`, noise_labels (B,) = EDM c_noise = ln(sigma) / 4.
 

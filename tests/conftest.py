@@ -39,7 +39,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def classifier_cache(tmp_path_factory):
-    """A fresh cache folder for the digits classifier: trained once per test module (about 2 s) and written there."""
+    """A fresh cache folder for the digits classifier: trained once per test module and written there."""
     from hkd import metrics
 
     mp = pytest.MonkeyPatch()
@@ -47,3 +47,23 @@ def classifier_cache(tmp_path_factory):
     mp.setattr(metrics, "_CLASSIFIER", None)
     yield
     mp.undo()
+
+
+@pytest.fixture
+def tiny_diffusers_unet():
+    """A factory of a tiny diffusers UNet2DModel (1 channel, 8x8); calling it skips the test without diffusers."""
+
+    def make():
+        diffusers = pytest.importorskip("diffusers")
+        return diffusers.UNet2DModel(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            norm_num_groups=4,
+        )
+
+    return make

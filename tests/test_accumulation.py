@@ -11,29 +11,21 @@ import socket
 
 import pytest
 import torch
+from test_train import MODEL, assert_same, parameters
 from torch import nn
 
 from hkd import checkpoint, cli, config, train
+from hkd.edm import time_steps
 from hkd.errors import RunStopped
 from hkd.propagator import HKDPropagator
 from hkd.teacher import TeacherConfig, train_teacher
 
-MODEL = dict(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1, 2], num_blocks=1)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def edm_grid(steps: int = 6, dtype=torch.float64) -> torch.Tensor:
-    """A store's time grid: EDM's rho = 7 grid from T = 80 to eps = 0.002, then t = 0 (x_eps)."""
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    grid = (80 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
-    return torch.cat([grid, torch.zeros(1, dtype=torch.float64)]).to(dtype)
 
 
 def trajectories(count: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """(states (B, K, 1, 8, 8), times (B, K)): x_t = x_0 + t n, the PF-ODE of a point mass at x_0."""
-    times = edm_grid(dtype=dtype)
+    times = time_steps(6).to(dtype)  # a store's grid: EDM's from T = 80 to eps = 0.002, then t = 0 (x_eps)
     x0, noise = torch.rand(count, 1, 1, 8, 8, dtype=dtype) * 2 - 1, torch.randn(count, 1, 1, 8, 8, dtype=dtype)
     return x0 + times[None, :, None, None, None] * noise, times.expand(count, -1)
 
@@ -96,13 +88,6 @@ def one_step(model, micro_batches, loss_fn=LOSS64):
     unwrapped = getattr(model, "module", model)
     grads = {name: p.grad.clone() for name, p in unwrapped.named_parameters()}
     return value, norm, grads, {name: p.detach().clone() for name, p in unwrapped.named_parameters()}
-
-
-def assert_same(a: dict, b: dict, **tolerance):
-    assert a.keys() == b.keys()
-    for key in a:
-        message = lambda text, key=key: f"{key}: {text}"
-        torch.testing.assert_close(a[key], b[key], msg=message, **(tolerance or dict(rtol=0, atol=0)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,10 +194,6 @@ def run_config(tmp_path, name, **train_overrides):
     return {"model": dict(MODEL), "train": settings | train_overrides}
 
 
-def parameters(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def test_train_with_micro_batches_matches_and_resumes_mid_epoch_exactly(tmp_path):
     data = Trajectories(count=32)  # 4 steps of 8 per epoch; 6 steps
     whole = train.train(run_config(tmp_path, "whole"), dataset=data)
@@ -257,7 +238,7 @@ def test_teacher_micro_batches_draw_the_batch_noise_once_and_resume_exactly(tmp_
 
     # stopped after step 2 (a checkpoint), then resumed: the same as the uninterrupted split run
     train_teacher(config.load("digits", [*TEACHER, "teacher.steps=2", "teacher.micro_batch=4"]), tmp_path / "resumed")
-    assert train_teacher(micro, tmp_path / "resumed", log=quiet)["step"] == 3
+    assert train_teacher(micro, tmp_path / "resumed", resume=True, log=quiet)["step"] == 3
     c = torch.load(tmp_path / "resumed" / "teacher.pt", weights_only=True)
     assert_same(c["net"], b["net"])
     assert_same(c["ema"], b["ema"])

@@ -30,7 +30,7 @@ def test_spectral_rows_cover_every_backend():
 
 def test_dense_rows_cover_every_backend():
     lines: list[str] = []
-    workload = {"workloads": [(3, 4, 2)], "classes": ("gaussian 2",), "tau_maxes": (1.0,), "issue": False}
+    workload = {"workloads": [(3, 4, 2)], "classes": ("gaussian 2",), "tau_maxes": (1.0,), "plain": False}
     bench.bench_dense("cpu", repeats=1, expms=[(2, 3)], out=lines.append, **workload)
     best = max(ratios(lines, "composite Taylor (PyTorch)")[1], ratios(lines, "composite per-sample expm (PyTorch)")[1])
     assert best == pytest.approx(1.0)  # the better composite is the baseline

@@ -108,7 +108,7 @@ if NO_GPU:
         ("generate --model {model} --out {out} --device cuda", "no CUDA GPU is available"),
         ("demo --quick --out {out} --device cuda", "no CUDA GPU is available"),
         ("trajectories --teacher {model} --out {out} --device cuda", "no CUDA GPU is available"),
-        ("train train.out={out} train.device=cuda", "train.device=cuda but no CUDA GPU"),
+        ("train train.out={out} train.device=cuda", "train.device=cuda: no CUDA GPU"),
     ]
 
 

@@ -1,4 +1,4 @@
-"""Embedded digits, image folders, CIFAR-10 from disk only, save_grid, the digits config; the CLI of issue 6."""
+"""Embedded digits, image folders, CIFAR-10 from disk only, save_grid, the digits config; their CLI."""
 
 import numpy as np
 import pytest

@@ -2,24 +2,9 @@
 
 import pytest
 import torch
-from test_analysis import tiny_model
+from test_analysis import SHAPES, random_latents, random_propagator, tiny_model
 
 from hkd import editing
-from hkd.propagator import HKDPropagator
-
-SHAPES = [(6, 8, 8), (4, 4, 4)]
-
-
-def random_propagator(generator="spectral", per_position=True):
-    propagator = HKDPropagator(SHAPES, generator=generator, per_position=per_position)
-    with torch.no_grad():
-        for p in propagator.parameters():
-            p.normal_()
-    return propagator
-
-
-def random_latents(batch=2):
-    return [torch.randn(batch, *shape, dtype=torch.float64) for shape in SHAPES]
 
 
 def test_region_masks():
@@ -53,7 +38,7 @@ def test_component_selection_is_nested_sized_and_inside_band_and_region():
 @pytest.mark.parametrize("generator,per_position", [("spectral", True), ("spectral", False), ("dense", True)])
 def test_swap_r0_is_exact_and_r1_all_bands_everywhere_is_the_reference(generator, per_position):
     propagator = random_propagator(generator, per_position)
-    z, z_ref = random_latents(), random_latents()
+    z, z_ref = random_latents(2), random_latents(2)
     chosen, regions = editing.component_masks(propagator, "high", "lower", 0.0)
     for a, b in zip(editing.swap(propagator, z, z_ref, chosen, regions), z, strict=True):
         assert torch.equal(a, b)
@@ -65,7 +50,7 @@ def test_swap_r0_is_exact_and_r1_all_bands_everywhere_is_the_reference(generator
 @pytest.mark.parametrize("per_position", [True, False])
 def test_swap_changes_only_the_region_and_the_band(per_position):
     propagator = random_propagator("spectral", per_position)
-    z, z_ref = random_latents(), random_latents()
+    z, z_ref = random_latents(2), random_latents(2)
     chosen, regions = editing.component_masks(propagator, "low", "lower", 1.0)
     edited = editing.swap(propagator, z, z_ref, chosen, regions)
     for level, (a, b, r) in enumerate(zip(edited, z, z_ref, strict=True)):

@@ -189,7 +189,7 @@ def test_from_teacher_starts_from_the_edm_network(tmp_path):
             torch.testing.assert_close(ours, theirs)
 
 
-def test_from_teacher_refuses_what_it_cannot_split(tmp_path):
+def test_from_teacher_refuses_what_it_cannot_split(tmp_path, tiny_diffusers_unet):
     from hkd.model import HKDModel, TeacherSplitError
     from hkd.teacher import VPPrecond, vp_alphas_cumprod
 
@@ -201,18 +201,7 @@ def test_from_teacher_refuses_what_it_cannot_split(tmp_path):
         with pytest.raises(TeacherSplitError, match=match) as error:
             HKDModel.from_teacher(load_teacher(path))
         assert "\n" not in str(error.value)
-    diffusers = pytest.importorskip("diffusers")
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    teacher = VPPrecond(unet, vp_alphas_cumprod({}))
+    teacher = VPPrecond(tiny_diffusers_unet(), vp_alphas_cumprod({}))
     teacher.identity = {"source": "diffusers"}
     with pytest.raises(TeacherSplitError, match="diffusers UNet2DModel") as error:
         HKDModel.from_teacher(teacher)

@@ -1,5 +1,6 @@
 """Nothing from a file is executed, nothing is lost, nothing altered loads silently, runs stop and lock cleanly."""
 
+import hashlib
 import json
 import os
 import signal
@@ -91,7 +92,9 @@ def test_a_planted_pickle_never_runs_in_any_place_a_command_reads(made, tmp_path
     manifest = json.loads((made / "store" / "manifest.json").read_text())
     shard_store.mkdir()
     np.save(shard_store / "shard_00000.npy", np.array([Plant(marker)], dtype=object), allow_pickle=True)
-    manifest["shards"]["shard_00000.npy"]["sha256"] = trajectories._sha256(shard_store / "shard_00000.npy")
+    manifest["shards"]["shard_00000.npy"]["sha256"] = hashlib.sha256(
+        (shard_store / "shard_00000.npy").read_bytes()
+    ).hexdigest()
     (shard_store / "manifest.json").write_text(json.dumps(manifest))
     places["store (--verify)"] = ["trajectories", "--verify", shard_store]
     places["store (train)"] = train_args(made, tmp_path / "run2", f"train.store={shard_store}")

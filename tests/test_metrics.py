@@ -36,7 +36,7 @@ def test_gaussian_stats_needs_two_samples():
 
 def test_digits_classifier_is_accurate_deterministic_and_cached(classifier_cache, tmp_path):
     model = metrics.digits_classifier()
-    cached = list(metrics._cache_dir().glob("digits_classifier_*.pt"))
+    cached = list(metrics.classifier_cache().parent.glob("digits_classifier_*.pt"))
     assert len(cached) == 1
     images, labels = metrics.digits_dataset()
     holdout = torch.arange(len(images)) % 5 == 0

@@ -128,7 +128,9 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
 
     # interrupted after 10 steps (a checkpoint every 10), then resumed: the same weights as the uninterrupted run
     train_teacher(tiny_config(10), tmp_path / "resumed", log=logs.append)
-    resumed = train_teacher(cfg, tmp_path / "resumed", log=logs.append)
+    with pytest.raises(ValueError, match="exists: pass --resume"):
+        train_teacher(cfg, tmp_path / "resumed", log=logs.append)
+    resumed = train_teacher(cfg, tmp_path / "resumed", resume=True, log=logs.append)
     assert resumed["step"] == 30 and any("resumed" in line for line in logs)
     again = torch.load(tmp_path / "resumed" / "teacher.pt", weights_only=True)
     for key in ("net", "ema"):
@@ -180,18 +182,9 @@ def test_vp_schedule_matches_diffusers(schedule):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_diffusers_unet_loads_as_edm_denoiser(tmp_path, prediction_type):
+def test_diffusers_unet_loads_as_edm_denoiser(tmp_path, prediction_type, tiny_diffusers_unet):
     diffusers = pytest.importorskip("diffusers")
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_diffusers_unet()
     for p in unet.parameters():  # a random network whose output depends on its inputs (diffusers zero-inits some)
         p.data.normal_(0, 0.1)
     unet.save_pretrained(tmp_path / "ddpm" / "unet")

@@ -8,6 +8,7 @@ import torch
 
 from hkd import checkpoint, train
 from hkd.config import ConfigError
+from hkd.edm import time_steps
 from hkd.errors import RunStopped
 
 # Tiny sizes: the whole file runs in about a minute on 2 shared cores.
@@ -25,9 +26,7 @@ class Trajectories(torch.utils.data.Dataset):
         from sklearn.datasets import load_digits
 
         x0 = torch.tensor(load_digits().images[:count], dtype=torch.float32)[:, None] / 8 - 1
-        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-        grid = (80 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
-        self.times = torch.cat([grid, torch.zeros(1, dtype=torch.float64)]).float()
+        self.times = time_steps(steps).float()
         noise = torch.randn(count, 1, *x0.shape[1:], generator=torch.Generator().manual_seed(seed))
         self.states = x0[:, None] + self.times[None, :, None, None, None] * noise
 
@@ -52,8 +51,9 @@ def parameters(module):
 
 def assert_same(a, b, **tolerance):
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], msg=k, **(tolerance or dict(rtol=0, atol=0)))
+    for key in a:
+        message = lambda text, key=key: f"{key}: {text}"
+        torch.testing.assert_close(a[key], b[key], msg=message, **(tolerance or dict(rtol=0, atol=0)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
