@@ -3,41 +3,21 @@ agreement with torch-fidelity's own FID on the same images and the same (randoml
 
 import json
 import math
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from offline_weights import random_inception_file
 
 from hkd import cli, metrics
 
 torch_fidelity = pytest.importorskip("torch_fidelity")
 
 
-def _random_inception_file(path):
-    """torch-fidelity's Inception-v3 with random weights, saved as its weights file. The batch-norm statistics are
-    set from one batch (a data-dependent initialisation), so the pool3 features are of order one, not 1e-8."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with (
-        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None),
-        mock.patch("torch.load", lambda *args, **kwargs: {}),
-    ):
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = 1.0  # running statistics := this batch's
-    net.train()
-    with torch.no_grad():
-        net((torch.rand(4, 3, 32, 32) * 255).to(torch.uint8))
-    torch.save(net.state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
     torch.manual_seed(0)
-    return _random_inception_file(tmp_path_factory.mktemp("inception") / metrics.INCEPTION_FILE)
+    return random_inception_file(tmp_path_factory.mktemp("inception") / metrics.INCEPTION_FILE)
 
 
 def _images(n, shift=0.0):

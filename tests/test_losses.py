@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from offline_weights import random_alexnet_file
 
 from hkd import losses
 
@@ -63,14 +64,12 @@ def test_lpips_without_weights_is_a_clear_error_and_never_downloads(tmp_path, mo
 @pytest.mark.parametrize("source", ["path", "hub_cache"])
 def test_lpips_loads_the_backbone_from_a_local_file(tmp_path, monkeypatch, source):
     pytest.importorskip("lpips")
-    torchvision = pytest.importorskip("torchvision")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
     # a stand-in for the ImageNet file (random weights: this test checks the loading, not the metric)
-    state = {k: v for k, v in torchvision.models.alexnet(weights=None).state_dict().items() if k.startswith("features")}
     path = tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
     path.parent.mkdir(parents=True)
-    torch.save(state, path)
+    state = random_alexnet_file(path)
     distance = losses.Distance("lpips", lpips_weights=str(path) if source == "path" else None, lpips_resize=64)
     net = distance.lpips.lpips.net.state_dict()
     torch.testing.assert_close(net["slice1.0.weight"], state["features.0.weight"], rtol=0, atol=0)
