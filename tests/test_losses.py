@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from offline_weights import random_alexnet_file
 
 from hkd import losses
+from hkd.errors import UserError
 
 
 def test_lambda1_schedule_is_the_paper_decay():
@@ -59,6 +60,9 @@ def test_lpips_without_weights_is_a_clear_error_and_never_downloads(tmp_path, mo
         losses.Distance("lpips")
     with pytest.raises(FileNotFoundError, match="not found"):
         losses.Distance("lpips", lpips_weights=str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_text("not a weights file")
+    with pytest.raises(UserError, match="could not be read"):  # one line from every command
+        losses.Distance("lpips", lpips_weights=str(tmp_path / "junk.pth"))
 
 
 @pytest.mark.parametrize("source", ["path", "hub_cache"])
