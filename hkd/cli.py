@@ -178,20 +178,10 @@ def _known_images(source: str, model, num: int, seed: int):
     """num images (every 97th from index seed) of an image folder or of a config's dataset, at the model's size."""
     import torch
 
-    from hkd import config
-    from hkd.data import DataConfig, ImageFolder, load_dataset
+    from hkd.data import images_from
 
     try:
-        if Path(source).is_dir():
-            dataset = ImageFolder(source, model.img_resolution, model.img_channels)
-        else:
-            data = config.section(config.load(source), "data", DataConfig)
-            if (data.channels, data.resolution) != (model.img_channels, model.img_resolution):
-                raise UserError(
-                    f"--known {source}: {data.channels}x{data.resolution}x{data.resolution} images, the model makes "
-                    f"{model.img_channels}x{model.img_resolution}x{model.img_resolution}"
-                )
-            dataset = load_dataset(data)
+        dataset = images_from(source, model.img_resolution, model.img_channels)
     except ValueError as error:
         raise UserError(f"--known {source}: {error}") from error
     indices = list(range(seed % len(dataset), len(dataset), 97))[:num] or list(range(min(num, len(dataset))))
@@ -351,8 +341,8 @@ def _fid_reference(args: argparse.Namespace, model):
         raise UserError(
             "FID needs --reference: an .npz of reference statistics (hkd fid-ref), an image folder or a config"
         )
+    metrics.inception(args.inception_weights)  # a missing or foreign weights file: refused before any sampling
     try:
-        metrics.inception_weights(args.inception_weights)
         return metrics.reference_for(args.reference, model.img_resolution, model.img_channels, args.inception_weights)
     except ValueError as error:
         raise UserError(f"--reference {args.reference}: {error}") from error
@@ -361,7 +351,10 @@ def _fid_reference(args: argparse.Namespace, model):
 def cmd_fid_ref(args: argparse.Namespace) -> None:
     from hkd import metrics
 
-    metrics.inception_weights(args.inception_weights)  # the weights before the dataset: fail before any work
+    if not args.out.endswith(".npz") or Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: the statistics are written as an .npz file (e.g. --out cifar10-ref.npz)")
+    metrics.inception(args.inception_weights)  # the weights, then the place to write, before any work
+    _out(str(Path(args.out).parent), "--out's folder")
     try:
         stats = metrics.reference_for(args.source, args.resolution, args.channels, args.inception_weights)
     except ValueError as error:

@@ -43,6 +43,9 @@ from hkd.errors import CorruptFileError, MissingFileError
 from hkd.unet import UNet
 
 FORMAT = "hkd-edm-teacher"
+# what unpickling arbitrary bytes raises (a truncated file, garbage, a pickle of something else)
+CORRUPT = (pickle.UnpicklingError, EOFError, RuntimeError, TypeError, AttributeError, IndexError, KeyError, ValueError,
+           OverflowError)  # fmt: skip
 
 
 class EDMPickleError(CorruptFileError):
@@ -179,7 +182,7 @@ def read_snapshot(path: str | Path) -> dict[str, Any]:
             data = _SafeUnpickler(file).load()
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{path}: {error}") from None
-    except (pickle.UnpicklingError, EOFError, RuntimeError, TypeError, AttributeError, IndexError) as error:
+    except CORRUPT as error:
         raise EDMPickleError(f"{path} is corrupt or not an EDM snapshot pickle: {error}") from None
     if isinstance(data, Record):
         data = {"ema": data}
@@ -404,7 +407,7 @@ def import_teacher(path: str | Path, out_dir: str | Path) -> Path:
     from safetensors.torch import save
 
     denoiser = load_edm_pickle(path)
-    out_dir = Path(out_dir)
+    out_dir = checkpoint.output_folder(out_dir, "--out")  # after the pickle passed its checks
     config = {"format": FORMAT, "version": 1, "source": str(Path(path).resolve()), **denoiser.identity["config"]}
     state = {k: v.detach().cpu().contiguous() for k, v in sorted(denoiser.net.state_dict().items())}
     metadata = {"format": FORMAT, checkpoint.DIGEST_KEY: checkpoint.digest(state)}

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from hkd.config import apply_overrides, section
-from hkd.metrics import METRIC_NOTES, one_step, sample_metrics, teacher_samples, write_table
+from hkd.metrics import one_step, sample_metrics, teacher_samples, write_table
 from hkd.model import HKDModel
 
 ABLATION = (  # name, model.koopman, train.consistency, model.hierarchy, the paper's CIFAR-10 FID
@@ -171,7 +171,7 @@ def ablate(
         f"Equal steps: every run uses the same train section ({_budget(config)}); the forward passes differ (one "
         f"(x_t, t) per trajectory without the trajectory loss, s with it). {num} samples, noise seed {seed}. "
         "paper_fid_cifar10: the paper's FID-50k on CIFAR-10 for the same switches (another scale and metric: compare "
-        "the ordering, not the values). " + METRIC_NOTES
+        "the ordering, not the values)."
     )
     return rows, write_table(rows, out_dir, "ablation", "Ablation (the paper's four configurations)", notes)
 

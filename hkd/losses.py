@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hkd.errors import CorruptFileError
+
 PERCEPTUAL = ("lpips", "pseudo_huber", "none")
 
 
@@ -78,7 +80,7 @@ class LPIPS(nn.Module):
         try:
             backbone = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise ValueError(f"LPIPS backbone weights {str(path)!r} could not be read: {error}") from error
+            raise CorruptFileError(f"LPIPS backbone weights {str(path)!r} could not be read: {error}") from error
         # pnet_rand=True only skips torchvision's download: the backbone is overwritten from `path` just below.
         with warnings.catch_warnings():  # torchvision's deprecation note on lpips' `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
@@ -89,7 +91,7 @@ class LPIPS(nn.Module):
             state = {key: backbone["features." + key.split(".", 1)[1]] for key in sliced}
             self.lpips.net.load_state_dict(state)
         except (KeyError, RuntimeError) as error:
-            raise ValueError(f"{str(path)!r} is not a torchvision {net} ImageNet state dict: {error}") from error
+            raise CorruptFileError(f"{str(path)!r} is not a torchvision {net} ImageNet state dict: {error}") from error
         self.resize = resize
         self.requires_grad_(False)
         self.eval()

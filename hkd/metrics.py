@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from hkd import checkpoint
 from hkd.edm import euler_sampler, heun_sampler
-from hkd.errors import UserError
+from hkd.errors import CorruptFileError, UserError
 from hkd.losses import pseudo_huber
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -109,7 +109,8 @@ class Inception(nn.Module):
                 raise ValueError("not a state dict of tensors")
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(self.path)).eval()
         except Exception as error:
-            raise ValueError(f"{self.path} is not torch-fidelity's Inception-v3 weights file: {error}") from None
+            message = f"{self.path} is not torch-fidelity's Inception-v3 weights file: {error}"
+            raise CorruptFileError(message) from None
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -198,13 +199,18 @@ def fid(images: Tensor, reference, *, weights: str | os.PathLike | None = None, 
     for name, value in (("images", images), ("reference", reference)):
         if isinstance(value, Tensor) and (value.dim() != 4 or value.shape[1] not in (1, 3)):
             raise ValueError(f"fid: {name} must be (N, 1 or 3, H, W), got {tuple(value.shape)}")
-    inception = _inception(str(inception_weights(weights)))
+    network = inception(weights)
     if isinstance(reference, Tensor):
-        reference = inception_stats(reference, inception, batch_size=batch_size, desc="FID reference")
-    mu, sigma = inception_stats(images, inception, batch_size=batch_size, desc="FID samples")
+        reference = inception_stats(reference, network, batch_size=batch_size, desc="FID reference")
+    mu, sigma = inception_stats(images, network, batch_size=batch_size, desc="FID samples")
     if mu.shape != reference[0].shape:
         raise ValueError(f"fid: reference statistics of {len(reference[0])} features, Inception gives {len(mu)}")
     return frechet_distance(mu, sigma, *reference)
+
+
+def inception(weights: str | os.PathLike | None = None) -> Inception:
+    """The FID Inception network of `weights` (see inception_weights), loaded once per file and process."""
+    return _inception(str(inception_weights(weights)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -218,22 +224,9 @@ def reference_for(source: str, resolution: int, channels: int, weights=None) -> 
     path) whose data section names the dataset; images are brought to the model's resolution and channels."""
     if str(source).endswith(".npz"):
         return load_stats(source)
-    from hkd.data import DataConfig, ImageFolder, load_dataset
+    from hkd.data import images_from
 
-    if Path(source).is_dir():
-        dataset = ImageFolder(source, resolution, channels)
-    else:
-        from hkd import config
-        from hkd.config import section
-
-        data = section(config.load(source), "data", DataConfig)
-        if (data.resolution, data.channels) != (resolution, channels):
-            raise ValueError(
-                f"the reference {source!r} has {data.channels}x{data.resolution}x{data.resolution} images, "
-                f"the model makes {channels}x{resolution}x{resolution}"
-            )
-        dataset = load_dataset(data)
-    return inception_stats(dataset, _inception(str(inception_weights(weights))), desc="FID reference")
+    return inception_stats(images_from(source, resolution, channels), inception(weights), desc="FID reference")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,11 +419,31 @@ def sample_metrics(
     return out
 
 
-COLUMNS = ("fd_digits", "recognisable", "class_entropy", "fid", "mse", "pseudo_huber", "feature_distance", "lpips")
+METRICS = {  # column: what it measures; a table's notes define the columns it has, and say which quality metric
+    "fd_digits": "Frechet distance in the digits classifier's 64-d feature space to the embedded digits (lower is "
+    "better)",
+    "recognisable": "fraction of samples classified with confidence >= 0.9",
+    "class_entropy": "entropy of the predicted classes (log 10 = 2.30 for all ten digits equally often)",
+    "fid": "Frechet Inception distance to the FID reference (--reference): torch-fidelity's Inception-v3 pool3 "
+    "features of the images quantised to uint8 as EDM does (lower is better; FID-50k needs 50,000 samples)",
+    "mse": "mean squared distance to the teacher's 35-evaluation endpoint for the same noise (lower is closer)",
+    "pseudo_huber": "pseudo-Huber distance to that endpoint",
+    "feature_distance": "distance to that endpoint in the digits classifier's feature space",
+    "lpips": "LPIPS (AlexNet) distance to that endpoint",
+}
+COLUMNS = tuple(METRICS)
+
+
+def metric_notes(columns) -> str:
+    """The sentence that names a table's sample-quality metric, then the definition of each metric column it has."""
+    quality = [name for column, name in (("fid", "FID"), ("fd_digits", "fd_digits")) if column in columns]
+    head = f"Sample quality: {' and '.join(quality)}. " if quality else ""
+    return head + "; ".join(f"{c}: {METRICS[c]}" for c in COLUMNS if c in columns) + "."
 
 
 def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str, notes: str = "") -> list[Path]:
-    """rows: dicts with "name", "evaluations" and metric keys; written as NAME.md and NAME.json (atomically)."""
+    """rows: dicts with "name", "evaluations" and metric keys; written as NAME.md (the notes, then what each metric
+    column measures, then the table) and NAME.json (atomically)."""
     from hkd import figures
 
     extra = [k for k in rows[0] if k not in ("name", "evaluations", *COLUMNS)] if rows else []
@@ -440,18 +453,11 @@ def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str, no
         header, [[r["name"], r.get("evaluations"), *[r.get(c) for c in columns]] for r in rows]
     )
     out_dir = Path(out_dir)
+    notes = f"{notes} {metric_notes(columns)}".strip()
     return [
         figures.atomic_write(out_dir / f"{name}.md", f"# {title}\n\n{notes}\n\n{table}"),
         figures.write_json(out_dir / f"{name}.json", rows),
     ]
-
-
-METRIC_NOTES = (
-    "fd_digits: Frechet distance in the digits classifier's 64-d feature space to the embedded digits (lower is "
-    "better); recognisable: fraction of samples classified with confidence >= 0.9; class_entropy: entropy of the "
-    "predicted classes (log 10 = 2.30 for all ten digits equally often); mse, pseudo_huber, feature_distance: "
-    "distance to the teacher's 35-evaluation endpoint for the same noise (lower is closer)."
-)
 
 
 def evaluate(
@@ -489,7 +495,7 @@ def evaluate(
         }
         for name, evaluations, images in candidates
     ]
-    notes = f"{num} samples, noise seed {seed}. " + METRIC_NOTES
+    notes = f"{num} samples, noise seed {seed}."
     written = write_table(rows, out_dir, "eval", "HKD against its teacher and the one-step baseline", notes)
     from hkd import faithfulness  # the trajectory on held-out teacher trajectories (noise seed + 1)
 

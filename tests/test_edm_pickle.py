@@ -154,10 +154,15 @@ def test_architectures_hkd_does_not_rebuild_are_named(tmp_path):
 
 def test_bad_files_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle at all")
-    for path in (tmp_path / "junk.pkl", tmp_path / "missing.pkl"):
+    (tmp_path / "garbage.pkl").write_bytes(b"garbage\n")  # pickle's GET opcode with a bad memo key: a ValueError
+    for path in (tmp_path / "junk.pkl", tmp_path / "garbage.pkl", tmp_path / "missing.pkl"):
         assert cli.main(["import-teacher", str(path), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and str(path) in err
+        assert err.count("\n") == 1 and str(path) in err and not (tmp_path / "out").exists()
+    _, good = _snapshot(tmp_path)
+    (tmp_path / "a_file").write_text("the user's")
+    assert cli.main(["import-teacher", str(good), "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and (tmp_path / "a_file").read_text() == "the user's"
     truncated = tmp_path / "truncated.pkl"
     edm_format.write_snapshot(truncated, edm_format.songunet())
     truncated.write_bytes(truncated.read_bytes()[:5000])

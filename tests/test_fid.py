@@ -3,41 +3,21 @@ agreement with torch-fidelity's own FID on the same images and the same (randoml
 
 import json
 import math
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from offline_weights import random_inception_file
 
 from hkd import cli, experiments, metrics
 
 torch_fidelity = pytest.importorskip("torch_fidelity")
 
 
-def _random_inception_file(path):
-    """torch-fidelity's Inception-v3 with random weights, saved as its weights file. The batch-norm statistics are
-    set from one batch (a data-dependent initialisation), so the pool3 features are of order one, not 1e-8."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with (
-        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None),
-        mock.patch("torch.load", lambda *args, **kwargs: {}),
-    ):
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = 1.0  # running statistics := this batch's
-    net.train()
-    with torch.no_grad():
-        net((torch.rand(4, 3, 32, 32) * 255).to(torch.uint8))
-    torch.save(net.state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
     torch.manual_seed(0)
-    return _random_inception_file(tmp_path_factory.mktemp("inception") / metrics.INCEPTION_FILE)
+    return random_inception_file(tmp_path_factory.mktemp("inception") / metrics.INCEPTION_FILE)
 
 
 def _images(n, shift=0.0):
@@ -208,3 +188,35 @@ def test_ablation_of_rgb_images_needs_a_reference_before_training(tmp_path):
     with pytest.raises(ValueError, match="needs a reference"):
         experiments.ablate({"train": {"out": str(tmp_path)}}, teacher, out_dir=tmp_path, num=2)
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+
+
+def test_bad_fid_inputs_are_one_line_before_any_work(tmp_path, capsys, inception_file):
+    """A weights file that is not Inception's, an --out that is not an .npz, a --known or --reference that is
+    neither a folder nor a config: exit 2 and one line, before sampling (no output folder made)."""
+    import edm_format
+    from PIL import Image
+
+    from hkd.model import HKDModel
+    from hkd.teacher import load_teacher
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(metrics.to_uint8(_images(1))[0].permute(1, 2, 0).numpy()).save(folder / "0.png")
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a weights file")
+    edm_format.write_snapshot(tmp_path / "edm.pkl", edm_format.songunet(img_resolution=16, model_channels=8))
+    HKDModel.from_teacher(load_teacher(tmp_path / "edm.pkl")).save_pretrained(tmp_path / "model")
+    evaluate = ["eval", "--model", str(tmp_path / "model"), "--teacher", str(tmp_path / "edm.pkl"), "--num", "2"]
+    cases = [
+        ([*evaluate, "--reference", str(folder), "--inception-weights", str(junk)], "not torch-fidelity's Inception"),
+        ([*evaluate, "--reference", str(tmp_path / "nowhere"), "--inception-weights", str(inception_file)], "neither"),
+        (["fid-ref", str(folder), "--out", str(folder / "0.png")], "written as an .npz file"),
+        (["fid-ref", str(folder), "--out", str(tmp_path / "ref.npz"), "--inception-weights", str(junk)], "Inception"),
+        (["edit", "--model", str(tmp_path / "model"), "--known", str(tmp_path / "nowhere")], "neither an image folder"),
+    ]
+    for argv, fragment in cases:
+        assert cli.main([*argv, "--out", str(tmp_path / "out")] if argv[0] == "eval" else argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ref.npz").exists()
+    assert Image.open(folder / "0.png").size == (32, 32)  # the user's image, untouched

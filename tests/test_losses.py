@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from offline_weights import random_alexnet_file
 
 from hkd import losses
+from hkd.errors import UserError
 
 
 def test_lambda1_schedule_is_the_paper_decay():
@@ -58,19 +60,20 @@ def test_lpips_without_weights_is_a_clear_error_and_never_downloads(tmp_path, mo
         losses.Distance("lpips")
     with pytest.raises(FileNotFoundError, match="not found"):
         losses.Distance("lpips", lpips_weights=str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_text("not a weights file")
+    with pytest.raises(UserError, match="could not be read"):  # one line from every command
+        losses.Distance("lpips", lpips_weights=str(tmp_path / "junk.pth"))
 
 
 @pytest.mark.parametrize("source", ["path", "hub_cache"])
 def test_lpips_loads_the_backbone_from_a_local_file(tmp_path, monkeypatch, source):
     pytest.importorskip("lpips")
-    torchvision = pytest.importorskip("torchvision")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
     # a stand-in for the ImageNet file (random weights: this test checks the loading, not the metric)
-    state = {k: v for k, v in torchvision.models.alexnet(weights=None).state_dict().items() if k.startswith("features")}
     path = tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
     path.parent.mkdir(parents=True)
-    torch.save(state, path)
+    state = random_alexnet_file(path)
     distance = losses.Distance("lpips", lpips_weights=str(path) if source == "path" else None, lpips_resize=64)
     net = distance.lpips.lpips.net.state_dict()
     torch.testing.assert_close(net["slice1.0.weight"], state["features.0.weight"], rtol=0, atol=0)

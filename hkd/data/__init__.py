@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from hkd.config import ConfigError, Section
+from hkd.errors import MissingFileError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -119,3 +120,23 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             )
         return cifar10(cfg.root)
     raise ValueError(f"unknown data.name {cfg.name!r} (digits, folder, cifar10)")
+
+
+def images_from(source: str | Path, resolution: int, channels: int) -> Dataset:
+    """The images a command names by one word: an image folder (brought to resolution and channels), or a config
+    (name or YAML path) whose data section names a dataset of exactly that resolution and channels."""
+    from hkd import config
+
+    if Path(source).is_dir():
+        return ImageFolder(source, resolution, channels)
+    if str(source) not in config.available() and not Path(source).is_file():
+        raise MissingFileError(
+            f"{str(source)!r} is neither an image folder nor a config ({', '.join(config.available())} or a YAML path)"
+        )
+    data = config.section(config.load(source), "data", DataConfig)
+    if (data.channels, data.resolution) != (channels, resolution):
+        raise ValueError(
+            f"{str(source)!r} has {data.channels}x{data.resolution}x{data.resolution} images, "
+            f"the model makes {channels}x{resolution}x{resolution}"
+        )
+    return load_dataset(data)
