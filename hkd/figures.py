@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +20,18 @@ from hkd.data.images import tile_array  # noqa: E402
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2) + "\n")
+    """obj as strict JSON (a NaN or an infinity, e.g. a ratio undefined at t = T, is written as null)."""
+    return atomic_write(path, json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _strict(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: _strict(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(value) for value in obj]
+    return obj
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Path:

@@ -118,6 +118,13 @@ def test_run_writes_table_json_and_figure(tmp_path, monkeypatch):
     assert [p.name for p in written] == ["faithfulness.md", "faithfulness.json", "faithfulness.png", "trajectories.png"]
     text = written[0].read_text()
     assert "### HKD" in text and "### baseline" in text and "relative_mean" in text
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    saved = json.loads(written[1].read_text(), parse_constant=refuse)  # the ratio undefined at T is null, not NaN
+    assert saved["rows"]["HKD"][0]["relative_all"] is None
 
 
 def test_latent_consistency_known_values_and_stop_gradient():
