@@ -234,12 +234,12 @@ def _class_table(B: int, d: int, P: int, classes, tau_max: float, device, repeat
         A = A64.float().to(device)
         leaves = [t.clone().requires_grad_() for t in (z, A, tau)]
         G = torch.randn_like(z)
-        plan = dense.dense_action_plan(A, tau, B * P)
+        plan = dense.dense_action_plan(A, tau, P)
         m, alpha = int(plan[0]), float(plan[1])
         notes["||A||_1"].append(f"{float(torch.linalg.matrix_norm(A64, ord=1)):.1f}")
         mean_steps = float(dense.action_substeps(tau, m, alpha).mean())
         notes["plan m, alpha, mean s"].append(f"{m}, {alpha:.3g}, {mean_steps:.1f}")
-        notes["cost model"].append(dense.choose_algorithm(A, tau, P, plan))
+        notes["cost model"].append("action" if plan[2] > 0 else "expm")
         fwd = {
             "composite Taylor (PyTorch)": lambda z=z, A=A, tau=tau: taylor_composite(z, A, tau),
             "composite per-sample expm (PyTorch)": lambda z=z, A=A, tau=tau: per_sample_expm(z, A, tau),

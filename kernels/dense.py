@@ -1,4 +1,4 @@
-"""Triton kernels of the dense ops (fronts: hkd/ops/dense.py; maths: csrc/expm.h).
+"""Triton kernels of the dense ops (fronts: hkd/ops/dense.py; maths: csrc/dense.h).
 
 expm: one program per matrix (n <= 64, kept in registers): Taylor degree 16 by Paterson-Stockmeyer (6 products)
 on A / 2^s, s per matrix from ||A||_1, then s squarings. action: one program per (sample, block of positions) with
@@ -6,6 +6,7 @@ the generator shared ("column" mode: V <- A V), or per (position, block of sampl
 generators ("row" mode: V <- V A^T, per-row h and substeps); the generator stays on chip for all the Taylor terms,
 each substep stopping per vector by the convergence test of hkd/ops/dense.py.
 Larger n falls back to plain PyTorch (torch.linalg.matrix_exp here, the Taylor composite in hkd/ops/dense.py).
+Both become custom ops through torch.library.triton_op in hkd/ops/dense.py; neither reads a tensor on the host.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
+
+from hkd.ops.dense import THETA, action_substeps
 
 MAX_N = 64
-THETA16 = {torch.float32: 2.48, torch.float64: 0.78}  # csrc/expm.h theta(16)
 
 
 @triton.jit
@@ -62,16 +65,18 @@ def expm(A: Tensor) -> Tensor:
         return out.reshape(A.shape)
     norm = torch.linalg.matrix_norm(flat, ord=1)
     finite = torch.isfinite(norm)
-    s = torch.ceil(torch.log2(torch.where(finite, norm, 0.0) / THETA16[A.dtype])).clamp(0, 64).to(torch.int32)
-    _expm16_kernel[(flat.shape[0],)](flat, out, s, n, BLOCK=max(16, triton.next_power_of_2(n)))
+    theta16 = THETA[A.dtype][16 - 1]
+    s = torch.ceil(torch.log2(torch.where(finite, norm, 0.0) / theta16)).clamp(0, 64).to(torch.int32)
+    wrap_triton(_expm16_kernel)[(flat.shape[0],)](flat, out, s, n, BLOCK=max(16, triton.next_power_of_2(n)))
     out = torch.where(finite[:, None, None], out, math.nan)
     return out.reshape(A.shape)
 
 
 @triton.jit
-def _action_kernel(z_ptr, a_ptr, tau_ptr, steps_ptr, out_ptr, B, d, P, degree, unit_roundoff, ROW_MODE: tl.constexpr,
+def _action_kernel(z_ptr, a_ptr, tau_ptr, steps_ptr, plan_ptr, out_ptr, B, d, P, unit_roundoff, ROW_MODE: tl.constexpr,
                    SHARED: tl.constexpr, AXIS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     i = tl.arange(0, BLOCK_D)
+    degree = tl.load(plan_ptr).to(tl.int32)
     if ROW_MODE:  # program (position p, samples b0..b0+BLOCK): V (BLOCK x d) <- V A_p^T; vectors are rows
         p = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -113,14 +118,16 @@ def _action_kernel(z_ptr, a_ptr, tau_ptr, steps_ptr, out_ptr, B, d, P, degree, u
     tl.store(out_ptr + off, y, mask=mask)
 
 
-def action(z: Tensor, A: Tensor, tau: Tensor, degree: int, steps: Tensor) -> Tensor:
-    """exp(tau_b A_p) z[b, :, p] by steps[b] substeps of the degree-`degree` Taylor polynomial, each stopped per vector
-    by the convergence test (hkd/ops/dense.py); z (B, d, P), A (d, d) or (P, d, d), tau (B,)."""
+def action(z: Tensor, A: Tensor, tau: Tensor, plan: Tensor) -> Tensor:
+    """exp(tau_b A_p) z[b, :, p] by the plan of hkd.ops.dense.dense_action_plan (degree m, alpha): s_b substeps of the
+    degree-m Taylor polynomial, each stopped per vector by the convergence test (hkd/ops/dense.py); z (B, d, P),
+    A (d, d) or (P, d, d), tau (B,). NaN where A or alpha is not finite."""
     B, d, P = z.shape
     if d > MAX_N:
         raise ValueError(f"the Triton action keeps d <= {MAX_N} channels on chip, got {d}")
     z, A, tau = z.contiguous(), A.contiguous(), tau.contiguous()
-    steps = steps.to(device=z.device, dtype=torch.int32).contiguous()
+    plan = plan.to(device=z.device, dtype=torch.float64)
+    steps = action_substeps(tau, plan[0].long(), plan[1]).to(torch.int32)
     out = torch.empty_like(z)
     if out.numel() == 0:
         return out
@@ -133,6 +140,6 @@ def action(z: Tensor, A: Tensor, tau: Tensor, degree: int, steps: Tensor) -> Ten
         block = max(16, min(64, triton.next_power_of_2(P)))
         grid = (B, triton.cdiv(P, block))
     u = 2.0**-53 if z.dtype == torch.float64 else 2.0**-24
-    _action_kernel[grid](z, A, tau, steps, out, B, d, P, degree, u, ROW_MODE=row_mode, SHARED=A.dim() == 2,
-                         AXIS=1 if row_mode else 0, BLOCK_D=block_d, BLOCK=block)  # fmt: skip
-    return out
+    wrap_triton(_action_kernel)[grid](z, A, tau, steps, plan, out, B, d, P, u, ROW_MODE=row_mode, SHARED=A.dim() == 2,
+                                      AXIS=1 if row_mode else 0, BLOCK_D=block_d, BLOCK=block)  # fmt: skip
+    return torch.where(torch.isfinite(A).all() & torch.isfinite(plan[1]), out, math.nan)

@@ -1,4 +1,4 @@
-// CUDA kernels of the dense ops, torch-free (raw pointers + sizes); the maths is csrc/expm.h.
+// CUDA kernels of the dense ops, torch-free (raw pointers + sizes); the maths is csrc/dense.h.
 //   expm_onchip: one block per matrix (n <= 32), the Paterson-Stockmeyer powers, the Horner state and the
 //                squarings all in shared memory; (m, s) per matrix from its 1-norm.
 //   expm_frechet_onchip: the gradient L(A^T, G) the same way, derivatives carried alongside (when it fits).
@@ -7,21 +7,21 @@
 //                three state tiles stay in shared memory for all the Taylor terms, each substep stopping once its
 //                vectors have converged: one launch for the whole action.
 // NVRTC compiles this file too (sm_70 check): host-only code is guarded by __CUDACC_RTC__.
-#include "expm.h"
+#include "dense.h"
 
 #ifndef __CUDACC_RTC__
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "cuda/expm_kernels.h"
+#include "cuda/dense_kernels.h"
 #else
 typedef long long int64_t;
 #endif
 
 namespace hkd::cuda {
 
-using hkd::expm::Plan;
+using hkd::dense::Plan;
 constexpr int kMaxColumns = 32;  // expm_onchip's n limit (kExpmOnChipMaxN)
 
 template <typename T>
@@ -56,12 +56,12 @@ __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n)
   __syncthreads();
   double norm = 0;
   for (int j = 0; j < n; ++j) norm = isnan(column_sum[j]) || isnan(norm) ? column_sum[j] + norm : fmax(norm, column_sum[j]);
-  const Plan p = hkd::expm::expm_plan(norm, sizeof(T) == 8);
+  const Plan p = hkd::dense::expm_plan(norm, sizeof(T) == 8);
   if (!p.finite) {
     for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = nan_value<T>();
     return;
   }
-  const int m = p.degree, q = hkd::expm::ps_block(m);
+  const int m = p.degree, q = hkd::dense::ps_block(m);
   T* pw[8];  // pw[i] = X^i
   for (int i = 1; i <= q; ++i) pw[i] = smem + (i - 1) * nn;
   T* Y = smem + q * nn;
@@ -70,7 +70,7 @@ __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n)
   for (int e = threadIdx.x; e < nn; e += blockDim.x) pw[1][e] = A[base + e] * scale;
   __syncthreads();
   for (int i = 2; i <= q; ++i) matmul(pw[i - 1], pw[1], pw[i], n);
-  auto c = [m](int k) { return k <= m ? T(hkd::expm::inv_factorial(k)) : T(0); };
+  auto c = [m](int k) { return k <= m ? T(hkd::dense::inv_factorial(k)) : T(0); };
   // B_j = sum_{i<q} c(jq + i) X^i at element e
   auto block = [&](int j, int e) {
     T v = (e / n == e % n) ? c(j * q) : T(0);
@@ -108,7 +108,7 @@ __device__ void matmul_add(const T* L, const T* R, T* C, int n) {
 }
 
 // The gradient of exp: out = L(A^T, G), the Frechet derivative of the same approximant as expm_onchip (plan from
-// ||A||_1), carried through the powers, the Horner steps and the squarings (csrc/cpu/expm.cpp expm_matrix).
+// ||A||_1), carried through the powers, the Horner steps and the squarings (csrc/cpu/dense.cpp expm_matrix).
 template <typename T>
 __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict__ G, T* __restrict__ out, int n) {
   extern __shared__ unsigned char smem_raw[];
@@ -124,12 +124,12 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
   __syncthreads();
   double norm = 0;
   for (int j = 0; j < n; ++j) norm = isnan(column_sum[j]) || isnan(norm) ? column_sum[j] + norm : fmax(norm, column_sum[j]);
-  const Plan p = hkd::expm::expm_plan(norm, sizeof(T) == 8);
+  const Plan p = hkd::dense::expm_plan(norm, sizeof(T) == 8);
   if (!p.finite) {
     for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = nan_value<T>();
     return;
   }
-  const int m = p.degree, q = hkd::expm::ps_block(m);
+  const int m = p.degree, q = hkd::dense::ps_block(m);
   T* pw[8];   // pw[i] = X^i, X = A^T / 2^s
   T* dpw[8];  // their derivatives in the direction G / 2^s
   for (int i = 1; i <= q; ++i) pw[i] = smem + (i - 1) * nn, dpw[i] = smem + (q + i - 1) * nn;
@@ -148,7 +148,7 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
     matmul(dpw[i - 1], pw[1], dpw[i], n);
     matmul_add(pw[i - 1], dpw[1], dpw[i], n);
   }
-  auto c = [m](int k) { return k <= m ? T(hkd::expm::inv_factorial(k)) : T(0); };
+  auto c = [m](int k) { return k <= m ? T(hkd::dense::inv_factorial(k)) : T(0); };
   auto block = [&](int j, int e) {
     T v = (e / n == e % n) ? c(j * q) : T(0);
     for (int i = 1; i < q; ++i) v += c(j * q + i) * pw[i][e];
@@ -187,7 +187,7 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
 }
 
 // The action; tile = rows x cols of the state in shared memory. Sample b takes s_b substeps of h_b = tau_b / s_b
-// (csrc/expm.h action_substeps); a vector (row mode: a row, column mode: a column) stops its substep once it has
+// (csrc/dense.h action_substeps); a vector (row mode: a row, column mode: a column) stops its substep once it has
 // converged, its later terms being zero; the block stops a substep when all its vectors have.
 template <typename T>
 __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, const T* __restrict__ tau,
@@ -222,7 +222,7 @@ __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, 
   const int samples = row_mode ? tile : 1;
   for (int r = threadIdx.x; r < samples; r += blockDim.x) {
     const int64_t b = row_mode ? first + r : fixed;
-    steps[r] = b < B ? hkd::expm::action_substeps(double(tau[b]), degree, alpha, is_double) : 0;
+    steps[r] = b < B ? hkd::dense::action_substeps(double(tau[b]), degree, alpha, is_double) : 0;
     h[r] = b < B ? tau[b] / T(steps[r]) : T(0);
   }
   __syncthreads();
@@ -267,7 +267,7 @@ __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, 
           term = fmax(term, fabs(double(v[c * pitch + i * stride])));
           sum = fmax(sum, fabs(double(y[c * pitch + i * stride])));
         }
-        if (live[c] != 0.0 && hkd::expm::converged(previous[c], term, sum, is_double)) {
+        if (live[c] != 0.0 && hkd::dense::converged(previous[c], term, sum, is_double)) {
           live[c] = 0.0;
           for (int i = 0; i < d; ++i) v[c * pitch + i * stride] = T(0);
         }

@@ -1,0 +1,641 @@
+// CPU kernels of the dense ops (hkd/ops/dense.py): expm, expm_backward (adjoint Frechet derivative),
+// dense_action (exp(tau_b A_p) z[b, :, p]). One matrix or one cache-sized block of the state per task
+// (at::parallel_for); a small register-blocked GEMM compiled for AVX-512, AVX2 and SSE2, chosen at run time.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/denormals.h"
+#include "dense.h"
+#include "dense_inputs.h"
+
+namespace {
+
+using hkd::dense::Plan;
+
+#define HKD_INLINE inline __attribute__((always_inline))
+
+template <typename T, int VB>
+struct Vec {
+  typedef T type __attribute__((vector_size(VB)));
+};
+
+// C[i, j] = rs[i * rs_stride] * sum_k L[i, k] R[k, j]; then Y[i, j] += C[i, j] when Y is given.
+template <typename T, int VB, int MR>
+HKD_INLINE void gemm_rows(int i0, int N, int K, const T* L, long ldl, const T* R, long ldr, T* C, long ldc,
+                          const T* rs, long rs_stride, T* Y, long ldy) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int W = VB / sizeof(T);
+  int j = 0;
+  for (; j + 2 * W <= N; j += 2 * W) {
+    V acc0[MR], acc1[MR];
+    for (int r = 0; r < MR; ++r) acc0[r] = V{} , acc1[r] = V{};
+    for (int k = 0; k < K; ++k) {
+      V b0, b1;
+      std::memcpy(&b0, R + k * ldr + j, VB);
+      std::memcpy(&b1, R + k * ldr + j + W, VB);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const T a = L[(i0 + r) * ldl + k];
+        acc0[r] += a * b0;
+        acc1[r] += a * b1;
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      const T s = rs[(i0 + r) * rs_stride];
+      V c0 = s * acc0[r], c1 = s * acc1[r];
+      T* c = C + (i0 + r) * ldc + j;
+      std::memcpy(c, &c0, VB);
+      std::memcpy(c + W, &c1, VB);
+      if (Y) {
+        T* y = Y + (i0 + r) * ldy + j;
+        V y0, y1;
+        std::memcpy(&y0, y, VB);
+        std::memcpy(&y1, y + W, VB);
+        y0 += c0, y1 += c1;
+        std::memcpy(y, &y0, VB);
+        std::memcpy(y + W, &y1, VB);
+      }
+    }
+  }
+  for (; j < N; ++j) {
+    for (int r = 0; r < MR; ++r) {
+      T acc = 0;
+      for (int k = 0; k < K; ++k) acc += L[(i0 + r) * ldl + k] * R[k * ldr + j];
+      const T c = rs[(i0 + r) * rs_stride] * acc;
+      C[(i0 + r) * ldc + j] = c;
+      if (Y) Y[(i0 + r) * ldy + j] += c;
+    }
+  }
+}
+
+template <typename T, int VB>
+HKD_INLINE void gemm(int M, int N, int K, const T* L, long ldl, const T* R, long ldr, T* C, long ldc,
+                     const T* rs = nullptr, long rs_stride = 0, T* Y = nullptr, long ldy = 0) {
+  static const T one = 1;
+  if (!rs) rs = &one, rs_stride = 0;
+  constexpr int MR = VB >= 64 ? 8 : 4;
+  int i = 0;
+  for (; i + MR <= M; i += MR) gemm_rows<T, VB, MR>(i, N, K, L, ldl, R, ldr, C, ldc, rs, rs_stride, Y, ldy);
+  for (; i < M; ++i) gemm_rows<T, VB, 1>(i, N, K, L, ldl, R, ldr, C, ldc, rs, rs_stride, Y, ldy);
+}
+
+template <typename T>
+double norm1(const T* A, int n, long row_stride, long col_stride) {
+  double best = 0;
+  for (int j = 0; j < n; ++j) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += std::abs(double(A[i * row_stride + j * col_stride]));
+    if (std::isnan(s)) return s;
+    best = std::max(best, s);
+  }
+  return best;
+}
+
+// exp(A) (n x n, row-major) with plan p; with E, also the Frechet derivative L(A, E) of the same approximant.
+// work: (2 q + 4) n^2 elements.
+template <typename T, int VB>
+HKD_INLINE void expm_matrix(const T* A, const T* E, T* out, T* Lout, int n, Plan p, T* work) {
+  const long nn = long(n) * n;
+  if (!p.finite) {
+    std::fill(out, out + nn, std::numeric_limits<T>::quiet_NaN());
+    if (Lout) std::fill(Lout, Lout + nn, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
+  const int m = p.degree, q = hkd::dense::ps_block(m);
+  T* pw[8];   // pw[i] = X^i, i = 1..q
+  T* dpw[8];  // their derivatives in direction E / 2^s
+  for (int i = 1; i <= q; ++i) pw[i] = work + (i - 1) * nn, dpw[i] = work + (q + i - 1) * nn;
+  T *Y = work + 2 * q * nn, *tmp = Y + nn, *dY = tmp + nn, *dtmp = dY + nn;
+  const T scale = std::ldexp(T(1), -p.steps);
+  for (long k = 0; k < nn; ++k) pw[1][k] = A[k] * scale;
+  if (E)
+    for (long k = 0; k < nn; ++k) dpw[1][k] = E[k] * scale;
+  for (int i = 2; i <= q; ++i) {
+    gemm<T, VB>(n, n, n, pw[i - 1], n, pw[1], n, pw[i], n);
+    if (E) {
+      gemm<T, VB>(n, n, n, dpw[i - 1], n, pw[1], n, dpw[i], n);
+      gemm<T, VB>(n, n, n, pw[i - 1], n, dpw[1], n, tmp, n);
+      for (long k = 0; k < nn; ++k) dpw[i][k] += tmp[k];
+    }
+  }
+  auto c = [m](int k) { return k <= m ? T(hkd::dense::inv_factorial(k)) : T(0); };
+  // dst (+)= B_j = sum_{i<q} c(jq + i) X^i, ddst (+)= its derivative
+  auto block = [&](int j, T* dst, T* ddst) {
+    for (int i = 1; i < q; ++i) {
+      const T ci = c(j * q + i);
+      for (long k = 0; k < nn; ++k) dst[k] += ci * pw[i][k];
+      if (E)
+        for (long k = 0; k < nn; ++k) ddst[k] += ci * dpw[i][k];
+    }
+    for (int d = 0; d < n; ++d) dst[d * (n + 1)] += c(j * q);
+  };
+  std::fill(Y, Y + nn, T(0));
+  if (E) std::fill(dY, dY + nn, T(0));
+  int j = m / q;
+  if (m % q == 0) {  // B_{m/q} = c(m) I: fold it in without a product
+    --j;
+    const T cm = c(m);
+    for (long k = 0; k < nn; ++k) Y[k] = cm * pw[q][k];
+    if (E)
+      for (long k = 0; k < nn; ++k) dY[k] = cm * dpw[q][k];
+  }
+  block(j, Y, dY);
+  for (--j; j >= 0; --j) {  // Y <- B_j + X^q Y
+    if (E) {
+      gemm<T, VB>(n, n, n, dpw[q], n, Y, n, dtmp, n);
+      gemm<T, VB>(n, n, n, pw[q], n, dY, n, tmp, n);
+      for (long k = 0; k < nn; ++k) dY[k] = dtmp[k] + tmp[k];
+    }
+    gemm<T, VB>(n, n, n, pw[q], n, Y, n, tmp, n);
+    std::swap(Y, tmp);
+    std::fill(tmp, tmp + nn, T(0));
+    block(j, Y, dY);
+  }
+  for (int i = 0; i < p.steps; ++i) {  // squaring: Y <- Y^2, dY <- Y dY + dY Y
+    if (E) {
+      gemm<T, VB>(n, n, n, Y, n, dY, n, dtmp, n);
+      gemm<T, VB>(n, n, n, dY, n, Y, n, tmp, n);
+      for (long k = 0; k < nn; ++k) dY[k] = dtmp[k] + tmp[k];
+    }
+    gemm<T, VB>(n, n, n, Y, n, Y, n, tmp, n);
+    std::swap(Y, tmp);
+  }
+  std::memcpy(out, Y, nn * sizeof(T));
+  if (E) std::memcpy(Lout, dY, nn * sizeof(T));
+}
+
+// f(c, e) for every element e of an n x cols block of the state, c its vector (row mode: its row, column mode: its
+// column), in memory order.
+template <typename F>
+HKD_INLINE void each_element(bool row_mode, int n, int cols, const F& f) {
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < cols; ++j) f(row_mode ? i : j, long(i) * cols + j);
+}
+
+// One Taylor substep of a block of the state, in place: y <- T_m(h A) y (csrc/dense.h). Row mode: the rows of y
+// (n x cols) are the vectors (samples), per-row h, y <- y A^T; column mode: the columns of y (n x cols) are the vectors
+// (one sample's positions), one h, y <- A y. Terms v_0 = y, v_k = (h / k) A v_{k-1}; a vector stops once it has
+// converged, its later terms being zero. Without a record, v and w are scratch of y's size; with one (room for
+// degree + 1 blocks of y's size), v_0 .. v_K stay there and terms[c] says how many terms vector c took.
+// Returns K, the terms the block took. hk: n; norms: 4 per vector.
+template <typename T, int VB>
+HKD_INLINE int action_substep(bool row_mode, int n, int cols, const T* Aop, int d, const T* h, int degree, T* y, T* v,
+                              T* w, T* hk, double* norms, T* record, int* terms) {
+  constexpr bool is_double = sizeof(T) == 8;
+  const int vectors = row_mode ? n : cols;
+  const long size = long(n) * cols;
+  double *previous = norms, *term = norms + vectors, *sum = term + vectors, *live = sum + vectors;
+  if (record) v = record, w = record + size;
+  std::memcpy(v, y, size * sizeof(T));
+  std::fill(previous, previous + vectors, 0.0);
+  each_element(row_mode, n, cols, [&](int c, long e) { previous[c] = std::max(previous[c], double(std::abs(v[e]))); });
+  if (terms) std::fill(terms, terms + vectors, degree);
+  int left = vectors, k = 1;
+  std::fill(live, live + vectors, 1.0);
+  for (; k <= degree && left > 0; ++k) {
+    if (row_mode) {
+      for (int r = 0; r < n; ++r) hk[r] = h[r] / T(k);
+      gemm<T, VB>(n, cols, d, v, cols, Aop, d, w, cols, hk, 1);
+    } else {
+      hk[0] = h[0] / T(k);
+      gemm<T, VB>(n, cols, d, Aop, d, v, cols, w, cols, hk, 0);
+    }
+    // y += term; then the convergence test per vector, whose later terms are zero once it passes
+    std::fill(term, term + vectors, 0.0);
+    std::fill(sum, sum + vectors, 0.0);
+    each_element(row_mode, n, cols, [&](int c, long e) {
+      y[e] += w[e];
+      term[c] = std::max(term[c], double(std::abs(w[e])));
+      sum[c] = std::max(sum[c], double(std::abs(y[e])));
+    });
+    for (int c = 0; c < vectors; ++c) {
+      if (!live[c] || !hkd::dense::converged(previous[c], term[c], sum[c], is_double)) {
+        previous[c] = term[c];
+        continue;
+      }
+      live[c] = 0.0, --left;
+      if (terms) terms[c] = k;
+      if (row_mode) std::fill(w + long(c) * cols, w + long(c + 1) * cols, T(0));
+      else
+        for (int i = 0; i < n; ++i) w[long(i) * cols + c] = T(0);
+    }
+    if (record) v = w, w += size;
+    else std::swap(v, w);
+  }
+  return k - 1;
+}
+
+// The rows of a row-mode block (sorted by their substeps, non-increasing) still taking substep `step`: a prefix.
+inline int active_rows(const int* steps, int rows, int step) {
+  int active = 0;
+  while (active < rows && steps[active] > step) ++active;
+  return active;
+}
+
+// One block of the state evolved by all its substeps (action_substep): row mode, rows x cols with per-row h and
+// substeps; column mode, rows x cols with one h and steps[0] substeps. v, w: scratch like y.
+template <typename T, int VB>
+HKD_INLINE void action_block(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, const int* steps,
+                             int degree, T* y, T* v, T* w, T* hk, double* norms) {
+  for (int step = 0; step < steps[0]; ++step) {
+    const int n = row_mode ? active_rows(steps, rows, step) : rows;
+    action_substep<T, VB>(row_mode, n, cols, Aop, d, h, degree, y, v, w, hk, norms, nullptr, nullptr);
+  }
+}
+
+// Scratch of the action's backward for one block of `size` elements (rows x cols) and `vectors` vectors.
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> starts, record, y, g_term, g_next, u, transposed, product, hk;
+  std::vector<double> norms;
+  std::vector<int> terms;
+  BackwardScratch(long size, int vectors, int d, int degree)
+      : record((degree + 1) * size), y(size), g_term(size), g_next(size), u(size), transposed(size),
+        product(long(d) * d), hk(vectors), norms(4 * vectors), terms(vectors) {}
+};
+
+// The exact reverse of action_block: the substeps run again, keeping the state at the start of each, then in reverse
+// order each runs once more, recording its terms and how many of them every vector took, and the terms are reversed.
+// g: the upstream gradient of the block (like y), replaced by the gradient of its input z; grad_A (d x d, row-major)
+// += the gradient of A; grad_h[r] (row mode; column mode: grad_h[0]) += the gradient of h. Aback: row mode A, column
+// mode A^T (Aop as in the forward: row mode A^T, column mode A).
+template <typename T, int VB>
+HKD_INLINE void action_block_backward(bool row_mode, int rows, int cols, const T* Aop, const T* Aback, int d,
+                                      const T* h, const int* steps, int degree, const T* z, T* g, T* grad_A,
+                                      double* grad_h, BackwardScratch<T>& s) {
+  const long full = long(rows) * cols;
+  if (s.starts.size() < size_t(steps[0] * full)) s.starts.resize(steps[0] * full);
+  T *y = s.y.data(), *gt = s.g_term.data(), *gv = s.g_next.data(), *u = s.u.data(), *tr = s.transposed.data();
+  T* hk = s.hk.data();
+  std::memcpy(s.starts.data(), z, full * sizeof(T));
+  for (int step = 0; step + 1 < steps[0]; ++step) {  // (gt, u: scratch here)
+    std::memcpy(y, s.starts.data() + step * full, full * sizeof(T));
+    const int n = row_mode ? active_rows(steps, rows, step) : rows;
+    action_substep<T, VB>(row_mode, n, cols, Aop, d, h, degree, y, gt, u, hk, s.norms.data(), nullptr, nullptr);
+    std::memcpy(s.starts.data() + (step + 1) * full, y, full * sizeof(T));
+  }
+  for (int step = steps[0] - 1; step >= 0; --step) {
+    const int n = row_mode ? active_rows(steps, rows, step) : rows;
+    const long size = long(n) * cols;
+    std::memcpy(y, s.starts.data() + step * full, size * sizeof(T));
+    const int K = action_substep<T, VB>(row_mode, n, cols, Aop, d, h, degree, y, nullptr, nullptr, hk,
+                                        s.norms.data(), s.record.data(), s.terms.data());
+    // reverse: term k = (h / k) A v_{k-1} reached y (the vectors that took it) and, through v_k, term k + 1
+    std::fill(gv, gv + size, T(0));
+    for (int k = K; k >= 1; --k) {
+      const T* V = s.record.data() + (k - 1) * size;
+      each_element(row_mode, n, cols, [&](int c, long e) { gt[e] = k <= s.terms[c] ? g[e] + gv[e] : T(0); });
+      if (row_mode) {  // u = gt A, grad_A += (hk gt)^T V, gv = hk u
+        for (int r = 0; r < n; ++r) hk[r] = h[r] / T(k);
+        gemm<T, VB>(n, cols, d, gt, cols, Aback, d, u, cols);
+        for (int r = 0; r < n; ++r)
+          for (int i = 0; i < cols; ++i) tr[long(i) * n + r] = hk[r] * gt[long(r) * cols + i];
+        gemm<T, VB>(d, d, n, tr, n, V, cols, s.product.data(), d, nullptr, 0, grad_A, d);
+        for (int r = 0; r < n; ++r) {
+          double dot = 0;
+          for (int i = 0; i < cols; ++i) dot += double(V[long(r) * cols + i]) * double(u[long(r) * cols + i]);
+          grad_h[r] += dot / k;
+          for (int i = 0; i < cols; ++i) gv[long(r) * cols + i] = hk[r] * u[long(r) * cols + i];
+        }
+      } else {  // u = A^T gt, grad_A += hk gt V^T, gv = hk u
+        const T hk0 = h[0] / T(k);
+        gemm<T, VB>(n, cols, d, Aback, d, gt, cols, u, cols);
+        for (int i = 0; i < n; ++i)
+          for (int c = 0; c < cols; ++c) tr[long(c) * n + i] = V[long(i) * cols + c];
+        gemm<T, VB>(d, d, cols, gt, cols, tr, n, s.product.data(), d, &hk0, 0, grad_A, d);
+        double dot = 0;
+        for (long e = 0; e < size; ++e) dot += double(V[e]) * double(u[e]), gv[e] = hk0 * u[e];
+        grad_h[0] += dot / k;
+      }
+    }
+    for (long e = 0; e < size; ++e) g[e] += gv[e];
+  }
+}
+
+// ---- instruction-set variants: the same code compiled three times, chosen once at run time ----------------
+#define HKD_VARIANT(NAME, TARGET_ATTRIBUTE, VB)                                                                            \
+  template <typename T>                                                                                          \
+  TARGET_ATTRIBUTE void NAME##_expm(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) { \
+    expm_matrix<T, VB>(A, E, out, L, n, p, w);                                                                   \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  TARGET_ATTRIBUTE void NAME##_action(bool row_mode, int rows, int cols, const T* Aop, int d,    \
+                                                     const T* h, const int* steps, int degree, T* y, T* v, T* w, \
+                                                     T* hk, double* norms) {                                     \
+    action_block<T, VB>(row_mode, rows, cols, Aop, d, h, steps, degree, y, v, w, hk, norms);                     \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  TARGET_ATTRIBUTE void NAME##_action_backward(                                                   \
+      bool row_mode, int rows, int cols, const T* Aop, const T* Aback, int d, const T* h, const int* steps,      \
+      int degree, const T* z, T* g, T* grad_A, double* grad_h, BackwardScratch<T>& s) {                          \
+    action_block_backward<T, VB>(row_mode, rows, cols, Aop, Aback, d, h, steps, degree, z, g, grad_A, grad_h, s); \
+  }
+#if defined(__x86_64__) || defined(__i386__)
+HKD_VARIANT(avx512, __attribute__((target("avx512f,avx512dq"))), 64)
+HKD_VARIANT(avx2, __attribute__((target("avx2,fma"))), 32)
+HKD_VARIANT(sse2, __attribute__((target("sse2"))), 16)
+
+enum class Isa { avx512, avx2, sse2 };
+Isa isa() {
+  static const Isa value = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? Isa::avx512
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")    ? Isa::avx2
+                                                                                                 : Isa::sse2;
+  return value;
+}
+
+// NAME's variant for this machine's instruction set
+#define HKD_DISPATCH(NAME, ...)                                          \
+  switch (isa()) {                                                       \
+    case Isa::avx512: return avx512_##NAME<scalar_t>(__VA_ARGS__);       \
+    case Isa::avx2: return avx2_##NAME<scalar_t>(__VA_ARGS__);           \
+    default: return sse2_##NAME<scalar_t>(__VA_ARGS__);                  \
+  }
+#else  // other architectures: one 16-byte-vector variant, the compiler's own target
+HKD_VARIANT(generic, , 16)
+#define HKD_DISPATCH(NAME, ...) return generic_##NAME<scalar_t>(__VA_ARGS__);
+#endif
+
+template <typename scalar_t>
+void expm_dispatch(const scalar_t* A, const scalar_t* E, scalar_t* out, scalar_t* L, int n, Plan p, scalar_t* w) {
+  HKD_DISPATCH(expm, A, E, out, L, n, p, w)
+}
+template <typename scalar_t>
+void action_dispatch(bool row_mode, int rows, int cols, const scalar_t* Aop, int d, const scalar_t* h,
+                     const int* steps, int degree, scalar_t* y, scalar_t* v, scalar_t* w, scalar_t* hk, double* norms) {
+  HKD_DISPATCH(action, row_mode, rows, cols, Aop, d, h, steps, degree, y, v, w, hk, norms)
+}
+template <typename scalar_t>
+void action_backward_dispatch(bool row_mode, int rows, int cols, const scalar_t* Aop, const scalar_t* Aback, int d,
+                              const scalar_t* h, const int* steps, int degree, const scalar_t* z, scalar_t* g,
+                              scalar_t* grad_A, double* grad_h, BackwardScratch<scalar_t>& s) {
+  HKD_DISPATCH(action_backward, row_mode, rows, cols, Aop, Aback, d, h, steps, degree, z, g, grad_A, grad_h, s)
+}
+
+// The worker threads of `count` tasks.
+int64_t workers_for(int64_t count) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)); }
+
+// Tasks 0..count-1, ordered by cost (most first), dealt round-robin to the workers (workers_for(count) threads).
+// Each worker calls setup(worker, tasks) once (its scratch), with flush-to-zero set; tasks(body) then runs body(t) for
+// that worker's tasks.
+template <typename Setup>
+void for_each_task(int64_t count, const Setup& setup) {
+  const int64_t workers = workers_for(count);
+  at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+    const hkd::FlushDenormals ftz;
+    for (int64_t worker = first; worker < last; ++worker)
+      setup(worker, [&](const auto& body) {
+        for (int64_t t = worker; t < count; t += workers) body(t);
+      });
+  });
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "hkd::", name, ": expected CPU tensors");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "hkd::", name,
+              ": expected float32 or float64, got ", t.scalar_type());
+}
+
+// ---- ops --------------------------------------------------------------------------------------------------
+// exp(A) for A (..., n, n); with grad, the adjoint of the Frechet derivative: L(A^T, grad), using the plan of A.
+at::Tensor expm_impl(const at::Tensor& A_in, const at::Tensor* grad_in) {
+  check_float(A_in, "expm");
+  TORCH_CHECK(A_in.dim() >= 2 && A_in.size(-1) == A_in.size(-2), "hkd::expm: expected (..., n, n), got ",
+              A_in.sizes());
+  const int n = A_in.size(-1);
+  at::Tensor A = A_in.contiguous().reshape({-1, n, n});
+  at::Tensor G = grad_in ? grad_in->to(A.scalar_type()).contiguous().reshape({-1, n, n}) : at::Tensor();
+  at::Tensor out = at::empty_like(A);
+  const int64_t count = A.size(0);
+  if (count == 0 || n == 0) return out.reshape(A_in.sizes());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "hkd_expm_cpu", [&] {
+    const scalar_t* a = A.data_ptr<scalar_t>();
+    const scalar_t* g = G.defined() ? G.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const bool is_double = std::is_same_v<scalar_t, double>;
+    const long nn = long(n) * n;
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      const hkd::FlushDenormals ftz;
+      std::vector<scalar_t> work((2 * 8 + 6) * nn), expA(nn);
+      scalar_t* at_ = work.data() + (2 * 8 + 4) * nn;
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* ab = a + b * nn;
+        const Plan p = hkd::dense::expm_plan(norm1(ab, n, n, 1), is_double);
+        if (!g) {
+          expm_dispatch<scalar_t>(ab, nullptr, o + b * nn, nullptr, n, p, work.data());
+        } else {  // L(A^T, G) = L(A, G^T)^T: evaluate with A^T
+          for (int i = 0; i < n; ++i)
+            for (int j = 0; j < n; ++j) at_[i * n + j] = ab[j * n + i];
+          expm_dispatch<scalar_t>(at_, g + b * nn, expA.data(), o + b * nn, n, p, work.data());
+        }
+      }
+    });
+  });
+  return out.reshape(A_in.sizes());
+}
+
+at::Tensor expm_cpu(const at::Tensor& A) { return expm_impl(A, nullptr); }
+at::Tensor expm_backward_cpu(const at::Tensor& A, const at::Tensor& grad) { return expm_impl(A, &grad); }
+
+// ---- the action ------------------------------------------------------------------------------------------
+// Samples by substeps, most first (a block of rows then shrinks to a prefix as its samples finish): sample order[r]
+// takes steps[r] substeps of h[r] = tau / steps (csrc/dense.h action_substeps).
+template <typename T>
+struct Schedule {
+  std::vector<int64_t> order;
+  std::vector<int> steps;
+  std::vector<T> h;
+  Schedule(const T* tau, int64_t B, int degree, double alpha) : order(B), steps(B), h(B) {
+    std::vector<int> by_sample(B);
+    for (int64_t b = 0; b < B; ++b)
+      order[b] = b, by_sample[b] = hkd::dense::action_substeps(double(tau[b]), degree, alpha, sizeof(T) == 8);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return by_sample[a] > by_sample[b]; });
+    for (int64_t r = 0; r < B; ++r) steps[r] = by_sample[order[r]], h[r] = tau[order[r]] / T(steps[r]);
+  }
+};
+
+// The action's tasks. Row mode (per-position A, or P = 1): task = (position, block of samples in substep order), the
+// block's rows are vectors, S (rows x d) <- S A_p^T. Column mode (shared A, P > 1): task = (sample, block of
+// positions), the block's columns are vectors, S (d x cols) <- A S. Blocks: three state blocks in about 192 KiB (L2).
+struct Blocks {
+  int64_t B, d, P, block, per, tasks;  // per: blocks per position (row mode) or per sample (column mode)
+  bool row_mode, shared;
+  Blocks(int64_t B, int64_t d, int64_t P, bool shared, size_t element)
+      : B(B), d(d), P(P), shared(shared), row_mode(!shared || P == 1) {
+    const int64_t budget = std::max<int64_t>(16, (192 * 1024) / (3 * int64_t(element) * d));
+    block = std::max<int64_t>(1, std::min<int64_t>(row_mode ? B : P, budget));
+    per = ((row_mode ? B : P) + block - 1) / block;
+    tasks = (row_mode ? P : B) * per;
+  }
+  // task t: the sample rank r (column mode) or position p (row mode), its first sample rank or position, its count
+  struct Task {
+    int64_t index, first, count, rows, cols;
+  };
+  Task task(int64_t t) const {
+    const int64_t index = row_mode ? t % P : t / per, first = (row_mode ? t / P : t % per) * block;
+    const int64_t count = std::min(block, (row_mode ? B : P) - first);
+    return {index, first, count, row_mode ? count : d, row_mode ? d : count};
+  }
+  // the task's block of a (B, d, P) tensor, in the kernels' layout, and back
+  template <typename T>
+  void gather(const Task& t, const int64_t* order, const T* src, T* dst) const {
+    if (row_mode)
+      for (int64_t r = 0; r < t.count; ++r)
+        for (int64_t i = 0; i < d; ++i) dst[r * d + i] = src[(order[t.first + r] * d + i) * P + t.index];
+    else
+      for (int64_t i = 0; i < d; ++i)
+        std::memcpy(dst + i * t.count, src + (order[t.index] * d + i) * P + t.first, t.count * sizeof(T));
+  }
+  template <typename T>
+  void scatter(const Task& t, const int64_t* order, const T* src, T* dst) const {
+    if (row_mode)
+      for (int64_t r = 0; r < t.count; ++r)
+        for (int64_t i = 0; i < d; ++i) dst[(order[t.first + r] * d + i) * P + t.index] = src[r * d + i];
+    else
+      for (int64_t i = 0; i < d; ++i)
+        std::memcpy(dst + (order[t.index] * d + i) * P + t.first, src + i * t.count, t.count * sizeof(T));
+  }
+  // the rank of the task's first sample in the schedule (its h and steps)
+  int64_t rank(const Task& t) const { return row_mode ? t.first : t.index; }
+};
+
+}  // namespace
+
+namespace hkd::dense {
+
+// The action ops' inputs, checked (any device; the caller checks it): z (B, d, P); A (d, d) shared or (P, d, d) per
+// position; tau (B,); the plan (degree m, alpha) from dense_action_plan. z, A and tau come back contiguous in z's
+// dtype; `finite` is false when alpha or an entry of A is not finite (the results are NaN then).
+ActionInputs checked_action_inputs(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau,
+                                   const at::Tensor& plan, const char* op) {
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, "hkd::", op,
+              ": expected float32 or float64, got ", z.scalar_type());
+  TORCH_CHECK(z.dim() == 3, "hkd::", op, ": z must be (B, d, P), got ", z.sizes());
+  const int64_t B = z.size(0), d = z.size(1), P = z.size(2);
+  const bool shared = A.dim() == 2;
+  TORCH_CHECK((shared && A.size(0) == d && A.size(1) == d) ||
+                  (A.dim() == 3 && A.size(0) == P && A.size(1) == d && A.size(2) == d),
+              "hkd::", op, ": A must be (d, d) or (P, d, d) for z ", z.sizes(), ", got ", A.sizes());
+  TORCH_CHECK(tau.dim() == 1 && tau.size(0) == B, "hkd::", op, ": tau must be (B,), got ", tau.sizes());
+  TORCH_CHECK(plan.dim() == 1 && plan.numel() == 3, "hkd::", op, ": plan must be dense_action_plan's (3,), got ",
+              plan.sizes());
+  TORCH_CHECK(A.device() == z.device() && tau.device() == z.device(), "hkd::", op, ": z, A and tau on one device");
+  const at::Tensor plan_host = plan.to(at::kCPU, at::kDouble).contiguous();
+  const double degree = plan_host.data_ptr<double>()[0], alpha = plan_host.data_ptr<double>()[1];
+  TORCH_CHECK(degree >= 1 && degree <= kMaxDegree, "hkd::", op, ": degree must be in [1, ", kMaxDegree, "], got ",
+              degree);
+  ActionInputs in{z.contiguous(), A.to(z.scalar_type()).contiguous(), tau.to(z.scalar_type()).contiguous(),
+                  int(degree), alpha, B, d, P, shared, true};
+  in.finite = alpha >= 0 && alpha <= 1e300 && (z.numel() == 0 || in.A.isfinite().all().item<bool>());
+  return in;
+}
+
+}  // namespace hkd::dense
+
+namespace {
+
+at::Tensor dense_action_cpu(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau, const at::Tensor& plan) {
+  TORCH_CHECK(z.device().is_cpu(), "hkd::dense_action: expected CPU tensors");
+  const hkd::dense::ActionInputs in = hkd::dense::checked_action_inputs(z, A, tau, plan, "dense_action");
+  at::Tensor out = at::empty_like(in.z);
+  if (out.numel() == 0) return out;
+  if (!in.finite) return out.fill_(NAN);
+  AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "hkd_dense_action_cpu", [&] {
+    using T = scalar_t;
+    const Schedule<T> sched(in.tau.data_ptr<T>(), in.B, in.degree, in.alpha);
+    const Blocks blocks(in.B, in.d, in.P, in.shared, sizeof(T));
+    const at::Tensor Aop = blocks.row_mode ? in.A.transpose(-1, -2).contiguous() : in.A;
+    const T *zp = in.z.data_ptr<T>(), *ap = Aop.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const int64_t d = in.d, size = blocks.block * d;
+    for_each_task(blocks.tasks, [&](int64_t, auto&& tasks) {
+      std::vector<T> buf(3 * size + blocks.block);
+      std::vector<double> norms(4 * blocks.block);
+      tasks([&](int64_t t) {
+        const Blocks::Task task = blocks.task(t);
+        const int64_t r = blocks.rank(task);
+        T *y = buf.data(), *v = y + size, *w = v + size, *hk = w + size;
+        blocks.gather(task, sched.order.data(), zp, y);
+        action_dispatch<T>(blocks.row_mode, task.rows, task.cols, ap + (in.shared ? 0 : task.index * d * d), d,
+                           &sched.h[r], &sched.steps[r], in.degree, y, v, w, hk, norms.data());
+        blocks.scatter(task, sched.order.data(), y, op);
+      });
+    });
+  });
+  return out;
+}
+
+// The exact reverse of dense_action (same plan, substeps and per-vector term counts): (grad_z, grad_A, grad_tau).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(const at::Tensor& grad, const at::Tensor& z,
+                                                                         const at::Tensor& A, const at::Tensor& tau,
+                                                                         const at::Tensor& plan) {
+  TORCH_CHECK(z.device().is_cpu() && grad.device().is_cpu(), "hkd::dense_action_backward: expected CPU tensors");
+  const hkd::dense::ActionInputs in = hkd::dense::checked_action_inputs(z, A, tau, plan, "dense_action_backward");
+  TORCH_CHECK(grad.sizes() == z.sizes(), "hkd::dense_action_backward: grad must be like z ", z.sizes(), ", got ",
+              grad.sizes());
+  const at::Tensor G = grad.to(in.z.scalar_type()).contiguous();
+  at::Tensor grad_z = at::zeros_like(in.z), grad_A = at::zeros_like(in.A), grad_tau = at::zeros_like(in.tau);
+  auto result = [&] {
+    return std::make_tuple(grad_z, grad_A.to(A.scalar_type()), grad_tau.to(tau.scalar_type()));
+  };
+  if (in.z.numel() == 0) return result();
+  if (!in.finite) {
+    grad_z.fill_(NAN), grad_A.fill_(NAN), grad_tau.fill_(NAN);
+    return result();
+  }
+  AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "hkd_dense_action_backward_cpu", [&] {
+    using T = scalar_t;
+    const Schedule<T> sched(in.tau.data_ptr<T>(), in.B, in.degree, in.alpha);
+    const Blocks blocks(in.B, in.d, in.P, in.shared, sizeof(T));
+    const at::Tensor At = in.A.transpose(-1, -2).contiguous();
+    const at::Tensor Aop = blocks.row_mode ? At : in.A, Aback = blocks.row_mode ? in.A : At;
+    const int64_t d = in.d, size = blocks.block * d, workers = workers_for(blocks.tasks);
+    // per worker: its share of grad_A and of the gradients of h
+    at::Tensor partial_A = at::zeros({workers, in.A.numel()}, in.A.options());
+    std::vector<double> partial_h(workers * in.B, 0.0);
+    const T *zp = in.z.data_ptr<T>(), *gp = G.data_ptr<T>(), *aop = Aop.data_ptr<T>(), *abp = Aback.data_ptr<T>();
+    T* gzp = grad_z.data_ptr<T>();
+    for_each_task(blocks.tasks, [&](int64_t worker, auto&& tasks) {
+      BackwardScratch<T> scratch(size, int(blocks.block), int(d), in.degree);
+      std::vector<T> zb(size), gb(size);
+      std::vector<double> gh(blocks.block);
+      T* ga = partial_A.data_ptr<T>() + worker * in.A.numel();
+      double* ph = partial_h.data() + worker * in.B;
+      tasks([&](int64_t t) {
+        const Blocks::Task task = blocks.task(t);
+        const int64_t r = blocks.rank(task), offset = in.shared ? 0 : task.index * d * d;
+        blocks.gather(task, sched.order.data(), zp, zb.data());
+        blocks.gather(task, sched.order.data(), gp, gb.data());
+        std::fill(gh.begin(), gh.end(), 0.0);
+        action_backward_dispatch<T>(blocks.row_mode, task.rows, task.cols, aop + offset, abp + offset, d, &sched.h[r],
+                                    &sched.steps[r], in.degree, zb.data(), gb.data(), ga + offset, gh.data(), scratch);
+        blocks.scatter(task, sched.order.data(), gb.data(), gzp);
+        for (int64_t i = 0; i < (blocks.row_mode ? task.count : 1); ++i) ph[sched.order[r + i]] += gh[i];
+      });
+    });
+    grad_A.copy_(partial_A.sum(0).view(in.A.sizes()));
+    T* gt = grad_tau.data_ptr<T>();
+    for (int64_t rank = 0; rank < in.B; ++rank) {  // h = tau / s
+      double sum = 0;
+      for (int64_t w = 0; w < workers; ++w) sum += partial_h[w * in.B + sched.order[rank]];
+      gt[sched.order[rank]] = T(sum / sched.steps[rank]);
+    }
+  });
+  return result();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hkd, CPU, m) {
+  m.impl("expm", &expm_cpu);
+  m.impl("expm_backward", &expm_backward_cpu);
+  m.impl("dense_action", &dense_action_cpu);
+  m.impl("dense_action_backward", &dense_action_backward_cpu);
+}
