@@ -3,6 +3,7 @@
 // hkd/ops/dense.py `plan` is the same algorithm in Python, for builds without this extension; a test checks that
 // the two agree, and that `dense_theta` (the table of csrc/dense.h) equals Python's THETA.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,6 +22,26 @@ double substeps_for(double tau_max, double alpha, int m, bool is_double) {
   const double x = tau_max * alpha;
   if (!std::isfinite(x)) return kMaxSubsteps;
   return std::min<double>(std::max(std::ceil(x / theta(m, is_double)), 1.0), kMaxSubsteps);
+}
+
+// max over matrices of ||X||_1 for X (d, d) or (P, d, d), summed in float64 (NaN if any entry is NaN)
+double max_norm1(const at::Tensor& X) {
+  if (X.numel() == 0) return 0.0;
+  if (!X.is_cpu()) return at::linalg_matrix_norm(X.to(at::kDouble), 1).max().item<double>();
+  double best = 0;
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "hkd_max_norm1", [&] {
+    const at::Tensor x = X.contiguous();
+    const scalar_t* p = x.data_ptr<scalar_t>();
+    const int64_t d = x.size(-1), matrices = x.numel() / (d * d);
+    std::vector<double> column(d);
+    for (int64_t m = 0; m < matrices; ++m, p += d * d) {
+      std::fill(column.begin(), column.end(), 0.0);
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j) column[j] += std::abs(double(p[i * d + j]));
+      for (double c : column) best = std::isnan(c) || std::isnan(best) ? NAN : std::max(best, c);
+    }
+  });
+  return best;
 }
 
 struct ActionPlan {
@@ -52,7 +73,7 @@ at::Tensor dense_action_plan(const at::Tensor& A_in, const at::Tensor& tau_in, i
   const at::Tensor A = A_in.detach(), tau = tau_in.detach();
   const bool is_double = A.scalar_type() == at::kDouble;
   const int64_t d = A.size(-1), batch = tau.numel(), matrices = A.dim() == 3 ? A.size(0) : 1;
-  const double norm = A.numel() ? at::linalg_matrix_norm(A.to(at::kDouble), 1).max().item<double>() : 0.0;
+  const double norm = max_norm1(A);
   const double tau_max = batch ? tau.abs().max().item<double>() : 0.0;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   if (!std::isfinite(norm) || !std::isfinite(tau_max)) return at::tensor({1.0, nan, 1.0}, at::kDouble);
@@ -67,7 +88,7 @@ at::Tensor dense_action_plan(const at::Tensor& A_in, const at::Tensor& tau_in, i
     std::vector<double> dp{norm};
     for (int p = 2; p <= powers; ++p) {
       power = at::matmul(power, X);
-      dp.push_back(norm * std::pow(at::linalg_matrix_norm(power, 1).max().item<double>(), 1.0 / p));
+      dp.push_back(norm * std::pow(max_norm1(power), 1.0 / p));
     }
     plan = best_plan(dp, tau_max, is_double);
   }

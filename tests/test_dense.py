@@ -186,8 +186,9 @@ def test_fused_backward_float32_matches_float64():
 
 @CPU_ONLY
 def test_plan_in_cpp_matches_python():
-    """dense_action_plan (C++) and reference_plan (Python) give the same degree, alpha and choice of algorithm, and
-    the Taylor tables of csrc/dense.h and hkd/ops/dense.py are the same numbers."""
+    """dense_action_plan (C++) and reference_plan (Python) give the same degree and choice of algorithm and the same
+    alpha (to rounding: the norms are summed in another order), and the Taylor tables of csrc/dense.h and
+    hkd/ops/dense.py are the same numbers."""
     for dtype in (torch.float32, torch.float64):
         assert torch.ops.hkd.dense_theta(dtype).tolist() == list(dense.THETA[dtype])
     d = 24
@@ -208,7 +209,8 @@ def test_plan_in_cpp_matches_python():
                 for positions in (3,) if A.dim() == 3 else (1, 64):
                     a, t = A.to(dtype), tau.to(dtype)
                     cpp, python = dense.dense_action_plan(a, t, positions), dense.reference_plan(a, t, positions)
-                    torch.testing.assert_close(cpp, python, rtol=0, atol=0, equal_nan=True, msg=str((name, tau_name)))
+                    assert cpp[0] == python[0] and cpp[2] == python[2], (name, tau_name, cpp, python)
+                    torch.testing.assert_close(cpp[1], python[1], rtol=1e-12, atol=0, equal_nan=True)
 
 
 def test_cost_model_picks_the_cheaper_algorithm():

@@ -1,6 +1,7 @@
 // CPU kernels of the dense ops (hkd/ops/dense.py): expm, expm_backward (adjoint Frechet derivative),
-// dense_action (exp(tau_b A_p) z[b, :, p]). One matrix or one cache-sized block of the state per task
-// (at::parallel_for); a small register-blocked GEMM compiled for AVX-512, AVX2 and SSE2, chosen at run time.
+// dense_action (exp(tau_b A_p) z[b, :, p]) and dense_action_backward (the exact reverse of its recurrence). One matrix
+// or one cache-sized block of the state per task (at::parallel_for). expm: a small register-blocked GEMM compiled for
+// AVX-512, AVX2 and SSE2, chosen at run time; the action: ATen's BLAS on each worker thread.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -172,12 +173,59 @@ HKD_INLINE void expm_matrix(const T* A, const T* E, T* out, T* Lout, int n, Plan
   if (E) std::memcpy(Lout, dY, nn * sizeof(T));
 }
 
-// f(c, e) for every element e of an n x cols block of the state, c its vector (row mode: its row, column mode: its
-// column), in memory order.
-template <typename F>
-HKD_INLINE void each_element(bool row_mode, int n, int cols, const F& f) {
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < cols; ++j) f(row_mode ? i : j, long(i) * cols + j);
+// A row-major matrix (rows x cols, leading dimension ld) in place, or read as its transpose.
+template <typename T>
+struct View {
+  const T* data;
+  long rows, cols, ld;
+  bool transposed = false;
+  at::Tensor tensor() const {
+    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    return transposed ? at::from_blob(const_cast<T*>(data), {cols, rows}, {1, ld}, options)
+                      : at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, options);
+  }
+};
+
+// C = alpha L R (accumulate: C += alpha L R), C row-major with leading dimension ldc, by ATen's BLAS on this thread.
+template <typename T>
+void matmul(const View<T>& L, const View<T>& R, T* C, long ldc, T alpha, bool accumulate) {
+  const long M = L.transposed ? L.cols : L.rows, N = R.transposed ? R.rows : R.cols;
+  at::Tensor c = View<T>{C, M, N, ldc}.tensor();
+  c.addmm_(L.tensor(), R.tensor(), accumulate ? 1 : 0, alpha);
+}
+
+// norm[c] = max |x| over vector c of an n x cols block (row mode: row c, column mode: column c).
+template <typename T>
+void max_abs(bool row_mode, int n, int cols, const T* x, double* norm) {
+  if (row_mode) {
+    for (int i = 0; i < n; ++i) {
+      const T* xi = x + long(i) * cols;
+      T row = 0;
+#pragma omp simd reduction(max : row)
+      for (int j = 0; j < cols; ++j) row = std::max(row, std::abs(xi[j]));
+      norm[i] = row;
+    }
+    return;
+  }
+  std::fill(norm, norm + cols, 0.0);
+  for (int i = 0; i < n; ++i) {
+    const T* xi = x + long(i) * cols;
+#pragma omp simd
+    for (int j = 0; j < cols; ++j) norm[j] = std::max(norm[j], double(std::abs(xi[j])));
+  }
+}
+
+// w *= h / k (per row in row mode, h[0] in column mode), y += w, then term and sum = max_abs of w and y.
+template <typename T>
+void add_term(bool row_mode, int n, int cols, const T* h, int k, T* y, T* w, double* term, double* sum) {
+  for (int i = 0; i < n; ++i) {
+    const T hk = h[row_mode ? i : 0] / T(k);
+    T *wi = w + long(i) * cols, *yi = y + long(i) * cols;
+#pragma omp simd
+    for (int j = 0; j < cols; ++j) wi[j] *= hk, yi[j] += wi[j];
+  }
+  max_abs(row_mode, n, cols, w, term);
+  max_abs(row_mode, n, cols, y, sum);
 }
 
 // One Taylor substep of a block of the state, in place: y <- T_m(h A) y (csrc/dense.h). Row mode: the rows of y
@@ -185,37 +233,25 @@ HKD_INLINE void each_element(bool row_mode, int n, int cols, const F& f) {
 // (one sample's positions), one h, y <- A y. Terms v_0 = y, v_k = (h / k) A v_{k-1}; a vector stops once it has
 // converged, its later terms being zero. Without a record, v and w are scratch of y's size; with one (room for
 // degree + 1 blocks of y's size), v_0 .. v_K stay there and terms[c] says how many terms vector c took.
-// Returns K, the terms the block took. hk: n; norms: 4 per vector.
-template <typename T, int VB>
-HKD_INLINE int action_substep(bool row_mode, int n, int cols, const T* Aop, int d, const T* h, int degree, T* y, T* v,
-                              T* w, T* hk, double* norms, T* record, int* terms) {
+// Returns K, the terms the block took. A: d x d, row-major; norms: 4 per vector.
+template <typename T>
+int action_substep(bool row_mode, int n, int cols, const T* A, int d, const T* h, int degree, T* y, T* v, T* w,
+                   double* norms, T* record, int* terms) {
   constexpr bool is_double = sizeof(T) == 8;
   const int vectors = row_mode ? n : cols;
   const long size = long(n) * cols;
   double *previous = norms, *term = norms + vectors, *sum = term + vectors, *live = sum + vectors;
   if (record) v = record, w = record + size;
   std::memcpy(v, y, size * sizeof(T));
-  std::fill(previous, previous + vectors, 0.0);
-  each_element(row_mode, n, cols, [&](int c, long e) { previous[c] = std::max(previous[c], double(std::abs(v[e]))); });
+  max_abs(row_mode, n, cols, v, previous);
   if (terms) std::fill(terms, terms + vectors, degree);
   int left = vectors, k = 1;
   std::fill(live, live + vectors, 1.0);
   for (; k <= degree && left > 0; ++k) {
-    if (row_mode) {
-      for (int r = 0; r < n; ++r) hk[r] = h[r] / T(k);
-      gemm<T, VB>(n, cols, d, v, cols, Aop, d, w, cols, hk, 1);
-    } else {
-      hk[0] = h[0] / T(k);
-      gemm<T, VB>(n, cols, d, Aop, d, v, cols, w, cols, hk, 0);
-    }
-    // y += term; then the convergence test per vector, whose later terms are zero once it passes
-    std::fill(term, term + vectors, 0.0);
-    std::fill(sum, sum + vectors, 0.0);
-    each_element(row_mode, n, cols, [&](int c, long e) {
-      y[e] += w[e];
-      term[c] = std::max(term[c], double(std::abs(w[e])));
-      sum[c] = std::max(sum[c], double(std::abs(y[e])));
-    });
+    if (row_mode) matmul<T>({v, n, d, cols}, {A, d, d, d, true}, w, cols, T(1), false);
+    else matmul<T>({A, d, d, d}, {v, d, cols, cols}, w, cols, T(1), false);
+    // term = (h / k) A v; y += term; then the convergence test per vector, whose later terms are zero once it passes
+    add_term(row_mode, n, cols, h, k, y, w, term, sum);
     for (int c = 0; c < vectors; ++c) {
       if (!live[c] || !hkd::dense::converged(previous[c], term[c], sum[c], is_double)) {
         previous[c] = term[c];
@@ -242,142 +278,110 @@ inline int active_rows(const int* steps, int rows, int step) {
 
 // One block of the state evolved by all its substeps (action_substep): row mode, rows x cols with per-row h and
 // substeps; column mode, rows x cols with one h and steps[0] substeps. v, w: scratch like y.
-template <typename T, int VB>
-HKD_INLINE void action_block(bool row_mode, int rows, int cols, const T* Aop, int d, const T* h, const int* steps,
-                             int degree, T* y, T* v, T* w, T* hk, double* norms) {
+template <typename T>
+void action_block(bool row_mode, int rows, int cols, const T* A, int d, const T* h, const int* steps, int degree, T* y,
+                  T* v, T* w, double* norms) {
   for (int step = 0; step < steps[0]; ++step) {
     const int n = row_mode ? active_rows(steps, rows, step) : rows;
-    action_substep<T, VB>(row_mode, n, cols, Aop, d, h, degree, y, v, w, hk, norms, nullptr, nullptr);
+    action_substep<T>(row_mode, n, cols, A, d, h, degree, y, v, w, norms, nullptr, nullptr);
   }
 }
 
 // Scratch of the action's backward for one block of `size` elements (rows x cols) and `vectors` vectors.
 template <typename T>
 struct BackwardScratch {
-  std::vector<T> starts, record, y, g_term, g_next, u, transposed, product, hk;
+  std::vector<T> starts, record, y, g_term, g_next, u;
   std::vector<double> norms;
   std::vector<int> terms;
-  BackwardScratch(long size, int vectors, int d, int degree)
-      : record((degree + 1) * size), y(size), g_term(size), g_next(size), u(size), transposed(size),
-        product(long(d) * d), hk(vectors), norms(4 * vectors), terms(vectors) {}
+  BackwardScratch(long size, int vectors, int degree)
+      : record((degree + 1) * size), y(size), g_term(size), g_next(size), u(size), norms(4 * vectors), terms(vectors) {}
 };
 
 // The exact reverse of action_block: the substeps run again, keeping the state at the start of each, then in reverse
 // order each runs once more, recording its terms and how many of them every vector took, and the terms are reversed.
 // g: the upstream gradient of the block (like y), replaced by the gradient of its input z; grad_A (d x d, row-major)
-// += the gradient of A; grad_h[r] (row mode; column mode: grad_h[0]) += the gradient of h. Aback: row mode A, column
-// mode A^T (Aop as in the forward: row mode A^T, column mode A).
-template <typename T, int VB>
-HKD_INLINE void action_block_backward(bool row_mode, int rows, int cols, const T* Aop, const T* Aback, int d,
-                                      const T* h, const int* steps, int degree, const T* z, T* g, T* grad_A,
-                                      double* grad_h, BackwardScratch<T>& s) {
+// += the gradient of A; grad_h[r] (row mode; column mode: grad_h[0]) += the gradient of h.
+template <typename T>
+void action_block_backward(bool row_mode, int rows, int cols, const T* A, int d, const T* h, const int* steps,
+                           int degree, const T* z, T* g, T* grad_A, double* grad_h, BackwardScratch<T>& s) {
   const long full = long(rows) * cols;
   if (s.starts.size() < size_t(steps[0] * full)) s.starts.resize(steps[0] * full);
-  T *y = s.y.data(), *gt = s.g_term.data(), *gv = s.g_next.data(), *u = s.u.data(), *tr = s.transposed.data();
-  T* hk = s.hk.data();
+  T *y = s.y.data(), *gt = s.g_term.data(), *gv = s.g_next.data(), *u = s.u.data();
   std::memcpy(s.starts.data(), z, full * sizeof(T));
   for (int step = 0; step + 1 < steps[0]; ++step) {  // (gt, u: scratch here)
     std::memcpy(y, s.starts.data() + step * full, full * sizeof(T));
     const int n = row_mode ? active_rows(steps, rows, step) : rows;
-    action_substep<T, VB>(row_mode, n, cols, Aop, d, h, degree, y, gt, u, hk, s.norms.data(), nullptr, nullptr);
+    action_substep<T>(row_mode, n, cols, A, d, h, degree, y, gt, u, s.norms.data(), nullptr, nullptr);
     std::memcpy(s.starts.data() + (step + 1) * full, y, full * sizeof(T));
   }
   for (int step = steps[0] - 1; step >= 0; --step) {
     const int n = row_mode ? active_rows(steps, rows, step) : rows;
     const long size = long(n) * cols;
     std::memcpy(y, s.starts.data() + step * full, size * sizeof(T));
-    const int K = action_substep<T, VB>(row_mode, n, cols, Aop, d, h, degree, y, nullptr, nullptr, hk,
-                                        s.norms.data(), s.record.data(), s.terms.data());
+    const int K = action_substep<T>(row_mode, n, cols, A, d, h, degree, y, nullptr, nullptr, s.norms.data(),
+                                    s.record.data(), s.terms.data());
     // reverse: term k = (h / k) A v_{k-1} reached y (the vectors that took it) and, through v_k, term k + 1
     std::fill(gv, gv + size, T(0));
     for (int k = K; k >= 1; --k) {
       const T* V = s.record.data() + (k - 1) * size;
-      each_element(row_mode, n, cols, [&](int c, long e) { gt[e] = k <= s.terms[c] ? g[e] + gv[e] : T(0); });
-      if (row_mode) {  // u = gt A, grad_A += (hk gt)^T V, gv = hk u
-        for (int r = 0; r < n; ++r) hk[r] = h[r] / T(k);
-        gemm<T, VB>(n, cols, d, gt, cols, Aback, d, u, cols);
-        for (int r = 0; r < n; ++r)
-          for (int i = 0; i < cols; ++i) tr[long(i) * n + r] = hk[r] * gt[long(r) * cols + i];
-        gemm<T, VB>(d, d, n, tr, n, V, cols, s.product.data(), d, nullptr, 0, grad_A, d);
+      for (int i = 0; i < n; ++i) {  // (the vectors that took term k)
+        const long row = long(i) * cols;
+#pragma omp simd
+        for (int j = 0; j < cols; ++j)
+          gt[row + j] = k <= s.terms[row_mode ? i : j] ? g[row + j] + gv[row + j] : T(0);
+      }
+      if (row_mode) {  // u = gt A; grad_h += <V, u> / k; gv = (h / k) u; grad_A += ((h / k) gt)^T V
+        matmul<T>({gt, n, d, cols}, {A, d, d, d}, u, cols, T(1), false);
         for (int r = 0; r < n; ++r) {
+          const T hk = h[r] / T(k);
           double dot = 0;
-          for (int i = 0; i < cols; ++i) dot += double(V[long(r) * cols + i]) * double(u[long(r) * cols + i]);
+#pragma omp simd reduction(+ : dot)
+          for (long e = long(r) * cols; e < long(r + 1) * cols; ++e)
+            dot += double(V[e]) * double(u[e]), gv[e] = hk * u[e], gt[e] *= hk;
           grad_h[r] += dot / k;
-          for (int i = 0; i < cols; ++i) gv[long(r) * cols + i] = hk[r] * u[long(r) * cols + i];
         }
-      } else {  // u = A^T gt, grad_A += hk gt V^T, gv = hk u
-        const T hk0 = h[0] / T(k);
-        gemm<T, VB>(n, cols, d, Aback, d, gt, cols, u, cols);
-        for (int i = 0; i < n; ++i)
-          for (int c = 0; c < cols; ++c) tr[long(c) * n + i] = V[long(i) * cols + c];
-        gemm<T, VB>(d, d, cols, gt, cols, tr, n, s.product.data(), d, &hk0, 0, grad_A, d);
+        matmul<T>({gt, n, d, cols, true}, {V, n, d, cols}, grad_A, d, T(1), true);
+      } else {  // u = A^T gt; grad_h += <V, u> / k; gv = (h / k) u; grad_A += (h / k) gt V^T
+        const T hk = h[0] / T(k);
+        matmul<T>({A, d, d, d, true}, {gt, d, cols, cols}, u, cols, T(1), false);
         double dot = 0;
-        for (long e = 0; e < size; ++e) dot += double(V[e]) * double(u[e]), gv[e] = hk0 * u[e];
+#pragma omp simd reduction(+ : dot)
+        for (long e = 0; e < size; ++e) dot += double(V[e]) * double(u[e]), gv[e] = hk * u[e];
         grad_h[0] += dot / k;
+        matmul<T>({gt, d, cols, cols}, {V, d, cols, cols, true}, grad_A, d, hk, true);
       }
     }
+#pragma omp simd
     for (long e = 0; e < size; ++e) g[e] += gv[e];
   }
 }
 
-// ---- instruction-set variants: the same code compiled three times, chosen once at run time ----------------
-#define HKD_VARIANT(NAME, TARGET_ATTRIBUTE, VB)                                                                            \
-  template <typename T>                                                                                          \
-  TARGET_ATTRIBUTE void NAME##_expm(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) { \
-    expm_matrix<T, VB>(A, E, out, L, n, p, w);                                                                   \
-  }                                                                                                              \
-  template <typename T>                                                                                          \
-  TARGET_ATTRIBUTE void NAME##_action(bool row_mode, int rows, int cols, const T* Aop, int d,    \
-                                                     const T* h, const int* steps, int degree, T* y, T* v, T* w, \
-                                                     T* hk, double* norms) {                                     \
-    action_block<T, VB>(row_mode, rows, cols, Aop, d, h, steps, degree, y, v, w, hk, norms);                     \
-  }                                                                                                              \
-  template <typename T>                                                                                          \
-  TARGET_ATTRIBUTE void NAME##_action_backward(                                                   \
-      bool row_mode, int rows, int cols, const T* Aop, const T* Aback, int d, const T* h, const int* steps,      \
-      int degree, const T* z, T* g, T* grad_A, double* grad_h, BackwardScratch<T>& s) {                          \
-    action_block_backward<T, VB>(row_mode, rows, cols, Aop, Aback, d, h, steps, degree, z, g, grad_A, grad_h, s); \
-  }
+// ---- instruction-set variants of expm: the same code compiled three times, chosen once at run time --------
 #if defined(__x86_64__) || defined(__i386__)
-HKD_VARIANT(avx512, __attribute__((target("avx512f,avx512dq"))), 64)
-HKD_VARIANT(avx2, __attribute__((target("avx2,fma"))), 32)
-HKD_VARIANT(sse2, __attribute__((target("sse2"))), 16)
-
-enum class Isa { avx512, avx2, sse2 };
-Isa isa() {
-  static const Isa value = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? Isa::avx512
-                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")    ? Isa::avx2
-                                                                                                 : Isa::sse2;
-  return value;
-}
-
-// NAME's variant for this machine's instruction set
-#define HKD_DISPATCH(NAME, ...)                                          \
-  switch (isa()) {                                                       \
-    case Isa::avx512: return avx512_##NAME<scalar_t>(__VA_ARGS__);       \
-    case Isa::avx2: return avx2_##NAME<scalar_t>(__VA_ARGS__);           \
-    default: return sse2_##NAME<scalar_t>(__VA_ARGS__);                  \
+#define HKD_VARIANT(NAME, TARGET, VB)                                                                 \
+  template <typename T>                                                                               \
+  __attribute__((target(TARGET))) void NAME(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) { \
+    expm_matrix<T, VB>(A, E, out, L, n, p, w);                                                        \
   }
-#else  // other architectures: one 16-byte-vector variant, the compiler's own target
-HKD_VARIANT(generic, , 16)
-#define HKD_DISPATCH(NAME, ...) return generic_##NAME<scalar_t>(__VA_ARGS__);
-#endif
+HKD_VARIANT(expm_avx512, "avx512f,avx512dq", 64)
+HKD_VARIANT(expm_avx2, "avx2,fma", 32)
+HKD_VARIANT(expm_sse2, "sse2", 16)
 
-template <typename scalar_t>
-void expm_dispatch(const scalar_t* A, const scalar_t* E, scalar_t* out, scalar_t* L, int n, Plan p, scalar_t* w) {
-  HKD_DISPATCH(expm, A, E, out, L, n, p, w)
+template <typename T>
+void expm_dispatch(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) {
+  static const int isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? 2
+                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")    ? 1
+                                                                                               : 0;
+  if (isa == 2) return expm_avx512<T>(A, E, out, L, n, p, w);
+  if (isa == 1) return expm_avx2<T>(A, E, out, L, n, p, w);
+  return expm_sse2<T>(A, E, out, L, n, p, w);
 }
-template <typename scalar_t>
-void action_dispatch(bool row_mode, int rows, int cols, const scalar_t* Aop, int d, const scalar_t* h,
-                     const int* steps, int degree, scalar_t* y, scalar_t* v, scalar_t* w, scalar_t* hk, double* norms) {
-  HKD_DISPATCH(action, row_mode, rows, cols, Aop, d, h, steps, degree, y, v, w, hk, norms)
+#else  // other architectures: one 16-byte-vector variant, the compiler's own target
+template <typename T>
+void expm_dispatch(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) {
+  expm_matrix<T, 16>(A, E, out, L, n, p, w);
 }
-template <typename scalar_t>
-void action_backward_dispatch(bool row_mode, int rows, int cols, const scalar_t* Aop, const scalar_t* Aback, int d,
-                              const scalar_t* h, const int* steps, int degree, const scalar_t* z, scalar_t* g,
-                              scalar_t* grad_A, double* grad_h, BackwardScratch<scalar_t>& s) {
-  HKD_DISPATCH(action_backward, row_mode, rows, cols, Aop, Aback, d, h, steps, degree, z, g, grad_A, grad_h, s)
-}
+#endif
 
 // The worker threads of `count` tasks.
 int64_t workers_for(int64_t count) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)); }
@@ -551,20 +555,19 @@ at::Tensor dense_action_cpu(const at::Tensor& z, const at::Tensor& A, const at::
     using T = scalar_t;
     const Schedule<T> sched(in.tau.data_ptr<T>(), in.B, in.degree, in.alpha);
     const Blocks blocks(in.B, in.d, in.P, in.shared, sizeof(T));
-    const at::Tensor Aop = blocks.row_mode ? in.A.transpose(-1, -2).contiguous() : in.A;
-    const T *zp = in.z.data_ptr<T>(), *ap = Aop.data_ptr<T>();
+    const T *zp = in.z.data_ptr<T>(), *ap = in.A.data_ptr<T>();
     T* op = out.data_ptr<T>();
     const int64_t d = in.d, size = blocks.block * d;
     for_each_task(blocks.tasks, [&](int64_t, auto&& tasks) {
-      std::vector<T> buf(3 * size + blocks.block);
+      std::vector<T> buf(3 * size);
       std::vector<double> norms(4 * blocks.block);
       tasks([&](int64_t t) {
         const Blocks::Task task = blocks.task(t);
         const int64_t r = blocks.rank(task);
-        T *y = buf.data(), *v = y + size, *w = v + size, *hk = w + size;
+        T *y = buf.data(), *v = y + size, *w = v + size;
         blocks.gather(task, sched.order.data(), zp, y);
-        action_dispatch<T>(blocks.row_mode, task.rows, task.cols, ap + (in.shared ? 0 : task.index * d * d), d,
-                           &sched.h[r], &sched.steps[r], in.degree, y, v, w, hk, norms.data());
+        action_block<T>(blocks.row_mode, task.rows, task.cols, ap + (in.shared ? 0 : task.index * d * d), d,
+                        &sched.h[r], &sched.steps[r], in.degree, y, v, w, norms.data());
         blocks.scatter(task, sched.order.data(), y, op);
       });
     });
@@ -594,16 +597,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(const a
     using T = scalar_t;
     const Schedule<T> sched(in.tau.data_ptr<T>(), in.B, in.degree, in.alpha);
     const Blocks blocks(in.B, in.d, in.P, in.shared, sizeof(T));
-    const at::Tensor At = in.A.transpose(-1, -2).contiguous();
-    const at::Tensor Aop = blocks.row_mode ? At : in.A, Aback = blocks.row_mode ? in.A : At;
     const int64_t d = in.d, size = blocks.block * d, workers = workers_for(blocks.tasks);
     // per worker: its share of grad_A and of the gradients of h
     at::Tensor partial_A = at::zeros({workers, in.A.numel()}, in.A.options());
     std::vector<double> partial_h(workers * in.B, 0.0);
-    const T *zp = in.z.data_ptr<T>(), *gp = G.data_ptr<T>(), *aop = Aop.data_ptr<T>(), *abp = Aback.data_ptr<T>();
+    const T *zp = in.z.data_ptr<T>(), *gp = G.data_ptr<T>(), *ap = in.A.data_ptr<T>();
     T* gzp = grad_z.data_ptr<T>();
     for_each_task(blocks.tasks, [&](int64_t worker, auto&& tasks) {
-      BackwardScratch<T> scratch(size, int(blocks.block), int(d), in.degree);
+      BackwardScratch<T> scratch(size, int(blocks.block), in.degree);
       std::vector<T> zb(size), gb(size);
       std::vector<double> gh(blocks.block);
       T* ga = partial_A.data_ptr<T>() + worker * in.A.numel();
@@ -614,8 +615,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(const a
         blocks.gather(task, sched.order.data(), zp, zb.data());
         blocks.gather(task, sched.order.data(), gp, gb.data());
         std::fill(gh.begin(), gh.end(), 0.0);
-        action_backward_dispatch<T>(blocks.row_mode, task.rows, task.cols, aop + offset, abp + offset, d, &sched.h[r],
-                                    &sched.steps[r], in.degree, zb.data(), gb.data(), ga + offset, gh.data(), scratch);
+        action_block_backward<T>(blocks.row_mode, task.rows, task.cols, ap + offset, d, &sched.h[r], &sched.steps[r],
+                                 in.degree, zb.data(), gb.data(), ga + offset, gh.data(), scratch);
         blocks.scatter(task, sched.order.data(), gb.data(), gzp);
         for (int64_t i = 0; i < (blocks.row_mode ? task.count : 1); ++i) ph[sched.order[r + i]] += gh[i];
       });

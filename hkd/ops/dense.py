@@ -72,7 +72,7 @@ def _power_norms(A: Tensor, norm: float, count: int) -> list[float]:
     power, d = X, [norm]
     for p in range(2, count + 1):
         power = power @ X
-        d.append(norm * float(torch.linalg.matrix_norm(power, ord=1).max()) ** (1 / p))
+        d.append(norm * float(torch.linalg.matrix_norm(power.double(), ord=1).max()) ** (1 / p))
     return d
 
 
