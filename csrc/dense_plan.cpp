@@ -44,6 +44,15 @@ double max_norm1(const at::Tensor& X) {
   return best;
 }
 
+// ceil(log2(x)) clamped to [0, 64], exactly (from the binary exponent); NaN stays NaN
+double squarings(double x) {
+  if (std::isnan(x)) return x;
+  if (std::isinf(x)) return 64;
+  int exponent;
+  const double mantissa = std::frexp(x, &exponent);
+  return std::clamp(double(exponent - (mantissa == 0.5)), 0.0, 64.0);
+}
+
 struct ActionPlan {
   int degree;
   double alpha, cost;  // cost: m s, the Taylor terms of the sample with the largest |tau|
@@ -103,8 +112,7 @@ at::Tensor dense_action_plan(const at::Tensor& A_in, const at::Tensor& tau_in, i
     double fewest = std::numeric_limits<double>::infinity();
     for (int i = 0; i < kExpmDegreeCount; ++i) {
       const int m = expm_degree(i);
-      const double squarings = std::ceil(std::log2(std::abs(t[b]) * norm / theta(m, tau_double)));
-      const double cost = ps_cost(m) + (std::isnan(squarings) ? squarings : std::clamp(squarings, 0.0, 64.0));
+      const double cost = ps_cost(m) + squarings(std::abs(t[b]) * norm / theta(m, tau_double));
       fewest = std::isnan(cost) || std::isnan(fewest) ? nan : std::min(fewest, cost);
     }
     products += fewest;

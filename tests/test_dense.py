@@ -267,6 +267,13 @@ def test_substeps_per_sample_and_non_finite():
     assert s.tolist() == [1, math.ceil(3 / theta), math.ceil(7.5 / theta), 1, dense.MAX_SUBSTEPS]
 
 
+def test_squarings_are_ceil_log2():
+    x = [0.0, 0.3, 0.5, 1.0, 1.0 + 2**-52, 2.0, 3.0, 4.5, 2.0**63 + 2**11, 2.0**70, math.inf, math.nan]
+    expected = [0, 0, 0, 0, 1, 1, 2, 3, 64, 64, 64, math.nan]
+    actual = dense.squarings(torch.tensor(x, dtype=torch.float64))
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("per_position, P", [(False, 1), (False, 7), (True, 3)])
 def test_each_vector_stops_on_its_own(backend, per_position, P):

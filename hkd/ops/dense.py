@@ -112,11 +112,17 @@ def action_substeps(tau: Tensor, m: int | Tensor, alpha: float | Tensor) -> Tens
     return torch.where(x >= 1, x, 1.0).clamp(max=MAX_SUBSTEPS)
 
 
+def squarings(x: Tensor) -> Tensor:
+    """ceil(log2(x)) clamped to [0, 64], exactly (from the binary exponent; NaN stays NaN), as csrc/dense_plan.cpp."""
+    mantissa, exponent = torch.frexp(x)
+    s = (exponent - (mantissa == 0.5).int()).double()
+    return torch.where(x.isnan(), math.nan, torch.where(x.isinf(), 64.0, s.clamp(0, 64)))
+
+
 def expm_terms(norms: Tensor, dtype: torch.dtype) -> Tensor:
     """Matrix products of hkd's expm for each ||A||_1 in `norms`: min over degrees of cost(m) + squarings."""
     theta = _theta(dtype)
-    costs = [ps_cost(m) + torch.ceil(torch.log2(norms / theta[m - 1])).clamp(0, 64) for m in EXPM_DEGREES]
-    return torch.stack(costs).amin(0)
+    return torch.stack([ps_cost(m) + squarings(norms / theta[m - 1]) for m in EXPM_DEGREES]).amin(0)
 
 
 def choose_algorithm(A: Tensor, tau: Tensor, positions: int, degree: int, alpha: float) -> str:
