@@ -1,4 +1,5 @@
-// The dense action ops' checked inputs, shared by the CPU and CUDA glue (defined in csrc/cpu/dense.cpp).
+// The dense ops' checked inputs, shared by the CPU and CUDA glue (defined in csrc/cpu/dense.cpp; the callers check
+// the device).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -12,6 +13,9 @@ struct ActionInputs {
   bool shared;  // A (d, d) for every position
   bool finite;  // alpha and A finite: otherwise every result is NaN
 };
+
+// A (..., n, n) float32 or float64 as a contiguous (count, n, n) batch (expm, expm_backward).
+at::Tensor checked_matrices(const at::Tensor& A, const char* op);
 
 ActionInputs checked_action_inputs(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau,
                                    const at::Tensor& plan, const char* op);

@@ -135,12 +135,27 @@ def layout(t, kind):
     return t
 
 
-@CPU_ONLY
+def fused_backward(backend):
+    """The fused reverse of the action on `backend` (the C++ op, or the Triton kernels under the interpreter)."""
+    if not _backend.usable(backend, CPU):
+        pytest.skip(f"backend {backend} not usable here")
+    if backend == "cpu":
+        return torch.ops.hkd.dense_action_backward
+    from hkd.kernels import dense as kernels
+
+    return kernels.action_backward
+
+
+FUSED = ["cpu", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("per_position, P", [(False, 1), (False, 4), (True, 3), (True, 1)])
 @pytest.mark.parametrize("kind", ["contiguous", "non-contiguous", "expanded"])
-def test_fused_backward_is_the_reverse_of_the_recurrence(per_position, P, kind):
-    """The C++ dense_action_backward against float64 autograd through the plain-PyTorch recurrence (taylor_action),
+def test_fused_backward_is_the_reverse_of_the_recurrence(backend, per_position, P, kind):
+    """The fused dense action backward against float64 autograd through the plain-PyTorch recurrence (taylor_action),
     on fresh inputs in several layouts, with samples taking different numbers of substeps (row and column mode)."""
+    backward = fused_backward(backend)
     B, d = 5, 6
     z = layout(torch.randn(B, d, P, dtype=torch.float64), kind)
     A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64)
@@ -153,32 +168,34 @@ def test_fused_backward_is_the_reverse_of_the_recurrence(per_position, P, kind):
         assert len(set(dense.action_substeps(tau, int(plan[0]), float(plan[1])).tolist())) >= 3
     leaves = [t.detach().clone().requires_grad_() for t in (z, A, tau)]
     expected = torch.autograd.grad(dense.taylor_action(*leaves, plan), leaves, g)
-    actual = torch.ops.hkd.dense_action_backward(g, z, A, tau, plan)
+    actual = backward(g, z, A, tau, plan)
     for a, e in zip(actual, expected, strict=True):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)
 
 
-@CPU_ONLY
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shape", [(0, 4, 3), (3, 4, 0), (2, 0, 3)])
-def test_fused_backward_of_empty_inputs(shape):
+def test_fused_backward_of_empty_inputs(backend, shape):
+    backward = fused_backward(backend)
     B, d, P = shape
     z, A, tau = torch.randn(shape), torch.randn(d, d), torch.rand(B)
     plan = dense.dense_action_plan(A, tau, P)
-    grad_z, grad_A, grad_tau = torch.ops.hkd.dense_action_backward(torch.randn(shape), z, A, tau, plan)
+    grad_z, grad_A, grad_tau = backward(torch.randn(shape), z, A, tau, plan)
     assert grad_z.shape == shape and grad_A.shape == (d, d) and grad_tau.shape == (B,)
     assert not grad_A.any() and not grad_tau.any()
 
 
-@CPU_ONLY
-def test_fused_backward_float32_matches_float64():
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backward_float32_matches_float64(backend):
+    backward = fused_backward(backend)
     B, d, P = 64, 16, 1
     A = torch.randn(d, d, dtype=torch.float64) / math.sqrt(d) * 3
     z, tau, g = torch.randn(B, d, P, dtype=torch.float64), torch.rand(B, dtype=torch.float64) * 4, torch.randn(B, d, P)
     plan = dense.dense_action_plan(A.float(), tau.float(), P)
     leaves = [t.clone().requires_grad_() for t in (z, A, tau)]
     expected = torch.autograd.grad(dense.taylor_action(*leaves, dense.dense_action_plan(A, tau, P)), leaves, g.double())
-    actual = torch.ops.hkd.dense_action_backward(g, z.float(), A.float(), tau.float(), plan)
+    actual = backward(g, z.float(), A.float(), tau.float(), plan)
     for a, e in zip(actual, expected, strict=True):
         assert a.dtype == torch.float32
         assert float((a.double() - e).norm() / e.norm()) <= 1e-5
@@ -419,6 +436,11 @@ for dt in ("fp32", "fp64"):
                "SHARED": "constexpr", "AXIS": "constexpr", "BLOCK_D": "constexpr", "BLOCK": "constexpr"}
         constexprs = {"ROW_MODE": row_mode, "SHARED": not row_mode, "AXIS": int(row_mode), "BLOCK_D": 64, "BLOCK": 32}
         triton.compile(ASTSource(fn=k._action_kernel, signature=sig, constexprs=constexprs), target=target)
+        sig = {"z_ptr": ptr, "a_ptr": ptr, "tau_ptr": ptr, "steps_ptr": "*i32", "plan_ptr": "*fp64", "g_ptr": ptr,
+               "grad_z_ptr": ptr, "grad_a_ptr": ptr, "grad_h_ptr": ptr, "work_ptr": ptr, "B": "i32", "d": "i32",
+               "P": "i32", "slots": "i32", "unit_roundoff": "fp64", "ROW_MODE": "constexpr", "SHARED": "constexpr",
+               "AXIS": "constexpr", "BLOCK_D": "constexpr", "BLOCK": "constexpr"}
+        triton.compile(ASTSource(fn=k._action_backward_kernel, signature=sig, constexprs=constexprs), target=target)
 """
 
 

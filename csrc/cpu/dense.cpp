@@ -401,20 +401,12 @@ void for_each_task(int64_t count, const Setup& setup) {
   });
 }
 
-void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "hkd::", name, ": expected CPU tensors");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "hkd::", name,
-              ": expected float32 or float64, got ", t.scalar_type());
-}
-
 // ---- ops --------------------------------------------------------------------------------------------------
 // exp(A) for A (..., n, n); with grad, the adjoint of the Frechet derivative: L(A^T, grad), using the plan of A.
 at::Tensor expm_impl(const at::Tensor& A_in, const at::Tensor* grad_in) {
-  check_float(A_in, "expm");
-  TORCH_CHECK(A_in.dim() >= 2 && A_in.size(-1) == A_in.size(-2), "hkd::expm: expected (..., n, n), got ",
-              A_in.sizes());
-  const int n = A_in.size(-1);
-  at::Tensor A = A_in.contiguous().reshape({-1, n, n});
+  TORCH_CHECK(A_in.device().is_cpu(), "hkd::expm: expected CPU tensors");
+  at::Tensor A = hkd::dense::checked_matrices(A_in, grad_in ? "expm_backward" : "expm");
+  const int n = A.size(-1);
   at::Tensor G = grad_in ? grad_in->to(A.scalar_type()).contiguous().reshape({-1, n, n}) : at::Tensor();
   at::Tensor out = at::empty_like(A);
   const int64_t count = A.size(0);
@@ -513,6 +505,13 @@ struct Blocks {
 }  // namespace
 
 namespace hkd::dense {
+
+at::Tensor checked_matrices(const at::Tensor& A, const char* op) {
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, "hkd::", op,
+              ": expected float32 or float64, got ", A.scalar_type());
+  TORCH_CHECK(A.dim() >= 2 && A.size(-1) == A.size(-2), "hkd::", op, ": expected (..., n, n), got ", A.sizes());
+  return A.contiguous().reshape({-1, A.size(-1), A.size(-1)});
+}
 
 // The action ops' inputs, checked (any device; the caller checks it): z (B, d, P); A (d, d) shared or (P, d, d) per
 // position; tau (B,); the plan (degree m, alpha) from dense_action_plan. z, A and tau come back contiguous in z's

@@ -19,11 +19,7 @@ namespace {
 
 using hkd::dense::Plan;
 
-void check(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.is_cuda(), "hkd::", op, ": expected CUDA tensors");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "hkd::", op,
-              ": expected float32 or float64, got ", t.scalar_type());
-}
+void check(const at::Tensor& t, const char* op) { TORCH_CHECK(t.is_cuda(), "hkd::", op, ": expected CUDA tensors"); }
 
 void check_launch(int err, const char* op) {
   TORCH_CHECK(err == 0, "hkd::", op, ": CUDA launch failed (error ", err, ")");
@@ -81,11 +77,9 @@ std::pair<at::Tensor, at::Tensor> expm_gemm(const at::Tensor& A, const std::opti
 
 at::Tensor expm_cuda(const at::Tensor& A_in) {
   check(A_in, "expm");
-  TORCH_CHECK(A_in.dim() >= 2 && A_in.size(-1) == A_in.size(-2), "hkd::expm: expected (..., n, n), got ",
-              A_in.sizes());
   const c10::cuda::CUDAGuard guard(A_in.device());
-  const int64_t n = A_in.size(-1);
-  const at::Tensor A = A_in.contiguous().reshape({-1, n, n});
+  const at::Tensor A = hkd::dense::checked_matrices(A_in, "expm");
+  const int64_t n = A.size(-1);
   if (A.numel() == 0) return at::empty_like(A_in);
   if (n > hkd::cuda::kExpmOnChipMaxN) {
     const Plan p = hkd::dense::expm_plan(max_norm1(A), A.scalar_type() == at::kDouble);
@@ -106,8 +100,8 @@ at::Tensor expm_cuda(const at::Tensor& A_in) {
 at::Tensor expm_backward_cuda(const at::Tensor& A_in, const at::Tensor& grad) {
   check(A_in, "expm_backward");
   const c10::cuda::CUDAGuard guard(A_in.device());
-  const int64_t n = A_in.size(-1);
-  const at::Tensor A = A_in.contiguous().reshape({-1, n, n});
+  const at::Tensor A = hkd::dense::checked_matrices(A_in, "expm_backward");
+  const int64_t n = A.size(-1);
   if (A.numel() == 0) return at::empty_like(A_in);
   const at::Tensor G = grad.to(A.scalar_type()).contiguous().reshape({-1, n, n});
   if (n <= hkd::cuda::kExpmOnChipMaxN) {  // on chip, the plan of each matrix (as the forward)

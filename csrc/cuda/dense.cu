@@ -41,22 +41,28 @@ __device__ void matmul(const T* L, const T* R, T* C, int n) {
   __syncthreads();
 }
 
+// The plan of the n x n matrix A (csrc/dense.h expm_plan) from its 1-norm, for every thread of the block.
+template <typename T>
+__device__ Plan matrix_plan(const T* A, int n) {
+  __shared__ double column_sum[kMaxColumns];
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += fabs(double(A[i * n + j]));
+    column_sum[j] = s;
+  }
+  __syncthreads();
+  double norm = 0;
+  for (int j = 0; j < n; ++j) norm = isnan(column_sum[j]) || isnan(norm) ? column_sum[j] + norm : fmax(norm, column_sum[j]);
+  return hkd::dense::expm_plan(norm, sizeof(T) == 8);
+}
+
 template <typename T>
 __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n) {
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int nn = n * n;
   const int64_t base = int64_t(blockIdx.x) * nn;
-  __shared__ double column_sum[kMaxColumns];
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    double s = 0;
-    for (int i = 0; i < n; ++i) s += fabs(double(A[base + i * n + j]));
-    column_sum[j] = s;
-  }
-  __syncthreads();
-  double norm = 0;
-  for (int j = 0; j < n; ++j) norm = isnan(column_sum[j]) || isnan(norm) ? column_sum[j] + norm : fmax(norm, column_sum[j]);
-  const Plan p = hkd::dense::expm_plan(norm, sizeof(T) == 8);
+  const Plan p = matrix_plan(A + base, n);
   if (!p.finite) {
     for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = nan_value<T>();
     return;
@@ -115,16 +121,7 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int nn = n * n;
   const int64_t base = int64_t(blockIdx.x) * nn;
-  __shared__ double column_sum[kMaxColumns];
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    double s = 0;
-    for (int i = 0; i < n; ++i) s += fabs(double(A[base + i * n + j]));
-    column_sum[j] = s;
-  }
-  __syncthreads();
-  double norm = 0;
-  for (int j = 0; j < n; ++j) norm = isnan(column_sum[j]) || isnan(norm) ? column_sum[j] + norm : fmax(norm, column_sum[j]);
-  const Plan p = hkd::dense::expm_plan(norm, sizeof(T) == 8);
+  const Plan p = matrix_plan(A + base, n);
   if (!p.finite) {
     for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = nan_value<T>();
     return;
@@ -299,34 +296,35 @@ template __global__ void action_onchip<double>(const double*, const double*, con
 #ifndef __CUDACC_RTC__
 namespace {
 
-template <typename T>
-int expm_launch(const T* A, T* out, int64_t count, int n, void* stream) {
-  static_assert(kExpmOnChipMaxN <= kMaxColumns);
+// One block per matrix (count of them, n x n) with `bytes` of dynamic shared memory: kDoesNotFit when the device has
+// less, else kernel<<<count, ...>>>(args...).
+template <typename... Params, typename... Args>
+int launch_per_matrix(void (*kernel)(Params...), size_t bytes, int64_t count, int n, void* stream, Args... args) {
   if (n < 1 || n > kExpmOnChipMaxN) return int(cudaErrorInvalidValue);
   if (count > 2147483647L) return int(cudaErrorInvalidConfiguration);
-  const size_t bytes = size_t(6 + 2) * n * n * sizeof(T);  // q <= 6 powers, Y, tmp
-  cudaError_t err = cudaFuncSetAttribute(expm_onchip<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (err != cudaSuccess) return int(err);
-  const int threads = n * n >= 256 ? 256 : ((n * n + 31) / 32) * 32;
-  expm_onchip<T><<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(A, out, n);
-  return int(cudaGetLastError());
-}
-
-template <typename T>
-int frechet_launch(const T* A, const T* G, T* out, int64_t count, int n, void* stream) {
-  if (n < 1 || n > kExpmOnChipMaxN) return int(cudaErrorInvalidValue);
-  if (count > 2147483647L) return int(cudaErrorInvalidConfiguration);
-  const size_t bytes = size_t(2 * 6 + 4) * n * n * sizeof(T);  // q <= 6 powers and derivatives, Y, dY, 2 scratch
   int device = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return int(err);
   if (bytes + 256 > size_t(optin)) return kDoesNotFit;
-  err = cudaFuncSetAttribute(expm_frechet_onchip<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const int threads = n * n >= 256 ? 256 : ((n * n + 31) / 32) * 32;
-  expm_frechet_onchip<T><<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(A, G, out, n);
+  kernel<<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(args...);
   return int(cudaGetLastError());
+}
+
+template <typename T>
+int expm_launch(const T* A, T* out, int64_t count, int n, void* stream) {
+  static_assert(kExpmOnChipMaxN <= kMaxColumns);
+  const size_t bytes = size_t(6 + 2) * n * n * sizeof(T);  // q <= 6 powers, Y, tmp
+  return launch_per_matrix(expm_onchip<T>, bytes, count, n, stream, A, out, n);
+}
+
+template <typename T>
+int frechet_launch(const T* A, const T* G, T* out, int64_t count, int n, void* stream) {
+  const size_t bytes = size_t(2 * 6 + 4) * n * n * sizeof(T);  // q <= 6 powers and derivatives, Y, dY, 2 scratch
+  return launch_per_matrix(expm_frechet_onchip<T>, bytes, count, n, stream, A, G, out, n);
 }
 
 template <typename T>

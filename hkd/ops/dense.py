@@ -329,9 +329,14 @@ def _triton_ops():
                 return taylor_action(z, A, tau, plan)
             return kernels.action(z, A, tau, plan)
 
+        def action_backward(grad: Tensor, z: Tensor, A: Tensor, tau: Tensor, plan: Tensor):
+            if z.shape[1] > kernels.MAX_N:
+                return taylor_action_backward(grad, z, A, tau, plan)
+            return kernels.action_backward(grad, z, A, tau, plan)
+
         expm_op = torch.library.triton_op("hkd::expm_triton", expm_triton, mutates_args=())
         action_op = torch.library.triton_op("hkd::dense_action_triton", action_triton, mutates_args=())
-        _register("hkd::expm_triton", "hkd::dense_action_triton", expm_op)
+        _register("hkd::expm_triton", "hkd::dense_action_triton", expm_op, None, action_backward)
         _TRITON_OPS = (expm_op, action_op)
     return _TRITON_OPS
 
