@@ -17,12 +17,15 @@ TORCH_LIBRARY(hkd, m) {
   m.def(
       "spectral_propagate_backward(Tensor[] grads, Tensor[] latents, Tensor[] alphas, Tensor[] betas, Tensor tau, "
       "bool need_latents, bool need_params, bool need_tau) -> (Tensor[], Tensor[], Tensor[], Tensor)");
-  // --- dense generators, matrix exponential: hkd/ops/dense.py --------------------------------------
+  // --- dense generators: hkd/ops/dense.py ---------------------------------------------------------------
   // A (..., n, n) -> exp(A); expm_backward(A, grad) = L(A^T, grad), the adjoint of the Frechet derivative
   m.def("expm(Tensor A) -> Tensor");
   m.def("expm_backward(Tensor A, Tensor grad) -> Tensor");
-  // z (B, d, P), A (d, d) or (P, d, d), tau (B,) -> exp(tau_b A_p) z[b, :, p] (truncated Taylor, substeps);
-  // plan: float64 (degree, alpha) from hkd::dense_action_plan (hkd/ops/dense.py; the maths in csrc/expm.h)
+  // The action's plan for z (B, d, P), A (d, d) or (P, d, d), tau (B,): float64 (degree, alpha, 1 if the action is
+  // cheaper than one expm per sample else 0) (csrc/dense_plan.cpp); dense_theta: the Taylor table of csrc/dense.h
+  m.def("dense_action_plan(Tensor A, Tensor tau, int positions) -> Tensor");
+  m.def("dense_theta(ScalarType dtype) -> Tensor");
+  // z (B, d, P), A (d, d) or (P, d, d), tau (B,) -> exp(tau_b A_p) z[b, :, p] (truncated Taylor, substeps)
   m.def("dense_action(Tensor z, Tensor A, Tensor tau, Tensor plan) -> Tensor");
   m.def("dense_action_backward(Tensor grad, Tensor z, Tensor A, Tensor tau, Tensor plan) -> (Tensor, Tensor, Tensor)");
 }

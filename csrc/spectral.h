@@ -16,13 +16,7 @@
 #include <cstring>
 #endif
 
-#if defined(__CUDACC__)
-#define HKD_HD __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define HKD_HD inline __attribute__((always_inline))  // inlined into the vectorised loops (and their clones)
-#else
-#define HKD_HD inline
-#endif
+#include "common.h"
 
 namespace hkd::spectral {
 

@@ -45,8 +45,12 @@ def describe(device: torch.device) -> str:
     )
 
 
-def measure(rows: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Minimum seconds per row over `repeats` interleaved rounds, after one warm-up call each (which also compiles)."""
+def measure(
+    rows: dict[str, Callable[[], object]], repeats: int, device: torch.device, clock=time.perf_counter
+) -> dict[str, float]:
+    """Minimum seconds per row over `repeats` interleaved rounds, after one warm-up call each (which also compiles).
+    clock: wall time by default; time.process_time counts only the CPU time this process used (on a shared machine,
+    not the time it waited for a core), which is the op's time when it runs on one thread."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in rows.values():
         fn()
@@ -54,11 +58,16 @@ def measure(rows: dict[str, Callable[[], object]], repeats: int, device: torch.d
     for _ in range(repeats):
         for name, fn in rows.items():
             sync()
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], clock() - start)
     return best
+
+
+def dense_clock(device: torch.device):
+    """Process CPU time on one CPU thread (immune to a shared machine's load), else wall time."""
+    return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
 
 # -- spectral ---------------------------------------------------------------------------------------------------------
@@ -209,7 +218,10 @@ def bench_dense(
 ) -> None:
     """dense_propagate with per-sample tau over matrix classes, against the better plain-PyTorch composite."""
     device = torch.device(device)
-    out(f"# hkd bench dense: {describe(device)}, float32; min of {repeats} interleaved rounds")
+    clock = "process CPU time" if dense_clock(device) is time.process_time else "wall time"
+    out(f"# hkd bench dense: {describe(device)}, float32; min of {repeats} interleaved rounds, {clock}")
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        out(f"# load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     torch.manual_seed(0)
     if plain:
         _class_table(256, 256, 1, ("plain",), 2.0, device, repeats, out)
@@ -218,6 +230,8 @@ def bench_dense(
             _class_table(B, d, P, classes, tau_max, device, repeats, out)
     for count, n in expms:
         _expm_table(count, n, device, repeats, out)
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        out(f"\n# load average at the end (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 def _class_table(B: int, d: int, P: int, classes, tau_max: float, device, repeats: int, out) -> None:
@@ -234,12 +248,12 @@ def _class_table(B: int, d: int, P: int, classes, tau_max: float, device, repeat
         A = A64.float().to(device)
         leaves = [t.clone().requires_grad_() for t in (z, A, tau)]
         G = torch.randn_like(z)
-        plan = dense.dense_action_plan(A, tau, B * P)
+        plan = dense.dense_action_plan(A, tau, P)
         m, alpha = int(plan[0]), float(plan[1])
         notes["||A||_1"].append(f"{float(torch.linalg.matrix_norm(A64, ord=1)):.1f}")
         mean_steps = float(dense.action_substeps(tau, m, alpha).mean())
         notes["plan m, alpha, mean s"].append(f"{m}, {alpha:.3g}, {mean_steps:.1f}")
-        notes["cost model"].append(dense.choose_algorithm(A, tau, P, plan))
+        notes["cost model"].append("action" if plan[2] > 0 else "expm")
         fwd = {
             "composite Taylor (PyTorch)": lambda z=z, A=A, tau=tau: taylor_composite(z, A, tau),
             "composite per-sample expm (PyTorch)": lambda z=z, A=A, tau=tau: per_sample_expm(z, A, tau),
@@ -271,7 +285,7 @@ def _class_table(B: int, d: int, P: int, classes, tau_max: float, device, repeat
             shared = torch.linalg.matrix_exp(tau_max / 2 * A64) @ torch.from_numpy(Z)
             err = float((torch.from_numpy(fwd[SCIPY_ROW]()) - shared).norm() / shared.norm())
             errors.setdefault(SCIPY_ROW, []).append(f"{err:.1e}")
-        t = measure(fwd | bwd, repeats, device)
+        t = measure(fwd | bwd, repeats, device, dense_clock(device))
         base = min(t["composite Taylor (PyTorch)"], t["composite per-sample expm (PyTorch)"])
         base_bwd = min(t["fwd+bwd composite Taylor"], t["fwd+bwd composite per-sample expm"])
         for name, seconds in t.items():
@@ -310,7 +324,7 @@ def _expm_table(count: int, n: int, device: torch.device, repeats: int, out) -> 
     fwd |= {f"hkd expm {b}": lambda b=b: expm(A, backend=b) for b in fast}
     bwd = {"fwd+bwd matrix_exp": lambda: fwd_bwd(torch.linalg.matrix_exp)}
     bwd |= {f"fwd+bwd hkd {b}": lambda b=b: fwd_bwd(lambda X: expm(X, backend=b)) for b in fast}
-    t = measure(fwd | bwd, repeats, device)
+    t = measure(fwd | bwd, repeats, device, dense_clock(device))
     norm = float(torch.linalg.matrix_norm(A, ord=1).mean())
     out(f"\nexpm {count} x {n}x{n} (||A||_1 ~ {norm:.1f}); ratio to torch.linalg.matrix_exp")
     _table(out, {k: t[k] for k in fwd}, t["torch.linalg.matrix_exp"])

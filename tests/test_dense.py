@@ -113,7 +113,7 @@ def test_action_backward_is_the_reverse_of_the_recurrence(per_position):
     z = torch.randn(B, d, P, dtype=torch.float64, requires_grad=True)
     A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64, requires_grad=True)
     tau = (torch.tensor([0.0, 0.3, -2.0, 9.0], dtype=torch.float64) * 3).requires_grad_()
-    plan = dense.dense_action_plan(A.detach(), tau.detach(), B * P)
+    plan = dense.dense_action_plan(A.detach(), tau.detach(), P)
     steps = dense.action_substeps(tau.detach(), int(plan[0]), float(plan[1]))
     assert len(set(steps.tolist())) >= 3 and steps.max() > 2  # samples take different numbers of substeps
     g = torch.randn(B, d, P, dtype=torch.float64)
@@ -123,6 +123,113 @@ def test_action_backward_is_the_reverse_of_the_recurrence(per_position):
         torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)
 
 
+CPU_ONLY = pytest.mark.skipif(not _backend.usable("cpu", CPU), reason="hkd._C not built")
+
+
+def layout(t, kind):
+    """t as it is, with the same values in a non-contiguous layout, or its first sample expanded over the batch."""
+    if kind == "non-contiguous":
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+    if kind == "expanded":
+        return t[:1].expand(t.shape)
+    return t
+
+
+def fused_backward(backend):
+    """The fused reverse of the action on `backend` (the C++ op, or the Triton kernels under the interpreter)."""
+    if not _backend.usable(backend, CPU):
+        pytest.skip(f"backend {backend} not usable here")
+    if backend == "cpu":
+        return torch.ops.hkd.dense_action_backward
+    from hkd.kernels import dense as kernels
+
+    return kernels.action_backward
+
+
+FUSED = ["cpu", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("per_position, P", [(False, 1), (False, 4), (True, 3), (True, 1)])
+@pytest.mark.parametrize("kind", ["contiguous", "non-contiguous", "expanded"])
+def test_fused_backward_is_the_reverse_of_the_recurrence(backend, per_position, P, kind):
+    """The fused dense action backward against float64 autograd through the plain-PyTorch recurrence (taylor_action),
+    on fresh inputs in several layouts, with samples taking different numbers of substeps (row and column mode)."""
+    backward = fused_backward(backend)
+    B, d = 5, 6
+    z = layout(torch.randn(B, d, P, dtype=torch.float64), kind)
+    A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64)
+    A = A.mT if kind == "non-contiguous" else A
+    tau = torch.tensor([0.0, 0.4, -2.5, 9.0, 27.0], dtype=torch.float64)
+    tau = tau[:1].expand(B) if kind == "expanded" else tau
+    g = layout(torch.randn(B, d, P, dtype=torch.float64), kind)
+    plan = dense.dense_action_plan(A, tau, P)
+    if kind != "expanded":
+        assert len(set(dense.action_substeps(tau, int(plan[0]), float(plan[1])).tolist())) >= 3
+    leaves = [t.detach().clone().requires_grad_() for t in (z, A, tau)]
+    expected = torch.autograd.grad(dense.taylor_action(*leaves, plan), leaves, g)
+    actual = backward(g, z, A, tau, plan)
+    for a, e in zip(actual, expected, strict=True):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", [(0, 4, 3), (3, 4, 0), (2, 0, 3)])
+def test_fused_backward_of_empty_inputs(backend, shape):
+    backward = fused_backward(backend)
+    B, d, P = shape
+    z, A, tau = torch.randn(shape), torch.randn(d, d), torch.rand(B)
+    plan = dense.dense_action_plan(A, tau, P)
+    grad_z, grad_A, grad_tau = backward(torch.randn(shape), z, A, tau, plan)
+    assert grad_z.shape == shape and grad_A.shape == (d, d) and grad_tau.shape == (B,)
+    assert not grad_A.any() and not grad_tau.any()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backward_float32_matches_float64(backend):
+    backward = fused_backward(backend)
+    B, d, P = 64, 16, 1
+    A = torch.randn(d, d, dtype=torch.float64) / math.sqrt(d) * 3
+    z, tau, g = torch.randn(B, d, P, dtype=torch.float64), torch.rand(B, dtype=torch.float64) * 4, torch.randn(B, d, P)
+    plan = dense.dense_action_plan(A.float(), tau.float(), P)
+    leaves = [t.clone().requires_grad_() for t in (z, A, tau)]
+    expected = torch.autograd.grad(dense.taylor_action(*leaves, dense.dense_action_plan(A, tau, P)), leaves, g.double())
+    actual = backward(g, z.float(), A.float(), tau.float(), plan)
+    for a, e in zip(actual, expected, strict=True):
+        assert a.dtype == torch.float32
+        assert float((a.double() - e).norm() / e.norm()) <= 1e-5
+
+
+@CPU_ONLY
+def test_plan_in_cpp_matches_python():
+    """dense_action_plan (C++) and reference_plan (Python) give the same degree and choice of algorithm and the same
+    alpha (to rounding: the norms are summed in another order), and the Taylor tables of csrc/dense.h and
+    hkd/ops/dense.py are the same numbers."""
+    for dtype in (torch.float32, torch.float64):
+        assert torch.ops.hkd.dense_theta(dtype).tolist() == list(dense.THETA[dtype])
+    d = 24
+    cases = {
+        "gaussian": torch.randn(d, d) / 5,
+        "large": torch.randn(d, d) * 3,
+        "nilpotent": torch.triu(torch.randn(d, d), 1) * 3,
+        "per-position": torch.randn(3, d, d) / 4,
+        "zero": torch.zeros(d, d),
+        "empty": torch.zeros(0, 0),
+        "nan": torch.full((d, d), math.nan),
+    }
+    taus = {"small": torch.rand(16) * 0.1, "wide": torch.rand(256) * 80 - 40, "zero": torch.zeros(4)}
+    taus["none"] = torch.zeros(0)
+    for name, A in cases.items():
+        for tau_name, tau in taus.items():
+            for dtype in (torch.float32, torch.float64):
+                for positions in (3,) if A.dim() == 3 else (1, 64):
+                    a, t = A.to(dtype), tau.to(dtype)
+                    cpp, python = dense.dense_action_plan(a, t, positions), dense.reference_plan(a, t, positions)
+                    assert cpp[0] == python[0] and cpp[2] == python[2], (name, tau_name, cpp, python)
+                    torch.testing.assert_close(cpp[1], python[1], rtol=1e-12, atol=0, equal_nan=True)
+
+
 def test_cost_model_picks_the_cheaper_algorithm():
     # per-sample expm costs ~B (cost(m) + s) 2 d^3, the action m s 2 d^2 B P: d large with P = 1 favours the action,
     # many positions per sample favour one expm per sample
@@ -130,7 +237,9 @@ def test_cost_model_picks_the_cheaper_algorithm():
         A = torch.randn(d, d)
         A *= 3 / torch.linalg.matrix_norm(A, ord=1)
         tau = torch.rand(B)
-        assert dense.choose_algorithm(A, tau, P, dense.dense_action_plan(A, tau, B * P)) == choice
+        m, alpha, action = dense.dense_action_plan(A, tau, P).tolist()
+        assert dense.choose_algorithm(A, tau, P, int(m), alpha) == choice
+        assert action == (choice == "action")
 
 
 def plain_plan(A, tau_max, dtype):
@@ -175,6 +284,13 @@ def test_substeps_per_sample_and_non_finite():
     assert s.tolist() == [1, math.ceil(3 / theta), math.ceil(7.5 / theta), 1, dense.MAX_SUBSTEPS]
 
 
+def test_squarings_are_ceil_log2():
+    x = [0.0, 0.3, 0.5, 1.0, 1.0 + 2**-52, 2.0, 3.0, 4.5, 2.0**63 + 2**11, 2.0**70, math.inf, math.nan]
+    expected = [0, 0, 0, 0, 1, 1, 2, 3, 64, 64, 64, math.nan]
+    actual = dense.squarings(torch.tensor(x, dtype=torch.float64))
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("per_position, P", [(False, 1), (False, 7), (True, 3)])
 def test_each_vector_stops_on_its_own(backend, per_position, P):
@@ -187,7 +303,7 @@ def test_each_vector_stops_on_its_own(backend, per_position, P):
     z[3] *= 1e-30
     A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64)
     tau = torch.tensor([0.0, 1.0, -3.0, 0.5, 6.0, 1e-9], dtype=torch.float64)
-    plan = dense.dense_action_plan(A, tau, B * P)
+    plan = dense.dense_action_plan(A, tau, P)
     out = dense._action(z, A, tau, backend, plan)
     assert torch.equal(out[0], z[0]) and torch.equal(out[1], z[1])
     expected = exact([z], [A], tau)[0]
@@ -245,12 +361,12 @@ def test_opcheck(per_position):
     z = torch.randn(B, d, P, dtype=torch.float64, requires_grad=True)
     A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64, requires_grad=True)
     tau = torch.rand(B, dtype=torch.float64, requires_grad=True)
-    plan = dense.dense_action_plan(A.detach(), tau.detach(), B * P)
+    plan = dense.dense_action_plan(A.detach(), tau.detach(), P)
     torch.library.opcheck(torch.ops.hkd.dense_action.default, (z, A, tau, plan))
     g = torch.randn(B, d, P, dtype=torch.float64)
     args = (g, z.detach(), A.detach(), tau.detach(), plan)
     torch.library.opcheck(torch.ops.hkd.dense_action_backward.default, args)
-    torch.library.opcheck(dense.dense_action_plan, (A.detach(), tau.detach(), B * P))
+    torch.library.opcheck(torch.ops.hkd.dense_action_plan.default, (A.detach(), tau.detach(), P))
 
 
 @pytest.mark.triton
@@ -259,9 +375,9 @@ def test_opcheck_triton():
     z = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
     A = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     tau = torch.rand(2, dtype=torch.float64, requires_grad=True)
-    plan = dense.dense_action_plan(A.detach(), tau.detach(), 4)
+    plan = dense.dense_action_plan(A.detach(), tau.detach(), 2)
     utils = ("test_schema", "test_autograd_registration")
-    torch.library.opcheck(dense._action_triton, (z, A, tau, plan), test_utils=utils)
+    torch.library.opcheck(dense._triton_ops()[1], (z, A, tau, plan), test_utils=utils)
 
 
 class DenseKoopman(torch.nn.Module):
@@ -308,18 +424,23 @@ AOT_TRITON = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import hkd.kernels.expm as k
+import hkd.kernels.dense as k
 target = GPUTarget("cuda", 90, 32)
 for dt in ("fp32", "fp64"):
     ptr = "*" + dt
     sig = {"a_ptr": ptr, "out_ptr": ptr, "s_ptr": "*i32", "n": "i32", "BLOCK": "constexpr"}
     triton.compile(ASTSource(fn=k._expm16_kernel, signature=sig, constexprs={"BLOCK": 64}), target=target)
     for row_mode in (True, False):
-        sig = {"z_ptr": ptr, "a_ptr": ptr, "tau_ptr": ptr, "steps_ptr": "*i32", "out_ptr": ptr, "B": "i32",
-               "d": "i32", "P": "i32", "degree": "i32", "unit_roundoff": "fp64", "ROW_MODE": "constexpr",
+        sig = {"z_ptr": ptr, "a_ptr": ptr, "tau_ptr": ptr, "steps_ptr": "*i32", "plan_ptr": "*fp64", "out_ptr": ptr,
+               "B": "i32", "d": "i32", "P": "i32", "unit_roundoff": "fp64", "ROW_MODE": "constexpr",
                "SHARED": "constexpr", "AXIS": "constexpr", "BLOCK_D": "constexpr", "BLOCK": "constexpr"}
         constexprs = {"ROW_MODE": row_mode, "SHARED": not row_mode, "AXIS": int(row_mode), "BLOCK_D": 64, "BLOCK": 32}
         triton.compile(ASTSource(fn=k._action_kernel, signature=sig, constexprs=constexprs), target=target)
+        sig = {"z_ptr": ptr, "a_ptr": ptr, "tau_ptr": ptr, "steps_ptr": "*i32", "plan_ptr": "*fp64", "g_ptr": ptr,
+               "grad_z_ptr": ptr, "grad_a_ptr": ptr, "grad_h_ptr": ptr, "work_ptr": ptr, "B": "i32", "d": "i32",
+               "P": "i32", "slots": "i32", "unit_roundoff": "fp64", "ROW_MODE": "constexpr", "SHARED": "constexpr",
+               "AXIS": "constexpr", "BLOCK_D": "constexpr", "BLOCK": "constexpr"}
+        triton.compile(ASTSource(fn=k._action_backward_kernel, signature=sig, constexprs=constexprs), target=target)
 """
 
 

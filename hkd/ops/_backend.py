@@ -53,9 +53,11 @@ def usable(backend: str, device: torch.device) -> bool:
     raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a constant of the graph, no tracing into the checks
 def resolve(backend: str, device: torch.device, preference: tuple[str, ...] = ("cuda", "triton", "cpu")) -> str:
     """The backend to run: `backend` itself after checking it can run here, or for "auto" the first
-    usable entry of `preference` (the fastest first), falling back to the reference."""
+    usable entry of `preference` (the fastest first), falling back to the reference. Every op front resolves
+    its backend here."""
     if backend == "auto":
         # the Triton interpreter is a test vehicle, never an automatic choice on the CPU
         fast = [b for b in preference if usable(b, device) and (b != "triton" or device.type == "cuda")]

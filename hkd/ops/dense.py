@@ -1,6 +1,6 @@
 """hkd.ops.expm and hkd.ops.dense_propagate: dense Koopman generators.
 
-Algorithms (the maths lives in csrc/expm.h; the tables below mirror it):
+Algorithms (the maths lives in csrc/dense.h; the tables below mirror it):
 
 * expm(A): truncated Taylor series T_m(A / 2^s)^(2^s), evaluated by Paterson-Stockmeyer, (m, s) per matrix from
   ||A||_1 and the dtype's unit roundoff (backward error <= u). Gradient: the adjoint of the Frechet derivative,
@@ -11,9 +11,12 @@ Algorithms (the maths lives in csrc/expm.h; the tables below mirror it):
   (p(p-1) <= m + 1; as many powers as a quarter of the cost of the plan from ||A||_1 pays for). Each substep stops
   per vector z[b, :, p] once ||v_{k-1}||_inf + ||v_k||_inf <= u ||y||_inf; its later terms are zero. Gradients: the
   exact reverse of that recurrence, whose term counts the backward re-derives by re-running it (z: the action of
-  h A^T; A and tau: sums of outer products).
+  h A^T; A and tau: sums of outer products): a fused kernel on the CPU, `taylor_action_backward` elsewhere.
 * dense_propagate per level: shared (0-d) tau -> expm(tau A) once, then one GEMM. Per-sample tau -> the action or
   one expm(tau_b A) per sample + bmm, whichever the flop model (`choose_algorithm`) says is cheaper.
+
+The plan and the cost model run in C++ (the op dense_action_plan, csrc/dense_plan.cpp); `reference_plan` is their
+Python twin for builds without the extension, and the tests check that the two agree.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from hkd.ops import _backend, reference
 
-# theta_m, m = 1..55 (csrc/expm.h)
+# theta_m, m = 1..55 (csrc/dense.h)
 THETA = {
     torch.float64: (
         2.21e-16, 2.58e-08, 1.39e-05, 0.00034, 0.0024, 0.00907, 0.0238, 0.0499, 0.0896, 0.144, 0.214, 0.3, 0.4,
@@ -58,16 +61,6 @@ def ps_cost(m: int) -> int:
     return q - 1 + m // q - (m % q == 0)
 
 
-def expm_plan(norm: float, dtype: torch.dtype) -> tuple[int, int]:
-    """(degree m, squarings s) for exp(A), ||A||_1 = norm."""
-    theta = _theta(dtype)
-    costs = []
-    for m in EXPM_DEGREES:
-        s = 0 if norm <= theta[m - 1] else min(64, math.ceil(math.log2(norm / theta[m - 1])))
-        costs.append((ps_cost(m) + s, s, m))
-    return min(costs)[:0:-1]  # ties: fewer squarings (as csrc/expm.h)
-
-
 def _substeps_for(tau_max: float, alpha: float, m: int, theta: tuple[float, ...]) -> int:
     x = math.ceil(tau_max * alpha / theta[m - 1]) if math.isfinite(tau_max * alpha) else MAX_SUBSTEPS
     return min(max(x, 1), MAX_SUBSTEPS)
@@ -79,7 +72,7 @@ def _power_norms(A: Tensor, norm: float, count: int) -> list[float]:
     power, d = X, [norm]
     for p in range(2, count + 1):
         power = power @ X
-        d.append(norm * float(torch.linalg.matrix_norm(power, ord=1).max()) ** (1 / p))
+        d.append(norm * float(torch.linalg.matrix_norm(power.double(), ord=1).max()) ** (1 / p))
     return d
 
 
@@ -111,44 +104,58 @@ def action_plan(A: Tensor, tau_max: float, columns: int, dtype: torch.dtype) -> 
     return m, alpha
 
 
-def action_substeps(tau: Tensor, m: int, alpha: float) -> Tensor:
-    """s_b = ceil(|tau_b| alpha / theta_m) in [1, MAX_SUBSTEPS], float64 (as csrc/expm.h action_substeps)."""
-    theta = _theta(tau.dtype)[m - 1]
+def action_substeps(tau: Tensor, m: int | Tensor, alpha: float | Tensor) -> Tensor:
+    """s_b = ceil(|tau_b| alpha / theta_m) in [1, MAX_SUBSTEPS], float64 (as csrc/dense.h action_substeps); m and
+    alpha may be numbers or 0-d tensors (a plan's entries: no host sync)."""
+    theta = torch.tensor(_theta(tau.dtype), dtype=torch.float64, device=tau.device)[m - 1]
     x = torch.ceil(tau.double().abs() * alpha / theta)
     return torch.where(x >= 1, x, 1.0).clamp(max=MAX_SUBSTEPS)
 
 
-@torch.library.custom_op("hkd::dense_action_plan", mutates_args=())
-def dense_action_plan(A: Tensor, tau: Tensor, columns: int) -> Tensor:
-    """The action's plan, a float64 CPU tensor (degree m, alpha): an op, so a compiled graph computes it at run time."""
-    tau_max = float(tau.detach().abs().max()) if tau.numel() else 0.0
-    return torch.tensor(action_plan(A, tau_max, columns, A.dtype), dtype=torch.float64)
-
-
-dense_action_plan.register_fake(lambda A, tau, columns: torch.empty(2, dtype=torch.float64))
+def squarings(x: Tensor) -> Tensor:
+    """ceil(log2(x)) clamped to [0, 64], exactly (from the binary exponent; NaN stays NaN), as csrc/dense_plan.cpp."""
+    mantissa, exponent = torch.frexp(x)
+    s = (exponent - (mantissa == 0.5).int()).double()
+    return torch.where(x.isnan(), math.nan, torch.where(x.isinf(), 64.0, s.clamp(0, 64)))
 
 
 def expm_terms(norms: Tensor, dtype: torch.dtype) -> Tensor:
     """Matrix products of hkd's expm for each ||A||_1 in `norms`: min over degrees of cost(m) + squarings."""
     theta = _theta(dtype)
-    costs = [ps_cost(m) + torch.ceil(torch.log2(norms / theta[m - 1])).clamp(0, 64) for m in EXPM_DEGREES]
-    return torch.stack(costs).amin(0)
+    return torch.stack([ps_cost(m) + squarings(norms / theta[m - 1]) for m in EXPM_DEGREES]).amin(0)
 
 
-def choose_algorithm(A: Tensor, tau: Tensor, positions: int, plan: Tensor) -> str:
+def choose_algorithm(A: Tensor, tau: Tensor, positions: int, degree: int, alpha: float) -> str:
     """Per-sample tau: "action" (at most m s_b Taylor terms for sample b, each 2 d^2 P flops) or "expm" (one
     exp(tau_b A) per sample (and position): (cost(m) + s) 2 d^3 each, by the plan hkd's expm makes for
-    ||tau_b A||_1, then the GEMM 2 d^2 B P). The action's side uses the same plan as the action itself."""
-    m, alpha = int(plan[0]), float(plan[1])
+    ||tau_b A||_1, then the GEMM 2 d^2 B P). The action's side uses the action's own plan (degree, alpha)."""
     if not math.isfinite(alpha):
         return "action"
     d = A.shape[-1]
-    terms = m * float(action_substeps(tau, m, alpha).sum())
-    norms = tau.double().abs().cpu() * float(torch.linalg.matrix_norm(A.double(), ord=1).max())
-    products = float(expm_terms(norms, tau.dtype).sum()) * (A.shape[0] if A.dim() == 3 else 1)
+    terms = degree * float(action_substeps(tau, degree, alpha).sum())
+    norms = tau.double().abs().cpu() * float(torch.linalg.matrix_norm(A.double(), ord=1).max()) if A.numel() else 0.0
+    products = float(expm_terms(torch.as_tensor(norms), tau.dtype).sum()) * (A.shape[0] if A.dim() == 3 else 1)
     action = terms * 2 * d * d * positions
     per_sample = products * 2 * d**3 + 2 * d * d * len(tau) * positions
     return "action" if action <= per_sample else "expm"
+
+
+def reference_plan(A: Tensor, tau: Tensor, positions: int) -> Tensor:
+    """The action's plan for z (B, d, P = positions), A (d, d) or (P, d, d), tau (B,): a float64 CPU tensor (degree m,
+    alpha, 1 if the action is cheaper than one expm per sample else 0). The op dense_action_plan computes the same in
+    C++ (csrc/dense_plan.cpp); this is its twin for builds without the extension."""
+    A, tau = A.detach(), tau.detach()
+    tau_max = float(tau.abs().max()) if tau.numel() else 0.0
+    m, alpha = action_plan(A, tau_max, len(tau) * positions, A.dtype)
+    action = choose_algorithm(A, tau, positions, m, alpha) == "action"
+    return torch.tensor([m, alpha, float(action)], dtype=torch.float64)
+
+
+if _backend.extension_loaded():
+    dense_action_plan = torch.ops.hkd.dense_action_plan
+else:
+    dense_action_plan = torch.library.custom_op("hkd::dense_action_plan", reference_plan, mutates_args=())
+torch.library.register_fake("hkd::dense_action_plan")(lambda A, tau, positions: torch.empty(3, dtype=torch.float64))
 
 
 # ---- plain-PyTorch composites: the action (reference backend) and the gradient of every action backend ------
@@ -251,11 +258,8 @@ def taylor_action_backward(
     return g[inverse], grad_A, (grad_h / steps.to(tau.dtype))[inverse]
 
 
-# ---- custom ops: autograd and fake kernels -----------------------------------------------------------------
-def _expm_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
+# ---- custom ops: autograd and fake kernels, shared by the C++/CUDA ops and the Triton ops -------------------
+# The ops return contiguous tensors whatever the inputs' strides (the kernels read contiguous copies).
 def _frechet_adjoint(expm_op, A: Tensor, grad: Tensor) -> Tensor:
     """L(A^T, G), the gradient of exp at A, as the top-right block of exp([[A^T, G], [0, A^T]]): built from the
     op itself, so that autograd can differentiate it again."""
@@ -265,68 +269,76 @@ def _frechet_adjoint(expm_op, A: Tensor, grad: Tensor) -> Tensor:
     return expm_op(block)[..., :n, n:]
 
 
-def _expm_backward(ctx, grad):
-    (A,) = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph (double backward): a gradient that is differentiable again
-        return _frechet_adjoint(torch.ops.hkd.expm, A, grad)
-    return torch.ops.hkd.expm_backward(A, grad)
-
-
-def _action_setup(ctx, inputs, output):
+def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _action_backward(ctx, grad):
-    if torch.is_grad_enabled():  # create_graph (double backward): the plain-PyTorch reverse is differentiable
-        return (*taylor_action_backward(grad, *ctx.saved_tensors), None)
-    return (*torch.ops.hkd.dense_action_backward(grad, *ctx.saved_tensors), None)
+def _register(expm: str, action: str, expm_op, expm_backward_op=None, action_backward_op=None) -> None:
+    """Fake kernels and autograd for an (expm, action) pair of ops. Without a fused backward op, and under
+    create_graph (double backward), the gradients are differentiable composites: the Frechet adjoint from the expm
+    op itself, and the plain-PyTorch reverse of the action's recurrence."""
+
+    def expm_backward(ctx, grad):
+        (A,) = ctx.saved_tensors
+        if expm_backward_op is None or torch.is_grad_enabled():
+            return _frechet_adjoint(expm_op, A, grad)
+        return expm_backward_op(A, grad)
+
+    def action_backward(ctx, grad):
+        if action_backward_op is None or torch.is_grad_enabled():
+            return (*taylor_action_backward(grad, *ctx.saved_tensors), None)
+        return (*action_backward_op(grad, *ctx.saved_tensors), None)
+
+    # (a triton_op would use itself as fake kernel, which fails under TRITON_INTERPRET=1: it launches the kernel)
+    torch.library.register_fake(expm)(lambda A: A.new_empty(A.shape))
+    torch.library.register_fake(action)(lambda z, A, tau, plan: z.new_empty(z.shape))
+    torch.library.register_autograd(expm, expm_backward, setup_context=_save_inputs)
+    torch.library.register_autograd(action, action_backward, setup_context=_save_inputs)
 
 
 if _backend.extension_loaded():
-    torch.library.register_fake("hkd::expm")(lambda A: torch.empty_like(A))
-    torch.library.register_fake("hkd::expm_backward")(lambda A, grad: torch.empty_like(A))
-    torch.library.register_fake("hkd::dense_action")(lambda z, A, tau, plan: torch.empty_like(z))
+    torch.library.register_fake("hkd::expm_backward")(lambda A, grad: A.new_empty(A.shape))
     torch.library.register_fake("hkd::dense_action_backward")(
-        lambda grad, z, A, tau, plan: (torch.empty_like(z), torch.empty_like(A), torch.empty_like(tau))
+        lambda grad, z, A, tau, plan: (z.new_empty(z.shape), A.new_empty(A.shape), tau.new_empty(tau.shape))
     )
-    torch.library.register_autograd("hkd::expm", _expm_backward, setup_context=_expm_setup)
-    torch.library.register_autograd("hkd::dense_action", _action_backward, setup_context=_action_setup)
-    # the reverse recurrence is GEMM-bound: the same plain-PyTorch code serves CPU and CUDA
-    torch.library.impl("hkd::dense_action_backward", ("CPU", "CUDA"))(taylor_action_backward)
+    # CPU: the fused kernel (csrc/cpu/dense.cpp); CUDA: the plain-PyTorch reverse of the same recurrence
+    torch.library.impl("hkd::dense_action_backward", "CUDA")(taylor_action_backward)
+    _register(
+        "hkd::expm",
+        "hkd::dense_action",
+        torch.ops.hkd.expm,
+        torch.ops.hkd.expm_backward,
+        torch.ops.hkd.dense_action_backward,
+    )
 
 
-@torch.library.custom_op("hkd::expm_triton", mutates_args=())
-def _expm_triton(A: Tensor) -> Tensor:
-    from hkd.kernels import expm as kernels
-
-    return kernels.expm(A)
+_TRITON_OPS = None
 
 
-@torch.library.custom_op("hkd::dense_action_triton", mutates_args=())
-def _action_triton(z: Tensor, A: Tensor, tau: Tensor, plan: Tensor) -> Tensor:
-    from hkd.kernels import expm as kernels
+def _triton_ops():
+    """(expm, action): the Triton kernels as custom ops, defined on first use (Triton is optional)."""
+    global _TRITON_OPS
+    if _TRITON_OPS is None:
+        from hkd.kernels import dense as kernels
 
-    m, alpha = int(plan[0]), float(plan[1])
-    if not math.isfinite(alpha) or not bool(torch.isfinite(A).all()):
-        return torch.full_like(z, math.nan)
-    if z.shape[1] > kernels.MAX_N:  # GEMM-bound: the plain-PyTorch recurrence
-        return taylor_action(z, A, tau, plan)
-    return kernels.action(z, A, tau, m, action_substeps(tau, m, alpha))
+        def expm_triton(A: Tensor) -> Tensor:
+            return kernels.expm(A)
 
+        def action_triton(z: Tensor, A: Tensor, tau: Tensor, plan: Tensor) -> Tensor:
+            if z.shape[1] > kernels.MAX_N:  # GEMM-bound: the plain-PyTorch recurrence
+                return taylor_action(z, A, tau, plan)
+            return kernels.action(z, A, tau, plan)
 
-def _expm_triton_backward(ctx, grad):
-    (A,) = ctx.saved_tensors
-    return _frechet_adjoint(_expm_triton, A, grad)
+        def action_backward(grad: Tensor, z: Tensor, A: Tensor, tau: Tensor, plan: Tensor):
+            if z.shape[1] > kernels.MAX_N:
+                return taylor_action_backward(grad, z, A, tau, plan)
+            return kernels.action_backward(grad, z, A, tau, plan)
 
-
-def _action_triton_backward(ctx, grad):
-    return (*taylor_action_backward(grad, *ctx.saved_tensors), None)
-
-
-_expm_triton.register_fake(lambda A: torch.empty_like(A))
-_action_triton.register_fake(lambda z, A, tau, plan: torch.empty_like(z))
-_expm_triton.register_autograd(_expm_triton_backward, setup_context=_expm_setup)
-_action_triton.register_autograd(_action_triton_backward, setup_context=_action_setup)
+        expm_op = torch.library.triton_op("hkd::expm_triton", expm_triton, mutates_args=())
+        action_op = torch.library.triton_op("hkd::dense_action_triton", action_triton, mutates_args=())
+        _register("hkd::expm_triton", "hkd::dense_action_triton", expm_op, None, action_backward)
+        _TRITON_OPS = (expm_op, action_op)
+    return _TRITON_OPS
 
 
 # ---- fronts ------------------------------------------------------------------------------------------------
@@ -334,18 +346,18 @@ def _expm(A: Tensor, backend: str) -> Tensor:
     if backend == "reference" or A.shape[-1] == 0:  # 0 x 0 matrices: their (empty) exponential needs no kernel
         return reference.expm(A)
     if backend == "triton":
-        return _expm_triton(A)
+        return _triton_ops()[0](A)
     return torch.ops.hkd.expm(A)
 
 
 def _action(z: Tensor, A: Tensor, tau: Tensor, backend: str, plan: Tensor | None = None) -> Tensor:
     """exp(tau_b A_p) z[b, :, p], z (B, d, P), with the plan of `dense_action_plan` (computed here when not given)."""
     if plan is None:
-        plan = dense_action_plan(A.detach(), tau.detach(), z.shape[0] * z.shape[2])
+        plan = dense_action_plan(A.detach(), tau.detach(), z.shape[2])
     if backend == "reference" or A.shape[-1] == 0:
         return taylor_action(z, A, tau, plan)
     if backend == "triton":
-        return _action_triton(z, A, tau, plan)
+        return _triton_ops()[1](z, A, tau, plan)
     return torch.ops.hkd.dense_action(z, A, tau, plan)
 
 
@@ -419,8 +431,8 @@ def dense_propagate(
             y = M @ flat if A.dim() == 2 else torch.einsum("pij,bjp->bip", M, flat)
         else:
             # the plan and the cost model need A's powers and max |tau| (syncs); a traced graph takes the action
-            plan = dense_action_plan(A.detach(), t.detach(), batch * positions)
-            if torch.compiler.is_compiling() or choose_algorithm(A.detach(), t.detach(), positions, plan) == "action":
+            plan = dense_action_plan(A.detach(), t.detach(), positions)
+            if torch.compiler.is_compiling() or plan[2] > 0:
                 y = _action(flat, A, t, backend, plan)
             else:
                 M = _expm(t.reshape(-1, *([1] * A.dim())) * A, backend)  # (B, d, d) or (B, P, d, d)

@@ -93,16 +93,11 @@ def spectral_propagate(
     """
     latents, alphas, betas = list(latents), list(alphas), list(betas)
     tau = _check(latents, alphas, betas, tau)
-    backend = _resolve(backend, tau.device)
+    backend = _backend.resolve(backend, tau.device)
     if backend == "reference":
         return reference.spectral_propagate(latents, alphas, betas, tau)
     op = torch.ops.hkd.spectral_propagate if backend in ("cpu", "cuda") else _triton_ops()[0]
     return list(op(*_kernel_inputs(latents, alphas, betas, tau)))
-
-
-@torch.compiler.assume_constant_result  # torch.compile: a constant of the graph, no tracing into the checks
-def _resolve(backend: str, device: torch.device) -> str:
-    return _backend.resolve(backend, device)
 
 
 # --- autograd and fake kernels, shared by the C++/CUDA op and the Triton op ---------------------------------------

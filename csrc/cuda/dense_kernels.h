@@ -1,4 +1,4 @@
-// Launchers of the torch-free dense-op kernels (csrc/cuda/expm.cu), called by the glue csrc/cuda/expm.cpp.
+// Launchers of the torch-free dense-op kernels (csrc/cuda/dense.cu), called by the glue csrc/cuda/dense.cpp.
 // Raw pointers, contiguous row-major data; every launcher returns a cudaError_t as int (0: success).
 #pragma once
 #include <cstdint>
@@ -18,7 +18,7 @@ constexpr int kDoesNotFit = -1;
 int launch_expm_frechet_float(const float* A, const float* G, float* out, int64_t count, int n, void* stream);
 int launch_expm_frechet_double(const double* A, const double* G, double* out, int64_t count, int n, void* stream);
 
-// out[b, :, p] = T_m(h_b A_p)^(s_b) z[b, :, p], s_b and h_b = tau_b / s_b from the plan (degree, alpha) (csrc/expm.h),
+// out[b, :, p] = T_m(h_b A_p)^(s_b) z[b, :, p], s_b and h_b = tau_b / s_b from the plan (degree, alpha) (csrc/dense.h),
 // each substep truncated per vector by the convergence test; z (B, d, P), A (d, d) (shared) or (P, d, d).
 int launch_action_float(const float* z, const float* A, const float* tau, float* out, int64_t B, int d, int64_t P,
                         bool shared, int degree, double alpha, void* stream);

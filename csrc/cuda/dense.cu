@@ -1,4 +1,4 @@
-// CUDA kernels of the dense ops, torch-free (raw pointers + sizes); the maths is csrc/expm.h.
+// CUDA kernels of the dense ops, torch-free (raw pointers + sizes); the maths is csrc/dense.h.
 //   expm_onchip: one block per matrix (n <= 32), the Paterson-Stockmeyer powers, the Horner state and the
 //                squarings all in shared memory; (m, s) per matrix from its 1-norm.
 //   expm_frechet_onchip: the gradient L(A^T, G) the same way, derivatives carried alongside (when it fits).
@@ -7,21 +7,21 @@
 //                three state tiles stay in shared memory for all the Taylor terms, each substep stopping once its
 //                vectors have converged: one launch for the whole action.
 // NVRTC compiles this file too (sm_70 check): host-only code is guarded by __CUDACC_RTC__.
-#include "expm.h"
+#include "dense.h"
 
 #ifndef __CUDACC_RTC__
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "cuda/expm_kernels.h"
+#include "cuda/dense_kernels.h"
 #else
 typedef long long int64_t;
 #endif
 
 namespace hkd::cuda {
 
-using hkd::expm::Plan;
+using hkd::dense::Plan;
 constexpr int kMaxColumns = 32;  // expm_onchip's n limit (kExpmOnChipMaxN)
 
 template <typename T>
@@ -41,27 +41,33 @@ __device__ void matmul(const T* L, const T* R, T* C, int n) {
   __syncthreads();
 }
 
+// The plan of the n x n matrix A (csrc/dense.h expm_plan) from its 1-norm, for every thread of the block.
+template <typename T>
+__device__ Plan matrix_plan(const T* A, int n) {
+  __shared__ double column_sum[kMaxColumns];
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += fabs(double(A[i * n + j]));
+    column_sum[j] = s;
+  }
+  __syncthreads();
+  double norm = 0;
+  for (int j = 0; j < n; ++j) norm = isnan(column_sum[j]) || isnan(norm) ? column_sum[j] + norm : fmax(norm, column_sum[j]);
+  return hkd::dense::expm_plan(norm, sizeof(T) == 8);
+}
+
 template <typename T>
 __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n) {
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int nn = n * n;
   const int64_t base = int64_t(blockIdx.x) * nn;
-  __shared__ double column_sum[kMaxColumns];
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    double s = 0;
-    for (int i = 0; i < n; ++i) s += fabs(double(A[base + i * n + j]));
-    column_sum[j] = s;
-  }
-  __syncthreads();
-  double norm = 0;
-  for (int j = 0; j < n; ++j) norm = isnan(column_sum[j]) || isnan(norm) ? column_sum[j] + norm : fmax(norm, column_sum[j]);
-  const Plan p = hkd::expm::expm_plan(norm, sizeof(T) == 8);
+  const Plan p = matrix_plan(A + base, n);
   if (!p.finite) {
     for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = nan_value<T>();
     return;
   }
-  const int m = p.degree, q = hkd::expm::ps_block(m);
+  const int m = p.degree, q = hkd::dense::ps_block(m);
   T* pw[8];  // pw[i] = X^i
   for (int i = 1; i <= q; ++i) pw[i] = smem + (i - 1) * nn;
   T* Y = smem + q * nn;
@@ -70,7 +76,7 @@ __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n)
   for (int e = threadIdx.x; e < nn; e += blockDim.x) pw[1][e] = A[base + e] * scale;
   __syncthreads();
   for (int i = 2; i <= q; ++i) matmul(pw[i - 1], pw[1], pw[i], n);
-  auto c = [m](int k) { return k <= m ? T(hkd::expm::inv_factorial(k)) : T(0); };
+  auto c = [m](int k) { return k <= m ? T(hkd::dense::inv_factorial(k)) : T(0); };
   // B_j = sum_{i<q} c(jq + i) X^i at element e
   auto block = [&](int j, int e) {
     T v = (e / n == e % n) ? c(j * q) : T(0);
@@ -108,28 +114,19 @@ __device__ void matmul_add(const T* L, const T* R, T* C, int n) {
 }
 
 // The gradient of exp: out = L(A^T, G), the Frechet derivative of the same approximant as expm_onchip (plan from
-// ||A||_1), carried through the powers, the Horner steps and the squarings (csrc/cpu/expm.cpp expm_matrix).
+// ||A||_1), carried through the powers, the Horner steps and the squarings (csrc/cpu/dense.cpp expm_matrix).
 template <typename T>
 __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict__ G, T* __restrict__ out, int n) {
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int nn = n * n;
   const int64_t base = int64_t(blockIdx.x) * nn;
-  __shared__ double column_sum[kMaxColumns];
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    double s = 0;
-    for (int i = 0; i < n; ++i) s += fabs(double(A[base + i * n + j]));
-    column_sum[j] = s;
-  }
-  __syncthreads();
-  double norm = 0;
-  for (int j = 0; j < n; ++j) norm = isnan(column_sum[j]) || isnan(norm) ? column_sum[j] + norm : fmax(norm, column_sum[j]);
-  const Plan p = hkd::expm::expm_plan(norm, sizeof(T) == 8);
+  const Plan p = matrix_plan(A + base, n);
   if (!p.finite) {
     for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = nan_value<T>();
     return;
   }
-  const int m = p.degree, q = hkd::expm::ps_block(m);
+  const int m = p.degree, q = hkd::dense::ps_block(m);
   T* pw[8];   // pw[i] = X^i, X = A^T / 2^s
   T* dpw[8];  // their derivatives in the direction G / 2^s
   for (int i = 1; i <= q; ++i) pw[i] = smem + (i - 1) * nn, dpw[i] = smem + (q + i - 1) * nn;
@@ -148,7 +145,7 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
     matmul(dpw[i - 1], pw[1], dpw[i], n);
     matmul_add(pw[i - 1], dpw[1], dpw[i], n);
   }
-  auto c = [m](int k) { return k <= m ? T(hkd::expm::inv_factorial(k)) : T(0); };
+  auto c = [m](int k) { return k <= m ? T(hkd::dense::inv_factorial(k)) : T(0); };
   auto block = [&](int j, int e) {
     T v = (e / n == e % n) ? c(j * q) : T(0);
     for (int i = 1; i < q; ++i) v += c(j * q + i) * pw[i][e];
@@ -187,7 +184,7 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
 }
 
 // The action; tile = rows x cols of the state in shared memory. Sample b takes s_b substeps of h_b = tau_b / s_b
-// (csrc/expm.h action_substeps); a vector (row mode: a row, column mode: a column) stops its substep once it has
+// (csrc/dense.h action_substeps); a vector (row mode: a row, column mode: a column) stops its substep once it has
 // converged, its later terms being zero; the block stops a substep when all its vectors have.
 template <typename T>
 __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, const T* __restrict__ tau,
@@ -222,7 +219,7 @@ __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, 
   const int samples = row_mode ? tile : 1;
   for (int r = threadIdx.x; r < samples; r += blockDim.x) {
     const int64_t b = row_mode ? first + r : fixed;
-    steps[r] = b < B ? hkd::expm::action_substeps(double(tau[b]), degree, alpha, is_double) : 0;
+    steps[r] = b < B ? hkd::dense::action_substeps(double(tau[b]), degree, alpha, is_double) : 0;
     h[r] = b < B ? tau[b] / T(steps[r]) : T(0);
   }
   __syncthreads();
@@ -267,7 +264,7 @@ __global__ void action_onchip(const T* __restrict__ z, const T* __restrict__ A, 
           term = fmax(term, fabs(double(v[c * pitch + i * stride])));
           sum = fmax(sum, fabs(double(y[c * pitch + i * stride])));
         }
-        if (live[c] != 0.0 && hkd::expm::converged(previous[c], term, sum, is_double)) {
+        if (live[c] != 0.0 && hkd::dense::converged(previous[c], term, sum, is_double)) {
           live[c] = 0.0;
           for (int i = 0; i < d; ++i) v[c * pitch + i * stride] = T(0);
         }
@@ -299,34 +296,35 @@ template __global__ void action_onchip<double>(const double*, const double*, con
 #ifndef __CUDACC_RTC__
 namespace {
 
-template <typename T>
-int expm_launch(const T* A, T* out, int64_t count, int n, void* stream) {
-  static_assert(kExpmOnChipMaxN <= kMaxColumns);
+// One block per matrix (count of them, n x n) with `bytes` of dynamic shared memory: kDoesNotFit when the device has
+// less, else kernel<<<count, ...>>>(args...).
+template <typename... Params, typename... Args>
+int launch_per_matrix(void (*kernel)(Params...), size_t bytes, int64_t count, int n, void* stream, Args... args) {
   if (n < 1 || n > kExpmOnChipMaxN) return int(cudaErrorInvalidValue);
   if (count > 2147483647L) return int(cudaErrorInvalidConfiguration);
-  const size_t bytes = size_t(6 + 2) * n * n * sizeof(T);  // q <= 6 powers, Y, tmp
-  cudaError_t err = cudaFuncSetAttribute(expm_onchip<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (err != cudaSuccess) return int(err);
-  const int threads = n * n >= 256 ? 256 : ((n * n + 31) / 32) * 32;
-  expm_onchip<T><<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(A, out, n);
-  return int(cudaGetLastError());
-}
-
-template <typename T>
-int frechet_launch(const T* A, const T* G, T* out, int64_t count, int n, void* stream) {
-  if (n < 1 || n > kExpmOnChipMaxN) return int(cudaErrorInvalidValue);
-  if (count > 2147483647L) return int(cudaErrorInvalidConfiguration);
-  const size_t bytes = size_t(2 * 6 + 4) * n * n * sizeof(T);  // q <= 6 powers and derivatives, Y, dY, 2 scratch
   int device = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return int(err);
   if (bytes + 256 > size_t(optin)) return kDoesNotFit;
-  err = cudaFuncSetAttribute(expm_frechet_onchip<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const int threads = n * n >= 256 ? 256 : ((n * n + 31) / 32) * 32;
-  expm_frechet_onchip<T><<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(A, G, out, n);
+  kernel<<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(args...);
   return int(cudaGetLastError());
+}
+
+template <typename T>
+int expm_launch(const T* A, T* out, int64_t count, int n, void* stream) {
+  static_assert(kExpmOnChipMaxN <= kMaxColumns);
+  const size_t bytes = size_t(6 + 2) * n * n * sizeof(T);  // q <= 6 powers, Y, tmp
+  return launch_per_matrix(expm_onchip<T>, bytes, count, n, stream, A, out, n);
+}
+
+template <typename T>
+int frechet_launch(const T* A, const T* G, T* out, int64_t count, int n, void* stream) {
+  const size_t bytes = size_t(2 * 6 + 4) * n * n * sizeof(T);  // q <= 6 powers and derivatives, Y, dY, 2 scratch
+  return launch_per_matrix(expm_frechet_onchip<T>, bytes, count, n, stream, A, G, out, n);
 }
 
 template <typename T>

@@ -1,6 +1,6 @@
 // TORCH_LIBRARY_IMPL(hkd, CUDA): the dense ops on the GPU. Small sizes run the on-chip kernels of
-// csrc/cuda/expm.cu; larger n (and the Frechet adjoint) run the same Paterson-Stockmeyer Taylor algorithm
-// (csrc/expm.h) as batched GEMMs (cuBLAS), with one plan for the batch from its largest 1-norm.
+// csrc/cuda/dense.cu; larger n (and the Frechet adjoint) run the same Paterson-Stockmeyer Taylor algorithm
+// (csrc/dense.h) as batched GEMMs (cuBLAS), with one plan for the batch from its largest 1-norm.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,18 +11,15 @@
 #include <optional>
 #include <vector>
 
-#include "cuda/expm_kernels.h"
-#include "expm.h"
+#include "cuda/dense_kernels.h"
+#include "dense.h"
+#include "dense_inputs.h"
 
 namespace {
 
-using hkd::expm::Plan;
+using hkd::dense::Plan;
 
-void check(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.is_cuda(), "hkd::", op, ": expected CUDA tensors");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "hkd::", op,
-              ": expected float32 or float64, got ", t.scalar_type());
-}
+void check(const at::Tensor& t, const char* op) { TORCH_CHECK(t.is_cuda(), "hkd::", op, ": expected CUDA tensors"); }
 
 void check_launch(int err, const char* op) {
   TORCH_CHECK(err == 0, "hkd::", op, ": CUDA launch failed (error ", err, ")");
@@ -39,14 +36,14 @@ std::pair<at::Tensor, at::Tensor> expm_gemm(const at::Tensor& A, const std::opti
     const double nan = std::numeric_limits<double>::quiet_NaN();
     return {at::full_like(A, nan), E ? at::full_like(A, nan) : at::Tensor()};
   }
-  const int m = p.degree, q = hkd::expm::ps_block(m);
+  const int m = p.degree, q = hkd::dense::ps_block(m);
   const double scale = std::ldexp(1.0, -p.steps);
   std::vector<at::Tensor> pw{at::Tensor(), A * scale}, dpw{at::Tensor(), E ? *E * scale : at::Tensor()};
   for (int i = 2; i <= q; ++i) {
     pw.push_back(at::matmul(pw[i - 1], pw[1]));
     if (E) dpw.push_back(at::matmul(dpw[i - 1], pw[1]) + at::matmul(pw[i - 1], dpw[1]));
   }
-  auto c = [m](int k) { return k <= m ? hkd::expm::inv_factorial(k) : 0.0; };
+  auto c = [m](int k) { return k <= m ? hkd::dense::inv_factorial(k) : 0.0; };
   const at::Tensor eye = at::eye(A.size(-1), A.options());
   auto block = [&](int j) {
     at::Tensor b = eye * c(j * q);
@@ -80,14 +77,12 @@ std::pair<at::Tensor, at::Tensor> expm_gemm(const at::Tensor& A, const std::opti
 
 at::Tensor expm_cuda(const at::Tensor& A_in) {
   check(A_in, "expm");
-  TORCH_CHECK(A_in.dim() >= 2 && A_in.size(-1) == A_in.size(-2), "hkd::expm: expected (..., n, n), got ",
-              A_in.sizes());
   const c10::cuda::CUDAGuard guard(A_in.device());
-  const int64_t n = A_in.size(-1);
-  const at::Tensor A = A_in.contiguous().reshape({-1, n, n});
+  const at::Tensor A = hkd::dense::checked_matrices(A_in, "expm");
+  const int64_t n = A.size(-1);
   if (A.numel() == 0) return at::empty_like(A_in);
   if (n > hkd::cuda::kExpmOnChipMaxN) {
-    const Plan p = hkd::expm::expm_plan(max_norm1(A), A.scalar_type() == at::kDouble);
+    const Plan p = hkd::dense::expm_plan(max_norm1(A), A.scalar_type() == at::kDouble);
     return expm_gemm(A, std::nullopt, p).first.reshape(A_in.sizes());
   }
   at::Tensor out = at::empty_like(A);
@@ -105,8 +100,8 @@ at::Tensor expm_cuda(const at::Tensor& A_in) {
 at::Tensor expm_backward_cuda(const at::Tensor& A_in, const at::Tensor& grad) {
   check(A_in, "expm_backward");
   const c10::cuda::CUDAGuard guard(A_in.device());
-  const int64_t n = A_in.size(-1);
-  const at::Tensor A = A_in.contiguous().reshape({-1, n, n});
+  const at::Tensor A = hkd::dense::checked_matrices(A_in, "expm_backward");
+  const int64_t n = A.size(-1);
   if (A.numel() == 0) return at::empty_like(A_in);
   const at::Tensor G = grad.to(A.scalar_type()).contiguous().reshape({-1, n, n});
   if (n <= hkd::cuda::kExpmOnChipMaxN) {  // on chip, the plan of each matrix (as the forward)
@@ -122,40 +117,29 @@ at::Tensor expm_backward_cuda(const at::Tensor& A_in, const at::Tensor& grad) {
       return out.reshape(A_in.sizes());
     }
   }
-  const Plan p = hkd::expm::expm_plan(max_norm1(A), A.scalar_type() == at::kDouble);
+  const Plan p = hkd::dense::expm_plan(max_norm1(A), A.scalar_type() == at::kDouble);
   return expm_gemm(A.transpose(-1, -2), G, p).second.reshape(A_in.sizes());
 }
 
-// The action with the plan (degree, alpha) of hkd.ops.dense.action_plan (csrc/expm.h): on chip for d <= 64, else
+// The action with the plan (degree, alpha) of hkd.ops.dense.action_plan (csrc/dense.h): on chip for d <= 64, else
 // the same recurrence as batched GEMMs (per-sample substeps by masking, the convergence test per vector).
 at::Tensor dense_action_cuda(const at::Tensor& z_in, const at::Tensor& A_in, const at::Tensor& tau_in,
                              const at::Tensor& plan) {
   check(z_in, "dense_action");
-  TORCH_CHECK(z_in.dim() == 3, "hkd::dense_action: z must be (B, d, P), got ", z_in.sizes());
-  const int64_t B = z_in.size(0), d = z_in.size(1), P = z_in.size(2);
-  const bool shared = A_in.dim() == 2;
-  TORCH_CHECK((shared && A_in.size(0) == d && A_in.size(1) == d) ||
-                  (A_in.dim() == 3 && A_in.size(0) == P && A_in.size(1) == d && A_in.size(2) == d),
-              "hkd::dense_action: A must be (d, d) or (P, d, d) for z ", z_in.sizes(), ", got ", A_in.sizes());
-  TORCH_CHECK(tau_in.dim() == 1 && tau_in.size(0) == B, "hkd::dense_action: tau must be (B,), got ", tau_in.sizes());
-  TORCH_CHECK(plan.numel() == 2, "hkd::dense_action: plan must be (degree, alpha), got ", plan.sizes());
-  const at::Tensor plan_host = plan.to(at::kCPU, at::kDouble).contiguous();
-  const double degree_value = plan_host.data_ptr<double>()[0], alpha = plan_host.data_ptr<double>()[1];
-  TORCH_CHECK(degree_value >= 1 && degree_value <= hkd::expm::kMaxDegree, "hkd::dense_action: degree must be in [1, ",
-              hkd::expm::kMaxDegree, "], got ", degree_value);
-  const int degree = int(degree_value);
-  const c10::cuda::CUDAGuard guard(z_in.device());
-  const at::Tensor z = z_in.contiguous(), A = A_in.to(z.scalar_type()).contiguous();
-  const at::Tensor tau = tau_in.to(z.scalar_type()).contiguous();
+  const hkd::dense::ActionInputs in = hkd::dense::checked_action_inputs(z_in, A_in, tau_in, plan, "dense_action");
+  const at::Tensor &z = in.z, &A = in.A, &tau = in.tau;
+  const int64_t B = in.B, d = in.d, P = in.P;
+  const bool shared = in.shared, is_double = z.scalar_type() == at::kDouble;
+  const int degree = in.degree;
+  const double alpha = in.alpha;
+  const c10::cuda::CUDAGuard guard(z.device());
   if (z.numel() == 0) return at::empty_like(z);
-  const bool is_double = z.scalar_type() == at::kDouble;
-  if (!(alpha >= 0 && alpha <= 1e300) || !A.isfinite().all().item<bool>())
-    return at::full_like(z, std::numeric_limits<double>::quiet_NaN());
+  if (!in.finite) return at::full_like(z, std::numeric_limits<double>::quiet_NaN());
   if (d > hkd::cuda::kActionOnChipMaxD || (!shared || P == 1 ? P : B) > 65535) {  // the GEMM composite
     const at::Tensor tau_host = tau.cpu().to(at::kDouble).contiguous();
     const double* t = tau_host.data_ptr<double>();
     std::vector<double> steps(B);
-    for (int64_t b = 0; b < B; ++b) steps[b] = hkd::expm::action_substeps(t[b], int(degree), alpha, is_double);
+    for (int64_t b = 0; b < B; ++b) steps[b] = hkd::dense::action_substeps(t[b], int(degree), alpha, is_double);
     const at::Tensor s = at::tensor(steps, z.options().dtype(at::kDouble)).to(z.scalar_type());
     const int max_steps = int(*std::max_element(steps.begin(), steps.end()));
     const at::Tensor h = (tau / s).reshape({-1, 1, 1}), s_col = s.reshape({-1, 1});

@@ -1,13 +1,13 @@
 // The maths shared by every exp(A) / exp(tau A) z kernel (CPU, CUDA; mirrored in hkd/ops/dense.py and
-// kernels/expm.py): torch-free, host and device.
+// kernels/dense.py): torch-free, host and device.
 //
 // Both algorithms use the truncated Taylor series T_m(X) = sum_{k<=m} X^k / k! with scaling:
 //   expm:   exp(A) = T_m(A / 2^s)^(2^s), T_m evaluated by Paterson-Stockmeyer (cost(m) matrix products),
 //           (m, s) minimising cost(m) + s subject to ||A||_1 / 2^s <= theta_m (ties: fewer squarings, the
 //           phase where rounding errors grow);
 //   action: exp(tau_b A) z_b = (T_m(h_b A))^(s_b) z_b, h_b = tau_b / s_b, s_b = ceil(|tau_b| alpha / theta_m)
-//           (Al-Mohy and Higham 2011, expm_multiply). The plan (m, alpha) comes from the caller (hkd/ops/dense.py
-//           action_plan): alpha = max(d_p, d_{p+1}), d_p = ||A^p||_1^(1/p), p(p-1) <= m+1, minimising m s. Each
+//           (Al-Mohy and Higham 2011, expm_multiply). The plan (m, alpha) comes from dense_action_plan (csrc/dense_plan.cpp;
+//           its Python twin hkd/ops/dense.py plan): alpha = max(d_p, d_{p+1}), d_p = ||A^p||_1^(1/p), p(p-1) <= m+1, minimising m s. Each
 //           substep stops early per vector (a column z[b, :, p]) once ||v_{k-1}||_inf + ||v_k||_inf <=
 //           u ||y||_inf (terms v_k, partial sum y): its later terms are zero (`converged`).
 // theta_m is the largest theta with backward-error bound h_{m+1}(theta) / theta <= u (u = 2^-53 for double,
@@ -19,19 +19,25 @@
 #include <cmath>
 #endif
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define HKD_HD __host__ __device__
-#else
-#define HKD_HD
-#endif
+#include "common.h"
 
-namespace hkd::expm {
+namespace hkd::dense {
 
 constexpr int kMaxDegree = 55;
 constexpr int kMaxSquarings = 64;     // ||A||_1 up to 2^64 * theta; beyond that exp overflows anyway
 constexpr int kMaxSubsteps = 100000;  // ||tau A||_1 up to ~1e6
+// The action's degree cap, theta_m ~ 3.5: the terms (h A)^k z / k! stay below about e^3.5 ||z|| for normal A, so
+// cancellation in the sum costs at most ~30 u (degree 55 lets them reach e^13 in float32, and the rounding with them).
+HKD_HD int action_max_degree(bool is_double) { return is_double ? 30 : 20; }
+constexpr int kMaxPowers = 8;  // the plan's alpha_p from ||A^p||_1 and ||A^(p+1)||_1, p <= kMaxPowers
+// The degrees expm chooses from (each the largest with its Paterson-Stockmeyer cost), i = 0..kExpmDegreeCount-1
+constexpr int kExpmDegreeCount = 10;
+HKD_HD int expm_degree(int i) {
+  constexpr int degrees[kExpmDegreeCount] = {1, 2, 4, 6, 9, 12, 16, 20, 25, 30};
+  return degrees[i];
+}
 
-HKD_HD inline double theta(int m, bool is_double) {
+HKD_HD double theta(int m, bool is_double) {
   constexpr double d[kMaxDegree] = {
       2.21e-16, 2.58e-08, 1.39e-05, 0.00034, 0.0024, 0.00907, 0.0238, 0.0499, 0.0896, 0.144, 0.214, 0.3, 0.4, 0.514,
       0.641,    0.78,     0.931,    1.09,    1.26,   1.44,    1.62,   1.82,   2.01,   2.22,  2.43,  2.64, 2.86, 3.08,
@@ -47,12 +53,12 @@ HKD_HD inline double theta(int m, bool is_double) {
 
 // Paterson-Stockmeyer: q = ceil(sqrt(m)) powers X^2..X^q, then floor(m/q) Horner steps in X^q
 // (one fewer when q divides m, the last block being c_m I).
-HKD_HD inline int ps_block(int m) {
+HKD_HD int ps_block(int m) {
   int q = 1;
   while (q * q < m) ++q;
   return q;
 }
-HKD_HD inline int ps_cost(int m) {
+HKD_HD int ps_cost(int m) {
   const int q = ps_block(m);
   return q - 1 + m / q - (m % q == 0 ? 1 : 0);
 }
@@ -64,12 +70,12 @@ struct Plan {
 };
 
 // exp(A) by Paterson-Stockmeyer Taylor + squaring, from norm = ||A||_1.
-HKD_HD inline Plan expm_plan(double norm, bool is_double) {
+HKD_HD Plan expm_plan(double norm, bool is_double) {
   if (!(norm <= 1e300)) return {1, 0, false};
-  constexpr int degrees[] = {1, 2, 4, 6, 9, 12, 16, 20, 25, 30};
   Plan best{30, kMaxSquarings, true};
   int best_cost = 1 << 30;
-  for (int m : degrees) {
+  for (int i = 0; i < kExpmDegreeCount; ++i) {
+    const int m = expm_degree(i);
     int s = 0;
     double scaled = norm;
     while (scaled > theta(m, is_double) && s < kMaxSquarings) scaled *= 0.5, ++s;
@@ -80,21 +86,21 @@ HKD_HD inline Plan expm_plan(double norm, bool is_double) {
 }
 
 // The action's substeps for one sample: s_b = ceil(|tau_b| alpha / theta_m) in [1, kMaxSubsteps] (NaN: 1).
-HKD_HD inline int action_substeps(double tau, int degree, double alpha, bool is_double) {
+HKD_HD int action_substeps(double tau, int degree, double alpha, bool is_double) {
   const double x = ceil((tau < 0 ? -tau : tau) * alpha / theta(degree, is_double));
   return !(x >= 1) ? 1 : x > kMaxSubsteps ? kMaxSubsteps : int(x);
 }
 
 // The per-vector convergence test after term k: previous and current terms' max-abs against the sum's.
-HKD_HD inline bool converged(double previous_term, double term, double sum, bool is_double) {
+HKD_HD bool converged(double previous_term, double term, double sum, bool is_double) {
   const double u = is_double ? 1.1102230246251565e-16 : 5.9604644775390625e-08;  // 2^-53, 2^-24
   return previous_term + term <= u * sum;
 }
 
-HKD_HD inline double inv_factorial(int k) {
+HKD_HD double inv_factorial(int k) {
   double r = 1;
   for (int i = 2; i <= k; ++i) r /= i;
   return r;
 }
 
-}  // namespace hkd::expm
+}  // namespace hkd::dense

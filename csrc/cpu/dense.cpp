@@ -1,0 +1,641 @@
+// CPU kernels of the dense ops (hkd/ops/dense.py): expm, expm_backward (adjoint Frechet derivative),
+// dense_action (exp(tau_b A_p) z[b, :, p]) and dense_action_backward (the exact reverse of its recurrence). One matrix
+// or one cache-sized block of the state per task (at::parallel_for). expm: a small register-blocked GEMM compiled for
+// AVX-512, AVX2 and SSE2, chosen at run time; the action: ATen's BLAS on each worker thread.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/denormals.h"
+#include "dense.h"
+#include "dense_inputs.h"
+
+namespace {
+
+using hkd::dense::Plan;
+
+#define HKD_INLINE inline __attribute__((always_inline))
+
+template <typename T, int VB>
+struct Vec {
+  typedef T type __attribute__((vector_size(VB)));
+};
+
+// C[i, j] = rs[i * rs_stride] * sum_k L[i, k] R[k, j]; then Y[i, j] += C[i, j] when Y is given.
+template <typename T, int VB, int MR>
+HKD_INLINE void gemm_rows(int i0, int N, int K, const T* L, long ldl, const T* R, long ldr, T* C, long ldc,
+                          const T* rs, long rs_stride, T* Y, long ldy) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int W = VB / sizeof(T);
+  int j = 0;
+  for (; j + 2 * W <= N; j += 2 * W) {
+    V acc0[MR], acc1[MR];
+    for (int r = 0; r < MR; ++r) acc0[r] = V{} , acc1[r] = V{};
+    for (int k = 0; k < K; ++k) {
+      V b0, b1;
+      std::memcpy(&b0, R + k * ldr + j, VB);
+      std::memcpy(&b1, R + k * ldr + j + W, VB);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const T a = L[(i0 + r) * ldl + k];
+        acc0[r] += a * b0;
+        acc1[r] += a * b1;
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      const T s = rs[(i0 + r) * rs_stride];
+      V c0 = s * acc0[r], c1 = s * acc1[r];
+      T* c = C + (i0 + r) * ldc + j;
+      std::memcpy(c, &c0, VB);
+      std::memcpy(c + W, &c1, VB);
+      if (Y) {
+        T* y = Y + (i0 + r) * ldy + j;
+        V y0, y1;
+        std::memcpy(&y0, y, VB);
+        std::memcpy(&y1, y + W, VB);
+        y0 += c0, y1 += c1;
+        std::memcpy(y, &y0, VB);
+        std::memcpy(y + W, &y1, VB);
+      }
+    }
+  }
+  for (; j < N; ++j) {
+    for (int r = 0; r < MR; ++r) {
+      T acc = 0;
+      for (int k = 0; k < K; ++k) acc += L[(i0 + r) * ldl + k] * R[k * ldr + j];
+      const T c = rs[(i0 + r) * rs_stride] * acc;
+      C[(i0 + r) * ldc + j] = c;
+      if (Y) Y[(i0 + r) * ldy + j] += c;
+    }
+  }
+}
+
+template <typename T, int VB>
+HKD_INLINE void gemm(int M, int N, int K, const T* L, long ldl, const T* R, long ldr, T* C, long ldc,
+                     const T* rs = nullptr, long rs_stride = 0, T* Y = nullptr, long ldy = 0) {
+  static const T one = 1;
+  if (!rs) rs = &one, rs_stride = 0;
+  constexpr int MR = VB >= 64 ? 8 : 4;
+  int i = 0;
+  for (; i + MR <= M; i += MR) gemm_rows<T, VB, MR>(i, N, K, L, ldl, R, ldr, C, ldc, rs, rs_stride, Y, ldy);
+  for (; i < M; ++i) gemm_rows<T, VB, 1>(i, N, K, L, ldl, R, ldr, C, ldc, rs, rs_stride, Y, ldy);
+}
+
+template <typename T>
+double norm1(const T* A, int n, long row_stride, long col_stride) {
+  double best = 0;
+  for (int j = 0; j < n; ++j) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += std::abs(double(A[i * row_stride + j * col_stride]));
+    if (std::isnan(s)) return s;
+    best = std::max(best, s);
+  }
+  return best;
+}
+
+// exp(A) (n x n, row-major) with plan p; with E, also the Frechet derivative L(A, E) of the same approximant.
+// work: (2 q + 4) n^2 elements.
+template <typename T, int VB>
+HKD_INLINE void expm_matrix(const T* A, const T* E, T* out, T* Lout, int n, Plan p, T* work) {
+  const long nn = long(n) * n;
+  if (!p.finite) {
+    std::fill(out, out + nn, std::numeric_limits<T>::quiet_NaN());
+    if (Lout) std::fill(Lout, Lout + nn, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
+  const int m = p.degree, q = hkd::dense::ps_block(m);
+  T* pw[8];   // pw[i] = X^i, i = 1..q
+  T* dpw[8];  // their derivatives in direction E / 2^s
+  for (int i = 1; i <= q; ++i) pw[i] = work + (i - 1) * nn, dpw[i] = work + (q + i - 1) * nn;
+  T *Y = work + 2 * q * nn, *tmp = Y + nn, *dY = tmp + nn, *dtmp = dY + nn;
+  const T scale = std::ldexp(T(1), -p.steps);
+  for (long k = 0; k < nn; ++k) pw[1][k] = A[k] * scale;
+  if (E)
+    for (long k = 0; k < nn; ++k) dpw[1][k] = E[k] * scale;
+  for (int i = 2; i <= q; ++i) {
+    gemm<T, VB>(n, n, n, pw[i - 1], n, pw[1], n, pw[i], n);
+    if (E) {
+      gemm<T, VB>(n, n, n, dpw[i - 1], n, pw[1], n, dpw[i], n);
+      gemm<T, VB>(n, n, n, pw[i - 1], n, dpw[1], n, tmp, n);
+      for (long k = 0; k < nn; ++k) dpw[i][k] += tmp[k];
+    }
+  }
+  auto c = [m](int k) { return k <= m ? T(hkd::dense::inv_factorial(k)) : T(0); };
+  // dst (+)= B_j = sum_{i<q} c(jq + i) X^i, ddst (+)= its derivative
+  auto block = [&](int j, T* dst, T* ddst) {
+    for (int i = 1; i < q; ++i) {
+      const T ci = c(j * q + i);
+      for (long k = 0; k < nn; ++k) dst[k] += ci * pw[i][k];
+      if (E)
+        for (long k = 0; k < nn; ++k) ddst[k] += ci * dpw[i][k];
+    }
+    for (int d = 0; d < n; ++d) dst[d * (n + 1)] += c(j * q);
+  };
+  std::fill(Y, Y + nn, T(0));
+  if (E) std::fill(dY, dY + nn, T(0));
+  int j = m / q;
+  if (m % q == 0) {  // B_{m/q} = c(m) I: fold it in without a product
+    --j;
+    const T cm = c(m);
+    for (long k = 0; k < nn; ++k) Y[k] = cm * pw[q][k];
+    if (E)
+      for (long k = 0; k < nn; ++k) dY[k] = cm * dpw[q][k];
+  }
+  block(j, Y, dY);
+  for (--j; j >= 0; --j) {  // Y <- B_j + X^q Y
+    if (E) {
+      gemm<T, VB>(n, n, n, dpw[q], n, Y, n, dtmp, n);
+      gemm<T, VB>(n, n, n, pw[q], n, dY, n, tmp, n);
+      for (long k = 0; k < nn; ++k) dY[k] = dtmp[k] + tmp[k];
+    }
+    gemm<T, VB>(n, n, n, pw[q], n, Y, n, tmp, n);
+    std::swap(Y, tmp);
+    std::fill(tmp, tmp + nn, T(0));
+    block(j, Y, dY);
+  }
+  for (int i = 0; i < p.steps; ++i) {  // squaring: Y <- Y^2, dY <- Y dY + dY Y
+    if (E) {
+      gemm<T, VB>(n, n, n, Y, n, dY, n, dtmp, n);
+      gemm<T, VB>(n, n, n, dY, n, Y, n, tmp, n);
+      for (long k = 0; k < nn; ++k) dY[k] = dtmp[k] + tmp[k];
+    }
+    gemm<T, VB>(n, n, n, Y, n, Y, n, tmp, n);
+    std::swap(Y, tmp);
+  }
+  std::memcpy(out, Y, nn * sizeof(T));
+  if (E) std::memcpy(Lout, dY, nn * sizeof(T));
+}
+
+// A row-major matrix (rows x cols, leading dimension ld) in place, or read as its transpose.
+template <typename T>
+struct View {
+  const T* data;
+  long rows, cols, ld;
+  bool transposed = false;
+  at::Tensor tensor() const {
+    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    return transposed ? at::from_blob(const_cast<T*>(data), {cols, rows}, {1, ld}, options)
+                      : at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, options);
+  }
+};
+
+// C = alpha L R (accumulate: C += alpha L R), C row-major with leading dimension ldc, by ATen's BLAS on this thread.
+template <typename T>
+void matmul(const View<T>& L, const View<T>& R, T* C, long ldc, T alpha, bool accumulate) {
+  const long M = L.transposed ? L.cols : L.rows, N = R.transposed ? R.rows : R.cols;
+  at::Tensor c = View<T>{C, M, N, ldc}.tensor();
+  c.addmm_(L.tensor(), R.tensor(), accumulate ? 1 : 0, alpha);
+}
+
+// norm[c] = max |x| over vector c of an n x cols block (row mode: row c, column mode: column c).
+template <typename T>
+void max_abs(bool row_mode, int n, int cols, const T* x, double* norm) {
+  if (row_mode) {
+    for (int i = 0; i < n; ++i) {
+      const T* xi = x + long(i) * cols;
+      T row = 0;
+#pragma omp simd reduction(max : row)
+      for (int j = 0; j < cols; ++j) row = std::max(row, std::abs(xi[j]));
+      norm[i] = row;
+    }
+    return;
+  }
+  std::fill(norm, norm + cols, 0.0);
+  for (int i = 0; i < n; ++i) {
+    const T* xi = x + long(i) * cols;
+#pragma omp simd
+    for (int j = 0; j < cols; ++j) norm[j] = std::max(norm[j], double(std::abs(xi[j])));
+  }
+}
+
+// w *= h / k (per row in row mode, h[0] in column mode), y += w, then term and sum = max_abs of w and y.
+template <typename T>
+void add_term(bool row_mode, int n, int cols, const T* h, int k, T* y, T* w, double* term, double* sum) {
+  for (int i = 0; i < n; ++i) {
+    const T hk = h[row_mode ? i : 0] / T(k);
+    T *wi = w + long(i) * cols, *yi = y + long(i) * cols;
+#pragma omp simd
+    for (int j = 0; j < cols; ++j) wi[j] *= hk, yi[j] += wi[j];
+  }
+  max_abs(row_mode, n, cols, w, term);
+  max_abs(row_mode, n, cols, y, sum);
+}
+
+// One Taylor substep of a block of the state, in place: y <- T_m(h A) y (csrc/dense.h). Row mode: the rows of y
+// (n x cols) are the vectors (samples), per-row h, y <- y A^T; column mode: the columns of y (n x cols) are the vectors
+// (one sample's positions), one h, y <- A y. Terms v_0 = y, v_k = (h / k) A v_{k-1}; a vector stops once it has
+// converged, its later terms being zero. Without a record, v and w are scratch of y's size; with one (room for
+// degree + 1 blocks of y's size), v_0 .. v_K stay there and terms[c] says how many terms vector c took.
+// Returns K, the terms the block took. A: d x d, row-major; norms: 4 per vector.
+template <typename T>
+int action_substep(bool row_mode, int n, int cols, const T* A, int d, const T* h, int degree, T* y, T* v, T* w,
+                   double* norms, T* record, int* terms) {
+  constexpr bool is_double = sizeof(T) == 8;
+  const int vectors = row_mode ? n : cols;
+  const long size = long(n) * cols;
+  double *previous = norms, *term = norms + vectors, *sum = term + vectors, *live = sum + vectors;
+  if (record) v = record, w = record + size;
+  std::memcpy(v, y, size * sizeof(T));
+  max_abs(row_mode, n, cols, v, previous);
+  if (terms) std::fill(terms, terms + vectors, degree);
+  int left = vectors, k = 1;
+  std::fill(live, live + vectors, 1.0);
+  for (; k <= degree && left > 0; ++k) {
+    if (row_mode) matmul<T>({v, n, d, cols}, {A, d, d, d, true}, w, cols, T(1), false);
+    else matmul<T>({A, d, d, d}, {v, d, cols, cols}, w, cols, T(1), false);
+    // term = (h / k) A v; y += term; then the convergence test per vector, whose later terms are zero once it passes
+    add_term(row_mode, n, cols, h, k, y, w, term, sum);
+    for (int c = 0; c < vectors; ++c) {
+      if (!live[c] || !hkd::dense::converged(previous[c], term[c], sum[c], is_double)) {
+        previous[c] = term[c];
+        continue;
+      }
+      live[c] = 0.0, --left;
+      if (terms) terms[c] = k;
+      if (row_mode) std::fill(w + long(c) * cols, w + long(c + 1) * cols, T(0));
+      else
+        for (int i = 0; i < n; ++i) w[long(i) * cols + c] = T(0);
+    }
+    if (record) v = w, w += size;
+    else std::swap(v, w);
+  }
+  return k - 1;
+}
+
+// The rows of a row-mode block (sorted by their substeps, non-increasing) still taking substep `step`: a prefix.
+inline int active_rows(const int* steps, int rows, int step) {
+  int active = 0;
+  while (active < rows && steps[active] > step) ++active;
+  return active;
+}
+
+// One block of the state evolved by all its substeps (action_substep): row mode, rows x cols with per-row h and
+// substeps; column mode, rows x cols with one h and steps[0] substeps. v, w: scratch like y.
+template <typename T>
+void action_block(bool row_mode, int rows, int cols, const T* A, int d, const T* h, const int* steps, int degree, T* y,
+                  T* v, T* w, double* norms) {
+  for (int step = 0; step < steps[0]; ++step) {
+    const int n = row_mode ? active_rows(steps, rows, step) : rows;
+    action_substep<T>(row_mode, n, cols, A, d, h, degree, y, v, w, norms, nullptr, nullptr);
+  }
+}
+
+// Scratch of the action's backward for one block of `size` elements (rows x cols) and `vectors` vectors.
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> starts, record, y, g_term, g_next, u;
+  std::vector<double> norms;
+  std::vector<int> terms;
+  BackwardScratch(long size, int vectors, int degree)
+      : record((degree + 1) * size), y(size), g_term(size), g_next(size), u(size), norms(4 * vectors), terms(vectors) {}
+};
+
+// The exact reverse of action_block: the substeps run again, keeping the state at the start of each, then in reverse
+// order each runs once more, recording its terms and how many of them every vector took, and the terms are reversed.
+// g: the upstream gradient of the block (like y), replaced by the gradient of its input z; grad_A (d x d, row-major)
+// += the gradient of A; grad_h[r] (row mode; column mode: grad_h[0]) += the gradient of h.
+template <typename T>
+void action_block_backward(bool row_mode, int rows, int cols, const T* A, int d, const T* h, const int* steps,
+                           int degree, const T* z, T* g, T* grad_A, double* grad_h, BackwardScratch<T>& s) {
+  const long full = long(rows) * cols;
+  if (s.starts.size() < size_t(steps[0] * full)) s.starts.resize(steps[0] * full);
+  T *y = s.y.data(), *gt = s.g_term.data(), *gv = s.g_next.data(), *u = s.u.data();
+  std::memcpy(s.starts.data(), z, full * sizeof(T));
+  for (int step = 0; step + 1 < steps[0]; ++step) {  // (gt, u: scratch here)
+    std::memcpy(y, s.starts.data() + step * full, full * sizeof(T));
+    const int n = row_mode ? active_rows(steps, rows, step) : rows;
+    action_substep<T>(row_mode, n, cols, A, d, h, degree, y, gt, u, s.norms.data(), nullptr, nullptr);
+    std::memcpy(s.starts.data() + (step + 1) * full, y, full * sizeof(T));
+  }
+  for (int step = steps[0] - 1; step >= 0; --step) {
+    const int n = row_mode ? active_rows(steps, rows, step) : rows;
+    const long size = long(n) * cols;
+    std::memcpy(y, s.starts.data() + step * full, size * sizeof(T));
+    const int K = action_substep<T>(row_mode, n, cols, A, d, h, degree, y, nullptr, nullptr, s.norms.data(),
+                                    s.record.data(), s.terms.data());
+    // reverse: term k = (h / k) A v_{k-1} reached y (the vectors that took it) and, through v_k, term k + 1
+    std::fill(gv, gv + size, T(0));
+    for (int k = K; k >= 1; --k) {
+      const T* V = s.record.data() + (k - 1) * size;
+      for (int i = 0; i < n; ++i) {  // (the vectors that took term k)
+        const long row = long(i) * cols;
+#pragma omp simd
+        for (int j = 0; j < cols; ++j)
+          gt[row + j] = k <= s.terms[row_mode ? i : j] ? g[row + j] + gv[row + j] : T(0);
+      }
+      if (row_mode) {  // u = gt A; grad_h += <V, u> / k; gv = (h / k) u; grad_A += ((h / k) gt)^T V
+        matmul<T>({gt, n, d, cols}, {A, d, d, d}, u, cols, T(1), false);
+        for (int r = 0; r < n; ++r) {
+          const T hk = h[r] / T(k);
+          double dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (long e = long(r) * cols; e < long(r + 1) * cols; ++e)
+            dot += double(V[e]) * double(u[e]), gv[e] = hk * u[e], gt[e] *= hk;
+          grad_h[r] += dot / k;
+        }
+        matmul<T>({gt, n, d, cols, true}, {V, n, d, cols}, grad_A, d, T(1), true);
+      } else {  // u = A^T gt; grad_h += <V, u> / k; gv = (h / k) u; grad_A += (h / k) gt V^T
+        const T hk = h[0] / T(k);
+        matmul<T>({A, d, d, d, true}, {gt, d, cols, cols}, u, cols, T(1), false);
+        double dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (long e = 0; e < size; ++e) dot += double(V[e]) * double(u[e]), gv[e] = hk * u[e];
+        grad_h[0] += dot / k;
+        matmul<T>({gt, d, cols, cols}, {V, d, cols, cols, true}, grad_A, d, hk, true);
+      }
+    }
+#pragma omp simd
+    for (long e = 0; e < size; ++e) g[e] += gv[e];
+  }
+}
+
+// ---- instruction-set variants of expm: the same code compiled three times, chosen once at run time --------
+#if defined(__x86_64__) || defined(__i386__)
+#define HKD_VARIANT(NAME, TARGET, VB)                                                                 \
+  template <typename T>                                                                               \
+  __attribute__((target(TARGET))) void NAME(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) { \
+    expm_matrix<T, VB>(A, E, out, L, n, p, w);                                                        \
+  }
+HKD_VARIANT(expm_avx512, "avx512f,avx512dq", 64)
+HKD_VARIANT(expm_avx2, "avx2,fma", 32)
+HKD_VARIANT(expm_sse2, "sse2", 16)
+
+template <typename T>
+void expm_dispatch(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) {
+  static const int isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? 2
+                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")    ? 1
+                                                                                               : 0;
+  if (isa == 2) return expm_avx512<T>(A, E, out, L, n, p, w);
+  if (isa == 1) return expm_avx2<T>(A, E, out, L, n, p, w);
+  return expm_sse2<T>(A, E, out, L, n, p, w);
+}
+#else  // other architectures: one 16-byte-vector variant, the compiler's own target
+template <typename T>
+void expm_dispatch(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) {
+  expm_matrix<T, 16>(A, E, out, L, n, p, w);
+}
+#endif
+
+// The worker threads of `count` tasks.
+int64_t workers_for(int64_t count) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)); }
+
+// Tasks 0..count-1, ordered by cost (most first), dealt round-robin to the workers (workers_for(count) threads).
+// Each worker calls setup(worker, tasks) once (its scratch), with flush-to-zero set; tasks(body) then runs body(t) for
+// that worker's tasks.
+template <typename Setup>
+void for_each_task(int64_t count, const Setup& setup) {
+  const int64_t workers = workers_for(count);
+  at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+    const hkd::FlushDenormals ftz;
+    for (int64_t worker = first; worker < last; ++worker)
+      setup(worker, [&](const auto& body) {
+        for (int64_t t = worker; t < count; t += workers) body(t);
+      });
+  });
+}
+
+// ---- ops --------------------------------------------------------------------------------------------------
+// exp(A) for A (..., n, n); with grad, the adjoint of the Frechet derivative: L(A^T, grad), using the plan of A.
+at::Tensor expm_impl(const at::Tensor& A_in, const at::Tensor* grad_in) {
+  TORCH_CHECK(A_in.device().is_cpu(), "hkd::expm: expected CPU tensors");
+  at::Tensor A = hkd::dense::checked_matrices(A_in, grad_in ? "expm_backward" : "expm");
+  const int n = A.size(-1);
+  at::Tensor G = grad_in ? grad_in->to(A.scalar_type()).contiguous().reshape({-1, n, n}) : at::Tensor();
+  at::Tensor out = at::empty_like(A);
+  const int64_t count = A.size(0);
+  if (count == 0 || n == 0) return out.reshape(A_in.sizes());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "hkd_expm_cpu", [&] {
+    const scalar_t* a = A.data_ptr<scalar_t>();
+    const scalar_t* g = G.defined() ? G.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const bool is_double = std::is_same_v<scalar_t, double>;
+    const long nn = long(n) * n;
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      const hkd::FlushDenormals ftz;
+      std::vector<scalar_t> work((2 * 8 + 6) * nn), expA(nn);
+      scalar_t* at_ = work.data() + (2 * 8 + 4) * nn;
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* ab = a + b * nn;
+        const Plan p = hkd::dense::expm_plan(norm1(ab, n, n, 1), is_double);
+        if (!g) {
+          expm_dispatch<scalar_t>(ab, nullptr, o + b * nn, nullptr, n, p, work.data());
+        } else {  // L(A^T, G) = L(A, G^T)^T: evaluate with A^T
+          for (int i = 0; i < n; ++i)
+            for (int j = 0; j < n; ++j) at_[i * n + j] = ab[j * n + i];
+          expm_dispatch<scalar_t>(at_, g + b * nn, expA.data(), o + b * nn, n, p, work.data());
+        }
+      }
+    });
+  });
+  return out.reshape(A_in.sizes());
+}
+
+at::Tensor expm_cpu(const at::Tensor& A) { return expm_impl(A, nullptr); }
+at::Tensor expm_backward_cpu(const at::Tensor& A, const at::Tensor& grad) { return expm_impl(A, &grad); }
+
+// ---- the action ------------------------------------------------------------------------------------------
+// Samples by substeps, most first (a block of rows then shrinks to a prefix as its samples finish): sample order[r]
+// takes steps[r] substeps of h[r] = tau / steps (csrc/dense.h action_substeps).
+template <typename T>
+struct Schedule {
+  std::vector<int64_t> order;
+  std::vector<int> steps;
+  std::vector<T> h;
+  Schedule(const T* tau, int64_t B, int degree, double alpha) : order(B), steps(B), h(B) {
+    std::vector<int> by_sample(B);
+    for (int64_t b = 0; b < B; ++b)
+      order[b] = b, by_sample[b] = hkd::dense::action_substeps(double(tau[b]), degree, alpha, sizeof(T) == 8);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return by_sample[a] > by_sample[b]; });
+    for (int64_t r = 0; r < B; ++r) steps[r] = by_sample[order[r]], h[r] = tau[order[r]] / T(steps[r]);
+  }
+};
+
+// The action's tasks. Row mode (per-position A, or P = 1): task = (position, block of samples in substep order), the
+// block's rows are vectors, S (rows x d) <- S A_p^T. Column mode (shared A, P > 1): task = (sample, block of
+// positions), the block's columns are vectors, S (d x cols) <- A S. Blocks: three state blocks in about 192 KiB (L2).
+struct Blocks {
+  int64_t B, d, P, block, per, tasks;  // per: blocks per position (row mode) or per sample (column mode)
+  bool row_mode, shared;
+  Blocks(int64_t B, int64_t d, int64_t P, bool shared, size_t element)
+      : B(B), d(d), P(P), shared(shared), row_mode(!shared || P == 1) {
+    const int64_t budget = std::max<int64_t>(16, (192 * 1024) / (3 * int64_t(element) * d));
+    block = std::max<int64_t>(1, std::min<int64_t>(row_mode ? B : P, budget));
+    per = ((row_mode ? B : P) + block - 1) / block;
+    tasks = (row_mode ? P : B) * per;
+  }
+  // task t: the sample rank r (column mode) or position p (row mode), its first sample rank or position, its count
+  struct Task {
+    int64_t index, first, count, rows, cols;
+  };
+  Task task(int64_t t) const {
+    const int64_t index = row_mode ? t % P : t / per, first = (row_mode ? t / P : t % per) * block;
+    const int64_t count = std::min(block, (row_mode ? B : P) - first);
+    return {index, first, count, row_mode ? count : d, row_mode ? d : count};
+  }
+  // the task's block of a (B, d, P) tensor, in the kernels' layout, and back
+  template <typename T>
+  void gather(const Task& t, const int64_t* order, const T* src, T* dst) const {
+    if (row_mode)
+      for (int64_t r = 0; r < t.count; ++r)
+        for (int64_t i = 0; i < d; ++i) dst[r * d + i] = src[(order[t.first + r] * d + i) * P + t.index];
+    else
+      for (int64_t i = 0; i < d; ++i)
+        std::memcpy(dst + i * t.count, src + (order[t.index] * d + i) * P + t.first, t.count * sizeof(T));
+  }
+  template <typename T>
+  void scatter(const Task& t, const int64_t* order, const T* src, T* dst) const {
+    if (row_mode)
+      for (int64_t r = 0; r < t.count; ++r)
+        for (int64_t i = 0; i < d; ++i) dst[(order[t.first + r] * d + i) * P + t.index] = src[r * d + i];
+    else
+      for (int64_t i = 0; i < d; ++i)
+        std::memcpy(dst + (order[t.index] * d + i) * P + t.first, src + i * t.count, t.count * sizeof(T));
+  }
+  // the rank of the task's first sample in the schedule (its h and steps)
+  int64_t rank(const Task& t) const { return row_mode ? t.first : t.index; }
+};
+
+}  // namespace
+
+namespace hkd::dense {
+
+at::Tensor checked_matrices(const at::Tensor& A, const char* op) {
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, "hkd::", op,
+              ": expected float32 or float64, got ", A.scalar_type());
+  TORCH_CHECK(A.dim() >= 2 && A.size(-1) == A.size(-2), "hkd::", op, ": expected (..., n, n), got ", A.sizes());
+  return A.contiguous().reshape({-1, A.size(-1), A.size(-1)});
+}
+
+// The action ops' inputs, checked (any device; the caller checks it): z (B, d, P); A (d, d) shared or (P, d, d) per
+// position; tau (B,); the plan (degree m, alpha) from dense_action_plan. z, A and tau come back contiguous in z's
+// dtype; `finite` is false when alpha or an entry of A is not finite (the results are NaN then).
+ActionInputs checked_action_inputs(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau,
+                                   const at::Tensor& plan, const char* op) {
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, "hkd::", op,
+              ": expected float32 or float64, got ", z.scalar_type());
+  TORCH_CHECK(z.dim() == 3, "hkd::", op, ": z must be (B, d, P), got ", z.sizes());
+  const int64_t B = z.size(0), d = z.size(1), P = z.size(2);
+  const bool shared = A.dim() == 2;
+  TORCH_CHECK((shared && A.size(0) == d && A.size(1) == d) ||
+                  (A.dim() == 3 && A.size(0) == P && A.size(1) == d && A.size(2) == d),
+              "hkd::", op, ": A must be (d, d) or (P, d, d) for z ", z.sizes(), ", got ", A.sizes());
+  TORCH_CHECK(tau.dim() == 1 && tau.size(0) == B, "hkd::", op, ": tau must be (B,), got ", tau.sizes());
+  TORCH_CHECK(plan.dim() == 1 && plan.numel() == 3, "hkd::", op, ": plan must be dense_action_plan's (3,), got ",
+              plan.sizes());
+  TORCH_CHECK(A.device() == z.device() && tau.device() == z.device(), "hkd::", op, ": z, A and tau on one device");
+  const at::Tensor plan_host = plan.to(at::kCPU, at::kDouble).contiguous();
+  const double degree = plan_host.data_ptr<double>()[0], alpha = plan_host.data_ptr<double>()[1];
+  TORCH_CHECK(degree >= 1 && degree <= kMaxDegree, "hkd::", op, ": degree must be in [1, ", kMaxDegree, "], got ",
+              degree);
+  ActionInputs in{z.contiguous(), A.to(z.scalar_type()).contiguous(), tau.to(z.scalar_type()).contiguous(),
+                  int(degree), alpha, B, d, P, shared, true};
+  in.finite = alpha >= 0 && alpha <= 1e300 && (z.numel() == 0 || in.A.isfinite().all().item<bool>());
+  return in;
+}
+
+}  // namespace hkd::dense
+
+namespace {
+
+at::Tensor dense_action_cpu(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau, const at::Tensor& plan) {
+  TORCH_CHECK(z.device().is_cpu(), "hkd::dense_action: expected CPU tensors");
+  const hkd::dense::ActionInputs in = hkd::dense::checked_action_inputs(z, A, tau, plan, "dense_action");
+  at::Tensor out = at::empty_like(in.z);
+  if (out.numel() == 0) return out;
+  if (!in.finite) return out.fill_(NAN);
+  AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "hkd_dense_action_cpu", [&] {
+    using T = scalar_t;
+    const Schedule<T> sched(in.tau.data_ptr<T>(), in.B, in.degree, in.alpha);
+    const Blocks blocks(in.B, in.d, in.P, in.shared, sizeof(T));
+    const T *zp = in.z.data_ptr<T>(), *ap = in.A.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const int64_t d = in.d, size = blocks.block * d;
+    for_each_task(blocks.tasks, [&](int64_t, auto&& tasks) {
+      std::vector<T> buf(3 * size);
+      std::vector<double> norms(4 * blocks.block);
+      tasks([&](int64_t t) {
+        const Blocks::Task task = blocks.task(t);
+        const int64_t r = blocks.rank(task);
+        T *y = buf.data(), *v = y + size, *w = v + size;
+        blocks.gather(task, sched.order.data(), zp, y);
+        action_block<T>(blocks.row_mode, task.rows, task.cols, ap + (in.shared ? 0 : task.index * d * d), d,
+                        &sched.h[r], &sched.steps[r], in.degree, y, v, w, norms.data());
+        blocks.scatter(task, sched.order.data(), y, op);
+      });
+    });
+  });
+  return out;
+}
+
+// The exact reverse of dense_action (same plan, substeps and per-vector term counts): (grad_z, grad_A, grad_tau).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(const at::Tensor& grad, const at::Tensor& z,
+                                                                         const at::Tensor& A, const at::Tensor& tau,
+                                                                         const at::Tensor& plan) {
+  TORCH_CHECK(z.device().is_cpu() && grad.device().is_cpu(), "hkd::dense_action_backward: expected CPU tensors");
+  const hkd::dense::ActionInputs in = hkd::dense::checked_action_inputs(z, A, tau, plan, "dense_action_backward");
+  TORCH_CHECK(grad.sizes() == z.sizes(), "hkd::dense_action_backward: grad must be like z ", z.sizes(), ", got ",
+              grad.sizes());
+  const at::Tensor G = grad.to(in.z.scalar_type()).contiguous();
+  at::Tensor grad_z = at::zeros_like(in.z), grad_A = at::zeros_like(in.A), grad_tau = at::zeros_like(in.tau);
+  auto result = [&] {
+    return std::make_tuple(grad_z, grad_A.to(A.scalar_type()), grad_tau.to(tau.scalar_type()));
+  };
+  if (in.z.numel() == 0) return result();
+  if (!in.finite) {
+    grad_z.fill_(NAN), grad_A.fill_(NAN), grad_tau.fill_(NAN);
+    return result();
+  }
+  AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "hkd_dense_action_backward_cpu", [&] {
+    using T = scalar_t;
+    const Schedule<T> sched(in.tau.data_ptr<T>(), in.B, in.degree, in.alpha);
+    const Blocks blocks(in.B, in.d, in.P, in.shared, sizeof(T));
+    const int64_t d = in.d, size = blocks.block * d, workers = workers_for(blocks.tasks);
+    // per worker: its share of grad_A and of the gradients of h
+    at::Tensor partial_A = at::zeros({workers, in.A.numel()}, in.A.options());
+    std::vector<double> partial_h(workers * in.B, 0.0);
+    const T *zp = in.z.data_ptr<T>(), *gp = G.data_ptr<T>(), *ap = in.A.data_ptr<T>();
+    T* gzp = grad_z.data_ptr<T>();
+    for_each_task(blocks.tasks, [&](int64_t worker, auto&& tasks) {
+      BackwardScratch<T> scratch(size, int(blocks.block), in.degree);
+      std::vector<T> zb(size), gb(size);
+      std::vector<double> gh(blocks.block);
+      T* ga = partial_A.data_ptr<T>() + worker * in.A.numel();
+      double* ph = partial_h.data() + worker * in.B;
+      tasks([&](int64_t t) {
+        const Blocks::Task task = blocks.task(t);
+        const int64_t r = blocks.rank(task), offset = in.shared ? 0 : task.index * d * d;
+        blocks.gather(task, sched.order.data(), zp, zb.data());
+        blocks.gather(task, sched.order.data(), gp, gb.data());
+        std::fill(gh.begin(), gh.end(), 0.0);
+        action_block_backward<T>(blocks.row_mode, task.rows, task.cols, ap + offset, d, &sched.h[r], &sched.steps[r],
+                                 in.degree, zb.data(), gb.data(), ga + offset, gh.data(), scratch);
+        blocks.scatter(task, sched.order.data(), gb.data(), gzp);
+        for (int64_t i = 0; i < (blocks.row_mode ? task.count : 1); ++i) ph[sched.order[r + i]] += gh[i];
+      });
+    });
+    grad_A.copy_(partial_A.sum(0).view(in.A.sizes()));
+    T* gt = grad_tau.data_ptr<T>();
+    for (int64_t rank = 0; rank < in.B; ++rank) {  // h = tau / s
+      double sum = 0;
+      for (int64_t w = 0; w < workers; ++w) sum += partial_h[w * in.B + sched.order[rank]];
+      gt[sched.order[rank]] = T(sum / sched.steps[rank]);
+    }
+  });
+  return result();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hkd, CPU, m) {
+  m.impl("expm", &expm_cpu);
+  m.impl("expm_backward", &expm_backward_cpu);
+  m.impl("dense_action", &dense_action_cpu);
+  m.impl("dense_action_backward", &dense_action_backward_cpu);
+}
