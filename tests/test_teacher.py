@@ -150,8 +150,8 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     fd = {n: digits_metrics(heun_sampler(trained, noise, n)[1][-1].float())["fd_digits"] for n in (2, 18)}
     assert fd[18] < 0.5 * fd[2]
 
-    with pytest.raises(ValueError, match="model_channels"):
-        train_teacher(config.load("digits", [*TINY, "teacher.model_channels=4"]), tmp_path / "full")
+    with pytest.raises(ValueError, match="model_channels"):  # resuming with another network is refused
+        train_teacher(config.load("digits", [*TINY, "teacher.model_channels=4"]), tmp_path / "full", resume=True)
 
 
 def test_teacher_identity_hash_tracks_weights_and_config(tmp_path):
