@@ -8,22 +8,9 @@ import sys
 
 import pytest
 import torch
+from backends import CPU, CUDA_OK, HOST_BACKENDS
 
 from hkd.ops import _backend, dense, dense_propagate, reference
-
-CPU = torch.device("cpu")
-CUDA_OK = torch.cuda.is_available() and _backend.cuda_compiled()
-HOST_BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(not _backend.usable("cpu", CPU), reason="hkd._C not built")),
-    pytest.param(
-        "triton",
-        marks=[
-            pytest.mark.triton,
-            pytest.mark.skipif(not _backend.usable("triton", CPU), reason="triton not installed or not interpreted"),
-        ],
-    ),
-]
 
 
 def exact(latents, generators, tau):

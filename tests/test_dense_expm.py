@@ -6,22 +6,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from backends import CPU, CUDA_OK, HOST_BACKENDS
 
 from hkd.ops import _backend, dense, expm
-
-CPU = torch.device("cpu")
-CUDA_OK = torch.cuda.is_available() and _backend.cuda_compiled()
-HOST_BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(not _backend.usable("cpu", CPU), reason="hkd._C not built")),
-    pytest.param(
-        "triton",
-        marks=[
-            pytest.mark.triton,
-            pytest.mark.skipif(not _backend.usable("triton", CPU), reason="triton not installed or not interpreted"),
-        ],
-    ),
-]
 
 
 def scipy_expm(A: torch.Tensor) -> torch.Tensor:

@@ -7,21 +7,9 @@ import sys
 
 import pytest
 import torch
+from backends import CPU, HOST_BACKENDS
 
 from hkd.ops import _backend, reference, spectral_propagate
-
-CPU = torch.device("cpu")
-HOST_BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(not _backend.usable("cpu", CPU), reason="hkd._C not built")),
-    pytest.param(
-        "triton",
-        marks=[
-            pytest.mark.triton,
-            pytest.mark.skipif(not _backend.usable("triton", CPU), reason="triton not installed or not interpreted"),
-        ],
-    ),
-]
 
 
 def random_problem(
