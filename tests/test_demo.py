@@ -25,8 +25,8 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
         assert (out / path).exists(), path
     curves = json.loads((out / "curve" / "curve.json").read_text())
     assert sorted(curves) == ["HKD", "direct regression"]
-    for rows in curves.values():  # milestones of the 30-step runs, the last one the run's end
-        assert [r["step"] for r in rows] == [5, 10, 15, 20, 30] and all(math.isfinite(r["fd_digits"]) for r in rows)
+    for rows in curves.values():  # the quick runs: 128 trajectories / batch 32 = 4 steps, the last milestone the end
+        assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["fd_digits"]) for r in rows)
     assert curves["HKD"][-1]["forward_passes"] == 5 * curves["direct regression"][-1]["forward_passes"]
     # every link in the report points at a file that exists
     import re
@@ -61,7 +61,7 @@ def test_quality_demo_adds_the_ablation_reusing_its_runs(tmp_path):
     trained = sorted(p.name for p in (out / "ablation").iterdir() if p.is_dir())
     assert trained == ["Koopman_and_trajectory_loss_no_hierarchy", "Koopman_no_trajectory_loss"]
     rows = {r["name"]: r for r in json.loads((out / "ablation" / "ablation.json").read_text())}
-    assert rows["HKD (all three)"]["steps"] == rows["direct regression"]["steps"] == 30
+    assert rows["HKD (all three)"]["steps"] == rows["direct regression"]["steps"] == 4  # the quick preset's 4 steps
     assert rows["HKD (all three)"]["forward_passes"] == 5 * rows["direct regression"]["forward_passes"]
     bad = subprocess.run([*cmd[:4], "--quick", *cmd[4:]], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not allowed with argument" in bad.stderr
