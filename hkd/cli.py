@@ -614,7 +614,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(args, f"{error.strerror}: {error.filename}" if error.filename else str(error))
     except RunStopped as stop:
-        print(f"hkd {args.command}: {stop}", file=sys.stderr)
+        from hkd.checkpoint import RESUME_HINT
+
+        message = str(stop)
+        if not hasattr(args, "resume"):  # demo, ablate: they resume a run when the same command runs again
+            message = message.replace(RESUME_HINT, "run the same command again to continue (finished work is kept)")
+        print(f"hkd {args.command}: {message}", file=sys.stderr)
         return stop.exit_code
     return 0
 

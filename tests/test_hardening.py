@@ -306,6 +306,20 @@ def test_run_stopped_is_its_exit_code_in_the_cli(monkeypatch, capsys):
     assert main(["train"]) == 130 and "stopped by SIGINT" in capsys.readouterr().err
 
 
+def test_a_stopped_demo_says_to_run_it_again_not_to_pass_resume(monkeypatch, capsys, tmp_path):
+    """hkd train's stop message names --resume; hkd demo has no such option (it resumes when run again)."""
+    from hkd import demo
+    from hkd.checkpoint import RESUME_HINT
+
+    def stopped(*args, **kwargs):
+        raise RunStopped(f"stopped by SIGTERM at step 3: checkpoint.pt written; {RESUME_HINT}")
+
+    monkeypatch.setattr(demo, "run", stopped)
+    assert main(["demo", "--out", str(tmp_path)]) == 143
+    err = capsys.readouterr().err
+    assert "run the same command again to continue" in err and "--resume" not in err
+
+
 def _children(pid):
     found = []
     for entry in os.listdir("/proc"):
