@@ -62,6 +62,8 @@ def measure(model, times: Tensor, states: Tensor, teacher=None, batch_size: int 
     last = int(times.argmin())
     endpoint = states[last].float()
     T = float(times[0])
+    initial = [model.encode(x_T.to(device, torch.float32), T) for x_T in states[0].split(batch_size)]  # E(x_T)
+    initial_decoded = [model.decode(z_T).float() if teacher is not None else None for z_T in initial]  # D(E(x_T))
     rows = []
     for k in range(len(times)):
         t = float(times[k])
@@ -69,9 +71,9 @@ def measure(model, times: Tensor, states: Tensor, teacher=None, batch_size: int 
             continue
         koopman, still, scale = [], [], []
         with_evolution, without, decoded, decoded_still = [], [], [], []
-        for x_T, x_t in zip(states[0].split(batch_size), states[k].split(batch_size), strict=True):
-            x_T, x_t = x_T.to(device, torch.float32), x_t.to(device, torch.float32)
-            z_T, z_t = model.encode(x_T, T), model.encode(x_t, t)
+        for z_T, still_image, x_t in zip(initial, initial_decoded, states[k].split(batch_size), strict=True):
+            x_t = x_t.to(device, torch.float32)
+            z_t = model.encode(x_t, t)
             evolved = model.propagate(z_T, T, t)
             scale.append(_norms(z_t))
             koopman.append(_norms([a - b for a, b in zip(evolved, z_t, strict=True)]))
@@ -81,7 +83,7 @@ def measure(model, times: Tensor, states: Tensor, teacher=None, batch_size: int 
             if teacher is not None:
                 target = teacher(x_t, t).float()
                 decoded.append((model.decode(evolved).float() - target).double().square().flatten(1).mean(1).cpu())
-                decoded_still.append((model.decode(z_T).float() - target).double().square().flatten(1).mean(1).cpu())
+                decoded_still.append((still_image - target).double().square().flatten(1).mean(1).cpu())
         scale, koopman, still = (torch.cat(v, 1) for v in (scale, koopman, still))
         scale = scale.clamp_min(1e-30)
         r_A, r_0 = (koopman / scale).mean(1), (still / scale).mean(1)
