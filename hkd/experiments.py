@@ -64,14 +64,29 @@ def run_steps(config: dict) -> int:
     return int(checkpoint.load(path)["step"]) if path.is_file() else 0
 
 
+def milestones(total: int) -> list[int]:
+    """The learning curve's stops: a sixth, a third, a half, two thirds and all of a run's `total` steps."""
+    return sorted({max(1, round(total * f)) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 1)})
+
+
 def learning_curve(
-    config: dict, milestones: list[int], noise: torch.Tensor, endpoint: torch.Tensor, *, device="cpu", log=print
+    config: dict,
+    milestones: list[int],
+    noise: torch.Tensor,
+    endpoint: torch.Tensor,
+    *,
+    trajectories: tuple | None = None,
+    device="cpu",
+    log=print,
 ) -> tuple[HKDModel, list[dict]]:
     """Train the run in train.out in stages, stopping at each of `milestones` (optimiser steps; train.max_steps, so
     the schedules still run over train.epochs), and evaluate the EMA one-step model there on `noise` against the
-    teacher's `endpoint` for the same noise. The rows (step, forward_passes, metrics) are kept in
-    train.out/curve.json as they come, so an interrupted curve resumes. The last milestone is the run's total
-    (train.epochs or train.max_steps). Returns (the final EMA model, the rows)."""
+    teacher's `endpoint` for the same noise. With `trajectories` = (times, states, teacher) (held-out, as
+    hkd.faithfulness.teacher_trajectories returns them), each row also holds hkd.faithfulness.summary there: how
+    far the Koopman trajectory follows the teacher's as training goes on. The rows (step, forward_passes, metrics)
+    are kept in train.out/curve.json as they come, so an interrupted curve resumes. The last milestone is the run's
+    total (train.epochs or train.max_steps). Returns (the final EMA model, the rows)."""
+    from hkd import faithfulness
     from hkd import train as training
     from hkd.figures import write_json
 
@@ -88,6 +103,8 @@ def learning_curve(
             staged = apply_overrides(config, [f"train.max_steps={k}"])
             model = training.train(staged, resume=step > 0, log=log)["ema"].eval()
         metrics = sample_metrics(one_step(model, noise), endpoint)
+        if trajectories is not None:
+            metrics |= faithfulness.summary(faithfulness.measure(model, *trajectories))
         rows.append({"step": k, "forward_passes": forward_passes(config, k), **metrics})
         write_json(path, rows)
     return model if model is not None else trained_model(config, device=device, log=log), rows
@@ -99,22 +116,41 @@ def curve_table(curves: dict[str, list[dict]], out_dir: str | Path, metric: str 
     from hkd import figures
 
     out_dir = Path(out_dir)
+    rows_all = [row for rows in curves.values() for row in rows]
+    trajectory = any("relative_mean" in row for row in rows_all)  # learning_curve measured the trajectory too
     columns = ["run", "step", "forward_passes", metric, "mse", "feature_distance"]
+    columns += ["relative_mean", "decoded_mse_mean"] if trajectory else []
     table = [[name, *(row.get(c, float("nan")) for c in columns[1:])] for name, rows in curves.items() for row in rows]
     text = (
         "# Learning curve\n\nOne-step samples of each run's EMA model at its milestones (the same noise), against "
         "the teacher's 35-evaluation endpoint for that noise (mse, feature_distance). Forward passes count the "
-        "(x_t, t) pairs the run's encoder has seen: HKD sees s times per trajectory, direct regression one.\n\n"
+        "(x_t, t) pairs the run's encoder has seen: HKD sees s times per trajectory, direct regression one."
+        + (
+            " relative_mean: the latent consistency r_A / r_0 over t on held-out teacher trajectories (below 1: the "
+            "evolution follows the teacher's latents better than standing still; 1 for direct regression, whose "
+            "evolution is the identity); decoded_mse_mean: the decoded Koopman state against the teacher's "
+            "denoised estimate (hkd.faithfulness)."
+            if trajectory
+            else ""
+        )
+        + "\n\n"
         + figures.markdown_table(columns, table)
     )
-    fig, axes = figures.plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = figures.plt.subplots(1, 3 if trajectory else 2, figsize=(15 if trajectory else 10, 3.8))
     for name, rows in curves.items():
-        for ax, x in zip(axes, ("step", "forward_passes"), strict=True):
+        for ax, x in zip(axes, ("step", "forward_passes"), strict=False):
             ax.plot([r[x] for r in rows], [r[metric] for r in rows], marker="o", label=name)
             ax.set_xlabel(x.replace("_", " "))
+            ax.set_ylabel(metric)
+        if trajectory:
+            axes[2].plot([r["step"] for r in rows], [r.get("relative_mean", float("nan")) for r in rows], marker="o",
+                         label=name)  # fmt: skip
+    if trajectory:
+        axes[2].axhline(1.0, color="grey", lw=0.8)
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("latent consistency r_A / r_0 (mean over t)")
     for ax in axes:
         ax.set_yscale("log")
-        ax.set_ylabel(metric)
         ax.legend(fontsize=8)
     return [
         figures.atomic_write(out_dir / "curve.md", text + "\n"),

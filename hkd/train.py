@@ -487,6 +487,11 @@ def _resume_changes(saved: dict[str, Any], config: dict[str, Any], path: Path) -
 # The loop
 
 
+def total_steps(epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
+    """The optimiser steps of a run: every epoch's, or max_steps when that comes first."""
+    return epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+
+
 def _stream(batches, step: int, steps_per_epoch: int):
     """The batches of steps step, step + 1, ...: epoch after epoch, from the position of `step` in its epoch."""
     epoch, position = divmod(step, steps_per_epoch)
@@ -607,7 +612,7 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
     raw, ema, optimizer = run.model, run.ema, run.optimizer
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     steps_per_epoch = batches.steps_per_epoch
-    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    total = total_steps(cfg.epochs, steps_per_epoch, cfg.max_steps)
     intermediate = cfg.time_samples if cfg.consistency else 0
 
     # Resume: weights, optimiser, schedules, counters and RNG states from the checkpoint.
