@@ -28,6 +28,10 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     for rows in curves.values():  # the quick runs: 128 trajectories / batch 32 = 4 steps, the last milestone the end
         assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["fd_digits"]) for r in rows)
     assert curves["HKD"][-1]["forward_passes"] == 5 * curves["direct regression"][-1]["forward_passes"]
+    # the trajectory at each milestone: direct regression's evolution is the identity, so r_A = r_0 exactly
+    assert all(r["relative_mean"] == pytest.approx(1.0) for r in curves["direct regression"])
+    assert all(math.isfinite(r["relative_mean"]) and r["decoded_mse_mean"] >= 0 for r in curves["HKD"])
+    assert "relative_mean" in (out / "curve" / "curve.md").read_text()
     # every link in the report points at a file that exists
     import re
 
