@@ -248,13 +248,15 @@ int action_substep(bool row_mode, int n, int cols, const T* A, int d, const T* h
   max_abs(row_mode, n, cols, v, previous);
   if (terms) std::fill(terms, terms + vectors, degree);
   int left = vectors, k = 1;
+  int active = n;  // row mode: the rows past the last live one take no more terms (rows of one substep count by |h|)
   std::fill(live, live + vectors, 1.0);
   for (; k <= degree && left > 0; ++k) {
-    if (row_mode) matmul<T>({v, n, d, cols}, {A, d, d, d, true}, w, cols, T(1), false);
+    if (row_mode) matmul<T>({v, active, d, cols}, {A, d, d, d, true}, w, cols, T(1), false);
     else matmul<T>({A, d, d, d}, {v, d, cols, cols}, w, cols, T(1), false);
+    if (record) std::fill(w + long(active) * cols, w + size, T(0));  // (a recorded term is zero past them)
     // term = (h / k) A v; y += term; then the convergence test per vector, whose later terms are zero once it passes
-    add_term(row_mode, n, cols, h, k, y, w, term, sum);
-    for (int c = 0; c < vectors; ++c) {
+    add_term(row_mode, active, cols, h, k, y, w, term, sum);
+    for (int c = 0; c < (row_mode ? active : vectors); ++c) {
       if (!live[c] || !hkd::dense::converged(previous[c], term[c], sum[c], is_double)) {
         previous[c] = term[c];
         continue;
@@ -265,6 +267,7 @@ int action_substep(bool row_mode, int n, int cols, const T* A, int d, const T* h
       else
         for (int i = 0; i < n; ++i) w[long(i) * cols + c] = T(0);
     }
+    while (row_mode && active > 0 && !live[active - 1]) --active;
     if (record) v = w, w += size;
     else std::swap(v, w);
   }
@@ -323,15 +326,18 @@ void substep_backward(bool row_mode, int n, int cols, const T* A, int d, const T
   std::fill(gv, gv + size, T(0));
   for (int k = K; k >= 1; --k) {
     const T* V = record + (k - 1) * size;
-    for (int i = 0; i < n; ++i) {  // (the vectors that took term k)
+    int rows = n;  // row mode: up to the last row that took term k (the rest have zero gradients there)
+    while (row_mode && rows > 0 && terms[rows - 1] < k) --rows;
+    for (int i = 0; i < rows; ++i) {  // (the vectors that took term k)
       const long row = long(i) * cols;
 #pragma omp simd
       for (int j = 0; j < cols; ++j) gt[row + j] = k <= terms[row_mode ? i : j] ? g[row + j] + gv[row + j] : T(0);
     }
     if (row_mode) {  // u = gt A; grad_h += <V, u> / k; gv = (h / k) u; keep (h / k) gt for grad_A (below)
       T* scaled = s.g_scaled.data() + (k - 1) * size;
-      matmul<T>({gt, n, d, cols}, {A, d, d, d}, u, cols, T(1), false);
-      for (int r = 0; r < n; ++r) {
+      std::fill(scaled + long(rows) * cols, scaled + size, T(0));
+      matmul<T>({gt, rows, d, cols}, {A, d, d, d}, u, cols, T(1), false);
+      for (int r = 0; r < rows; ++r) {
         const T hk = h[r] / T(k);
         double dot = 0;
 #pragma omp simd reduction(+ : dot)
@@ -481,8 +487,9 @@ at::Tensor expm_cpu(const at::Tensor& A) { return expm_impl(A, nullptr); }
 at::Tensor expm_backward_cpu(const at::Tensor& A, const at::Tensor& grad) { return expm_impl(A, &grad); }
 
 // ---- the action ------------------------------------------------------------------------------------------
-// Samples by substeps, most first (a block of rows then shrinks to a prefix as its samples finish): sample order[r]
-// takes steps[r] substeps of h[r] = tau / steps (csrc/dense.h action_substeps).
+// Samples by substeps, most first (a block of rows then shrinks to a prefix as its samples finish), then by |tau| (the
+// rows of a substep that converge first, with the smallest |h|, tend to be its last): sample order[r] takes steps[r]
+// substeps of h[r] = tau / steps (csrc/dense.h action_substeps).
 template <typename T>
 struct Schedule {
   std::vector<int64_t> order;
@@ -490,9 +497,14 @@ struct Schedule {
   std::vector<T> h;
   Schedule(const T* tau, int64_t B, int degree, double alpha) : order(B), steps(B), h(B) {
     std::vector<int> by_sample(B);
-    for (int64_t b = 0; b < B; ++b)
+    std::vector<double> size(B);  // |tau| (NaN: 0), which orders the samples of equal substeps by |h|
+    for (int64_t b = 0; b < B; ++b) {
       order[b] = b, by_sample[b] = hkd::dense::action_substeps(double(tau[b]), degree, alpha, sizeof(T) == 8);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return by_sample[a] > by_sample[b]; });
+      size[b] = std::isnan(double(tau[b])) ? 0.0 : std::abs(double(tau[b]));
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return by_sample[a] != by_sample[b] ? by_sample[a] > by_sample[b] : size[a] > size[b];
+    });
     for (int64_t r = 0; r < B; ++r) steps[r] = by_sample[order[r]], h[r] = tau[order[r]] / T(steps[r]);
   }
 };
