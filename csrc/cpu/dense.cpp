@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -220,14 +221,27 @@ void max_abs(bool row_mode, int n, int cols, const T* x, double* norm) {
 // w *= h / k (per row in row mode, h[0] in column mode), y += w, then term and sum = max_abs of w and y.
 template <typename T>
 void add_term(bool row_mode, int n, int cols, const T* h, int k, T* y, T* w, double* term, double* sum) {
+  if (row_mode) {  // one pass per row
+    for (int i = 0; i < n; ++i) {
+      const T hk = h[i] / T(k);
+      T *wi = w + long(i) * cols, *yi = y + long(i) * cols, w_max = 0, y_max = 0;
+#pragma omp simd reduction(max : w_max, y_max)
+      for (int j = 0; j < cols; ++j) {
+        wi[j] *= hk, yi[j] += wi[j];
+        w_max = std::max(w_max, std::abs(wi[j])), y_max = std::max(y_max, std::abs(yi[j]));
+      }
+      term[i] = w_max, sum[i] = y_max;
+    }
+    return;
+  }
+  const T hk = h[0] / T(k);
   for (int i = 0; i < n; ++i) {
-    const T hk = h[row_mode ? i : 0] / T(k);
     T *wi = w + long(i) * cols, *yi = y + long(i) * cols;
 #pragma omp simd
     for (int j = 0; j < cols; ++j) wi[j] *= hk, yi[j] += wi[j];
   }
-  max_abs(row_mode, n, cols, w, term);
-  max_abs(row_mode, n, cols, y, sum);
+  max_abs(false, n, cols, w, term);
+  max_abs(false, n, cols, y, sum);
 }
 
 // One Taylor substep of a block of the state, in place: y <- T_m(h A) y (csrc/dense.h). Row mode: the rows of y
@@ -295,11 +309,27 @@ void action_block(bool row_mode, int rows, int cols, const T* A, int d, const T*
   }
 }
 
+// Scratch memory left uninitialised: each use writes before it reads (std::vector would zero it on every call).
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(size_t n = 0) : data_(n ? new T[n] : nullptr), size_(n) {}
+  T* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+  void resize(size_t n) {  // (the contents are not kept)
+    if (n > size_) data_.reset(new T[n]), size_ = n;
+  }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  size_t size_;
+};
+
 // Scratch of the action's backward for one block of `size` elements (rows x cols) and `vectors` vectors. The record
 // and the substeps' start states are used only when the forward kept no record.
 template <typename T>
 struct BackwardScratch {
-  std::vector<T> starts, record, y, g_term, g_next, u, g_scaled;
+  Scratch<T> starts, record, y, g_term, g_next, u, g_scaled;
   std::vector<double> norms;
   std::vector<int> terms;
   BackwardScratch(long size, int vectors, int degree, bool recompute)
@@ -665,7 +695,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> action_forward(const at::Tensor& 
     T *yp = out.data_ptr<T>(), *rp = record.numel() ? record.data_ptr<T>() : nullptr;
     int* tp = record.numel() ? terms.data_ptr<int>() : nullptr;
     for_each_task(blocks.tasks, [&](int64_t, auto&& tasks) {
-      std::vector<T> buf(3 * size);
+      Scratch<T> buf(3 * size);
       std::vector<double> norms(4 * blocks.block);
       tasks([&](int64_t t) {
         const Blocks::Task task = blocks.task(t);
@@ -737,7 +767,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(
     T* gzp = grad_z.data_ptr<T>();
     for_each_task(blocks.tasks, [&](int64_t worker, auto&& tasks) {
       BackwardScratch<T> scratch(size, int(blocks.block), in.degree, !recorded);
-      std::vector<T> zb(recorded ? 0 : size), gb(size);
+      Scratch<T> zb(recorded ? 0 : size), gb(size);
       std::vector<double> gh(blocks.block);
       T* ga = partial_A.data_ptr<T>() + worker * in.A.numel();
       double* ph = partial_h.data() + worker * in.B;
