@@ -297,8 +297,8 @@ inline int active_rows(const int* steps, int rows, int step) {
 
 // One block of the state evolved by all its substeps (action_substep): row mode, rows x cols with per-row h and
 // substeps; column mode, rows x cols with one h and steps[0] substeps. v, w: scratch like y. With a record (the
-// block's share of dense_action_record's, record_units(...) (degree + 1) blocks of a vector), each substep keeps its
-// terms there (degree + 1 blocks of its active part reserved) and how many terms each of its vectors took in terms.
+// block's share of dense_action_record's, see record_offsets), each substep keeps its terms there (degree + 1 blocks
+// of its active part reserved) and how many terms each of its vectors took in `terms`.
 template <typename T>
 void action_block(bool row_mode, int rows, int cols, const T* A, int d, const T* h, const int* steps, int degree, T* y,
                   T* v, T* w, double* norms, T* record = nullptr, int* terms = nullptr) {
@@ -329,7 +329,7 @@ class Scratch {
 // and the substeps' start states are used only when the forward kept no record.
 template <typename T>
 struct BackwardScratch {
-  Scratch<T> starts, record, y, g_term, g_next, u, g_scaled;
+  Scratch<T> starts, record, y, g_term, g_next, u;
   std::vector<double> norms;
   std::vector<int> terms;
   BackwardScratch(long size, int vectors, int degree, bool recompute)
@@ -338,7 +338,6 @@ struct BackwardScratch {
         g_term(size),
         g_next(size),
         u(size),
-        g_scaled(degree * size),
         norms(4 * vectors),
         terms(recompute ? vectors : 0) {}
 };
@@ -363,18 +362,17 @@ void substep_backward(bool row_mode, int n, int cols, const T* A, int d, const T
 #pragma omp simd
       for (int j = 0; j < cols; ++j) gt[row + j] = k <= terms[row_mode ? i : j] ? g[row + j] + gv[row + j] : T(0);
     }
-    if (row_mode) {  // u = gt A; grad_h += <V, u> / k; gv = (h / k) u; keep (h / k) gt for grad_A (below)
-      T* scaled = s.g_scaled.data() + (k - 1) * size;
-      std::fill(scaled + long(rows) * cols, scaled + size, T(0));
+    if (row_mode) {  // u = gt A; grad_h += <V, u> / k; gv = (h / k) u; grad_A += ((h / k) gt)^T V
       matmul<T>({gt, rows, d, cols}, {A, d, d, d}, u, cols, T(1), false);
       for (int r = 0; r < rows; ++r) {
         const T hk = h[r] / T(k);
         double dot = 0;
 #pragma omp simd reduction(+ : dot)
         for (long e = long(r) * cols; e < long(r + 1) * cols; ++e)
-          dot += double(V[e]) * double(u[e]), gv[e] = hk * u[e], scaled[e] = hk * gt[e];
+          dot += double(V[e]) * double(u[e]), gv[e] = hk * u[e], gt[e] *= hk;
         grad_h[r] += dot / k;
       }
+      matmul<T>({gt, rows, d, cols, true}, {V, rows, d, cols}, grad_A, d, T(1), true);
     } else {  // u = A^T gt; grad_h += <V, u> / k; gv = (h / k) u; grad_A += (h / k) gt V^T
       const T hk = h[0] / T(k);
       matmul<T>({A, d, d, d, true}, {gt, d, cols, cols}, u, cols, T(1), false);
@@ -385,8 +383,6 @@ void substep_backward(bool row_mode, int n, int cols, const T* A, int d, const T
       matmul<T>({gt, d, cols, cols}, {V, d, cols, cols, true}, grad_A, d, hk, true);
     }
   }
-  if (row_mode && K > 0)  // grad_A += sum_k ((h / k) gt_k)^T v_{k-1}: one GEMM over the K terms' rows
-    matmul<T>({s.g_scaled.data(), K * n, d, cols, true}, {record, K * n, d, cols}, grad_A, d, T(1), true);
 #pragma omp simd
   for (long e = 0; e < size; ++e) g[e] += gv[e];
 }
