@@ -285,6 +285,7 @@ int action_substep(bool row_mode, int n, int cols, const T* A, int d, const T* h
     if (record) v = w, w += size;
     else std::swap(v, w);
   }
+  if (record) std::fill(w, record + (degree + 1) * size, T(0));  // (the reserved terms it did not take)
   return k - 1;
 }
 
