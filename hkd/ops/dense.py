@@ -315,6 +315,8 @@ def _register(
 
     def action_backward(ctx, grad, *_):  # (*_: the gradients of the record, which has none)
         z, A, tau, plan, *record = ctx.saved_tensors
+        if grad is None:  # (the record's op does not make zero gradients for an unused output)
+            return None, None, None, None
         if action_backward_op is None or torch.is_grad_enabled():
             return (*taylor_action_backward(grad, z, A, tau, plan), None)
         return (*action_backward_op(grad, z, A, tau, plan, *record), None)
