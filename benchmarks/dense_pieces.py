@@ -41,6 +41,13 @@ def main(kind: str = "gaussian 2", B: int = 256, d: int = 64) -> None:
         "plan (dense_action_plan)": lambda: dense.dense_action_plan(A, tau, 1),
         "action kernel": lambda: torch.ops.hkd.dense_action(z, A, tau, plan),
         "action backward op": lambda: torch.ops.hkd.dense_action_backward(G, z, A, tau, plan),
+    }
+    if hasattr(torch.ops.hkd, "dense_action_record"):  # (builds before the recording forward have neither row)
+        _, record, terms = torch.ops.hkd.dense_action_record(z, A, tau, plan)
+        rows["action kernel, recording"] = lambda: torch.ops.hkd.dense_action_record(z, A, tau, plan)
+        args = (G, z, A, tau, plan, record, terms)
+        rows["backward op from the record"] = lambda: torch.ops.hkd.dense_action_backward(*args)
+    rows |= {
         "dense_propagate": lambda: dense_propagate([z], [A], tau, backend="cpu"),
         "composite Taylor": lambda: bench.taylor_composite(z, A, tau),
         "fwd+bwd dense_propagate": lambda: fwd_bwd(lambda z, A, t: dense_propagate([z], [A], t, backend="cpu")[0]),

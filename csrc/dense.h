@@ -29,7 +29,12 @@ constexpr int kMaxSubsteps = 100000;  // ||tau A||_1 up to ~1e6
 // The action's degree cap, theta_m ~ 3.5: the terms (h A)^k z / k! stay below about e^3.5 ||z|| for normal A, so
 // cancellation in the sum costs at most ~30 u (degree 55 lets them reach e^13 in float32, and the rounding with them).
 HKD_HD int action_max_degree(bool is_double) { return is_double ? 30 : 20; }
-constexpr int kMaxPowers = 8;  // the plan's alpha_p from ||A^p||_1 and ||A^(p+1)||_1, p <= kMaxPowers
+// The powers of A the plan can use: alpha_p from ||A^p||_1 and ||A^(p+1)||_1 needs p (p - 1) <= m + 1, m <= the cap.
+HKD_HD int max_powers(bool is_double) {
+  int p = 1;
+  while ((p + 1) * p <= action_max_degree(is_double) + 1) ++p;
+  return p + 1;
+}
 // The degrees expm chooses from (each the largest with its Paterson-Stockmeyer cost), i = 0..kExpmDegreeCount-1
 constexpr int kExpmDegreeCount = 10;
 HKD_HD int expm_degree(int i) {
@@ -83,6 +88,13 @@ HKD_HD Plan expm_plan(double norm, bool is_double) {
     if (cost <= best_cost) best = {m, s, true}, best_cost = cost;  // ties: the higher degree, fewer squarings
   }
   return best;
+}
+
+// Whether dense_propagate's per-sample exp(tau_b A) of float32 matrices runs in float64 (max_norm: max ||tau_b A||_1):
+// when float32 would square more than 4 times at the top degree. Each squaring about doubles the float32 result's
+// rounding error, which the action's does not do; float64 costs about twice the time (benchmarks/RESULTS.md).
+HKD_HD bool expm_in_float64(double max_norm, bool is_double) {
+  return !is_double && max_norm > 16 * theta(expm_degree(kExpmDegreeCount - 1), false);
 }
 
 // The action's substeps for one sample: s_b = ceil(|tau_b| alpha / theta_m) in [1, kMaxSubsteps] (NaN: 1).

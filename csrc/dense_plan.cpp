@@ -73,8 +73,9 @@ ActionPlan best_plan(const std::vector<double>& d, double tau_max, bool is_doubl
   return best;
 }
 
-// (degree m, alpha, 1 if the action is cheaper than one expm per sample else 0) for exp(tau_b A) z, z (B, d, P),
-// A (d, d) or (P, d, d), tau (B,); alpha is NaN when A or tau is not finite.
+// (degree m, alpha, choice) for exp(tau_b A) z, z (B, d, P), A (d, d) or (P, d, d), tau (B,); alpha is NaN when A
+// or tau is not finite. choice: 1 if the action is cheaper than one expm per sample, else 0, or -1 when those
+// matrices are float32 and go to float64 (expm_in_float64).
 at::Tensor dense_action_plan(const at::Tensor& A_in, const at::Tensor& tau_in, int64_t positions) {
   TORCH_CHECK(A_in.dim() == 2 || A_in.dim() == 3, "hkd::dense_action_plan: A must be (d, d) or (P, d, d), got ",
               A_in.sizes());
@@ -90,7 +91,7 @@ at::Tensor dense_action_plan(const at::Tensor& A_in, const at::Tensor& tau_in, i
   // costs (matrices d^3) / (d^2 columns) Taylor terms
   ActionPlan plan = best_plan({norm}, tau_max, is_double);
   const double power_cost = double(matrices) * d / double(std::max<int64_t>(batch * positions, 1));
-  const int powers = d ? int(std::min<double>(kMaxPowers + 1, 1 + std::floor(plan.cost / (4 * power_cost)))) : 0;
+  const int powers = d ? int(std::min<double>(max_powers(is_double), 1 + std::floor(plan.cost / (4 * power_cost)))) : 0;
   if (powers >= 3 && norm > 0) {
     const at::Tensor X = A / norm;  // d_p from powers of A / ||A||_1: no overflow
     at::Tensor power = X;
@@ -102,24 +103,28 @@ at::Tensor dense_action_plan(const at::Tensor& A_in, const at::Tensor& tau_in, i
     plan = best_plan(dp, tau_max, is_double);
   }
   // the cost model: the action takes m s_b Taylor terms for sample b, each 2 d^2 P flops; one expm(tau_b A) per
-  // sample (and matrix) costs (cost(m) + squarings) 2 d^3 by the plan expm makes for ||tau_b A||_1, then the GEMM
+  // sample (and matrix) costs (cost(m) + squarings) 2 d^3 by the plan expm makes for ||tau_b A||_1, then the GEMM;
+  // twice that when float32 matrices go to float64 (expm_in_float64)
   const at::Tensor tau_host = tau.to(at::kCPU, at::kDouble).contiguous();
   const double* t = tau_host.data_ptr<double>();
   const bool tau_double = tau.scalar_type() == at::kDouble;
+  double expm_cost[kExpmDegreeCount], expm_theta[kExpmDegreeCount];  // (per degree, once: the loop below is hot)
+  for (int i = 0; i < kExpmDegreeCount; ++i)
+    expm_cost[i] = ps_cost(expm_degree(i)), expm_theta[i] = theta(expm_degree(i), tau_double);
   double terms = 0, products = 0;
   for (int64_t b = 0; b < batch; ++b) {
     terms += action_substeps(t[b], plan.degree, plan.alpha, tau_double);
     double fewest = std::numeric_limits<double>::infinity();
     for (int i = 0; i < kExpmDegreeCount; ++i) {
-      const int m = expm_degree(i);
-      const double cost = ps_cost(m) + squarings(std::abs(t[b]) * norm / theta(m, tau_double));
+      const double cost = expm_cost[i] + squarings(std::abs(t[b]) * norm / expm_theta[i]);
       fewest = std::isnan(cost) || std::isnan(fewest) ? nan : std::min(fewest, cost);
     }
     products += fewest;
   }
+  const bool wide = expm_in_float64(tau_max * norm, is_double);
   const double action = plan.degree * terms * 2 * d * d * positions;
-  const double per_sample = products * matrices * 2 * d * d * d + 2.0 * d * d * batch * positions;
-  return at::tensor({double(plan.degree), plan.alpha, action <= per_sample ? 1.0 : 0.0}, at::kDouble);
+  const double per_sample = products * matrices * 2 * d * d * d * (wide ? 2 : 1) + 2.0 * d * d * batch * positions;
+  return at::tensor({double(plan.degree), plan.alpha, action <= per_sample ? 1.0 : wide ? -1.0 : 0.0}, at::kDouble);
 }
 
 // theta_m, m = 1..kMaxDegree, of csrc/dense.h for float64 or float32

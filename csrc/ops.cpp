@@ -27,7 +27,12 @@ TORCH_LIBRARY(hkd, m) {
   m.def("dense_theta(ScalarType dtype) -> Tensor");
   // z (B, d, P), A (d, d) or (P, d, d), tau (B,) -> exp(tau_b A_p) z[b, :, p] (truncated Taylor, substeps)
   m.def("dense_action(Tensor z, Tensor A, Tensor tau, Tensor plan) -> Tensor");
-  m.def("dense_action_backward(Tensor grad, Tensor z, Tensor A, Tensor tau, Tensor plan) -> (Tensor, Tensor, Tensor)");
+  // dense_action_record: the same, with the record of its Taylor terms and the terms each vector took per substep
+  // (CPU; empty when too large), which dense_action_backward then reads instead of running the recurrence again
+  m.def("dense_action_record(Tensor z, Tensor A, Tensor tau, Tensor plan) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dense_action_backward(Tensor grad, Tensor z, Tensor A, Tensor tau, Tensor plan, Tensor? record=None, "
+      "Tensor? terms=None) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import hkd._C` loads the library, which registers the ops above statically; the module itself

@@ -253,7 +253,7 @@ def _class_table(B: int, d: int, P: int, classes, tau_max: float, device, repeat
         notes["||A||_1"].append(f"{float(torch.linalg.matrix_norm(A64, ord=1)):.1f}")
         mean_steps = float(dense.action_substeps(tau, m, alpha).mean())
         notes["plan m, alpha, mean s"].append(f"{m}, {alpha:.3g}, {mean_steps:.1f}")
-        notes["cost model"].append("action" if plan[2] > 0 else "expm")
+        notes["cost model"].append({1.0: "action", 0.0: "expm", -1.0: "expm (float64)"}[float(plan[2])])
         fwd = {
             "composite Taylor (PyTorch)": lambda z=z, A=A, tau=tau: taylor_composite(z, A, tau),
             "composite per-sample expm (PyTorch)": lambda z=z, A=A, tau=tau: per_sample_expm(z, A, tau),

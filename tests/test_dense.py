@@ -189,6 +189,121 @@ def test_fused_backward_float32_matches_float64(backend):
 
 
 @CPU_ONLY
+@pytest.mark.parametrize("per_position, P", [(False, 1), (False, 4), (True, 3), (True, 1)])
+@pytest.mark.parametrize("kind", ["contiguous", "non-contiguous", "expanded"])
+def test_recorded_forward_and_backward(per_position, P, kind):
+    """dense_action_record gives dense_action's result and a record of its Taylor terms; the backward that reads it
+    gives the gradients of the one that runs the recurrence again, and both those of float64 autograd through the
+    plain-PyTorch recurrence, on fresh inputs in several layouts, samples taking different numbers of substeps."""
+    B, d = 5, 6
+    z = layout(torch.randn(B, d, P, dtype=torch.float64), kind)
+    A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64)
+    A = A.mT if kind == "non-contiguous" else A
+    tau = torch.tensor([0.0, 0.4, -2.5, 9.0, 27.0], dtype=torch.float64)
+    tau = tau[:1].expand(B) if kind == "expanded" else tau
+    g = layout(torch.randn(B, d, P, dtype=torch.float64), kind)
+    plan = dense.dense_action_plan(A, tau, P)
+    out, record, terms = torch.ops.hkd.dense_action_record(z, A, tau, plan)
+    assert torch.equal(out, torch.ops.hkd.dense_action(z, A, tau, plan))
+    steps = dense.action_substeps(tau, int(plan[0]), float(plan[1]))
+    assert terms.dtype == torch.int32 and terms.numel() == int(steps.sum()) * P  # a count per vector and substep
+    assert record.numel() == terms.numel() * (int(plan[0]) + 1) * d
+    assert 1 <= int(terms.min()) and int(terms.max()) <= int(plan[0])
+    recorded = torch.ops.hkd.dense_action_backward(g, z, A, tau, plan, record, terms)
+    again = torch.ops.hkd.dense_action_backward(g, z, A, tau, plan)
+    leaves = [t.detach().clone().requires_grad_() for t in (z, A, tau)]
+    expected = torch.autograd.grad(dense.taylor_action(*leaves, plan), leaves, g)
+    for r, a, e in zip(recorded, again, expected, strict=True):
+        assert r.shape == e.shape
+        torch.testing.assert_close(r, a, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(r, e, rtol=1e-11, atol=1e-11)
+
+
+@CPU_ONLY
+def test_recorded_backward_float32_and_what_it_refuses():
+    B, d, P = 64, 16, 1
+    A = torch.randn(d, d, dtype=torch.float64) / math.sqrt(d) * 3
+    z, tau, g = torch.randn(B, d, P, dtype=torch.float64), torch.rand(B, dtype=torch.float64) * 4, torch.randn(B, d, P)
+    plan = dense.dense_action_plan(A.float(), tau.float(), P)
+    _, record, terms = torch.ops.hkd.dense_action_record(z.float(), A.float(), tau.float(), plan)
+    actual = torch.ops.hkd.dense_action_backward(g, z.float(), A.float(), tau.float(), plan, record, terms)
+    leaves = [t.clone().requires_grad_() for t in (z, A, tau)]
+    expected = torch.autograd.grad(dense.taylor_action(*leaves, dense.dense_action_plan(A, tau, P)), leaves, g.double())
+    for a, e in zip(actual, expected, strict=True):
+        assert a.dtype == torch.float32
+        assert float((a.double() - e).norm() / e.norm()) <= 1e-5
+    args = (g, z.float(), A.float(), tau.float(), plan)
+    with pytest.raises(RuntimeError, match="both or neither"):
+        torch.ops.hkd.dense_action_backward(*args, record, None)
+    with pytest.raises(RuntimeError, match="not dense_action_record's"):
+        torch.ops.hkd.dense_action_backward(*args, record[1:], terms)
+    with pytest.raises(RuntimeError, match="not dense_action_record's"):
+        torch.ops.hkd.dense_action_backward(*args, record.double(), terms)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("shape", [(0, 4, 3), (3, 4, 0), (2, 0, 3)])
+def test_recorded_forward_of_empty_and_non_finite_inputs(shape):
+    B, d, P = shape
+    z, A, tau = torch.randn(shape), torch.randn(d, d), torch.rand(B)
+    plan = dense.dense_action_plan(A, tau, P)
+    out, record, terms = torch.ops.hkd.dense_action_record(z, A, tau, plan)
+    assert out.shape == shape and record.numel() == 0 and terms.numel() == 0
+    grads = torch.ops.hkd.dense_action_backward(torch.randn(shape), z, A, tau, plan, record, terms)
+    assert [t.shape for t in grads] == [shape, (d, d), (B,)]
+    A = torch.full((4, 4), math.nan)
+    out, record, terms = torch.ops.hkd.dense_action_record(torch.randn(2, 4, 1), A, torch.rand(2), plan)
+    assert out.isnan().all() and record.numel() == 0 and terms.numel() == 0
+
+
+@CPU_ONLY
+def test_dense_propagate_records_only_for_autograd():
+    """With gradients to compute, the CPU action runs its recording twin (the backward then reads the terms); without
+    them, the plain op (no record kept)."""
+    z, A, tau = torch.randn(4, 5, 2), torch.randn(5, 5) / 3, torch.rand(4)
+    calls = []
+    with torch.profiler.profile() as prof:
+        dense_propagate([z], [A], tau, backend="cpu")
+        dense_propagate([z.requires_grad_()], [A], tau, backend="cpu")[0].sum().backward()
+    calls = [e.name for e in prof.events() if e.name.startswith("hkd::dense_action")]
+    assert calls.count("hkd::dense_action") == 1 and calls.count("hkd::dense_action_record") == 1
+    assert calls.count("hkd::dense_action_backward") == 1
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("per_position", [False, True])
+def test_gradgradcheck(per_position):
+    """Double backward (the differentiable plain-PyTorch reverse under create_graph), both algorithms."""
+    latents, generators, tau = random_problem(3, per_position=per_position, per_sample_tau=True, levels=1, d_max=3)
+    inputs = (latents[0].requires_grad_(), generators[0].requires_grad_(), tau.requires_grad_())
+    assert torch.autograd.gradgradcheck(lambda z, A, t: dense_propagate([z], [A], t, backend="cpu")[0], inputs)
+    M = lambda z, A, t: torch.bmm(dense.expm(t[:, None, None] * A, backend="cpu"), z)  # noqa: E731
+    if not per_position:
+        assert torch.autograd.gradgradcheck(M, (inputs[0].flatten(2), inputs[1], inputs[2]))
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("kind", ["gaussian 60", "non-normal"])
+def test_per_sample_expm_goes_to_float64_at_large_norms(kind):
+    """At ||tau_b A||_1 beyond 16 theta_30 (more than 4 squarings) the per-sample expm of float32 matrices runs in
+    float64: its error is then that of the float32 rounding of the inputs and the result, not of the squarings. It
+    stays within a small factor of the float64 reference's own sensitivity, and below the float32 expm's."""
+    from hkd import bench
+
+    B, d, P = 16, 16, 32
+    A64 = bench.dense_generator(kind, d)
+    A, z, tau = A64.float(), torch.randn(B, d, P), torch.rand(B) * 80
+    plan = dense.dense_action_plan(A, tau, P)
+    assert plan[2] == -1 and dense.reference_plan(A, tau, P)[2] == -1
+    assert dense.dense_action_plan(A, tau / 1000, P)[2] >= 0  # small norms stay in float32
+    expected = exact([z], [A.double()], tau.double())[0]  # from the float32 inputs, exactly
+    out = dense_propagate([z], [A], tau, backend="cpu")[0]
+    narrow = torch.bmm(dense.expm(tau[:, None, None] * A, backend="cpu"), z)
+    err = [float((y.double() - expected).norm() / expected.norm()) for y in (out, narrow)]
+    assert err[0] <= 1e-6 and err[0] < err[1] / 3, err
+
+
+@CPU_ONLY
 def test_plan_in_cpp_matches_python():
     """dense_action_plan (C++) and reference_plan (Python) give the same degree and choice of algorithm and the same
     alpha (to rounding: the norms are summed in another order), and the Taylor tables of csrc/dense.h and
@@ -354,6 +469,9 @@ def test_opcheck(per_position):
     args = (g, z.detach(), A.detach(), tau.detach(), plan)
     torch.library.opcheck(torch.ops.hkd.dense_action_backward.default, args)
     torch.library.opcheck(torch.ops.hkd.dense_action_plan.default, (A.detach(), tau.detach(), P))
+    torch.library.opcheck(torch.ops.hkd.dense_action_record.default, (z, A, tau, plan))
+    _, record, terms = torch.ops.hkd.dense_action_record(z.detach(), A.detach(), tau.detach(), plan)
+    torch.library.opcheck(torch.ops.hkd.dense_action_backward.default, (*args, record, terms))
 
 
 @pytest.mark.triton

@@ -11,6 +11,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "cpu/denormals.h"
@@ -218,14 +221,27 @@ void max_abs(bool row_mode, int n, int cols, const T* x, double* norm) {
 // w *= h / k (per row in row mode, h[0] in column mode), y += w, then term and sum = max_abs of w and y.
 template <typename T>
 void add_term(bool row_mode, int n, int cols, const T* h, int k, T* y, T* w, double* term, double* sum) {
+  if (row_mode) {  // one pass per row
+    for (int i = 0; i < n; ++i) {
+      const T hk = h[i] / T(k);
+      T *wi = w + long(i) * cols, *yi = y + long(i) * cols, w_max = 0, y_max = 0;
+#pragma omp simd reduction(max : w_max, y_max)
+      for (int j = 0; j < cols; ++j) {
+        wi[j] *= hk, yi[j] += wi[j];
+        w_max = std::max(w_max, std::abs(wi[j])), y_max = std::max(y_max, std::abs(yi[j]));
+      }
+      term[i] = w_max, sum[i] = y_max;
+    }
+    return;
+  }
+  const T hk = h[0] / T(k);
   for (int i = 0; i < n; ++i) {
-    const T hk = h[row_mode ? i : 0] / T(k);
     T *wi = w + long(i) * cols, *yi = y + long(i) * cols;
 #pragma omp simd
     for (int j = 0; j < cols; ++j) wi[j] *= hk, yi[j] += wi[j];
   }
-  max_abs(row_mode, n, cols, w, term);
-  max_abs(row_mode, n, cols, y, sum);
+  max_abs(false, n, cols, w, term);
+  max_abs(false, n, cols, y, sum);
 }
 
 // One Taylor substep of a block of the state, in place: y <- T_m(h A) y (csrc/dense.h). Row mode: the rows of y
@@ -246,13 +262,15 @@ int action_substep(bool row_mode, int n, int cols, const T* A, int d, const T* h
   max_abs(row_mode, n, cols, v, previous);
   if (terms) std::fill(terms, terms + vectors, degree);
   int left = vectors, k = 1;
+  int active = n;  // row mode: the rows past the last live one take no more terms (rows of one substep count by |h|)
   std::fill(live, live + vectors, 1.0);
   for (; k <= degree && left > 0; ++k) {
-    if (row_mode) matmul<T>({v, n, d, cols}, {A, d, d, d, true}, w, cols, T(1), false);
+    if (row_mode) matmul<T>({v, active, d, cols}, {A, d, d, d, true}, w, cols, T(1), false);
     else matmul<T>({A, d, d, d}, {v, d, cols, cols}, w, cols, T(1), false);
+    if (record) std::fill(w + long(active) * cols, w + size, T(0));  // (a recorded term is zero past them)
     // term = (h / k) A v; y += term; then the convergence test per vector, whose later terms are zero once it passes
-    add_term(row_mode, n, cols, h, k, y, w, term, sum);
-    for (int c = 0; c < vectors; ++c) {
+    add_term(row_mode, active, cols, h, k, y, w, term, sum);
+    for (int c = 0; c < (row_mode ? active : vectors); ++c) {
       if (!live[c] || !hkd::dense::converged(previous[c], term[c], sum[c], is_double)) {
         previous[c] = term[c];
         continue;
@@ -263,9 +281,11 @@ int action_substep(bool row_mode, int n, int cols, const T* A, int d, const T* h
       else
         for (int i = 0; i < n; ++i) w[long(i) * cols + c] = T(0);
     }
+    while (row_mode && active > 0 && !live[active - 1]) --active;
     if (record) v = w, w += size;
     else std::swap(v, w);
   }
+  if (record) std::fill(w, record + (degree + 1) * size, T(0));  // (the reserved terms it did not take)
   return k - 1;
 }
 
@@ -277,82 +297,135 @@ inline int active_rows(const int* steps, int rows, int step) {
 }
 
 // One block of the state evolved by all its substeps (action_substep): row mode, rows x cols with per-row h and
-// substeps; column mode, rows x cols with one h and steps[0] substeps. v, w: scratch like y.
+// substeps; column mode, rows x cols with one h and steps[0] substeps. v, w: scratch like y. With a record (the
+// block's share of dense_action_record's, see record_offsets), each substep keeps its terms there (degree + 1 blocks
+// of its active part reserved) and how many terms each of its vectors took in `terms`.
 template <typename T>
 void action_block(bool row_mode, int rows, int cols, const T* A, int d, const T* h, const int* steps, int degree, T* y,
-                  T* v, T* w, double* norms) {
+                  T* v, T* w, double* norms, T* record = nullptr, int* terms = nullptr) {
   for (int step = 0; step < steps[0]; ++step) {
     const int n = row_mode ? active_rows(steps, rows, step) : rows;
-    action_substep<T>(row_mode, n, cols, A, d, h, degree, y, v, w, norms, nullptr, nullptr);
+    action_substep<T>(row_mode, n, cols, A, d, h, degree, y, v, w, norms, record, terms);
+    if (record) record += long(degree + 1) * n * cols, terms += row_mode ? n : cols;
   }
 }
 
-// Scratch of the action's backward for one block of `size` elements (rows x cols) and `vectors` vectors.
+// Scratch memory left uninitialised: each use writes before it reads (std::vector would zero it on every call).
 template <typename T>
-struct BackwardScratch {
-  std::vector<T> starts, record, y, g_term, g_next, u;
-  std::vector<double> norms;
-  std::vector<int> terms;
-  BackwardScratch(long size, int vectors, int degree)
-      : record((degree + 1) * size), y(size), g_term(size), g_next(size), u(size), norms(4 * vectors), terms(vectors) {}
+class Scratch {
+ public:
+  explicit Scratch(size_t n = 0) : data_(n ? new T[n] : nullptr), size_(n) {}
+  T* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+  void resize(size_t n) {  // (the contents are not kept)
+    if (n > size_) data_.reset(new T[n]), size_ = n;
+  }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  size_t size_;
 };
 
-// The exact reverse of action_block: the substeps run again, keeping the state at the start of each, then in reverse
-// order each runs once more, recording its terms and how many of them every vector took, and the terms are reversed.
-// g: the upstream gradient of the block (like y), replaced by the gradient of its input z; grad_A (d x d, row-major)
-// += the gradient of A; grad_h[r] (row mode; column mode: grad_h[0]) += the gradient of h.
+// Scratch of the action's backward for one block of `size` elements (rows x cols) and `vectors` vectors. The record
+// and the substeps' start states are used only when the forward kept no record.
+template <typename T>
+struct BackwardScratch {
+  Scratch<T> starts, record, y, g_term, g_next, u;
+  std::vector<double> norms;
+  std::vector<int> terms;
+  BackwardScratch(long size, int vectors, int degree, bool recompute)
+      : record(recompute ? (degree + 1) * size : 0),
+        y(size),
+        g_term(size),
+        g_next(size),
+        u(size),
+        norms(4 * vectors),
+        terms(recompute ? vectors : 0) {}
+};
+
+// The reverse of one substep of an n x cols block from its record (terms v_0 .. v_K, and how many terms each vector
+// took): term k = (h / k) A v_{k-1} reached y (the vectors that took it) and, through v_k, term k + 1. g: the gradient
+// of the substep's output, replaced by that of its input; grad_A += the gradient of A, grad_h (as action_block_backward)
+// += that of h.
+template <typename T>
+void substep_backward(bool row_mode, int n, int cols, const T* A, int d, const T* h, const T* record, const int* terms,
+                      T* g, T* grad_A, double* grad_h, BackwardScratch<T>& s) {
+  const long size = long(n) * cols;
+  const int K = *std::max_element(terms, terms + (row_mode ? n : cols));
+  T *gt = s.g_term.data(), *gv = s.g_next.data(), *u = s.u.data();
+  std::fill(gv, gv + size, T(0));
+  for (int k = K; k >= 1; --k) {
+    const T* V = record + (k - 1) * size;
+    int rows = n;  // row mode: up to the last row that took term k (the rest have zero gradients there)
+    while (row_mode && rows > 0 && terms[rows - 1] < k) --rows;
+    for (int i = 0; i < rows; ++i) {  // (the vectors that took term k)
+      const long row = long(i) * cols;
+#pragma omp simd
+      for (int j = 0; j < cols; ++j) gt[row + j] = k <= terms[row_mode ? i : j] ? g[row + j] + gv[row + j] : T(0);
+    }
+    if (row_mode) {  // u = gt A; grad_h += <V, u> / k; gv = (h / k) u; grad_A += ((h / k) gt)^T V
+      matmul<T>({gt, rows, d, cols}, {A, d, d, d}, u, cols, T(1), false);
+      for (int r = 0; r < rows; ++r) {
+        const T hk = h[r] / T(k);
+        double dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (long e = long(r) * cols; e < long(r + 1) * cols; ++e)
+          dot += double(V[e]) * double(u[e]), gv[e] = hk * u[e], gt[e] *= hk;
+        grad_h[r] += dot / k;
+      }
+      matmul<T>({gt, rows, d, cols, true}, {V, rows, d, cols}, grad_A, d, T(1), true);
+    } else {  // u = A^T gt; grad_h += <V, u> / k; gv = (h / k) u; grad_A += (h / k) gt V^T
+      const T hk = h[0] / T(k);
+      matmul<T>({A, d, d, d, true}, {gt, d, cols, cols}, u, cols, T(1), false);
+      double dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (long e = 0; e < size; ++e) dot += double(V[e]) * double(u[e]), gv[e] = hk * u[e];
+      grad_h[0] += dot / k;
+      matmul<T>({gt, d, cols, cols}, {V, d, cols, cols, true}, grad_A, d, hk, true);
+    }
+  }
+#pragma omp simd
+  for (long e = 0; e < size; ++e) g[e] += gv[e];
+}
+
+// The exact reverse of action_block, substep by substep from the last. With the forward's record (as action_block
+// wrote it) the terms are read from there; without one, the substeps run again, keeping the state at the start of
+// each, then in reverse order each runs once more, recording its terms. g: the upstream gradient of the block (like
+// y), replaced by the gradient of its input z; grad_A (d x d, row-major) += the gradient of A; grad_h[r] (row mode;
+// column mode: grad_h[0]) += the gradient of h.
 template <typename T>
 void action_block_backward(bool row_mode, int rows, int cols, const T* A, int d, const T* h, const int* steps,
-                           int degree, const T* z, T* g, T* grad_A, double* grad_h, BackwardScratch<T>& s) {
+                           int degree, const T* z, T* g, T* grad_A, double* grad_h, BackwardScratch<T>& s,
+                           const T* record = nullptr, const int* terms = nullptr) {
   const long full = long(rows) * cols;
+  if (record) {
+    std::vector<long> offsets(steps[0] + 1, 0);  // the record of each substep, in vectors
+    for (int step = 0; step < steps[0]; ++step)
+      offsets[step + 1] = offsets[step] + (row_mode ? active_rows(steps, rows, step) : cols);
+    const long vector = long(degree + 1) * (row_mode ? cols : rows);
+    for (int step = steps[0] - 1; step >= 0; --step) {
+      const int n = row_mode ? active_rows(steps, rows, step) : rows;
+      substep_backward<T>(row_mode, n, cols, A, d, h, record + offsets[step] * vector, terms + offsets[step], g,
+                          grad_A, grad_h, s);
+    }
+    return;
+  }
   if (s.starts.size() < size_t(steps[0] * full)) s.starts.resize(steps[0] * full);
-  T *y = s.y.data(), *gt = s.g_term.data(), *gv = s.g_next.data(), *u = s.u.data();
+  T* y = s.y.data();
   std::memcpy(s.starts.data(), z, full * sizeof(T));
-  for (int step = 0; step + 1 < steps[0]; ++step) {  // (gt, u: scratch here)
+  for (int step = 0; step + 1 < steps[0]; ++step) {  // (g_term, u: scratch here)
     std::memcpy(y, s.starts.data() + step * full, full * sizeof(T));
     const int n = row_mode ? active_rows(steps, rows, step) : rows;
-    action_substep<T>(row_mode, n, cols, A, d, h, degree, y, gt, u, s.norms.data(), nullptr, nullptr);
+    action_substep<T>(row_mode, n, cols, A, d, h, degree, y, s.g_term.data(), s.u.data(), s.norms.data(), nullptr,
+                      nullptr);
     std::memcpy(s.starts.data() + (step + 1) * full, y, full * sizeof(T));
   }
   for (int step = steps[0] - 1; step >= 0; --step) {
     const int n = row_mode ? active_rows(steps, rows, step) : rows;
-    const long size = long(n) * cols;
-    std::memcpy(y, s.starts.data() + step * full, size * sizeof(T));
-    const int K = action_substep<T>(row_mode, n, cols, A, d, h, degree, y, nullptr, nullptr, s.norms.data(),
-                                    s.record.data(), s.terms.data());
-    // reverse: term k = (h / k) A v_{k-1} reached y (the vectors that took it) and, through v_k, term k + 1
-    std::fill(gv, gv + size, T(0));
-    for (int k = K; k >= 1; --k) {
-      const T* V = s.record.data() + (k - 1) * size;
-      for (int i = 0; i < n; ++i) {  // (the vectors that took term k)
-        const long row = long(i) * cols;
-#pragma omp simd
-        for (int j = 0; j < cols; ++j)
-          gt[row + j] = k <= s.terms[row_mode ? i : j] ? g[row + j] + gv[row + j] : T(0);
-      }
-      if (row_mode) {  // u = gt A; grad_h += <V, u> / k; gv = (h / k) u; grad_A += ((h / k) gt)^T V
-        matmul<T>({gt, n, d, cols}, {A, d, d, d}, u, cols, T(1), false);
-        for (int r = 0; r < n; ++r) {
-          const T hk = h[r] / T(k);
-          double dot = 0;
-#pragma omp simd reduction(+ : dot)
-          for (long e = long(r) * cols; e < long(r + 1) * cols; ++e)
-            dot += double(V[e]) * double(u[e]), gv[e] = hk * u[e], gt[e] *= hk;
-          grad_h[r] += dot / k;
-        }
-        matmul<T>({gt, n, d, cols, true}, {V, n, d, cols}, grad_A, d, T(1), true);
-      } else {  // u = A^T gt; grad_h += <V, u> / k; gv = (h / k) u; grad_A += (h / k) gt V^T
-        const T hk = h[0] / T(k);
-        matmul<T>({A, d, d, d, true}, {gt, d, cols, cols}, u, cols, T(1), false);
-        double dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (long e = 0; e < size; ++e) dot += double(V[e]) * double(u[e]), gv[e] = hk * u[e];
-        grad_h[0] += dot / k;
-        matmul<T>({gt, d, cols, cols}, {V, d, cols, cols, true}, grad_A, d, hk, true);
-      }
-    }
-#pragma omp simd
-    for (long e = 0; e < size; ++e) g[e] += gv[e];
+    std::memcpy(y, s.starts.data() + step * full, long(n) * cols * sizeof(T));
+    action_substep<T>(row_mode, n, cols, A, d, h, degree, y, nullptr, nullptr, s.norms.data(), s.record.data(),
+                      s.terms.data());
+    substep_backward<T>(row_mode, n, cols, A, d, h, s.record.data(), s.terms.data(), g, grad_A, grad_h, s);
   }
 }
 
@@ -441,8 +514,9 @@ at::Tensor expm_cpu(const at::Tensor& A) { return expm_impl(A, nullptr); }
 at::Tensor expm_backward_cpu(const at::Tensor& A, const at::Tensor& grad) { return expm_impl(A, &grad); }
 
 // ---- the action ------------------------------------------------------------------------------------------
-// Samples by substeps, most first (a block of rows then shrinks to a prefix as its samples finish): sample order[r]
-// takes steps[r] substeps of h[r] = tau / steps (csrc/dense.h action_substeps).
+// Samples by substeps, most first (a block of rows then shrinks to a prefix as its samples finish), then by |tau| (the
+// rows of a substep that converge first, with the smallest |h|, tend to be its last): sample order[r] takes steps[r]
+// substeps of h[r] = tau / steps (csrc/dense.h action_substeps).
 template <typename T>
 struct Schedule {
   std::vector<int64_t> order;
@@ -450,9 +524,14 @@ struct Schedule {
   std::vector<T> h;
   Schedule(const T* tau, int64_t B, int degree, double alpha) : order(B), steps(B), h(B) {
     std::vector<int> by_sample(B);
-    for (int64_t b = 0; b < B; ++b)
+    std::vector<double> size(B);  // |tau| (NaN: 0), which orders the samples of equal substeps by |h|
+    for (int64_t b = 0; b < B; ++b) {
       order[b] = b, by_sample[b] = hkd::dense::action_substeps(double(tau[b]), degree, alpha, sizeof(T) == 8);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return by_sample[a] > by_sample[b]; });
+      size[b] = std::isnan(double(tau[b])) ? 0.0 : std::abs(double(tau[b]));
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return by_sample[a] != by_sample[b] ? by_sample[a] > by_sample[b] : size[a] > size[b];
+    });
     for (int64_t r = 0; r < B; ++r) steps[r] = by_sample[order[r]], h[r] = tau[order[r]] / T(steps[r]);
   }
 };
@@ -482,7 +561,9 @@ struct Blocks {
   // the task's block of a (B, d, P) tensor, in the kernels' layout, and back
   template <typename T>
   void gather(const Task& t, const int64_t* order, const T* src, T* dst) const {
-    if (row_mode)
+    if (row_mode && P == 1)  // (rows of z are contiguous)
+      for (int64_t r = 0; r < t.count; ++r) std::memcpy(dst + r * d, src + order[t.first + r] * d, d * sizeof(T));
+    else if (row_mode)
       for (int64_t r = 0; r < t.count; ++r)
         for (int64_t i = 0; i < d; ++i) dst[r * d + i] = src[(order[t.first + r] * d + i) * P + t.index];
     else
@@ -491,7 +572,9 @@ struct Blocks {
   }
   template <typename T>
   void scatter(const Task& t, const int64_t* order, const T* src, T* dst) const {
-    if (row_mode)
+    if (row_mode && P == 1)
+      for (int64_t r = 0; r < t.count; ++r) std::memcpy(dst + order[t.first + r] * d, src + r * d, d * sizeof(T));
+    else if (row_mode)
       for (int64_t r = 0; r < t.count; ++r)
         for (int64_t i = 0; i < d; ++i) dst[(order[t.first + r] * d + i) * P + t.index] = src[r * d + i];
     else
@@ -511,6 +594,23 @@ at::Tensor checked_matrices(const at::Tensor& A, const char* op) {
               ": expected float32 or float64, got ", A.scalar_type());
   TORCH_CHECK(A.dim() >= 2 && A.size(-1) == A.size(-2), "hkd::", op, ": expected (..., n, n), got ", A.sizes());
   return A.contiguous().reshape({-1, A.size(-1), A.size(-1)});
+}
+
+template <typename T>
+bool all_finite(const T* x, int64_t count) {
+  T zero = 0;  // x * 0 is NaN exactly when x is NaN or infinite
+#pragma omp simd reduction(+ : zero)
+  for (int64_t i = 0; i < count; ++i) zero += x[i] * T(0);
+  return !std::isnan(zero);
+}
+
+// Whether every entry of a contiguous float tensor is finite (on the CPU one pass, without ATen's temporaries).
+bool all_finite(const at::Tensor& x) {
+  if (!x.is_cpu()) return x.isfinite().all().item<bool>();
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hkd_all_finite",
+                             [&] { finite = all_finite(x.data_ptr<scalar_t>(), x.numel()); });
+  return finite;
 }
 
 // The action ops' inputs, checked (any device; the caller checks it): z (B, d, P); A (d, d) shared or (P, d, d) per
@@ -536,7 +636,7 @@ ActionInputs checked_action_inputs(const at::Tensor& z, const at::Tensor& A, con
               degree);
   ActionInputs in{z.contiguous(), A.to(z.scalar_type()).contiguous(), tau.to(z.scalar_type()).contiguous(),
                   int(degree), alpha, B, d, P, shared, true};
-  in.finite = alpha >= 0 && alpha <= 1e300 && (z.numel() == 0 || in.A.isfinite().all().item<bool>());
+  in.finite = alpha >= 0 && alpha <= 1e300 && (z.numel() == 0 || all_finite(in.A));
   return in;
 }
 
@@ -544,21 +644,55 @@ ActionInputs checked_action_inputs(const at::Tensor& z, const at::Tensor& A, con
 
 namespace {
 
-at::Tensor dense_action_cpu(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau, const at::Tensor& plan) {
-  TORCH_CHECK(z.device().is_cpu(), "hkd::dense_action: expected CPU tensors");
-  const hkd::dense::ActionInputs in = hkd::dense::checked_action_inputs(z, A, tau, plan, "dense_action");
-  at::Tensor out = at::empty_like(in.z);
-  if (out.numel() == 0) return out;
-  if (!in.finite) return out.fill_(NAN);
+// dense_action_record's record: per task (in task order), the records of its substeps as action_block writes them,
+// in units of one vector's substep ((degree + 1) d elements of the record, one term count); offsets[t] = the units
+// before task t. Beyond kMaxRecordBytes the forward keeps nothing and the backward runs the substeps again.
+constexpr int64_t kMaxRecordBytes = int64_t(256) << 20;
+
+template <typename T>
+std::vector<int64_t> record_offsets(const Blocks& blocks, const Schedule<T>& sched) {
+  std::vector<int64_t> offsets(blocks.tasks + 1, 0);
+  for (int64_t t = 0; t < blocks.tasks; ++t) {
+    const Blocks::Task task = blocks.task(t);
+    int64_t units = 0;
+    if (blocks.row_mode)
+      for (int64_t r = task.first; r < task.first + task.count; ++r) units += sched.steps[r];
+    else
+      units = int64_t(sched.steps[task.index]) * task.count;
+    offsets[t + 1] = offsets[t] + units;
+  }
+  return offsets;
+}
+
+// exp(tau_b A_p) z[b, :, p]; with keep, also the record of its Taylor terms and the terms each vector took in each
+// substep (empty tensors when they would exceed kMaxRecordBytes, or when there is nothing to record).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> action_forward(const at::Tensor& z, const at::Tensor& A,
+                                                              const at::Tensor& tau, const at::Tensor& plan, bool keep,
+                                                              const char* op) {
+  TORCH_CHECK(z.device().is_cpu(), "hkd::", op, ": expected CPU tensors");
+  const hkd::dense::ActionInputs in = hkd::dense::checked_action_inputs(z, A, tau, plan, op);
+  at::Tensor out = at::empty_like(in.z), record = at::empty({0}, in.z.options()),
+             terms = at::empty({0}, in.z.options().dtype(at::kInt));
+  if (out.numel() == 0) return {out, record, terms};
+  if (!in.finite) return {out.fill_(NAN), record, terms};
   AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "hkd_dense_action_cpu", [&] {
     using T = scalar_t;
     const Schedule<T> sched(in.tau.data_ptr<T>(), in.B, in.degree, in.alpha);
     const Blocks blocks(in.B, in.d, in.P, in.shared, sizeof(T));
+    const int64_t d = in.d, size = blocks.block * d, vector = (in.degree + 1) * d;
+    std::vector<int64_t> offsets;
+    if (keep) {
+      offsets = record_offsets(blocks, sched);
+      if (offsets.back() * vector * int64_t(sizeof(T)) <= kMaxRecordBytes) {
+        record = at::empty({offsets.back() * vector}, in.z.options());
+        terms = at::empty({offsets.back()}, terms.options());
+      }
+    }
     const T *zp = in.z.data_ptr<T>(), *ap = in.A.data_ptr<T>();
-    T* op = out.data_ptr<T>();
-    const int64_t d = in.d, size = blocks.block * d;
+    T *yp = out.data_ptr<T>(), *rp = record.numel() ? record.data_ptr<T>() : nullptr;
+    int* tp = record.numel() ? terms.data_ptr<int>() : nullptr;
     for_each_task(blocks.tasks, [&](int64_t, auto&& tasks) {
-      std::vector<T> buf(3 * size);
+      Scratch<T> buf(3 * size);
       std::vector<double> norms(4 * blocks.block);
       tasks([&](int64_t t) {
         const Blocks::Task task = blocks.task(t);
@@ -566,22 +700,36 @@ at::Tensor dense_action_cpu(const at::Tensor& z, const at::Tensor& A, const at::
         T *y = buf.data(), *v = y + size, *w = v + size;
         blocks.gather(task, sched.order.data(), zp, y);
         action_block<T>(blocks.row_mode, task.rows, task.cols, ap + (in.shared ? 0 : task.index * d * d), d,
-                        &sched.h[r], &sched.steps[r], in.degree, y, v, w, norms.data());
-        blocks.scatter(task, sched.order.data(), y, op);
+                        &sched.h[r], &sched.steps[r], in.degree, y, v, w, norms.data(),
+                        rp ? rp + offsets[t] * vector : nullptr, tp ? tp + offsets[t] : nullptr);
+        blocks.scatter(task, sched.order.data(), y, yp);
       });
     });
   });
-  return out;
+  return {out, record, terms};
 }
 
-// The exact reverse of dense_action (same plan, substeps and per-vector term counts): (grad_z, grad_A, grad_tau).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(const at::Tensor& grad, const at::Tensor& z,
-                                                                         const at::Tensor& A, const at::Tensor& tau,
-                                                                         const at::Tensor& plan) {
+at::Tensor dense_action_cpu(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau, const at::Tensor& plan) {
+  return std::get<0>(action_forward(z, A, tau, plan, false, "dense_action"));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_record_cpu(const at::Tensor& z, const at::Tensor& A,
+                                                                       const at::Tensor& tau, const at::Tensor& plan) {
+  return action_forward(z, A, tau, plan, true, "dense_action_record");
+}
+
+// The exact reverse of dense_action (same plan, substeps and per-vector term counts): (grad_z, grad_A, grad_tau). With
+// dense_action_record's record and terms (non-empty) it reads the forward's Taylor terms, otherwise it recomputes them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau, const at::Tensor& plan,
+    const std::optional<at::Tensor>& record_in, const std::optional<at::Tensor>& terms_in) {
   TORCH_CHECK(z.device().is_cpu() && grad.device().is_cpu(), "hkd::dense_action_backward: expected CPU tensors");
   const hkd::dense::ActionInputs in = hkd::dense::checked_action_inputs(z, A, tau, plan, "dense_action_backward");
   TORCH_CHECK(grad.sizes() == z.sizes(), "hkd::dense_action_backward: grad must be like z ", z.sizes(), ", got ",
               grad.sizes());
+  const bool recorded = record_in.has_value() && record_in->numel() > 0;
+  TORCH_CHECK(recorded == (terms_in.has_value() && terms_in->numel() > 0),
+              "hkd::dense_action_backward: give both or neither of dense_action_record's record and terms");
   const at::Tensor G = grad.to(in.z.scalar_type()).contiguous();
   at::Tensor grad_z = at::zeros_like(in.z), grad_A = at::zeros_like(in.A), grad_tau = at::zeros_like(in.tau);
   auto result = [&] {
@@ -596,31 +744,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(const a
     using T = scalar_t;
     const Schedule<T> sched(in.tau.data_ptr<T>(), in.B, in.degree, in.alpha);
     const Blocks blocks(in.B, in.d, in.P, in.shared, sizeof(T));
-    const int64_t d = in.d, size = blocks.block * d, workers = workers_for(blocks.tasks);
+    const int64_t d = in.d, size = blocks.block * d, workers = workers_for(blocks.tasks),
+                  vector = (in.degree + 1) * d;
+    std::vector<int64_t> offsets;
+    at::Tensor record, terms;
+    if (recorded) {
+      offsets = record_offsets(blocks, sched);
+      record = record_in->contiguous(), terms = terms_in->contiguous();
+      TORCH_CHECK(record.scalar_type() == in.z.scalar_type() && record.numel() == offsets.back() * vector &&
+                      terms.scalar_type() == at::kInt && terms.numel() == offsets.back(),
+                  "hkd::dense_action_backward: record and terms are not dense_action_record's for these inputs");
+    }
     // per worker: its share of grad_A and of the gradients of h
     at::Tensor partial_A = at::zeros({workers, in.A.numel()}, in.A.options());
     std::vector<double> partial_h(workers * in.B, 0.0);
     const T *zp = in.z.data_ptr<T>(), *gp = G.data_ptr<T>(), *ap = in.A.data_ptr<T>();
+    const T* rp = recorded ? record.data_ptr<T>() : nullptr;
+    const int* tp = recorded ? terms.data_ptr<int>() : nullptr;
     T* gzp = grad_z.data_ptr<T>();
     for_each_task(blocks.tasks, [&](int64_t worker, auto&& tasks) {
-      BackwardScratch<T> scratch(size, int(blocks.block), in.degree);
-      std::vector<T> zb(size), gb(size);
+      BackwardScratch<T> scratch(size, int(blocks.block), in.degree, !recorded);
+      Scratch<T> zb(recorded ? 0 : size), gb(size);
       std::vector<double> gh(blocks.block);
       T* ga = partial_A.data_ptr<T>() + worker * in.A.numel();
       double* ph = partial_h.data() + worker * in.B;
       tasks([&](int64_t t) {
         const Blocks::Task task = blocks.task(t);
         const int64_t r = blocks.rank(task), offset = in.shared ? 0 : task.index * d * d;
-        blocks.gather(task, sched.order.data(), zp, zb.data());
+        if (!recorded) blocks.gather(task, sched.order.data(), zp, zb.data());
         blocks.gather(task, sched.order.data(), gp, gb.data());
         std::fill(gh.begin(), gh.end(), 0.0);
         action_block_backward<T>(blocks.row_mode, task.rows, task.cols, ap + offset, d, &sched.h[r], &sched.steps[r],
-                                 in.degree, zb.data(), gb.data(), ga + offset, gh.data(), scratch);
+                                 in.degree, zb.data(), gb.data(), ga + offset, gh.data(), scratch,
+                                 rp ? rp + offsets[t] * vector : nullptr, tp ? tp + offsets[t] : nullptr);
         blocks.scatter(task, sched.order.data(), gb.data(), gzp);
         for (int64_t i = 0; i < (blocks.row_mode ? task.count : 1); ++i) ph[sched.order[r + i]] += gh[i];
       });
     });
-    grad_A.copy_(partial_A.sum(0).view(in.A.sizes()));
+    grad_A.copy_(workers == 1 ? partial_A.view(in.A.sizes()) : partial_A.sum(0).view(in.A.sizes()));
     T* gt = grad_tau.data_ptr<T>();
     for (int64_t rank = 0; rank < in.B; ++rank) {  // h = tau / s
       double sum = 0;
@@ -637,5 +798,6 @@ TORCH_LIBRARY_IMPL(hkd, CPU, m) {
   m.impl("expm", &expm_cpu);
   m.impl("expm_backward", &expm_backward_cpu);
   m.impl("dense_action", &dense_action_cpu);
+  m.impl("dense_action_record", &dense_action_record_cpu);
   m.impl("dense_action_backward", &dense_action_backward_cpu);
 }

@@ -10,10 +10,12 @@ Algorithms (the maths lives in csrc/dense.h; the tables below mirror it):
   max |tau_b| (m <= ACTION_MAX_DEGREE), alpha = max(d_p, d_{p+1}), d_p = ||A^p||_1^(1/p) from exact small powers
   (p(p-1) <= m + 1; as many powers as a quarter of the cost of the plan from ||A||_1 pays for). Each substep stops
   per vector z[b, :, p] once ||v_{k-1}||_inf + ||v_k||_inf <= u ||y||_inf; its later terms are zero. Gradients: the
-  exact reverse of that recurrence, whose term counts the backward re-derives by re-running it (z: the action of
-  h A^T; A and tau: sums of outer products): a fused kernel on the CPU, `taylor_action_backward` elsewhere.
+  exact reverse of that recurrence (z: the action of h A^T; A and tau: sums of outer products): on the CPU a fused
+  kernel that reads the terms and per-vector term counts the forward recorded when autograd needed them
+  (dense_action_record) or else runs the recurrence again; `taylor_action_backward` elsewhere.
 * dense_propagate per level: shared (0-d) tau -> expm(tau A) once, then one GEMM. Per-sample tau -> the action or
-  one expm(tau_b A) per sample + bmm, whichever the flop model (`choose_algorithm`) says is cheaper.
+  one expm(tau_b A) per sample + bmm, whichever the flop model (`choose_algorithm`) says is cheaper; float32 matrices
+  that would need more than 4 squarings are formed and exponentiated in float64 (`expm_in_float64`).
 
 The plan and the cost model run in C++ (the op dense_action_plan, csrc/dense_plan.cpp); `reference_plan` is their
 Python twin for builds without the extension, and the tests check that the two agree.
@@ -44,11 +46,19 @@ THETA = {
     ),
 }  # fmt: skip
 MAX_SUBSTEPS = 100000
-P_MAX = 8  # alpha_p from ||A^p||_1 and ||A^(p+1)||_1, p <= P_MAX
 # The action's degree cap, theta_m ~ 3.5: the terms (h A)^k z / k! stay below about e^3.5 ||z|| for normal A, so
 # cancellation in the sum costs at most ~30 u (degree 55 lets them reach e^13 in float32, and the rounding with them).
 ACTION_MAX_DEGREE = {torch.float64: 30, torch.float32: 20}
 EXPM_DEGREES = (1, 2, 4, 6, 9, 12, 16, 20, 25, 30)
+
+
+def max_powers(dtype: torch.dtype) -> int:
+    """The powers of A the plan can use: alpha_p from ||A^p||_1 and ||A^(p+1)||_1 needs p (p - 1) <= m + 1, m at most
+    the action's degree cap (as csrc/dense.h max_powers)."""
+    p = 1
+    while (p + 1) * p <= ACTION_MAX_DEGREE[torch.float64 if dtype == torch.float64 else torch.float32] + 1:
+        p += 1
+    return p + 1
 
 
 def _theta(dtype: torch.dtype) -> tuple[float, ...]:
@@ -98,7 +108,7 @@ def action_plan(A: Tensor, tau_max: float, columns: int, dtype: torch.dtype) -> 
         return m, alpha
     # one power of A costs (matrices d^3) / (d^2 columns) Taylor terms; spend at most a quarter of the plan on them
     power_cost = (A.shape[0] if A.dim() == 3 else 1) * A.shape[-1] / max(columns, 1)
-    powers = min(P_MAX + 1, 1 + int(cost / (4 * power_cost)))
+    powers = min(max_powers(dtype), 1 + int(cost / (4 * power_cost)))
     if powers >= 3 and norm > 0:
         m, alpha, _ = best(_power_norms(A.detach().to(dtype), norm, powers))
     return m, alpha
@@ -125,30 +135,39 @@ def expm_terms(norms: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.stack([ps_cost(m) + squarings(norms / theta[m - 1]) for m in EXPM_DEGREES]).amin(0)
 
 
+def expm_in_float64(max_norm: float, dtype: torch.dtype) -> bool:
+    """Whether the per-sample exp(tau_b A) of float32 matrices runs in float64 (max_norm: max ||tau_b A||_1): when
+    float32 would square more than 4 times at the top degree (as csrc/dense.h expm_in_float64)."""
+    return dtype != torch.float64 and max_norm > 16 * _theta(dtype)[EXPM_DEGREES[-1] - 1]
+
+
 def choose_algorithm(A: Tensor, tau: Tensor, positions: int, degree: int, alpha: float) -> str:
     """Per-sample tau: "action" (at most m s_b Taylor terms for sample b, each 2 d^2 P flops) or "expm" (one
     exp(tau_b A) per sample (and position): (cost(m) + s) 2 d^3 each, by the plan hkd's expm makes for
-    ||tau_b A||_1, then the GEMM 2 d^2 B P). The action's side uses the action's own plan (degree, alpha)."""
+    ||tau_b A||_1, then the GEMM 2 d^2 B P), or "expm64": the same with float32 matrices in float64
+    (`expm_in_float64`), at twice the cost. The action's side uses the action's own plan (degree, alpha)."""
     if not math.isfinite(alpha):
         return "action"
     d = A.shape[-1]
     terms = degree * float(action_substeps(tau, degree, alpha).sum())
     norms = tau.double().abs().cpu() * float(torch.linalg.matrix_norm(A.double(), ord=1).max()) if A.numel() else 0.0
     products = float(expm_terms(torch.as_tensor(norms), tau.dtype).sum()) * (A.shape[0] if A.dim() == 3 else 1)
+    wide = expm_in_float64(float(torch.as_tensor(norms).max()) if len(tau) else 0.0, A.dtype)
     action = terms * 2 * d * d * positions
-    per_sample = products * 2 * d**3 + 2 * d * d * len(tau) * positions
-    return "action" if action <= per_sample else "expm"
+    per_sample = products * 2 * d**3 * (2 if wide else 1) + 2 * d * d * len(tau) * positions
+    return "action" if action <= per_sample else "expm64" if wide else "expm"
 
 
 def reference_plan(A: Tensor, tau: Tensor, positions: int) -> Tensor:
     """The action's plan for z (B, d, P = positions), A (d, d) or (P, d, d), tau (B,): a float64 CPU tensor (degree m,
-    alpha, 1 if the action is cheaper than one expm per sample else 0). The op dense_action_plan computes the same in
-    C++ (csrc/dense_plan.cpp); this is its twin for builds without the extension."""
+    alpha, choice: 1 if the action is cheaper than one expm per sample, else 0, or -1 for "expm64"). The op
+    dense_action_plan computes the same in C++ (csrc/dense_plan.cpp); this is its twin for builds without the
+    extension."""
     A, tau = A.detach(), tau.detach()
     tau_max = float(tau.abs().max()) if tau.numel() else 0.0
     m, alpha = action_plan(A, tau_max, len(tau) * positions, A.dtype)
-    action = choose_algorithm(A, tau, positions, m, alpha) == "action"
-    return torch.tensor([m, alpha, float(action)], dtype=torch.float64)
+    choice = {"action": 1.0, "expm": 0.0, "expm64": -1.0}[choose_algorithm(A, tau, positions, m, alpha)]
+    return torch.tensor([m, alpha, choice], dtype=torch.float64)
 
 
 if _backend.extension_loaded():
@@ -273,8 +292,18 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _register(expm: str, action: str, expm_op, expm_backward_op=None, action_backward_op=None) -> None:
-    """Fake kernels and autograd for an (expm, action) pair of ops. Without a fused backward op, and under
+def _save_record(ctx, inputs, output):
+    """The action's inputs and the record of its terms (not differentiable; no zero gradients made for it)."""
+    ctx.save_for_backward(*inputs, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _register(
+    expm: str, action: str, expm_op, expm_backward_op=None, action_backward_op=None, action_record: str | None = None
+) -> None:
+    """Fake kernels and autograd for an (expm, action) pair of ops, and the action's recording twin if there is one
+    (its record of the Taylor terms goes to the fused backward op). Without a fused backward op, and under
     create_graph (double backward), the gradients are differentiable composites: the Frechet adjoint from the expm
     op itself, and the plain-PyTorch reverse of the action's recurrence."""
 
@@ -284,31 +313,52 @@ def _register(expm: str, action: str, expm_op, expm_backward_op=None, action_bac
             return _frechet_adjoint(expm_op, A, grad)
         return expm_backward_op(A, grad)
 
-    def action_backward(ctx, grad):
+    def action_backward(ctx, grad, *_):  # (*_: the gradients of the record, which has none)
+        z, A, tau, plan, *record = ctx.saved_tensors
+        if grad is None:  # (the record's op does not make zero gradients for an unused output)
+            return None, None, None, None
         if action_backward_op is None or torch.is_grad_enabled():
-            return (*taylor_action_backward(grad, *ctx.saved_tensors), None)
-        return (*action_backward_op(grad, *ctx.saved_tensors), None)
+            return (*taylor_action_backward(grad, z, A, tau, plan), None)
+        return (*action_backward_op(grad, z, A, tau, plan, *record), None)
 
     # (a triton_op would use itself as fake kernel, which fails under TRITON_INTERPRET=1: it launches the kernel)
     torch.library.register_fake(expm)(lambda A: A.new_empty(A.shape))
     torch.library.register_fake(action)(lambda z, A, tau, plan: z.new_empty(z.shape))
     torch.library.register_autograd(expm, expm_backward, setup_context=_save_inputs)
     torch.library.register_autograd(action, action_backward, setup_context=_save_inputs)
+    if action_record is not None:
+        torch.library.register_fake(action_record)(_fake_record)
+        torch.library.register_autograd(action_record, action_backward, setup_context=_save_record)
+
+
+def _fake_record(z, A, tau, plan):
+    """dense_action_record's outputs: the result and a record whose sizes depend on tau's values."""
+    ctx = torch.library.get_ctx()
+    record, terms = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return z.new_empty(z.shape), z.new_empty(record), z.new_empty(terms, dtype=torch.int32)
+
+
+def _fake_action_backward(grad, z, A, tau, plan, record=None, terms=None):
+    return z.new_empty(z.shape), A.new_empty(A.shape), tau.new_empty(tau.shape)
+
+
+def _taylor_action_backward_op(grad, z, A, tau, plan, record=None, terms=None):
+    """dense_action_backward off the CPU: the plain-PyTorch reverse (there is no record to read)."""
+    return taylor_action_backward(grad, z, A, tau, plan)
 
 
 if _backend.extension_loaded():
     torch.library.register_fake("hkd::expm_backward")(lambda A, grad: A.new_empty(A.shape))
-    torch.library.register_fake("hkd::dense_action_backward")(
-        lambda grad, z, A, tau, plan: (z.new_empty(z.shape), A.new_empty(A.shape), tau.new_empty(tau.shape))
-    )
+    torch.library.register_fake("hkd::dense_action_backward")(_fake_action_backward)
     # CPU: the fused kernel (csrc/cpu/dense.cpp); CUDA: the plain-PyTorch reverse of the same recurrence
-    torch.library.impl("hkd::dense_action_backward", "CUDA")(taylor_action_backward)
+    torch.library.impl("hkd::dense_action_backward", "CUDA")(_taylor_action_backward_op)
     _register(
         "hkd::expm",
         "hkd::dense_action",
         torch.ops.hkd.expm,
         torch.ops.hkd.expm_backward,
         torch.ops.hkd.dense_action_backward,
+        "hkd::dense_action_record",
     )
 
 
@@ -358,7 +408,13 @@ def _action(z: Tensor, A: Tensor, tau: Tensor, backend: str, plan: Tensor | None
         return taylor_action(z, A, tau, plan)
     if backend == "triton":
         return _triton_ops()[1](z, A, tau, plan)
+    if backend == "cpu" and _needs_grad(z, A, tau) and not torch.compiler.is_compiling():
+        return torch.ops.hkd.dense_action_record(z, A, tau, plan)[0]  # the backward reads the terms, not recomputes
     return torch.ops.hkd.dense_action(z, A, tau, plan)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def expm(A: Tensor, *, backend: str = "auto") -> Tensor:
@@ -434,8 +490,9 @@ def dense_propagate(
             plan = dense_action_plan(A.detach(), t.detach(), positions)
             if torch.compiler.is_compiling() or plan[2] > 0:
                 y = _action(flat, A, t, backend, plan)
-            else:
-                M = _expm(t.reshape(-1, *([1] * A.dim())) * A, backend)  # (B, d, d) or (B, P, d, d)
+            else:  # (B, d, d) or (B, P, d, d); plan[2] < 0: float32 matrices formed and exponentiated in float64
+                wide = torch.float64 if plan[2] < 0 else dtype
+                M = _expm(t.to(wide).reshape(-1, *([1] * A.dim())) * A.to(wide), backend).to(dtype)
                 y = torch.bmm(M, flat) if A.dim() == 2 else torch.einsum("bpij,bjp->bip", M, flat)
         out.append(y.reshape(z.shape).to(z.dtype))
     return out
