@@ -136,13 +136,9 @@ def fused_backward(backend):
 FUSED = ["cpu", pytest.param("triton", marks=pytest.mark.triton)]
 
 
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("per_position, P", [(False, 1), (False, 4), (True, 3), (True, 1)])
-@pytest.mark.parametrize("kind", ["contiguous", "non-contiguous", "expanded"])
-def test_fused_backward_is_the_reverse_of_the_recurrence(backend, per_position, P, kind):
-    """The fused dense action backward against float64 autograd through the plain-PyTorch recurrence (taylor_action),
-    on fresh inputs in several layouts, with samples taking different numbers of substeps (row and column mode)."""
-    backward = fused_backward(backend)
+def recurrence_inputs(per_position: bool, P: int, kind: str):
+    """Fresh float64 (z, A, tau, upstream gradient, plan) for the action's backward tests, in layout `kind`: five
+    samples whose taus take different numbers of substeps (one shared tau when expanded)."""
     B, d = 5, 6
     z = layout(torch.randn(B, d, P, dtype=torch.float64), kind)
     A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64)
@@ -151,6 +147,17 @@ def test_fused_backward_is_the_reverse_of_the_recurrence(backend, per_position, 
     tau = tau[:1].expand(B) if kind == "expanded" else tau
     g = layout(torch.randn(B, d, P, dtype=torch.float64), kind)
     plan = dense.dense_action_plan(A, tau, P)
+    return z, A, tau, g, plan
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("per_position, P", [(False, 1), (False, 4), (True, 3), (True, 1)])
+@pytest.mark.parametrize("kind", ["contiguous", "non-contiguous", "expanded"])
+def test_fused_backward_is_the_reverse_of_the_recurrence(backend, per_position, P, kind):
+    """The fused dense action backward against float64 autograd through the plain-PyTorch recurrence (taylor_action),
+    on fresh inputs in several layouts, with samples taking different numbers of substeps (row and column mode)."""
+    backward = fused_backward(backend)
+    z, A, tau, g, plan = recurrence_inputs(per_position, P, kind)
     if kind != "expanded":
         assert len(set(dense.action_substeps(tau, int(plan[0]), float(plan[1])).tolist())) >= 3
     leaves = [t.detach().clone().requires_grad_() for t in (z, A, tau)]
@@ -195,19 +202,12 @@ def test_recorded_forward_and_backward(per_position, P, kind):
     """dense_action_record gives dense_action's result and a record of its Taylor terms; the backward that reads it
     gives the gradients of the one that runs the recurrence again, and both those of float64 autograd through the
     plain-PyTorch recurrence, on fresh inputs in several layouts, samples taking different numbers of substeps."""
-    B, d = 5, 6
-    z = layout(torch.randn(B, d, P, dtype=torch.float64), kind)
-    A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64)
-    A = A.mT if kind == "non-contiguous" else A
-    tau = torch.tensor([0.0, 0.4, -2.5, 9.0, 27.0], dtype=torch.float64)
-    tau = tau[:1].expand(B) if kind == "expanded" else tau
-    g = layout(torch.randn(B, d, P, dtype=torch.float64), kind)
-    plan = dense.dense_action_plan(A, tau, P)
+    z, A, tau, g, plan = recurrence_inputs(per_position, P, kind)
     out, record, terms = torch.ops.hkd.dense_action_record(z, A, tau, plan)
     assert torch.equal(out, torch.ops.hkd.dense_action(z, A, tau, plan))
     steps = dense.action_substeps(tau, int(plan[0]), float(plan[1]))
     assert terms.dtype == torch.int32 and terms.numel() == int(steps.sum()) * P  # a count per vector and substep
-    assert record.numel() == terms.numel() * (int(plan[0]) + 1) * d
+    assert record.numel() == terms.numel() * (int(plan[0]) + 1) * z.shape[1]
     assert 1 <= int(terms.min()) and int(terms.max()) <= int(plan[0])
     recorded = torch.ops.hkd.dense_action_backward(g, z, A, tau, plan, record, terms)
     again = torch.ops.hkd.dense_action_backward(g, z, A, tau, plan)
