@@ -8,8 +8,11 @@ T = sigma_max, eps = sigma_min; the clock c is t itself ("identity", the paper) 
 
 Choices (where the paper is silent):
 * The encoder, with encoder_sees_noise=True, sees the input as the teacher's network does: c_in(t) x_t and the
-  noise label c_noise(t) = ln(t) / 4. With False it is an autonomous observable g(x_t): the fixed scale c_in(T)
-  and label c_noise(T) for every t.
+  noise label c_noise(t) = ln(t) / 4. With False it is an autonomous observable g(x_t), told nothing about t:
+  encoder_scale=fixed gives it the scale c_in(T) and label c_noise(T) at every t; encoder_scale=estimated reads the
+  noise level off the state, sigma_hat(x_t)^2 = max(mean(x_t^2) - sigma_data^2, sigma_min^2) (x_t = x_0 + t n has
+  mean square ~ sigma_data^2 + t^2), and uses c_in(sigma_hat), c_noise(sigma_hat): c_in x_t then has unit mean
+  square at every t, as the teacher's input has.
 * The decoder runs as the teacher's network does at sigma = T, where its output is a prediction of the image:
   D(z) = c_out(T) F_up(z, c_noise(T)), in the teacher's denoised-image space. From the teacher's weights and A = 0,
   the one-step output is then the teacher's denoiser D(x_T; T) (minus c_skip(T) x_T, 4e-5 x_T at T = 80).
@@ -40,6 +43,7 @@ from hkd.unet import ARCHITECTURE, UNet, architecture
 FORMAT = "hkd-model"
 CLOCKS = ("identity", "log")
 GENERATOR_INITS = ("zero", "spread")
+ENCODER_SCALES = ("fixed", "estimated")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class ModelConfig(Section, name="model"):
     backend: str = "auto"  # of the propagation ops
     clock: str = "identity"  # c(t) = t ("identity", the paper) or ln t ("log")
     encoder_sees_noise: bool = True
+    encoder_scale: str = "fixed"  # the autonomous encoder's (encoder_sees_noise=false) input scale: fixed or estimated
     band_reading: str = "alpha"  # what orders the spectral bands of the analysis and editing: alpha or rate (|beta|)
     generator_init: str = "zero"  # "zero" (the paper: A = 0) or "spread" (spectral: rotation rates spread, see below)
     koopman: bool = True
@@ -82,6 +87,11 @@ class ModelConfig(Section, name="model"):
         self.require(0 < self.sigma_min < self.sigma_max, "sigma_min", f"in (0, sigma_max = {self.sigma_max})")
         self.require(self.sigma_data > 0, "sigma_data", "> 0")
         self.require(self.band_reading in ("alpha", "rate"), "band_reading", "alpha or rate")
+        self.require(self.encoder_scale in ENCODER_SCALES, "encoder_scale", f"one of {', '.join(ENCODER_SCALES)}")
+        if self.encoder_sees_noise:
+            self.require(
+                self.encoder_scale == "fixed", "encoder_scale", "fixed with encoder_sees_noise=true (it is told t)"
+            )
         self.require(self.generator_init in GENERATOR_INITS, "generator_init", f"one of {', '.join(GENERATOR_INITS)}")
         if self.generator_init == "spread":
             self.require(
@@ -144,6 +154,20 @@ class HKDModel(nn.Module):
         """The Koopman time step from t_from to t_to: c(t_to) - c(t_from) (float64; scalar or per sample)."""
         return self.clock(t_to) - self.clock(t_from)
 
+    def estimate_sigma(self, x_t: Tensor) -> Tensor:
+        """sigma_hat(x_t) = sqrt(max(mean(x_t^2) - sigma_data^2, eps^2)) per sample: the noise level read off the
+        state (encoder_scale=estimated)."""
+        mean_square = x_t.float().square().mean(dim=(1, 2, 3))
+        return (mean_square - self.sigma_data**2).clamp_min(self.eps**2).sqrt()
+
+    def _encoder_sigma(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """The noise level the encoder's input scale and label are computed at: t, T or sigma_hat(x_t)."""
+        if self.config.encoder_sees_noise:
+            return self._sigma(t, x_t.shape[0], x_t.device)
+        if self.config.encoder_scale == "estimated":
+            return self.estimate_sigma(x_t)
+        return self._sigma(self.T, x_t.shape[0], x_t.device)
+
     def _sigma(self, t: Tensor | float, batch: int, device: torch.device) -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
         if t.numel() not in (1, batch):
@@ -162,8 +186,7 @@ class HKDModel(nn.Module):
     def encode(self, x_t: Tensor, t: Tensor | float) -> list[Tensor]:
         """E(x_t): the latents at time t (t a scalar or one per sample)."""
         self.check_images(x_t)
-        sigma = self._sigma(t if self.config.encoder_sees_noise else self.T, x_t.shape[0], x_t.device)
-        _, _, c_in, c_noise = preconditioning(sigma, self.sigma_data)
+        _, _, c_in, c_noise = preconditioning(self._encoder_sigma(x_t, t), self.sigma_data)
         latents = self.net.encode(c_in.reshape(-1, 1, 1, 1) * x_t.float(), c_noise)
         if not self.config.hierarchy:  # one Koopman latent: the bottleneck's; the other skips are removed
             latents = [*(torch.zeros_like(z) for z in latents[:-1]), latents[-1]]

@@ -84,6 +84,8 @@ CASES = [
     ("train train.out={out} train.batch=0", "train.batch must be >= 1"),
     ("train train.out={out} train.device=bogus", "train.device must be one of auto, cpu, cuda"),
     ("train train.out={out} model.img_resolution=-8", "model.img_resolution must be >= 1"),
+    ("train train.out={out} model.encoder_scale=estimated", "model.encoder_scale must be fixed with encoder_sees_noise"),
+    ("train train.out={out} model.encoder_sees_noise=false model.encoder_scale=t", "model.encoder_scale must be one of"),
     ("train --config nope train.out={out}", "config 'nope' not found"),
     ("train train.out={out} --resume", "--resume: no checkpoint"),
     ("train train.out={file}", "train.out '{file}' is a file, not a folder"),

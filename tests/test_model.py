@@ -97,6 +97,25 @@ def test_ablations_freeze_the_right_generators():
     assert flat.propagator.alphas[1].grad.abs().sum() > 0 and flat.propagator.alphas[0].grad is None
 
 
+def test_estimated_scale_reads_the_noise_level_off_the_state():
+    """encoder_scale=estimated: sigma_hat^2 = mean(x^2) - sigma_data^2 (floored at eps^2), and the encoder is told
+    nothing else: E(x_t) is the same at every t, and it is the teacher-style encoding at sigma_hat."""
+    model = tiny_model(encoder_sees_noise=False, encoder_scale="estimated").eval()
+    torch.manual_seed(1)
+    noise = torch.randn(4, 3, 8, 8)
+    sigma = torch.tensor([0.01, 0.7, 5.0, 80.0])
+    x = noise / noise.square().mean(dim=(1, 2, 3), keepdim=True).sqrt()  # unit mean square
+    x = x * (sigma**2 + model.sigma_data**2).sqrt().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(model.estimate_sigma(x), sigma)
+    assert model.estimate_sigma(torch.zeros(2, 3, 8, 8)).tolist() == pytest.approx([model.eps] * 2)
+    for a, b in zip(model.encode(x, 1.0), model.encode(x, torch.tensor([3.0, 0.1, 9.0, 80.0])), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    told = tiny_model(encoder_sees_noise=True)
+    told.load_state_dict(model.state_dict())
+    for a, b in zip(model.encode(x, 1.0), told.eval().encode(x, sigma), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_save_and_load_give_identical_outputs(tmp_path):
     model = tiny_model(generator="dense", clock="log", encoder_sees_noise=False)
     model.save_pretrained(tmp_path / "m")
