@@ -56,18 +56,40 @@ __device__ Plan matrix_plan(const T* A, int n) {
   return hkd::dense::expm_plan(norm, sizeof(T) == 8);
 }
 
+// The prologue of both on-chip expm kernels: the plan of the block's matrix A; when it is not finite the block's
+// output is NaN and the kernel returns (the plan's `finite` is false).
+template <typename T>
+__device__ Plan plan_or_nan(const T* A, T* out, int n) {
+  const Plan p = matrix_plan(A, n);
+  if (!p.finite)
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) out[e] = nan_value<T>();
+  return p;
+}
+
+// The Paterson-Stockmeyer pieces of the degree-m Taylor polynomial in blocks of q = ps_block(m): its coefficients
+// c(k) = 1/k! (0 past m), and block(pw, j, e) = sum_{i<q} c(jq + i) X^i at element e, from the powers pw[i] = X^i
+// (the identity term only when `identity`; a derivative's blocks have none).
+template <typename T>
+struct Taylor {
+  int m, q, n;
+  __device__ T c(int k) const { return k <= m ? T(hkd::dense::inv_factorial(k)) : T(0); }
+  __device__ T block(T* const* pw, int j, int e, bool identity) const {
+    T v = identity && e / n == e % n ? c(j * q) : T(0);
+    for (int i = 1; i < q; ++i) v += c(j * q + i) * pw[i][e];
+    return v;
+  }
+};
+
 template <typename T>
 __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n) {
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int nn = n * n;
   const int64_t base = int64_t(blockIdx.x) * nn;
-  const Plan p = matrix_plan(A + base, n);
-  if (!p.finite) {
-    for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = nan_value<T>();
-    return;
-  }
+  const Plan p = plan_or_nan(A + base, out + base, n);
+  if (!p.finite) return;
   const int m = p.degree, q = hkd::dense::ps_block(m);
+  const Taylor<T> taylor{m, q, n};
   T* pw[8];  // pw[i] = X^i
   for (int i = 1; i <= q; ++i) pw[i] = smem + (i - 1) * nn;
   T* Y = smem + q * nn;
@@ -76,21 +98,16 @@ __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n)
   for (int e = threadIdx.x; e < nn; e += blockDim.x) pw[1][e] = A[base + e] * scale;
   __syncthreads();
   for (int i = 2; i <= q; ++i) matmul(pw[i - 1], pw[1], pw[i], n);
-  auto c = [m](int k) { return k <= m ? T(hkd::dense::inv_factorial(k)) : T(0); };
-  // B_j = sum_{i<q} c(jq + i) X^i at element e
-  auto block = [&](int j, int e) {
-    T v = (e / n == e % n) ? c(j * q) : T(0);
-    for (int i = 1; i < q; ++i) v += c(j * q + i) * pw[i][e];
-    return v;
-  };
+  const T cm = taylor.c(m);
   int j = m / q;
   const bool folded = m % q == 0;  // B_{m/q} = c(m) I: no product
   if (folded) --j;
-  for (int e = threadIdx.x; e < nn; e += blockDim.x) Y[e] = (folded ? c(m) * pw[q][e] : T(0)) + block(j, e);
+  for (int e = threadIdx.x; e < nn; e += blockDim.x)
+    Y[e] = (folded ? cm * pw[q][e] : T(0)) + taylor.block(pw, j, e, true);
   __syncthreads();
   for (--j; j >= 0; --j) {  // Y <- B_j + X^q Y
     matmul(pw[q], Y, tmp, n);
-    for (int e = threadIdx.x; e < nn; e += blockDim.x) Y[e] = tmp[e] + block(j, e);
+    for (int e = threadIdx.x; e < nn; e += blockDim.x) Y[e] = tmp[e] + taylor.block(pw, j, e, true);
     __syncthreads();
   }
   for (int i = 0; i < p.steps; ++i) {
@@ -121,12 +138,10 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int nn = n * n;
   const int64_t base = int64_t(blockIdx.x) * nn;
-  const Plan p = matrix_plan(A + base, n);
-  if (!p.finite) {
-    for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = nan_value<T>();
-    return;
-  }
+  const Plan p = plan_or_nan(A + base, out + base, n);
+  if (!p.finite) return;
   const int m = p.degree, q = hkd::dense::ps_block(m);
+  const Taylor<T> taylor{m, q, n};
   T* pw[8];   // pw[i] = X^i, X = A^T / 2^s
   T* dpw[8];  // their derivatives in the direction G / 2^s
   for (int i = 1; i <= q; ++i) pw[i] = smem + (i - 1) * nn, dpw[i] = smem + (q + i - 1) * nn;
@@ -145,30 +160,21 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
     matmul(dpw[i - 1], pw[1], dpw[i], n);
     matmul_add(pw[i - 1], dpw[1], dpw[i], n);
   }
-  auto c = [m](int k) { return k <= m ? T(hkd::dense::inv_factorial(k)) : T(0); };
-  auto block = [&](int j, int e) {
-    T v = (e / n == e % n) ? c(j * q) : T(0);
-    for (int i = 1; i < q; ++i) v += c(j * q + i) * pw[i][e];
-    return v;
-  };
-  auto dblock = [&](int j, int e) {
-    T v = 0;
-    for (int i = 1; i < q; ++i) v += c(j * q + i) * dpw[i][e];
-    return v;
-  };
+  const T cm = taylor.c(m);
   int j = m / q;
   const bool folded = m % q == 0;
   if (folded) --j;
   for (int e = threadIdx.x; e < nn; e += blockDim.x) {
-    Y[e] = (folded ? c(m) * pw[q][e] : T(0)) + block(j, e);
-    dY[e] = (folded ? c(m) * dpw[q][e] : T(0)) + dblock(j, e);
+    Y[e] = (folded ? cm * pw[q][e] : T(0)) + taylor.block(pw, j, e, true);
+    dY[e] = (folded ? cm * dpw[q][e] : T(0)) + taylor.block(dpw, j, e, false);
   }
   __syncthreads();
   for (--j; j >= 0; --j) {  // Y <- B_j + X^q Y, dY <- dB_j + d(X^q) Y + X^q dY
     matmul(dpw[q], Y, dtmp, n);
     matmul_add(pw[q], dY, dtmp, n);
     matmul(pw[q], Y, tmp, n);
-    for (int e = threadIdx.x; e < nn; e += blockDim.x) Y[e] = tmp[e] + block(j, e), dY[e] = dtmp[e] + dblock(j, e);
+    for (int e = threadIdx.x; e < nn; e += blockDim.x)
+      Y[e] = tmp[e] + taylor.block(pw, j, e, true), dY[e] = dtmp[e] + taylor.block(dpw, j, e, false);
     __syncthreads();
   }
   for (int i = 0; i < p.steps; ++i) {  // Y <- Y^2, dY <- Y dY + dY Y
