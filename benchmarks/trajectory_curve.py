@@ -12,15 +12,13 @@ r_A / r_0 and the decoded-trajectory error on 64 held-out teacher trajectories (
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import torch
-
-from hkd import demo, experiments, metrics
+from hkd import demo, experiments
 from hkd.config import apply_overrides
-from hkd.faithfulness import teacher_trajectories
+from hkd.errors import UserError
 from hkd.teacher import load_teacher
-from hkd.train import total_steps
 
 
 def main() -> None:
@@ -34,16 +32,13 @@ def main() -> None:
     config = demo.settings(source, quick=False, overrides=[f"train.epochs={args.epochs}", *args.overrides])
     config = apply_overrides(config, [f"train.out={out}", "train.progress=false"])
     teacher = load_teacher(source / "teacher" / "teacher.pt")
-    noise = torch.randn(500, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    endpoint = metrics.teacher_samples(teacher, noise, 18)
-    per_epoch = config["trajectories"]["num_trajectories"] // config["train"]["batch"]
-    total = total_steps(args.epochs, per_epoch, config["train"].get("max_steps"))
-    held_out = (*teacher_trajectories(teacher, 64), teacher)
-    stops = experiments.milestones(total)
-    _, rows = experiments.learning_curve(config, stops, noise, endpoint, trajectories=held_out)
+    _, rows = experiments.learning_curve(config, **experiments.curve_inputs(config, teacher))
     for path in experiments.curve_table({out.name: rows}, out / "curve"):
         print(path)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # a wrong folder or override: one line, as hkd reports it
+        sys.exit(f"trajectory_curve: {error}")

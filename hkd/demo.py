@@ -121,10 +121,8 @@ def run(
 def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality: bool, log) -> Path:
     from hkd import analysis, checkpoint, editing, experiments, metrics
     from hkd.data import digits
-    from hkd.faithfulness import teacher_trajectories
     from hkd.figures import write_json
     from hkd.teacher import CHECKPOINT_NAME, load_teacher, train_teacher
-    from hkd.train import total_steps
     from hkd.trajectories import TrajectoryConfig, read_manifest, write_store
 
     timings_file = out / "timings.json"  # seconds per stage, kept across re-runs for the report
@@ -176,25 +174,18 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
         lambda: write_store(teacher, store, trajectory_cfg, workers=workers, device=device),
     )
 
-    # Learning curves: each run stops at milestones and its one-step samples are measured there (500 noises).
+    # Learning curves: each run stops at milestones; its one-step samples (500 noises) and its Koopman trajectory
+    # (64 held-out teacher trajectories; 128 and 16 with --quick) are measured there.
     num = 128 if quick else 500
-    shape = (num, teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    endpoint = metrics.teacher_samples(teacher, noise, 18)
-    train_cfg = config["train"]
-    per_epoch = trajectory_cfg.num_trajectories // train_cfg["batch"]
-    total = total_steps(train_cfg["epochs"], per_epoch, train_cfg.get("max_steps"))
-    milestones = experiments.milestones(total)
-    held_out = (*teacher_trajectories(teacher, 16 if quick else 64), teacher)  # the trajectory at each milestone too
+    measured_on = experiments.curve_inputs(config, teacher, num=num, held_out=16 if quick else 64, device=device)
+    total = measured_on["milestones"][-1]
     curves = {}
 
     def trained(label: str, name: str, switches: list[str]):
         """One run as a stage, trained (or resumed) through its learning curve, or reused when done earlier."""
         cfg = configs.apply_overrides(config, [*switches, f"train.out={out / name}"])
         done = experiments.finished(cfg) and experiments.run_steps(cfg) >= total
-        work = lambda: experiments.learning_curve(  # noqa: E731
-            cfg, milestones, noise, endpoint, trajectories=held_out, device=device, log=log
-        )
+        work = lambda: experiments.learning_curve(cfg, **measured_on, device=device, log=log)  # noqa: E731
         model, curves[label.split(" ", 1)[1]] = stage(label, done, work) or work()
         return model
 

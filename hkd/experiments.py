@@ -69,6 +69,25 @@ def milestones(total: int) -> list[int]:
     return sorted({max(1, round(total * f)) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 1)})
 
 
+def curve_inputs(config: dict, teacher, *, num: int = 500, held_out: int = 64, device="cpu") -> dict:
+    """What a run's learning curve is measured on (learning_curve's keywords): the milestones of its training,
+    `num` noises (seed 0) with the teacher's 18-step Heun endpoints for them, and `held_out` fresh teacher
+    trajectories (seed 1) with the teacher, for the faithfulness of the Koopman trajectory."""
+    from hkd.faithfulness import teacher_trajectories
+    from hkd.train import total_steps
+
+    train = config["train"]
+    per_epoch = config["trajectories"]["num_trajectories"] // train["batch"]
+    shape = (num, teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    return dict(
+        milestones=milestones(total_steps(train["epochs"], per_epoch, train.get("max_steps"))),
+        noise=noise,
+        endpoint=teacher_samples(teacher, noise, 18),
+        trajectories=(*teacher_trajectories(teacher, held_out), teacher),
+    )
+
+
 def learning_curve(
     config: dict,
     milestones: list[int],
