@@ -56,22 +56,16 @@ __device__ Plan matrix_plan(const T* A, int n) {
   return hkd::dense::expm_plan(norm, sizeof(T) == 8);
 }
 
-// The prologue of both on-chip expm kernels: the plan of the block's matrix A; when it is not finite the block's
-// output is NaN and the kernel returns (the plan's `finite` is false).
-template <typename T>
-__device__ Plan plan_or_nan(const T* A, T* out, int n) {
-  const Plan p = matrix_plan(A, n);
-  if (!p.finite)
-    for (int e = threadIdx.x; e < n * n; e += blockDim.x) out[e] = nan_value<T>();
-  return p;
-}
-
-// The Paterson-Stockmeyer pieces of the degree-m Taylor polynomial in blocks of q = ps_block(m): its coefficients
-// c(k) = 1/k! (0 past m), and block(pw, j, e) = sum_{i<q} c(jq + i) X^i at element e, from the powers pw[i] = X^i
-// (the identity term only when `identity`; a derivative's blocks have none).
+// The degree-m Taylor polynomial of this block's matrix (blockIdx.x, at offset `base`), evaluated by
+// Paterson-Stockmeyer in blocks of q = ps_block(m) after `steps` halvings: its coefficients c(k) = 1/k! (0 past m),
+// and block(pw, j, e) = sum_{i<q} c(jq + i) X^i at element e from the powers pw[i] = X^i (the identity term only
+// when `identity`; a derivative's blocks have none). `finite` false: the norm is not finite, the block's output has
+// been set to NaN and the kernel returns.
 template <typename T>
 struct Taylor {
-  int m, q, n;
+  int m, q, n, steps;
+  int64_t base;
+  bool finite;
   __device__ T c(int k) const { return k <= m ? T(hkd::dense::inv_factorial(k)) : T(0); }
   __device__ T block(T* const* pw, int j, int e, bool identity) const {
     T v = identity && e / n == e % n ? c(j * q) : T(0);
@@ -80,21 +74,29 @@ struct Taylor {
   }
 };
 
+// The prologue of both on-chip expm kernels: the plan of this block's matrix (csrc/dense.h expm_plan).
+template <typename T>
+__device__ Taylor<T> block_taylor(const T* A, T* out, int n) {
+  const int64_t base = int64_t(blockIdx.x) * n * n;
+  const Plan p = matrix_plan(A + base, n);
+  if (!p.finite)
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) out[base + e] = nan_value<T>();
+  return {p.degree, hkd::dense::ps_block(p.degree), n, p.steps, base, p.finite};
+}
+
 template <typename T>
 __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n) {
+  const Taylor<T> taylor = block_taylor(A, out, n);
+  if (!taylor.finite) return;
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  const int nn = n * n;
-  const int64_t base = int64_t(blockIdx.x) * nn;
-  const Plan p = plan_or_nan(A + base, out + base, n);
-  if (!p.finite) return;
-  const int m = p.degree, q = hkd::dense::ps_block(m);
-  const Taylor<T> taylor{m, q, n};
+  const int nn = n * n, m = taylor.m, q = taylor.q;
+  const int64_t base = taylor.base;
   T* pw[8];  // pw[i] = X^i
   for (int i = 1; i <= q; ++i) pw[i] = smem + (i - 1) * nn;
   T* Y = smem + q * nn;
   T* tmp = Y + nn;
-  const T scale = T(ldexp(1.0, -p.steps));
+  const T scale = T(ldexp(1.0, -taylor.steps));
   for (int e = threadIdx.x; e < nn; e += blockDim.x) pw[1][e] = A[base + e] * scale;
   __syncthreads();
   for (int i = 2; i <= q; ++i) matmul(pw[i - 1], pw[1], pw[i], n);
@@ -110,7 +112,7 @@ __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n)
     for (int e = threadIdx.x; e < nn; e += blockDim.x) Y[e] = tmp[e] + taylor.block(pw, j, e, true);
     __syncthreads();
   }
-  for (int i = 0; i < p.steps; ++i) {
+  for (int i = 0; i < taylor.steps; ++i) {
     matmul(Y, Y, tmp, n);
     T* t = Y;
     Y = tmp, tmp = t;
@@ -134,14 +136,12 @@ __device__ void matmul_add(const T* L, const T* R, T* C, int n) {
 // ||A||_1), carried through the powers, the Horner steps and the squarings (csrc/cpu/dense.cpp expm_matrix).
 template <typename T>
 __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict__ G, T* __restrict__ out, int n) {
+  const Taylor<T> taylor = block_taylor(A, out, n);
+  if (!taylor.finite) return;
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  const int nn = n * n;
-  const int64_t base = int64_t(blockIdx.x) * nn;
-  const Plan p = plan_or_nan(A + base, out + base, n);
-  if (!p.finite) return;
-  const int m = p.degree, q = hkd::dense::ps_block(m);
-  const Taylor<T> taylor{m, q, n};
+  const int nn = n * n, m = taylor.m, q = taylor.q;
+  const int64_t base = taylor.base;
   T* pw[8];   // pw[i] = X^i, X = A^T / 2^s
   T* dpw[8];  // their derivatives in the direction G / 2^s
   for (int i = 1; i <= q; ++i) pw[i] = smem + (i - 1) * nn, dpw[i] = smem + (q + i - 1) * nn;
@@ -149,7 +149,7 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
   T* tmp = Y + nn;
   T* dY = tmp + nn;
   T* dtmp = dY + nn;
-  const T scale = T(ldexp(1.0, -p.steps));
+  const T scale = T(ldexp(1.0, -taylor.steps));
   for (int e = threadIdx.x; e < nn; e += blockDim.x) {
     pw[1][e] = A[base + (e % n) * n + e / n] * scale;  // transpose
     dpw[1][e] = G[base + e] * scale;
@@ -177,7 +177,7 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
       Y[e] = tmp[e] + taylor.block(pw, j, e, true), dY[e] = dtmp[e] + taylor.block(dpw, j, e, false);
     __syncthreads();
   }
-  for (int i = 0; i < p.steps; ++i) {  // Y <- Y^2, dY <- Y dY + dY Y
+  for (int i = 0; i < taylor.steps; ++i) {  // Y <- Y^2, dY <- Y dY + dY Y
     matmul(Y, dY, dtmp, n);
     matmul_add(dY, Y, dtmp, n);
     matmul(Y, Y, tmp, n);
