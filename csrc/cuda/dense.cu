@@ -29,14 +29,14 @@ __device__ T nan_value() {
   return T(0) / T(0);
 }
 
-// C = L R (n x n, shared memory), then a barrier. C must differ from L and R.
+// C = L R, or C += L R with accumulate (n x n, shared memory), then a barrier. C must differ from L and R.
 template <typename T>
-__device__ void matmul(const T* L, const T* R, T* C, int n) {
+__device__ void matmul(const T* L, const T* R, T* C, int n, bool accumulate = false) {
   for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
     const int i = e / n, j = e % n;
     T acc = 0;
     for (int k = 0; k < n; ++k) acc += L[i * n + k] * R[k * n + j];
-    C[e] = acc;
+    C[e] = accumulate ? C[e] + acc : acc;
   }
   __syncthreads();
 }
@@ -120,18 +120,6 @@ __global__ void expm_onchip(const T* __restrict__ A, T* __restrict__ out, int n)
   for (int e = threadIdx.x; e < nn; e += blockDim.x) out[base + e] = Y[e];
 }
 
-// C += L R (n x n, shared memory), then a barrier. C must differ from L and R.
-template <typename T>
-__device__ void matmul_add(const T* L, const T* R, T* C, int n) {
-  for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
-    const int i = e / n, j = e % n;
-    T acc = 0;
-    for (int k = 0; k < n; ++k) acc += L[i * n + k] * R[k * n + j];
-    C[e] += acc;
-  }
-  __syncthreads();
-}
-
 // The gradient of exp: out = L(A^T, G), the Frechet derivative of the same approximant as expm_onchip (plan from
 // ||A||_1), carried through the powers, the Horner steps and the squarings (csrc/cpu/dense.cpp expm_matrix).
 template <typename T>
@@ -158,7 +146,7 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
   for (int i = 2; i <= q; ++i) {  // X^i = X^{i-1} X, d(X^i) = d(X^{i-1}) X + X^{i-1} dX
     matmul(pw[i - 1], pw[1], pw[i], n);
     matmul(dpw[i - 1], pw[1], dpw[i], n);
-    matmul_add(pw[i - 1], dpw[1], dpw[i], n);
+    matmul(pw[i - 1], dpw[1], dpw[i], n, true);
   }
   const T cm = taylor.c(m);
   int j = m / q;
@@ -171,7 +159,7 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
   __syncthreads();
   for (--j; j >= 0; --j) {  // Y <- B_j + X^q Y, dY <- dB_j + d(X^q) Y + X^q dY
     matmul(dpw[q], Y, dtmp, n);
-    matmul_add(pw[q], dY, dtmp, n);
+    matmul(pw[q], dY, dtmp, n, true);
     matmul(pw[q], Y, tmp, n);
     for (int e = threadIdx.x; e < nn; e += blockDim.x)
       Y[e] = tmp[e] + taylor.block(pw, j, e, true), dY[e] = dtmp[e] + taylor.block(dpw, j, e, false);
@@ -179,7 +167,7 @@ __global__ void expm_frechet_onchip(const T* __restrict__ A, const T* __restrict
   }
   for (int i = 0; i < taylor.steps; ++i) {  // Y <- Y^2, dY <- Y dY + dY Y
     matmul(Y, dY, dtmp, n);
-    matmul_add(dY, Y, dtmp, n);
+    matmul(dY, Y, dtmp, n, true);
     matmul(Y, Y, tmp, n);
     T* t = Y;
     Y = tmp, tmp = t;
