@@ -31,8 +31,8 @@ from hkd.errors import UserError
 
 MARKER = ".hkd-demo"
 
-# The demo's scale on top of hkd/configs/digits.yaml: 30 epochs over 2000 trajectories (930 steps); with a third of
-# the epochs the one-step samples were still blurred averages (the measurements are in benchmarks/RESULTS.md).
+# The demo's scale on top of hkd/configs/digits.yaml: 30 epochs over 2000 trajectories (930 steps), within which the
+# one-step samples converge (the learning curves are in benchmarks/RESULTS.md).
 DEMO = [
     "trajectories.num_trajectories=2000",
     "trajectories.shard_size=500",
