@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline on the embedded digits: teacher, trajectories, HKD, eval, analysis, edit, report",
         description="Train an EDM teacher on the embedded digits, write its trajectories, train HKD and the one-step "
         "baseline, evaluate, analyse the spectrum, edit, and write OUT/report.md. Finished stages are skipped on a "
-        "re-run. About 10 minutes on 2 CPU cores (--quick: under a minute; --quality: about 50 minutes).",
+        "re-run. About 15 minutes on 2 CPU cores (--quick: under a minute; --quality: about 70 minutes).",
     )
     p.add_argument("--out", default="runs/demo", help="folder for every stage and the report (default: runs/demo)")
     scale = p.add_mutually_exclusive_group()

@@ -41,8 +41,8 @@ DEMO = [
     "train.checkpoint_every=100",
 ]
 # --quality: HKD and the baseline three times longer (90 epochs, 2790 steps), and the ablation's two other runs at
-# that budget: about 50 minutes on 2 idle CPU cores, estimated from the plain demo's stage times (measured: 104 minutes
-# on one thread of a busy 2-core machine).
+# that budget: about 70 minutes on 2 idle CPU cores, estimated from the plain demo's stage times (unmeasured with the
+# latent consistency term).
 QUALITY = ["train.epochs=90"]
 # --quick: a smoke run of every stage (under a minute on 2 CPU cores); the numbers mean nothing.
 QUICK = [
