@@ -7,7 +7,7 @@
 
     python benchmarks/cuda_resources.py            # a table for every csrc/cuda/*.cu and both architectures
 
-tests/test_cuda_sources.py runs the same functions (and skips, saying why, when a tool is missing).
+tests/ops/test_cuda_sources.py runs the same functions (and skips, saying why, when a tool is missing).
 """
 
 from __future__ import annotations

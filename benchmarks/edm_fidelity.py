@@ -1,11 +1,11 @@
-"""Fidelity of hkd's rebuild of EDM's DDPM++ against a float64 reference of EDM's forward (tests/edm_format.py):
+"""Fidelity of hkd's rebuild of EDM's DDPM++ against a float64 reference of EDM's forward (tests/helpers/edm_format.py):
 max relative error of D(x; sigma), float32, over sigma in 0.002..80, for each preconditioning, with and without
 class labels. Run: PYTHONPATH=tests python benchmarks/edm_fidelity.py"""
 
 import tempfile
 from pathlib import Path
 
-import edm_format
+from helpers import edm_format
 import torch
 
 from hkd.teacher import load_teacher

@@ -1,8 +1,13 @@
 import os
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
+
+# The shared helpers (tests/helpers) import as `helpers.*` from every test folder (tests/, tests/ops/).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Triton kernels run on the CPU through the interpreter here; it must be set before they are imported.
 if not torch.cuda.is_available():

@@ -2,18 +2,18 @@
 DDPM++ snapshot pickle -> import-teacher -> trajectories -> train with LPIPS -> fid-ref -> eval with FID against an
 image folder -> generate -> analyze -> edit (inpainting and colourisation from the folder) -> ablate with FID.
 
-The weights that LPIPS and FID read are random and local (tests/offline_weights.py), so every code path runs and
+The weights that LPIPS and FID read are random and local (tests/helpers/offline_weights.py), so every code path runs and
 nothing downloads; the numbers mean nothing, so the test checks that each command exits 0 and writes its outputs
 with the right shapes and finite numbers."""
 
 import json
 import math
 
-import edm_format
+from helpers import edm_format
 import numpy as np
 import pytest
 import torch
-from offline_weights import random_alexnet_file, random_inception_file
+from helpers.offline_weights import random_alexnet_file, random_inception_file
 from PIL import Image
 
 from hkd import cli, metrics

@@ -1,6 +1,6 @@
 """EDM snapshot pickles: nothing in them runs, DDPM++ rebuilds to EDM's outputs, imports round-trip.
 
-The pickles are written by tests/edm_format.py in EDM's persistence format; the fidelity oracle is its float64
+The pickles are written by tests/helpers/edm_format.py in EDM's persistence format; the fidelity oracle is its float64
 forward of EDM's layout (EDM's names, qkv interleaving, [sin, cos] embedding, resampling by filtered convolution),
 which shares no code with hkd.unet or hkd.edm_pickle.
 """
@@ -11,7 +11,7 @@ import pickle
 import subprocess
 import sys
 
-import edm_format
+from helpers import edm_format
 import pytest
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from offline_weights import random_inception_file
+from helpers.offline_weights import random_inception_file
 
 from hkd import cli, experiments, metrics
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from offline_weights import random_alexnet_file
+from helpers.offline_weights import random_alexnet_file
 
 from hkd import losses
 from hkd.errors import UserError

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from backends import CPU, CUDA_OK, HOST_BACKENDS
+from helpers.backends import CPU, CUDA_OK, HOST_BACKENDS
 
 from hkd.ops import _backend, dense, dense_propagate, reference
 

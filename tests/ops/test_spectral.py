@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from backends import CPU, HOST_BACKENDS
+from helpers.backends import CPU, HOST_BACKENDS
 
 from hkd.ops import _backend, reference, spectral_propagate
 

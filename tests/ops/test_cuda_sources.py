@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "cuda_resources", Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_resources.py"
+    "cuda_resources", Path(__file__).resolve().parents[2] / "benchmarks" / "cuda_resources.py"
 )
 cuda_resources = sys.modules["cuda_resources"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cuda_resources)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from backends import CPU, CUDA_OK, HOST_BACKENDS
+from helpers.backends import CPU, CUDA_OK, HOST_BACKENDS
 
 from hkd.ops import _backend, dense, expm
 

@@ -15,7 +15,7 @@ import torch
 from hkd.ops import _backend, dense_propagate, expm, reference, spectral_propagate
 
 CPU = torch.device("cpu")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def backends(device):
