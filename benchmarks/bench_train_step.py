@@ -32,10 +32,10 @@ import time
 
 import torch
 
-from hkd.losses import Distance
+from hkd.losses import Distance, trajectory_loss
 from hkd.model import HKDModel, ModelConfig
 from hkd.ops import _backend
-from hkd.train import accumulation_rounds, split_batch, train_step, trajectory_loss
+from hkd.train import accumulation_rounds, split_batch, train_step
 
 PRESETS = {  # (resolution, channels, U-Net sizes)
     "digits": (16, 1, dict(model_channels=16, channel_mult=(1, 2, 2), num_blocks=1)),  # hkd/configs/digits.yaml

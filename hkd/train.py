@@ -58,13 +58,21 @@ from hkd import checkpoint
 from hkd import config as configs
 from hkd.config import Section, section, to_dict
 from hkd.edm import ema_update
-from hkd.errors import ConfigError, NonFiniteError, RunStopped, UserError
-from hkd.losses import PERCEPTUAL, Distance, decoded_trajectory, lambda1_schedule, latent_consistency
+from hkd.errors import ConfigError, RunStopped, UserError
+from hkd.losses import PERCEPTUAL, Distance, lambda1_schedule, trajectory_loss
+from hkd.runstate import (
+    NonFiniteLoss,
+    RunState,
+    _last_good,
+    _resume_changes,
+    checkpoint_state,
+    restore,
+    save_checkpoint,
+)
+from hkd.trajectories import _Batches, _Online, _trajectories
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_FIELDS = ("step", "epoch", "loss", "lambda1", "lr", "grad_norm", "skipped", "seconds")
-# What `--resume` lets change: the step budget, and settings that change no number of the run
-RESUME_MAY_CHANGE = ("train.max_steps", "train.out", "train.progress", "train.workers")
 
 
 @dataclasses.dataclass
@@ -147,62 +155,6 @@ def accumulation_rounds(batch: int, micro_batch: int | None, world: int) -> int:
         processes = f" on {world} processes" if world > 1 else ""
         raise ConfigError(f"train.micro_batch = {micro_batch} must divide {share}train.batch = {batch}{processes}")
     return local // micro_batch
-
-
-class NonFiniteLoss(NonFiniteError):
-    """The loss or the weights became NaN or inf (train.on_nonfinite = stop); the last good checkpoint is kept."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Algorithm 1
-
-
-def sample_time_indices(times: Tensor, u: Tensor, mode: str) -> Tensor:
-    """Grid indices (B, n) of the input times, from uniform draws u (B, n) in [0, 1); times (B, K) is each
-    trajectory's stored grid. Candidates: every stored state but x_eps (the one at the smallest time, t = 0 in a
-    store: EDM's last step goes to sigma = 0). uniform: the candidate nearest to t = eps + u (T - eps), eps the
-    smallest candidate time (so t ~ U[eps, T] as in the paper, on the grid); grid: a uniformly chosen candidate."""
-    last = times.argmin(1, keepdim=True)  # x_eps
-    if mode == "grid":
-        index = (u * (times.shape[1] - 1)).long().clamp_(max=times.shape[1] - 2)
-        return index + (index >= last).long()
-    candidates = times.scatter(1, last, math.inf)
-    lo, hi = candidates.min(1, keepdim=True).values, times.max(1, keepdim=True).values
-    t = lo + u.to(times.dtype) * (hi - lo)
-    return (candidates[:, None, :] - t[:, :, None]).abs().argmin(-1)
-
-
-def trajectory_loss(
-    model: nn.Module,
-    states: Tensor,
-    times: Tensor,
-    u: Tensor,
-    distance: Distance,
-    lambda1: float,
-    mode: str,
-    lambda3: float = 0.0,
-    lambda4: float = 0.0,
-    teacher: nn.Module | None = None,
-) -> Tensor:
-    """Algorithm 1's loss for a batch of trajectories: states (B, K, C, H, W) at times (B, K); u (B, s-1) uniform
-    draws choosing the intermediate times (s-1 may be 0). One forward pass over all B * s (x_t, t) pairs. The
-    project's additions: lambda3 > 0 adds hkd.losses.latent_consistency between the sampled times of each
-    trajectory, lambda4 > 0 hkd.losses.decoded_trajectory against the teacher's denoised estimate."""
-    rows = torch.arange(states.shape[0], device=states.device)[:, None]
-    index = torch.cat([sample_time_indices(times, u, mode), times.argmax(1, keepdim=True)], dim=1)  # + T
-    x_t, t = states[rows, index].flatten(0, 1), times[rows, index].flatten()
-    x_eps = states[rows[:, 0], times.argmin(1)]
-    if lambda3 == 0 and lambda4 == 0:
-        x_hat = model(x_t, t)
-        return distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).mean()
-    x_hat, latents = model(x_t, t, return_latents=True)
-    loss = distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).reshape(-1, index.shape[1])
-    loss, hkd = loss.mean(1), getattr(model, "module", model)
-    if lambda3 > 0:
-        loss = loss + lambda3 * latent_consistency(hkd, latents, t, index.shape[1])
-    if lambda4 > 0 and index.shape[1] > 1:
-        loss = loss + lambda4 * decoded_trajectory(hkd, teacher, latents, x_t, t, index.shape[1], distance, lambda1)
-    return loss.mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,62 +263,6 @@ def build_dataset(config: dict[str, Any], cfg: TrainConfig, teacher: nn.Module |
     return TrajectoryDataset(cfg.store, expect=expect)
 
 
-def _trajectories(item: Any) -> tuple[Tensor, Tensor]:
-    """(states (B, K, C, H, W), times (B, K)) of a collated batch: a dict with "states" and "times"."""
-    if not isinstance(item, dict) or "states" not in item or "times" not in item:
-        raise TypeError("a trajectory dataset item is a dict with 'states' (K, C, H, W) and 'times' (K,)")
-    return item["states"], item["times"]
-
-
-class _Batches:
-    """This rank's batches of a trajectory dataset, from (epoch, position in the epoch) on; disjoint across ranks."""
-
-    def __init__(self, dataset, local_batch: int, rank: int, world: int, seed: int, workers: int, pin: bool):
-        self.dataset, self.workers, self.pin = dataset, workers, pin
-        self.first = _trajectories(torch.utils.data.default_collate([dataset[0]]))
-        self.sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.local_batch = local_batch
-        self.steps_per_epoch = len(self.sampler) // local_batch
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"the dataset has {len(dataset)} trajectories, fewer than one global batch "
-                f"({local_batch * world}); lower train.batch"
-            )
-
-    def epoch(self, epoch: int, start: int):
-        self.sampler.set_epoch(epoch)
-        indices, b = list(self.sampler), self.local_batch
-        chunks = [indices[i * b : (i + 1) * b] for i in range(start, self.steps_per_epoch)]
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=chunks, num_workers=self.workers, pin_memory=self.pin
-        )
-
-
-class _Online:
-    """Fresh trajectories from the teacher (hkd.trajectories.OnlineTrajectories) instead of a store. Global step k
-    draws trajectories k B .. (k + 1) B - 1 (noise from (trajectories.seed, index)), rank r the ones = r mod world,
-    so the position is the step itself; an epoch is trajectories.num_trajectories trajectories."""
-
-    def __init__(self, teacher, config: dict[str, Any], local_batch: int, rank: int, world: int, device):
-        from hkd.trajectories import OnlineTrajectories, TrajectoryConfig
-
-        trajectories = section(config, "trajectories", TrajectoryConfig)
-        self.online = OnlineTrajectories(teacher, trajectories, device=device, rank=rank, world_size=world)
-        self.local_batch = local_batch
-        self.steps_per_epoch = trajectories.num_trajectories // (local_batch * world)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"trajectories.num_trajectories is smaller than one global batch ({local_batch * world})")
-        shape = (1, len(self.online.times), *self.online.shape)
-        self.first = torch.zeros(shape), self.online.times[None]
-
-    def epoch(self, epoch: int, start: int):
-        self.online.next_index = (epoch * self.steps_per_epoch + start) * self.local_batch
-        for _ in range(start, self.steps_per_epoch):
-            yield self.online.draw(self.local_batch)
-
-
 class _Log:
     """CSV (and TensorBoard when installed) on rank 0. On resume, rows after the checkpoint's step are dropped."""
 
@@ -401,86 +297,6 @@ class _Log:
         self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoint state
-
-
-@dataclasses.dataclass
-class RunState:
-    """What a checkpoint holds besides the config: weights, optimiser, schedules and counters (`running`, `count`:
-    the loss sum and number of steps since the last log row)."""
-
-    model: nn.Module
-    ema: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    step: int = 0
-    skipped: int = 0
-    losses: list = dataclasses.field(default_factory=list)
-    running: float = 0.0
-    count: int = 0
-
-
-def checkpoint_state(config: dict[str, Any], run: RunState, steps_per_epoch: int) -> dict[str, Any]:
-    """The checkpoint of `run`: everything an exact resume needs, the RNG states included."""
-    return {
-        "format": "hkd-train",
-        "config": config,
-        "model": run.model.state_dict(),
-        "ema": run.ema.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "rng": checkpoint.rng_state(),
-        "step": run.step,
-        "epoch": run.step // steps_per_epoch,
-        "skipped": run.skipped,
-        "losses": run.losses,
-        "running": (run.running, run.count),
-    }
-
-
-def restore(run: RunState, state: dict[str, Any]) -> None:
-    """Load a checkpoint_state into `run` (and the RNG states)."""
-    run.model.load_state_dict(state["model"])
-    run.ema.load_state_dict(state["ema"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    checkpoint.set_rng_state(state["rng"])
-    run.step, run.skipped, run.losses = state["step"], state["skipped"], [tuple(x) for x in state["losses"]]
-    run.running, run.count = state["running"]
-
-
-def _last_good(path: Path) -> str:
-    return f"{path} (step {checkpoint.load(path)['step']})" if path.exists() else "none yet"
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """checkpoint.save; non-finite weights are a NonFiniteLoss naming the last good checkpoint, which is kept."""
-    try:
-        checkpoint.save(path, state)
-    except NonFiniteError as error:
-        raise NonFiniteLoss(
-            f"the weights are not finite at step {state['step']} ({error}); the last good checkpoint is "
-            f"{_last_good(path)}. Lower train.lr, set train.grad_clip or use train.precision=fp32"
-        ) from None
-
-
-def _resume_changes(saved: dict[str, Any], config: dict[str, Any], path: Path) -> None:
-    """ConfigError listing what `config` changes from the checkpoint's, beyond RESUME_MAY_CHANGE."""
-    try:
-        changed = [c for c in configs.changes(saved, config) if c.split(":")[0] not in RESUME_MAY_CHANGE]
-    except ConfigError as error:
-        raise ConfigError(f"--resume: the config saved in {path} is not readable here ({error})") from error
-    if changed:
-        raise ConfigError(
-            f"--resume: the config differs from the one {path} was trained with: {'; '.join(changed)}. "
-            f"Only {', '.join(RESUME_MAY_CHANGE)} may change; start a new run (another train.out) to change more"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from test_train import MODEL, assert_same, parameters
 from torch import nn
 
-from hkd import checkpoint, cli, config, train
+from hkd import checkpoint, cli, config, losses, train
 from hkd.edm import time_steps
 from hkd.errors import RunStopped
 from hkd.propagator import HKDPropagator
@@ -77,7 +77,7 @@ class Distance64(nn.Module):
         return lambda1 * d.square().mean(1) + (d.square().sum(1) + c * c).sqrt() - c
 
 
-LOSS64 = functools.partial(train.trajectory_loss, distance=Distance64(), lambda1=0.3, mode="uniform")
+LOSS64 = functools.partial(losses.trajectory_loss, distance=Distance64(), lambda1=0.3, mode="uniform")
 
 
 def one_step(model, micro_batches, loss_fn=LOSS64):
