@@ -20,7 +20,8 @@ RESUME_MAY_CHANGE = ("train.max_steps", "train.out", "train.progress", "train.wo
 
 
 class NonFiniteLoss(NonFiniteError):
-    """The loss or the weights became NaN or inf (train.on_nonfinite = stop); the last good checkpoint is kept."""
+    """The loss or the weights became NaN or inf (train.on_nonfinite = stop; always for the teacher); the last good
+    checkpoint is kept."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -35,7 +36,7 @@ class RunState:
     model: nn.Module
     ema: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler
     step: int = 0
     skipped: int = 0
@@ -64,33 +65,39 @@ def checkpoint_state(config: dict[str, Any], run: RunState, steps_per_epoch: int
 
 
 def restore(run: RunState, state: dict[str, Any]) -> None:
-    """Load a checkpoint_state into `run` (and the RNG states)."""
+    """Load a checkpoint_state into `run` (and the RNG states). A run without a scheduler (the teacher's) skips it;
+    a checkpoint without a scaler, skipped count or running loss (the teacher's) leaves them at their start."""
     run.model.load_state_dict(state["model"])
     run.ema.load_state_dict(state["ema"])
     run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(state["rng"])
-    run.step, run.skipped, run.losses = state["step"], state["skipped"], [tuple(x) for x in state["losses"]]
-    run.running, run.count = state["running"]
+    run.step, run.skipped, run.losses = state["step"], state.get("skipped", 0), [tuple(x) for x in state["losses"]]
+    run.running, run.count = state.get("running", (0.0, 0))
 
 
-def _last_good(path: Path) -> str:
+def last_good(path: Path) -> str:
+    """The checkpoint at `path` and its step, for messages ("none yet" before the first)."""
     return f"{path} (step {checkpoint.load(path)['step']})" if path.exists() else "none yet"
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path, state: dict[str, Any], hint: str = "Lower train.lr, set train.grad_clip or use train.precision=fp32"
+) -> None:
     """checkpoint.save; non-finite weights are a NonFiniteLoss naming the last good checkpoint, which is kept."""
     try:
         checkpoint.save(path, state)
     except NonFiniteError as error:
         raise NonFiniteLoss(
             f"the weights are not finite at step {state['step']} ({error}); the last good checkpoint is "
-            f"{_last_good(path)}. Lower train.lr, set train.grad_clip or use train.precision=fp32"
+            f"{last_good(path)}. {hint}"
         ) from None
 
 
-def _resume_changes(saved: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+def resume_changes(saved: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """ConfigError listing what `config` changes from the checkpoint's, beyond RESUME_MAY_CHANGE."""
     try:
         changed = [c for c in configs.changes(saved, config) if c.split(":")[0] not in RESUME_MAY_CHANGE]
