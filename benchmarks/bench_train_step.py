@@ -14,7 +14,7 @@ gradient accumulation): step time, images/s (model inputs: 5 per trajectory), pe
 step; on the CPU the growth of the process's peak resident set over one step (VmHWM after resetting it, minus the
 resident set before), each configuration in a fresh process.
 
-One step = hkd.train.train_step (the training loop's step) over B trajectories with s = 5 times each (4 intermediate
+One step = hkd.loop.train_step (the training loop's step) over B trajectories with s = 5 times each (4 intermediate
 + T), pseudo-Huber + MSE, backward, gradient clipping, Adam. Weights and generators are random (speed does not depend
 on them; generators non-zero so nothing is skipped).
 """
@@ -32,10 +32,11 @@ import time
 
 import torch
 
-from hkd.losses import Distance
+from hkd.loop import split_batch, train_step
+from hkd.losses import Distance, trajectory_loss
 from hkd.model import HKDModel, ModelConfig
 from hkd.ops import _backend
-from hkd.train import accumulation_rounds, split_batch, train_step, trajectory_loss
+from hkd.train import accumulation_rounds
 
 PRESETS = {  # (resolution, channels, U-Net sizes)
     "digits": (16, 1, dict(model_channels=16, channel_mult=(1, 2, 2), num_blocks=1)),  # hkd/configs/digits.yaml
@@ -72,7 +73,7 @@ def make_step(
     compile: bool = False,
     micro_batch: int | None = None,
 ):
-    """One training step (hkd.train.train_step) of the preset's model on `batch` trajectories."""
+    """One training step (hkd.loop.train_step) of the preset's model on `batch` trajectories."""
     resolution, channels, sizes = PRESETS[preset]
     torch.manual_seed(0)
     config = ModelConfig(img_resolution=resolution, img_channels=channels, backend=backend, koopman=koopman, **sizes)

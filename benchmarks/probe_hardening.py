@@ -366,7 +366,7 @@ def main() -> None:
             raise WorkStarted
 
         # the points where real work starts: a bad call must have failed before them
-        patched = [(hkd.teacher, "_batches"), (hkd.train, "_Batches"), (hkd.train, "_Online")]
+        patched = [(hkd.teacher, "_batches"), (hkd.train, "StoreBatches"), (hkd.train, "OnlineBatches")]
         patched += [(hkd.bench, "bench_spectral"), (hkd.bench, "bench_dense")]
         real = [getattr(module, name) for module, name in patched]
         for module, name in patched:

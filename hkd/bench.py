@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from hkd.ops import _backend, dense, dense_propagate, expm, reference, spectral_propagate
+from hkd.ops import _backend, dense, dense_plan, dense_propagate, expm, reference, spectral_propagate
 
 SPECTRAL_LEVELS = [(256, 32, 32), (256, 16, 16), (256, 8, 8)]
 
@@ -248,10 +248,10 @@ def _class_table(B: int, d: int, P: int, classes, tau_max: float, device, repeat
         A = A64.float().to(device)
         leaves = [t.clone().requires_grad_() for t in (z, A, tau)]
         G = torch.randn_like(z)
-        plan = dense.dense_action_plan(A, tau, P)
+        plan = dense_plan.dense_action_plan(A, tau, P)
         m, alpha = int(plan[0]), float(plan[1])
         notes["||A||_1"].append(f"{float(torch.linalg.matrix_norm(A64, ord=1)):.1f}")
-        mean_steps = float(dense.action_substeps(tau, m, alpha).mean())
+        mean_steps = float(dense_plan.action_substeps(tau, m, alpha).mean())
         notes["plan m, alpha, mean s"].append(f"{m}, {alpha:.3g}, {mean_steps:.1f}")
         notes["cost model"].append({1.0: "action", 0.0: "expm", -1.0: "expm (float64)"}[float(plan[2])])
         fwd = {

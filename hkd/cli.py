@@ -121,14 +121,14 @@ def _print_written(paths) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from hkd import metrics
+    from hkd import evaluation
 
     device = _device(args.device)
     model, teacher = _model(args.model, device), _teacher(args.teacher, device)
     baseline = _model(args.baseline, device) if args.baseline else None
     reference = _fid_reference(args, model)
     _out(args.out)  # after every check of the inputs: a refused run creates nothing
-    rows, written = metrics.evaluate(
+    rows, written = evaluation.evaluate(
         model, teacher, baseline=baseline, num=args.num, seed=args.seed, few_steps=args.few_steps,
         inception_weights=args.inception_weights, lpips_weights=args.lpips_weights, out_dir=args.out,
         reference=reference,

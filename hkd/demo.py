@@ -8,7 +8,7 @@ Stages (each skipped when its result exists, unless fresh=True), all under one f
   baseline/      the direct one-step regression baseline: the same run with koopman=false, consistency=false
   samples.png    teacher (35 evaluations), HKD and the baseline (one each) from the same noise, side by side
   curve/         the learning curve: one-step quality of HKD and the baseline at milestones of their training
-  eval/          the table: teacher at 35 and 3 evaluations, HKD one step, the baseline (hkd.metrics.evaluate)
+  eval/          the table: teacher at 35 and 3 evaluations, HKD one step, the baseline (hkd.evaluation.evaluate)
   analysis/      eigenvalues, band decodes, cumulative effect, power spectra (hkd.analysis.analyze)
   edit/          frequency-targeted editing, inpainting, colourisation (hkd.editing.run)
   ablation/      with --quality: the paper's four configurations at the same budget (hkd.experiments.ablate)
@@ -119,7 +119,7 @@ def run(
 
 
 def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality: bool, log) -> Path:
-    from hkd import analysis, checkpoint, editing, experiments, metrics
+    from hkd import analysis, checkpoint, editing, evaluation, experiments
     from hkd.data import digits
     from hkd.figures import write_json
     from hkd.teacher import CHECKPOINT_NAME, load_teacher, train_teacher
@@ -197,7 +197,7 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
     stage(
         "6/8 evaluation",
         (out / "eval" / "eval.md").is_file(),
-        lambda: metrics.evaluate(model, teacher, baseline=baseline, num=num, out_dir=out / "eval"),
+        lambda: evaluation.evaluate(model, teacher, baseline=baseline, num=num, out_dir=out / "eval"),
     )
     noise = torch.randn(8, model.img_channels, model.img_resolution, model.img_resolution,
                         generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from hkd.config import apply_overrides, section
-from hkd.metrics import one_step, sample_metrics, teacher_samples, write_table
+from hkd.evaluation import one_step, sample_metrics, teacher_samples, write_table
 from hkd.model import HKDModel
 
 ABLATION = (  # name, model.koopman, train.consistency, model.hierarchy, the paper's CIFAR-10 FID

@@ -64,7 +64,7 @@ def default_model(explicit: str | None) -> Path:
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
-    """An image (C, H, W) in [-1, 1] as uint8 (H, W) or (H, W, 3): the mapping of hkd.data.images.save_grid."""
+    """An image (C, H, W) in [-1, 1] as uint8 (H, W) or (H, W, 3): the mapping of hkd.image_grid.save_grid."""
     x = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
 

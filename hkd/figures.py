@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from hkd.checkpoint import atomic_write  # noqa: E402 (also hkd.figures.atomic_write, as before)
-from hkd.data.images import tile_array  # noqa: E402
+from hkd.image_grid import tile_array  # noqa: E402
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

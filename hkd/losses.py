@@ -1,4 +1,4 @@
-"""The distance of Algorithm 1: lambda1 * MSE + lambda2 * perceptual, per sample.
+"""The distance of Algorithm 1 (lambda1 * MSE + lambda2 * perceptual, per sample), and its loss over trajectories.
 
     d(x_hat, x_eps) = lambda1 * mean((x_hat - x_eps)^2) + lambda2 * P(x_hat, x_eps),
     lambda1 = lambda1_start * (lambda1_end / lambda1_start) ** (epoch / epochs)   (paper: 10^(-3 epoch / epochs))
@@ -19,6 +19,7 @@ relative so that shrinking the latents cannot lower it.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -174,3 +175,65 @@ class Distance(nn.Module):
         elif self.perceptual == "lpips":
             loss = loss + self.lambda2 * self.lpips(x_hat, x_eps)
         return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Algorithm 1's loss. For every trajectory {x_t} of the batch (states stored on the teacher's time grid):
+#
+#     S = {t_1, ..., t_(s-1)} (sampled from the stored grid) + {T}
+#     x_hat(t) = model(x_t, t) = D({exp((eps - t) A^(l)) E^(l)(x_t)}_l)          for t in S
+#     loss     = mean over the batch and S of  lambda1 * MSE(x_hat, x_eps) + lambda2 * P(x_hat, x_eps)
+#
+# Times. The states exist only at the grid points the teacher's solver visited, so the times are grid points, never
+# interpolated (interpolating between Heun states would feed the model states no PF-ODE trajectory passes through).
+# `time_sampling: uniform` draws t ~ U[eps, T] as in the paper and takes the nearest grid point (the probability of a
+# grid point is the length of its cell); `grid` draws grid indices uniformly (denser near eps on the EDM grid).
+# `consistency: false` (the ablation without the trajectory-consistency loss) uses t = T only.
+
+
+def loss_time_indices(times: Tensor, u: Tensor, mode: str) -> Tensor:
+    """Grid indices (B, n) of the input times, from uniform draws u (B, n) in [0, 1); times (B, K) is each
+    trajectory's stored grid. Candidates: every stored state but x_eps (the one at the smallest time, t = 0 in a
+    store: EDM's last step goes to sigma = 0). uniform: the candidate nearest to t = eps + u (T - eps), eps the
+    smallest candidate time (so t ~ U[eps, T] as in the paper, on the grid); grid: a uniformly chosen candidate."""
+    last = times.argmin(1, keepdim=True)  # x_eps
+    if mode == "grid":
+        index = (u * (times.shape[1] - 1)).long().clamp_(max=times.shape[1] - 2)
+        return index + (index >= last).long()
+    candidates = times.scatter(1, last, math.inf)
+    lo, hi = candidates.min(1, keepdim=True).values, times.max(1, keepdim=True).values
+    t = lo + u.to(times.dtype) * (hi - lo)
+    return (candidates[:, None, :] - t[:, :, None]).abs().argmin(-1)
+
+
+def trajectory_loss(
+    model: nn.Module,
+    states: Tensor,
+    times: Tensor,
+    u: Tensor,
+    distance: Distance,
+    lambda1: float,
+    mode: str,
+    lambda3: float = 0.0,
+    lambda4: float = 0.0,
+    teacher: nn.Module | None = None,
+) -> Tensor:
+    """Algorithm 1's loss for a batch of trajectories: states (B, K, C, H, W) at times (B, K); u (B, s-1) uniform
+    draws choosing the intermediate times (s-1 may be 0). One forward pass over all B * s (x_t, t) pairs. The
+    project's additions: lambda3 > 0 adds hkd.losses.latent_consistency between the sampled times of each
+    trajectory, lambda4 > 0 hkd.losses.decoded_trajectory against the teacher's denoised estimate."""
+    rows = torch.arange(states.shape[0], device=states.device)[:, None]
+    index = torch.cat([loss_time_indices(times, u, mode), times.argmax(1, keepdim=True)], dim=1)  # + T
+    x_t, t = states[rows, index].flatten(0, 1), times[rows, index].flatten()
+    x_eps = states[rows[:, 0], times.argmin(1)]
+    if lambda3 == 0 and lambda4 == 0:
+        x_hat = model(x_t, t)
+        return distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).mean()
+    x_hat, latents = model(x_t, t, return_latents=True)
+    loss = distance(x_hat, x_eps.repeat_interleave(index.shape[1], dim=0), lambda1).reshape(-1, index.shape[1])
+    loss, raw = loss.mean(1), getattr(model, "module", model)  # raw: the model without its DDP wrapper
+    if lambda3 > 0:
+        loss = loss + lambda3 * latent_consistency(raw, latents, t, index.shape[1])
+    if lambda4 > 0 and index.shape[1] > 1:
+        loss = loss + lambda4 * decoded_trajectory(raw, teacher, latents, x_t, t, index.shape[1], distance, lambda1)
+    return loss.mean()

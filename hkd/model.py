@@ -318,7 +318,7 @@ def generate_to(
     sample as trajectories/NNNNNN.png strips and trajectory_grid.png (one row per sample); with npz, samples.npz
     (images (N, C, H, W) float32; arr_0 (N, H, W, C) uint8, EDM's quantisation, the layout FID tools read; and
     trajectory (N, K, C, H, W) with times (K,)). Sample PNGs are at native resolution. Returns the paths written."""
-    from hkd.data.images import save_grid
+    from hkd.image_grid import save_grid
 
     if num < 1 or trajectory < 0 or trajectory == 1 or batch_size < 1:
         raise ValueError(

@@ -14,11 +14,11 @@ weights and the config (not the path), and is what a trajectory store records an
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hkd import checkpoint
+from hkd import checkpoint, loop
 from hkd.config import Section, section, to_dict
 from hkd.data import DataConfig, load_dataset
-from hkd.edm import EDMPrecond, edm_loss, edm_noise, ema_halflife_decay, ema_update, heun_sampler, sigma_column
-from hkd.errors import ConfigError, CorruptFileError, MissingFileError, RunStopped, UserError
+from hkd.edm import EDMPrecond, edm_loss, edm_noise, ema_halflife_decay, heun_sampler, sigma_column
+from hkd.errors import ConfigError, CorruptFileError, MissingFileError, UserError
+from hkd.runstate import RunState, last_good, restore, save_checkpoint
 from hkd.unet import UNet, architecture
 
 CHECKPOINT_NAME = "teacher.pt"
@@ -111,8 +112,8 @@ def _batches(dataset, batch_size: int, seed: int, step: int):
 def train_teacher(
     config: dict[str, Any], out_dir: str | Path, *, resume: bool = False, device: str | torch.device = "cpu", log=print
 ) -> dict[str, Any]:
-    """Train an EDM teacher on the `data` section's images. resume=True continues from out_dir/teacher.pt (which must
-    exist; without resume it must not), as hkd.train.train does.
+    """Train an EDM teacher on the `data` section's images, in the training loop of hkd.loop. resume=True continues
+    from out_dir/teacher.pt (which must exist; without resume it must not), as hkd.train.train does.
 
     The checkpoint (written atomically every `checkpoint_every` steps, at the end, and on SIGTERM/SIGINT) holds the
     network, its EMA, the optimizer, the step, the RNG states and the config. Returns {"checkpoint": path,
@@ -128,81 +129,70 @@ def train_teacher(
     denoiser = build_net(data, cfg).to(device).train()
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
-    step, losses = 0, []
+    run = RunState(denoiser, ema, optimizer, None, torch.amp.GradScaler(enabled=False))
     if state is not None:
         old = state["config"]
         changed = [k for k in ARCHITECTURE if old["teacher"][k] != saved_config["teacher"][k]]
         changed += [f"data.{k}" for k in old["data"] if old["data"][k] != saved_config["data"][k]]
         if changed:
             raise ConfigError(f"{path} was trained with other settings ({', '.join(changed)}); use another out dir")
-        denoiser.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, losses = state["step"], [tuple(x) for x in state["losses"]]
-        checkpoint.set_rng_state(state["rng"])
-        log(f"resumed from {path} at step {step}")
+        restore(run, {**state, "model": state["net"]})
+        log(f"resumed from {path} at step {run.step}")
 
     def save():
-        checkpoint.save(
-            path,
-            {
-                "format": "hkd-teacher",
-                "config": saved_config,
-                "net": denoiser.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "losses": losses,
-                "rng": checkpoint.rng_state(),
-            },
-        )
+        # the teacher's own checkpoint format ("net" for the network; no scheduler, scaler or running loss)
+        teacher_state = {
+            "format": "hkd-teacher",
+            "config": saved_config,
+            "net": denoiser.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": run.step,
+            "losses": run.losses,
+            "rng": checkpoint.rng_state(),
+        }
+        save_checkpoint(path, teacher_state, hint="Lower teacher.lr")
 
-    batches = _batches(dataset, cfg.batch_size, cfg.seed, step)
-    running, start, start_step = 0.0, time.perf_counter(), step
+    def nonfinite() -> str:
+        return f"the loss is not finite at step {run.step}; the last good checkpoint is {last_good(path)}"
+
+    batches = _batches(dataset, cfg.batch_size, cfg.seed, run.step)
+    rounds = cfg.batch_size // (cfg.micro_batch or cfg.batch_size)
+    start, start_step = time.perf_counter(), run.step
     with checkpoint.StopSignal() as stop:
-        while step < cfg.steps and stop.requested is None:
+        for step in loop.steps(run, cfg.steps, stop, save, cfg.checkpoint_every):
+            # Data: a batch, and EDM's noise for all of it at once (so the micro-batches change nothing).
             images = next(batches).to(device)
+            sigma, noise = edm_noise(images, cfg.P_mean, cfg.P_std)
 
-            # Accumulate gradients: the batch's noise is drawn at once, so the micro-batches change nothing.
-            optimizer.zero_grad(set_to_none=True)
-            noise = edm_noise(images, cfg.P_mean, cfg.P_std)
-            loss = torch.zeros((), device=device)
-            for micro in zip(*(x.split(cfg.micro_batch or cfg.batch_size) for x in (images, *noise)), strict=True):
-                micro_loss = edm_loss(denoiser, micro[0], sigma_data=cfg.sigma_data, noise=micro[1:])
-                micro_loss = micro_loss * (len(micro[0]) / len(images))
-                micro_loss.backward()
-                loss += micro_loss.detach()
-
-            # Update weights.
+            # Optimiser step on EDM's loss, at the warm-up's learning rate; then the EMA (EDM's half-life).
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup, 1))
-            optimizer.step()
-            step += 1
+            loss_fn = functools.partial(_edm_loss, sigma_data=cfg.sigma_data)
+            value, finite, _ = loop.train_step(
+                denoiser, optimizer, loop.split_batch((images, sigma, noise), rounds), loss_fn
+            )
+            decay = ema_halflife_decay(cfg.ema_halflife, cfg.ema_rampup, (step + 1) * cfg.batch_size, cfg.batch_size)
+            loop.advance(run, value, finite, decay, "stop", nonfinite)
 
-            # Update EMA.
-            decay = ema_halflife_decay(cfg.ema_halflife, cfg.ema_rampup, step * cfg.batch_size, cfg.batch_size)
-            ema_update(ema, denoiser, decay)
-            running += loss.item()
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                n = step % cfg.log_every or cfg.log_every
-                losses.append((step, running / n))
-                rate = (step - start_step) * cfg.batch_size / (time.perf_counter() - start)
-                log(f"step {step}/{cfg.steps}  loss {running / n:.4f}  {rate:.0f} images/s")
-                running = 0.0
-            if step % cfg.checkpoint_every == 0:
-                save()
-        save()
-    if stop.requested is not None:
-        name = signal.Signals(stop.requested).name
-        message = f"stopped by {name} at step {step}: {path} written; {checkpoint.RESUME_HINT}"
-        raise RunStopped(message, stop.requested)
+            # Log.
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                mean = loop.log_mean(run)
+                rate = (run.step - start_step) * cfg.batch_size / (time.perf_counter() - start)
+                log(f"step {run.step}/{cfg.steps}  loss {mean:.4f}  {rate:.0f} images/s")
+    loop.raise_if_stopped(stop, run, cfg.steps, path)
     if cfg.sample_grid:
-        from hkd.data.images import save_grid
+        from hkd.image_grid import save_grid
 
         generator = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn(cfg.sample_grid, data.channels, data.resolution, data.resolution, generator=generator)
         save_grid(heun_sampler(ema, noise.to(device))[1][-1], out_dir / "samples.png", nrow=8, scale=4)
-    return {"checkpoint": path, "losses": losses, "step": step}
+    return {"checkpoint": path, "losses": run.losses, "step": run.step}
+
+
+def _edm_loss(denoiser: nn.Module, images: Tensor, sigma: Tensor, noise: Tensor, sigma_data: float) -> Tensor:
+    """EDM's loss of a micro-batch, with its rows of the batch's noise."""
+    return edm_loss(denoiser, images, sigma_data=sigma_data, noise=(sigma, noise))
 
 
 # ---------------------------------------------------------------------------------------------------------------

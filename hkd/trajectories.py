@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from hkd.checkpoint import atomic_write
-from hkd.config import Section
+from hkd.config import Section, section
 from hkd.edm import heun_sampler, time_steps
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, UserError
 
@@ -435,7 +435,7 @@ def _mismatches(expected: Any, actual: Any, key: str = "") -> list[str]:
 # Reading
 
 
-def sample_time_indices(num_stored: int, num_times: int, generator: torch.Generator | None = None) -> Tensor:
+def random_intermediate_indices(num_stored: int, num_times: int, generator: torch.Generator | None = None) -> Tensor:
     """num_times positions, i.i.d. uniform among the stored states strictly between x_T and x_eps (Algorithm 1's
     t_i ~ U, on the solver's grid)."""
     if num_times and num_stored < 3:
@@ -488,7 +488,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         self.T, self.eps = manifest["solver"]["sigma_max"], manifest["solver"]["sigma_min"]
         self.num_times = num_times
         if num_times:
-            sample_time_indices(len(self.times), 1)  # refuses a store without intermediate states
+            random_intermediate_indices(len(self.times), 1)  # refuses a store without intermediate states
         self._arrays: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -512,7 +512,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         s = int(np.searchsorted(self.offsets, i, side="right")) - 1
         item = {"states": states, "times": self.times, "x_T": states[0], "x_eps": states[-1]}
         if self.num_times:
-            chosen = sample_time_indices(len(states), self.num_times)
+            chosen = random_intermediate_indices(len(states), self.num_times)
             item |= {"x_t": states[chosen], "t": self.times[chosen]}
         return item | {"index": self.shards[s][1] + i - int(self.offsets[s])}
 
@@ -540,7 +540,7 @@ class OnlineTrajectories:
         grid = time_steps(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         self.times = grid[self.indices].to(torch.float32)
         self.shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
-        sample_time_indices(len(self.indices), min(num_times, 1))
+        random_intermediate_indices(len(self.indices), min(num_times, 1))
 
     def draw(self, batch_size: int) -> dict[str, Tensor]:
         index = torch.arange(self.next_index, self.next_index + batch_size) * self.world_size + self.rank
@@ -552,10 +552,68 @@ class OnlineTrajectories:
         times = self.times.to(states.device).expand(batch_size, -1)
         batch = {"states": states, "times": times, "x_T": states[:, 0], "x_eps": states[:, -1]}
         if self.num_times:
-            chosen = torch.stack([sample_time_indices(len(self.indices), self.num_times) for _ in range(batch_size)])
-            chosen = chosen.to(states.device)
+            chosen = [random_intermediate_indices(len(self.indices), self.num_times) for _ in range(batch_size)]
+            chosen = torch.stack(chosen).to(states.device)
             batch |= {"x_t": states[torch.arange(batch_size)[:, None], chosen], "t": times.gather(1, chosen)}
         return batch | {"index": index}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches for training
+
+
+def trajectory_batch(item: Any) -> tuple[Tensor, Tensor]:
+    """(states (B, K, C, H, W), times (B, K)) of a collated batch: a dict with "states" and "times"."""
+    if not isinstance(item, dict) or "states" not in item or "times" not in item:
+        raise TypeError("a trajectory dataset item is a dict with 'states' (K, C, H, W) and 'times' (K,)")
+    return item["states"], item["times"]
+
+
+class StoreBatches:
+    """This rank's batches of a trajectory dataset, from (epoch, position in the epoch) on; disjoint across ranks."""
+
+    def __init__(self, dataset, local_batch: int, rank: int, world: int, seed: int, workers: int, pin: bool):
+        self.dataset, self.workers, self.pin = dataset, workers, pin
+        self.first = trajectory_batch(torch.utils.data.default_collate([dataset[0]]))
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.local_batch = local_batch
+        self.steps_per_epoch = len(self.sampler) // local_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the dataset has {len(dataset)} trajectories, fewer than one global batch "
+                f"({local_batch * world}); lower train.batch"
+            )
+
+    def epoch(self, epoch: int, start: int):
+        self.sampler.set_epoch(epoch)
+        indices, b = list(self.sampler), self.local_batch
+        chunks = [indices[i * b : (i + 1) * b] for i in range(start, self.steps_per_epoch)]
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=chunks, num_workers=self.workers, pin_memory=self.pin
+        )
+
+
+class OnlineBatches:
+    """Fresh trajectories from the teacher (hkd.trajectories.OnlineTrajectories) instead of a store. Global step k
+    draws trajectories k B .. (k + 1) B - 1 (noise from (trajectories.seed, index)), rank r the ones = r mod world,
+    so the position is the step itself; an epoch is trajectories.num_trajectories trajectories."""
+
+    def __init__(self, teacher, config: dict[str, Any], local_batch: int, rank: int, world: int, device):
+        trajectories = section(config, "trajectories", TrajectoryConfig)
+        self.online = OnlineTrajectories(teacher, trajectories, device=device, rank=rank, world_size=world)
+        self.local_batch = local_batch
+        self.steps_per_epoch = trajectories.num_trajectories // (local_batch * world)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"trajectories.num_trajectories is smaller than one global batch ({local_batch * world})")
+        shape = (1, len(self.online.times), *self.online.shape)
+        self.first = torch.zeros(shape), self.online.times[None]
+
+    def epoch(self, epoch: int, start: int):
+        self.online.next_index = (epoch * self.steps_per_epoch + start) * self.local_batch
+        for _ in range(start, self.steps_per_epoch):
+            yield self.online.draw(self.local_batch)
 
 
 __all__ = [

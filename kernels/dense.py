@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from hkd.ops.dense import THETA, action_substeps
+from hkd.ops.dense_plan import THETA, action_substeps
 
 MAX_N = 64
 
@@ -221,9 +221,9 @@ def _inputs(z: Tensor, A: Tensor, tau: Tensor, plan: Tensor):
 
 
 def action(z: Tensor, A: Tensor, tau: Tensor, plan: Tensor) -> Tensor:
-    """exp(tau_b A_p) z[b, :, p] by the plan of hkd.ops.dense.dense_action_plan (degree m, alpha): s_b substeps of the
-    degree-m Taylor polynomial, each stopped per vector by the convergence test (hkd/ops/dense.py); z (B, d, P),
-    A (d, d) or (P, d, d), tau (B,). NaN where A or alpha is not finite."""
+    """exp(tau_b A_p) z[b, :, p] by the plan of hkd.ops.dense_plan.dense_action_plan (degree m, alpha): s_b
+    substeps of the degree-m Taylor polynomial, each stopped per vector by the convergence test (hkd/ops/dense.py);
+    z (B, d, P), A (d, d) or (P, d, d), tau (B,). NaN where A or alpha is not finite."""
     z, A, tau, plan, steps, finite = _inputs(z, A, tau, plan)
     out = torch.empty_like(z)
     if out.numel() == 0:

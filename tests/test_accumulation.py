@@ -14,7 +14,7 @@ import torch
 from test_train import MODEL, assert_same, parameters
 from torch import nn
 
-from hkd import checkpoint, cli, config, train
+from hkd import checkpoint, cli, config, loop, losses, train
 from hkd.edm import time_steps
 from hkd.errors import RunStopped
 from hkd.propagator import HKDPropagator
@@ -77,13 +77,13 @@ class Distance64(nn.Module):
         return lambda1 * d.square().mean(1) + (d.square().sum(1) + c * c).sqrt() - c
 
 
-LOSS64 = functools.partial(train.trajectory_loss, distance=Distance64(), lambda1=0.3, mode="uniform")
+LOSS64 = functools.partial(losses.trajectory_loss, distance=Distance64(), lambda1=0.3, mode="uniform")
 
 
 def one_step(model, micro_batches, loss_fn=LOSS64):
     """train_step with Adam; returns (loss, gradient norm, gradients, weights after the step)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    value, finite, norm = train.train_step(model, optimizer, micro_batches, loss_fn, grad_clip=1.0)
+    value, finite, norm = loop.train_step(model, optimizer, micro_batches, loss_fn, grad_clip=1.0)
     assert finite
     unwrapped = getattr(model, "module", model)
     grads = {name: p.grad.clone() for name, p in unwrapped.named_parameters()}
@@ -99,14 +99,14 @@ def test_micro_batches_make_the_step_of_the_whole_batch_in_float64(rounds):
     states, times = trajectories(8)
     u = torch.rand(8, 4, dtype=torch.float64)  # the step's time draws, one row per trajectory
     base = KoopmanNet()
-    whole = one_step(copy.deepcopy(base), train.split_batch((states, times, u), 1))
-    split = one_step(copy.deepcopy(base), train.split_batch((states, times, u), rounds))
+    whole = one_step(copy.deepcopy(base), loop.split_batch((states, times, u), 1))
+    split = one_step(copy.deepcopy(base), loop.split_batch((states, times, u), rounds))
     assert whole[0] == pytest.approx(split[0], rel=1e-12, abs=0) and whole[1] == pytest.approx(split[1], rel=1e-12)
     assert_same(whole[2], split[2], rtol=0, atol=1e-10)
     assert_same(whole[3], split[3], rtol=0, atol=1e-10)
     assert all(g.abs().max() > 1e-6 for g in whole[2].values())  # every parameter (generators too) has a gradient
     # the times matter at this tolerance: micro-batches that reuse the first rows' draws give another step
-    reused = [(s, t, u[: len(s)]) for s, t, _ in train.split_batch((states, times, u), rounds)]
+    reused = [(s, t, u[: len(s)]) for s, t, _ in loop.split_batch((states, times, u), rounds)]
     other = one_step(copy.deepcopy(base), reused)
     assert max((other[2][k] - whole[2][k]).abs().max() for k in whole[2]) > 1e-6
 
@@ -155,7 +155,7 @@ def _ddp_worker(rank, world, port, state, batch, out):
 
             ddp.register_comm_hook(None, count)
             mine = [x[rank::world] for x in batch]  # as train(): the sampler's and the time draws' rows of this rank
-            results[rounds] = (*one_step(ddp, train.split_batch(mine, rounds)), len(calls))
+            results[rounds] = (*one_step(ddp, loop.split_batch(mine, rounds)), len(calls))
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -174,7 +174,7 @@ def test_ddp_accumulates_with_one_all_reduce_and_equals_the_whole_batch(tmp_path
     base = KoopmanNet()
     mp.spawn(_ddp_worker, args=(2, port, base.state_dict(), batch, str(tmp_path / "ddp.pt")), nprocs=2)
     results = torch.load(tmp_path / "ddp.pt")
-    whole = one_step(copy.deepcopy(base), train.split_batch(batch, 1))
+    whole = one_step(copy.deepcopy(base), loop.split_batch(batch, 1))
     for rounds in (1, 2):
         *step, all_reduces = results[rounds]
         assert_same(whole[2], step[2], rtol=0, atol=1e-10)

@@ -148,12 +148,12 @@ def test_the_process_prints_no_traceback(paths, tmp_path):
 
 
 def test_a_full_disk_is_one_line(paths, tmp_path, capsys, monkeypatch):
-    from hkd.data import images
+    from hkd import image_grid
 
     def full(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(images, "atomic_write", full)
+    monkeypatch.setattr(image_grid, "atomic_write", full)
     code, err = run(["generate", "--model", paths["model"], "--out", str(tmp_path / "g"), "--num", "1"], capsys)
     assert code == 2 and "No space left on device" in err and "Traceback" not in err
 

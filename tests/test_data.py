@@ -8,7 +8,7 @@ from PIL import Image
 from hkd import config
 from hkd.cli import main
 from hkd.data import DataConfig, ImageFolder, digits, load_dataset
-from hkd.data.images import save_grid
+from hkd.image_grid import save_grid
 
 
 def test_digits_are_sklearn_digits_in_minus_one_one():

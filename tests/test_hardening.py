@@ -211,7 +211,7 @@ class Trajectories(torch.utils.data.Dataset):
 def test_training_stops_on_nonfinite_weights_and_keeps_the_last_good_checkpoint(tmp_path):
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from hkd import train
+    from hkd import runstate, train
 
     def poison(optimizer, args, kwargs):  # the 5th update leaves an inf weight behind a finite loss
         poison.calls += 1
@@ -223,7 +223,8 @@ def test_training_stops_on_nonfinite_weights_and_keeps_the_last_good_checkpoint(
     model = HKDModel(ModelConfig(img_resolution=8, img_channels=1, model_channels=4, channel_mult=(1,)))
     handle = register_optimizer_step_post_hook(poison)
     try:
-        with pytest.raises(train.NonFiniteLoss, match=r"weights are not finite at step 5.*checkpoint\.pt \(step 4\)"):
+        expected = r"weights are not finite at step 5.*checkpoint\.pt \(step 4\)"
+        with pytest.raises(runstate.NonFiniteLoss, match=expected):
             train.train({"train": settings}, dataset=Trajectories(16), model=model)
     finally:
         handle.remove()

@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from hkd import metrics
+from hkd import evaluation, metrics
 
 
 def test_frechet_distance_matches_scipy_sqrtm_formula():
@@ -103,7 +103,7 @@ def test_evaluate_writes_the_comparison_table(classifier_cache, tmp_path):
 
     teacher = tiny_teacher()
     model = HKDModel(ModelConfig(**tiny_config(tmp_path)["model"])).eval()
-    rows, written = metrics.evaluate(model, teacher, baseline=model, num=8, out_dir=tmp_path)
+    rows, written = evaluation.evaluate(model, teacher, baseline=model, num=8, out_dir=tmp_path)
     assert [r["evaluations"] for r in rows] == [35, 3, 1, 1]
     assert rows[0]["mse"] == 0  # the teacher's 35-evaluation endpoint is the fidelity reference
     assert rows[2]["mse"] == rows[3]["mse"] > 0

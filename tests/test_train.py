@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 
-from hkd import checkpoint, train
+from hkd import checkpoint, losses, runstate, train
 from hkd.config import ConfigError
 from hkd.edm import time_steps
 from hkd.errors import RunStopped
@@ -63,7 +63,7 @@ def assert_same(a, b, **tolerance):
 def test_time_sampling_on_the_grid_never_feeds_x_eps():
     grid = torch.tensor([80.0, 40.0, 10.0, 2.0, 0.5, 0.002, 0.0], dtype=torch.float64)
     u = torch.rand(20000, 3, dtype=torch.float64)
-    index = train.sample_time_indices(grid.expand(20000, -1), u, "uniform")
+    index = losses.loss_time_indices(grid.expand(20000, -1), u, "uniform")
     t = 0.002 + u * (80 - 0.002)  # t ~ U[eps, T], then the nearest stored state other than x_eps
     torch.testing.assert_close(index, (grid[:-1] - t[..., None]).abs().argmin(-1))
     # probability of a grid point = length of its cell (midpoints to neighbours) / (T - eps)
@@ -74,7 +74,7 @@ def test_time_sampling_on_the_grid_never_feeds_x_eps():
     assert frequency[-1] == 0
     # grid: uniform over the stored states but x_eps, wherever x_eps sits
     shuffled = grid[torch.randperm(7)]
-    index = train.sample_time_indices(shuffled.expand(20000, -1), u, "grid")
+    index = losses.loss_time_indices(shuffled.expand(20000, -1), u, "grid")
     frequency = torch.bincount(index.flatten(), minlength=7).double() / index.numel()
     expected = torch.where(shuffled == 0, 0.0, 1 / 6).double()
     torch.testing.assert_close(frequency, expected, atol=0.01, rtol=0)
@@ -94,11 +94,11 @@ def test_trajectory_loss_feeds_stored_states_at_sampled_times_plus_T(intermediat
     states, times = data.states[:3], data.times.expand(3, -1)
     u = torch.rand(3, intermediate, dtype=torch.float64)
     model = Recorder()
-    distance = train.Distance("none")
-    loss = train.trajectory_loss(model, states, times, u, distance, 1.0, "uniform")
+    distance = losses.Distance("none")
+    loss = losses.trajectory_loss(model, states, times, u, distance, 1.0, "uniform")
     s = intermediate + 1
     assert model.x_t.shape == (3 * s, 1, 8, 8) and model.t.shape == (3 * s,)
-    index = torch.cat([train.sample_time_indices(times, u, "uniform"), torch.zeros(3, 1, dtype=torch.long)], 1)
+    index = torch.cat([losses.loss_time_indices(times, u, "uniform"), torch.zeros(3, 1, dtype=torch.long)], 1)
     for b in range(3):
         for j in range(s):
             k = index[b, j]
@@ -213,7 +213,7 @@ def test_nonfinite_loss_stops_keeping_the_last_good_checkpoint_or_is_skipped(tmp
 
     data = Trajectories(count=16)
     model = NaNAt(HKDModel(ModelConfig(**(MODEL | {"channel_mult": (1, 2)}))), at=6)
-    with pytest.raises(train.NonFiniteLoss, match=r"nan at step 5 .*checkpoint\.pt \(step 4\)"):
+    with pytest.raises(runstate.NonFiniteLoss, match=r"nan at step 5 .*checkpoint\.pt \(step 4\)"):
         train.train(config(tmp_path, checkpoint_every=2, epochs=5), dataset=data, model=model)
     state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())

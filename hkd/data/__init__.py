@@ -1,4 +1,4 @@
-"""Image datasets: the embedded digits, an image folder, CIFAR-10 from disk.
+"""Image datasets: the embedded digits (hkd.data.digits), an image folder, CIFAR-10 from disk.
 
 `load_dataset(DataConfig)` returns a map-style Dataset of images (C, H, W) float32 in [-1, 1]. Nothing is ever
 downloaded: a dataset that is not on disk is a FileNotFoundError that says where it was looked for.

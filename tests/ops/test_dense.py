@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers.backends import CPU, CUDA_OK, HOST_BACKENDS
 
-from hkd.ops import _backend, dense, dense_propagate, reference
+from hkd.ops import _backend, dense, dense_plan, dense_propagate, reference
 
 
 def exact(latents, generators, tau):
@@ -100,8 +100,8 @@ def test_action_backward_is_the_reverse_of_the_recurrence(per_position):
     z = torch.randn(B, d, P, dtype=torch.float64, requires_grad=True)
     A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64, requires_grad=True)
     tau = (torch.tensor([0.0, 0.3, -2.0, 9.0], dtype=torch.float64) * 3).requires_grad_()
-    plan = dense.dense_action_plan(A.detach(), tau.detach(), P)
-    steps = dense.action_substeps(tau.detach(), int(plan[0]), float(plan[1]))
+    plan = dense_plan.dense_action_plan(A.detach(), tau.detach(), P)
+    steps = dense_plan.action_substeps(tau.detach(), int(plan[0]), float(plan[1]))
     assert len(set(steps.tolist())) >= 3 and steps.max() > 2  # samples take different numbers of substeps
     g = torch.randn(B, d, P, dtype=torch.float64)
     expected = torch.autograd.grad(dense.taylor_action(z, A, tau, plan), (z, A, tau), g)
@@ -146,7 +146,7 @@ def recurrence_inputs(per_position: bool, P: int, kind: str):
     tau = torch.tensor([0.0, 0.4, -2.5, 9.0, 27.0], dtype=torch.float64)
     tau = tau[:1].expand(B) if kind == "expanded" else tau
     g = layout(torch.randn(B, d, P, dtype=torch.float64), kind)
-    plan = dense.dense_action_plan(A, tau, P)
+    plan = dense_plan.dense_action_plan(A, tau, P)
     return z, A, tau, g, plan
 
 
@@ -159,7 +159,7 @@ def test_fused_backward_is_the_reverse_of_the_recurrence(backend, per_position, 
     backward = fused_backward(backend)
     z, A, tau, g, plan = recurrence_inputs(per_position, P, kind)
     if kind != "expanded":
-        assert len(set(dense.action_substeps(tau, int(plan[0]), float(plan[1])).tolist())) >= 3
+        assert len(set(dense_plan.action_substeps(tau, int(plan[0]), float(plan[1])).tolist())) >= 3
     leaves = [t.detach().clone().requires_grad_() for t in (z, A, tau)]
     expected = torch.autograd.grad(dense.taylor_action(*leaves, plan), leaves, g)
     actual = backward(g, z, A, tau, plan)
@@ -174,7 +174,7 @@ def test_fused_backward_of_empty_inputs(backend, shape):
     backward = fused_backward(backend)
     B, d, P = shape
     z, A, tau = torch.randn(shape), torch.randn(d, d), torch.rand(B)
-    plan = dense.dense_action_plan(A, tau, P)
+    plan = dense_plan.dense_action_plan(A, tau, P)
     grad_z, grad_A, grad_tau = backward(torch.randn(shape), z, A, tau, plan)
     assert grad_z.shape == shape and grad_A.shape == (d, d) and grad_tau.shape == (B,)
     assert not grad_A.any() and not grad_tau.any()
@@ -186,9 +186,10 @@ def test_fused_backward_float32_matches_float64(backend):
     B, d, P = 64, 16, 1
     A = torch.randn(d, d, dtype=torch.float64) / math.sqrt(d) * 3
     z, tau, g = torch.randn(B, d, P, dtype=torch.float64), torch.rand(B, dtype=torch.float64) * 4, torch.randn(B, d, P)
-    plan = dense.dense_action_plan(A.float(), tau.float(), P)
+    plan = dense_plan.dense_action_plan(A.float(), tau.float(), P)
     leaves = [t.clone().requires_grad_() for t in (z, A, tau)]
-    expected = torch.autograd.grad(dense.taylor_action(*leaves, dense.dense_action_plan(A, tau, P)), leaves, g.double())
+    reference_action = dense.taylor_action(*leaves, dense_plan.dense_action_plan(A, tau, P))
+    expected = torch.autograd.grad(reference_action, leaves, g.double())
     actual = backward(g, z.float(), A.float(), tau.float(), plan)
     for a, e in zip(actual, expected, strict=True):
         assert a.dtype == torch.float32
@@ -205,7 +206,7 @@ def test_recorded_forward_and_backward(per_position, P, kind):
     z, A, tau, g, plan = recurrence_inputs(per_position, P, kind)
     out, record, terms = torch.ops.hkd.dense_action_record(z, A, tau, plan)
     assert torch.equal(out, torch.ops.hkd.dense_action(z, A, tau, plan))
-    steps = dense.action_substeps(tau, int(plan[0]), float(plan[1]))
+    steps = dense_plan.action_substeps(tau, int(plan[0]), float(plan[1]))
     assert terms.dtype == torch.int32 and terms.numel() == int(steps.sum()) * P  # a count per vector and substep
     assert record.numel() == terms.numel() * (int(plan[0]) + 1) * z.shape[1]
     assert 1 <= int(terms.min()) and int(terms.max()) <= int(plan[0])
@@ -224,11 +225,12 @@ def test_recorded_backward_float32_and_what_it_refuses():
     B, d, P = 64, 16, 1
     A = torch.randn(d, d, dtype=torch.float64) / math.sqrt(d) * 3
     z, tau, g = torch.randn(B, d, P, dtype=torch.float64), torch.rand(B, dtype=torch.float64) * 4, torch.randn(B, d, P)
-    plan = dense.dense_action_plan(A.float(), tau.float(), P)
+    plan = dense_plan.dense_action_plan(A.float(), tau.float(), P)
     _, record, terms = torch.ops.hkd.dense_action_record(z.float(), A.float(), tau.float(), plan)
     actual = torch.ops.hkd.dense_action_backward(g, z.float(), A.float(), tau.float(), plan, record, terms)
     leaves = [t.clone().requires_grad_() for t in (z, A, tau)]
-    expected = torch.autograd.grad(dense.taylor_action(*leaves, dense.dense_action_plan(A, tau, P)), leaves, g.double())
+    reference_action = dense.taylor_action(*leaves, dense_plan.dense_action_plan(A, tau, P))
+    expected = torch.autograd.grad(reference_action, leaves, g.double())
     for a, e in zip(actual, expected, strict=True):
         assert a.dtype == torch.float32
         assert float((a.double() - e).norm() / e.norm()) <= 1e-5
@@ -246,7 +248,7 @@ def test_recorded_backward_float32_and_what_it_refuses():
 def test_recorded_forward_of_empty_and_non_finite_inputs(shape):
     B, d, P = shape
     z, A, tau = torch.randn(shape), torch.randn(d, d), torch.rand(B)
-    plan = dense.dense_action_plan(A, tau, P)
+    plan = dense_plan.dense_action_plan(A, tau, P)
     out, record, terms = torch.ops.hkd.dense_action_record(z, A, tau, plan)
     assert out.shape == shape and record.numel() == 0 and terms.numel() == 0
     grads = torch.ops.hkd.dense_action_backward(torch.randn(shape), z, A, tau, plan, record, terms)
@@ -294,9 +296,9 @@ def test_per_sample_expm_goes_to_float64_at_large_norms(kind):
     B, d, P = 16, 16, 32
     A64 = bench.dense_generator(kind, d)
     A, z, tau = A64.float(), torch.randn(B, d, P), torch.rand(B) * 80
-    plan = dense.dense_action_plan(A, tau, P)
-    assert plan[2] == -1 and dense.reference_plan(A, tau, P)[2] == -1
-    assert dense.dense_action_plan(A, tau / 1000, P)[2] >= 0  # small norms stay in float32
+    plan = dense_plan.dense_action_plan(A, tau, P)
+    assert plan[2] == -1 and dense_plan.reference_plan(A, tau, P)[2] == -1
+    assert dense_plan.dense_action_plan(A, tau / 1000, P)[2] >= 0  # small norms stay in float32
     expected = exact([z], [A.double()], tau.double())[0]  # from the float32 inputs, exactly
     out = dense_propagate([z], [A], tau, backend="cpu")[0]
     narrow = torch.bmm(dense.expm(tau[:, None, None] * A, backend="cpu"), z)
@@ -310,7 +312,7 @@ def test_plan_in_cpp_matches_python():
     alpha (to rounding: the norms are summed in another order), and the Taylor tables of csrc/dense.h and
     hkd/ops/dense.py are the same numbers."""
     for dtype in (torch.float32, torch.float64):
-        assert torch.ops.hkd.dense_theta(dtype).tolist() == list(dense.THETA[dtype])
+        assert torch.ops.hkd.dense_theta(dtype).tolist() == list(dense_plan.THETA[dtype])
     d = 24
     cases = {
         "gaussian": torch.randn(d, d) / 5,
@@ -328,7 +330,8 @@ def test_plan_in_cpp_matches_python():
             for dtype in (torch.float32, torch.float64):
                 for positions in (3,) if A.dim() == 3 else (1, 64):
                     a, t = A.to(dtype), tau.to(dtype)
-                    cpp, python = dense.dense_action_plan(a, t, positions), dense.reference_plan(a, t, positions)
+                    cpp = dense_plan.dense_action_plan(a, t, positions)
+                    python = dense_plan.reference_plan(a, t, positions)
                     assert cpp[0] == python[0] and cpp[2] == python[2], (name, tau_name, cpp, python)
                     torch.testing.assert_close(cpp[1], python[1], rtol=1e-12, atol=0, equal_nan=True)
 
@@ -340,15 +343,15 @@ def test_cost_model_picks_the_cheaper_algorithm():
         A = torch.randn(d, d)
         A *= 3 / torch.linalg.matrix_norm(A, ord=1)
         tau = torch.rand(B)
-        m, alpha, action = dense.dense_action_plan(A, tau, P).tolist()
-        assert dense.choose_algorithm(A, tau, P, int(m), alpha) == choice
+        m, alpha, action = dense_plan.dense_action_plan(A, tau, P).tolist()
+        assert dense_plan.choose_algorithm(A, tau, P, int(m), alpha) == choice
         assert action == (choice == "action")
 
 
 def plain_plan(A, tau_max, dtype):
     """The plan from ||tau A||_1 alone: (m, s) minimising m s with ||tau A||_1 / s <= theta_m."""
     norm = tau_max * float(torch.linalg.matrix_norm(A.double(), ord=1).max())
-    theta = dense._theta(dtype)[: dense.ACTION_MAX_DEGREE[dtype]]
+    theta = dense_plan._theta(dtype)[: dense_plan.ACTION_MAX_DEGREE[dtype]]
     return min((m * max(1, math.ceil(norm / t)), m) for m, t in enumerate(theta, start=1))
 
 
@@ -365,8 +368,8 @@ def test_plan_from_the_powers_of_A(dtype):
     }
     for name, A in cases.items():
         A = A.to(dtype)
-        m, alpha = dense.action_plan(A, 2.0, 256, dtype)
-        cost = m * int(dense.action_substeps(torch.tensor([2.0], dtype=dtype), m, alpha))
+        m, alpha = dense_plan.action_plan(A, 2.0, 256, dtype)
+        cost = m * int(dense_plan.action_substeps(torch.tensor([2.0], dtype=dtype), m, alpha))
         plain, _ = plain_plan(A, 2.0, dtype)
         assert cost <= plain, name
         assert alpha <= float(torch.linalg.matrix_norm(A.double(), ord=1)) * (1 + 1e-12), name
@@ -375,22 +378,22 @@ def test_plan_from_the_powers_of_A(dtype):
     # a power costs d^3, d / columns Taylor terms: with few columns the plan keeps to ||A||_1
     A = torch.randn(d, d) / 16
     norm = float(torch.linalg.matrix_norm(A.double(), ord=1))
-    assert dense.action_plan(A, 2.0, 4, torch.float32)[1] == pytest.approx(norm)
-    assert dense.action_plan(A, 2.0, 4096, torch.float32)[1] < norm / 2
+    assert dense_plan.action_plan(A, 2.0, 4, torch.float32)[1] == pytest.approx(norm)
+    assert dense_plan.action_plan(A, 2.0, 4096, torch.float32)[1] < norm / 2
 
 
 def test_substeps_per_sample_and_non_finite():
     tau = torch.tensor([0.0, -1.0, 2.5, math.nan, math.inf])
     m, alpha = 10, 3.0
-    s = dense.action_substeps(tau, m, alpha)
-    theta = dense._theta(torch.float32)[m - 1]
-    assert s.tolist() == [1, math.ceil(3 / theta), math.ceil(7.5 / theta), 1, dense.MAX_SUBSTEPS]
+    s = dense_plan.action_substeps(tau, m, alpha)
+    theta = dense_plan._theta(torch.float32)[m - 1]
+    assert s.tolist() == [1, math.ceil(3 / theta), math.ceil(7.5 / theta), 1, dense_plan.MAX_SUBSTEPS]
 
 
 def test_squarings_are_ceil_log2():
     x = [0.0, 0.3, 0.5, 1.0, 1.0 + 2**-52, 2.0, 3.0, 4.5, 2.0**63 + 2**11, 2.0**70, math.inf, math.nan]
     expected = [0, 0, 0, 0, 1, 1, 2, 3, 64, 64, 64, math.nan]
-    actual = dense.squarings(torch.tensor(x, dtype=torch.float64))
+    actual = dense_plan.squarings(torch.tensor(x, dtype=torch.float64))
     torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), equal_nan=True)
 
 
@@ -406,7 +409,7 @@ def test_each_vector_stops_on_its_own(backend, per_position, P):
     z[3] *= 1e-30
     A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64)
     tau = torch.tensor([0.0, 1.0, -3.0, 0.5, 6.0, 1e-9], dtype=torch.float64)
-    plan = dense.dense_action_plan(A, tau, P)
+    plan = dense_plan.dense_action_plan(A, tau, P)
     out = dense._action(z, A, tau, backend, plan)
     assert torch.equal(out[0], z[0]) and torch.equal(out[1], z[1])
     expected = exact([z], [A], tau)[0]
@@ -464,7 +467,7 @@ def test_opcheck(per_position):
     z = torch.randn(B, d, P, dtype=torch.float64, requires_grad=True)
     A = torch.randn((P, d, d) if per_position else (d, d), dtype=torch.float64, requires_grad=True)
     tau = torch.rand(B, dtype=torch.float64, requires_grad=True)
-    plan = dense.dense_action_plan(A.detach(), tau.detach(), P)
+    plan = dense_plan.dense_action_plan(A.detach(), tau.detach(), P)
     torch.library.opcheck(torch.ops.hkd.dense_action.default, (z, A, tau, plan))
     g = torch.randn(B, d, P, dtype=torch.float64)
     args = (g, z.detach(), A.detach(), tau.detach(), plan)
@@ -481,7 +484,7 @@ def test_opcheck_triton():
     z = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
     A = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     tau = torch.rand(2, dtype=torch.float64, requires_grad=True)
-    plan = dense.dense_action_plan(A.detach(), tau.detach(), 2)
+    plan = dense_plan.dense_action_plan(A.detach(), tau.detach(), 2)
     utils = ("test_schema", "test_autograd_registration")
     torch.library.opcheck(dense._triton_ops()[1], (z, A, tau, plan), test_utils=utils)
 

@@ -1,4 +1,5 @@
-"""Image grids as PNG (Pillow), for looking at samples: `save_grid(images, path, nrow)`."""
+"""Image grids as PNG (Pillow), for looking at samples: `save_grid(images, path, nrow)` (training, generation,
+the demo and the figures all write their image grids here)."""
 
 from __future__ import annotations
 
