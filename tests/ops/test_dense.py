@@ -264,7 +264,7 @@ def test_dense_propagate_records_only_for_autograd():
     them, the plain op (no record kept). One position per sample: the planner then prefers the action to one expm per
     sample for any draw of A and tau, which this test needs."""
     z, A, tau = torch.randn(4, 5, 1), torch.randn(5, 5) / 3, torch.rand(4)
-    assert dense.dense_action_plan(A, tau, 1)[2] == 1
+    assert dense_plan.dense_action_plan(A, tau, 1)[2] == 1
     with torch.profiler.profile() as prof:
         dense_propagate([z], [A], tau, backend="cpu")
         dense_propagate([z.requires_grad_()], [A], tau, backend="cpu")[0].sum().backward()
