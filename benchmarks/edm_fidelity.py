@@ -5,8 +5,8 @@ class labels. Run: PYTHONPATH=tests python benchmarks/edm_fidelity.py"""
 import tempfile
 from pathlib import Path
 
-from helpers import edm_format
 import torch
+from helpers import edm_format
 
 from hkd.teacher import load_teacher
 

@@ -9,10 +9,10 @@ with the right shapes and finite numbers."""
 import json
 import math
 
-from helpers import edm_format
 import numpy as np
 import pytest
 import torch
+from helpers import edm_format
 from helpers.offline_weights import random_alexnet_file, random_inception_file
 from PIL import Image
 

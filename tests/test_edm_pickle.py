@@ -11,10 +11,10 @@ import pickle
 import subprocess
 import sys
 
-from helpers import edm_format
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import edm_format
 
 from hkd import cli, edm_pickle
 from hkd.edm_pickle import UnsafePickleError
