@@ -1,0 +1,194 @@
+"""HKD from a diffusers UNet2DModel teacher (hkd.diffusers_unet) and HKDPipeline (hkd.pipeline): the split is the
+teacher's forward, one step with A = 0 is the teacher's denoised estimate at T, the model folder rebuilds without
+the teacher, bad folders are one line, and the pipeline round-trips through diffusers' folder layout."""
+
+import json
+
+import pytest
+import torch
+from helpers import diffusers_folders
+
+from hkd import cli
+from hkd.model import HKDModel, TeacherSplitError
+from hkd.teacher import load_teacher
+
+diffusers = pytest.importorskip("diffusers")
+
+CASES = [(layout, p) for layout in diffusers_folders.LAYOUTS for p in ("epsilon", "v_prediction", "sample")]
+
+
+def _relative(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """One teacher folder per (layout, prediction type), 3 channels at 8x8."""
+    root = tmp_path_factory.mktemp("diffusers")
+    return {
+        (layout, p): diffusers_folders.write_folder(root / f"{layout}-{p}", layout, p, channels=3, size=8)
+        for layout, p in CASES
+    }
+
+
+def test_hub_is_offline():
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
+
+
+@pytest.mark.parametrize(("layout", "prediction_type"), CASES)
+def test_split_is_the_teacher_and_one_step_is_its_denoised_estimate(folders, layout, prediction_type):
+    teacher = load_teacher(folders[layout, prediction_type])
+    model = HKDModel.from_teacher(teacher).eval()
+    assert model.keeps_skip == (prediction_type != "sample")
+    noise = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        # decode(encode(x, t), t) is the UNet2DModel's forward, at several timesteps per batch
+        x, sigma = torch.randn(4, 3, 8, 8), torch.tensor([0.01, 0.5, 7.0, 80.0])
+        label = model.net.preconditioning(sigma)[3]
+        ours = model.net.decode(model.net.encode(x, label), label)
+        torch.testing.assert_close(ours, teacher.unet(x, label).sample, rtol=1e-5, atol=1e-6)
+        # A = 0: one step from x_T is D_teacher(x_T; T), the skip term included; so is the trajectory at T
+        expected = teacher(noise * model.T, model.T)
+        assert _relative(model.generate(noise), expected) < 1e-4
+        assert _relative(model(noise * model.T, model.T), expected) < 1e-4
+        assert _relative(model.trajectory(noise, [model.T])[0], expected) < 1e-4
+        if model.keeps_skip:  # a planted fault: without the skip term the epsilon and v outputs are far off
+            z = model.encode(noise * model.T, model.T)
+            c_skip, c_out, _, t_T = model.coefficients(model.T)
+            bare = c_out * model.net.decode(z, t_T.expand(4))
+            assert _relative(bare, expected) > 1e-3
+            with pytest.raises(ValueError, match="skip term"):
+                model.decode(z)
+
+
+def test_model_folder_rebuilds_without_the_teacher(folders, tmp_path):
+    import shutil
+
+    source = tmp_path / "teacher"
+    shutil.copytree(folders["resnet", "v_prediction"], source)
+    model = HKDModel.from_teacher(load_teacher(source)).eval()
+    with torch.no_grad():
+        for p in model.propagator.parameters():  # a trained-looking generator
+            p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "model")
+    shutil.rmtree(source)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["model"]["diffusers"]["prediction_type"] == "v_prediction"
+    assert not list((tmp_path / "model").glob("*.pkl")) and not list((tmp_path / "model").glob("*.bin"))
+    loaded = HKDModel.from_pretrained(tmp_path / "model").eval()
+    noise = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(noise), model.generate(noise))
+
+
+def test_unsupported_blocks_and_bad_folders_are_one_line(tmp_path, capsys, one_thread):
+    # a block the split does not know (the teacher still loads: its trajectories need only its forward)
+    skip = diffusers_folders.write_folder(
+        tmp_path / "skip", down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+        up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"), block_out_channels=(32, 32),
+    )  # fmt: skip
+    with pytest.raises(TeacherSplitError, match="unsupported block SkipDownBlock2D in down_block_types") as error:
+        HKDModel.from_teacher(load_teacher(skip))
+    assert "\n" not in str(error.value)
+
+    # a UNet2DConditionModel, a missing scheduler config, an unknown block name: hkd trajectories exits 2, one line
+    conditional = tmp_path / "sd" / "unet"
+    diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+    ).save_pretrained(conditional)  # fmt: skip
+    diffusers.DDPMScheduler().save_pretrained(tmp_path / "sd" / "scheduler")
+    no_scheduler = diffusers_folders.write_folder(tmp_path / "no-scheduler")
+    for path in (no_scheduler / "scheduler").iterdir():
+        path.unlink()
+    (no_scheduler / "scheduler").rmdir()
+    unknown = diffusers_folders.write_folder(tmp_path / "unknown")
+    config = json.loads((unknown / "unet" / "config.json").read_text())
+    config["down_block_types"][0] = "FancyDownBlock2D"
+    (unknown / "unet" / "config.json").write_text(json.dumps(config))
+    for folder, words in [
+        (tmp_path / "sd", "UNet2DConditionModel, not a UNet2DModel"),
+        (no_scheduler, "no scheduler config"),
+        (unknown, "FancyDownBlock2D"),
+    ]:
+        argv = ["trajectories", "--teacher", folder, "--out", tmp_path / "store", "--device", "cpu", "--quiet"]
+        assert cli.main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "store").exists()
+    # the split's refusal through the CLI: hkd train exits 2 with the line naming the block, before any work
+    argv = ["train", f"train.teacher={skip}", f"train.out={tmp_path / 'run'}", f"train.store={tmp_path / 'none'}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "SkipDownBlock2D" in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- HKDPipeline ---------------------------------------------------------------------------------------------------
+
+
+def test_pipeline_round_trip_matches_generate(folders, tmp_path):
+    from hkd.pipeline import HKDPipeline
+
+    model = HKDModel.from_teacher(load_teacher(folders["ddpm", "epsilon"])).eval()
+    with torch.no_grad():
+        for p in model.propagator.parameters():
+            p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "model")
+    assert (
+        cli.main(
+            ["export", "--format", "diffusers", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "pipe")]
+        )
+        == 0
+    )
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["_class_name"] == "HKDPipeline" and index["network"] == ["hkd.pipeline", "HKDNetwork"]
+    assert (tmp_path / "pipe" / "network" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (
+        cli.main(
+            ["export", "--format", "diffusers", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "pipe")]
+        )
+        == 2
+    )
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe")  # finds the class hkd.pipeline registered
+    assert isinstance(pipe, HKDPipeline)
+    again = HKDPipeline.from_pretrained(tmp_path / "pipe")
+    again.save_pretrained(tmp_path / "pipe2")
+    again = HKDPipeline.from_pretrained(tmp_path / "pipe2")
+
+    noise = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = (model.generate(noise) / 2 + 0.5).clamp(0, 1)
+    for p in (pipe, again):
+        out = p(batch_size=3, generator=torch.Generator().manual_seed(7), output_type="pt")
+        assert isinstance(out, diffusers.ImagePipelineOutput)
+        assert torch.equal(out.images, expected)
+    array = pipe(batch_size=3, generator=torch.Generator().manual_seed(7), output_type="np").images
+    assert array.shape == (3, 8, 8, 3) and torch.equal(torch.from_numpy(array).permute(0, 3, 1, 2), expected)
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(7), output_type="pil").images
+    assert len(images) == 2 and images[0].size == (8, 8)
+
+    # one network evaluation per call: the encoder and the decoder run once each
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda *a: calls.append(1))
+        for m in (pipe.model.net.unet.conv_in, pipe.model.net.unet.conv_out)
+    ]
+    pipe(batch_size=2, output_type="pt")
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 2
+
+    times = [model.T, 1.0, model.eps]
+    states = pipe.trajectory(times, batch_size=3, generator=torch.Generator().manual_seed(7), output_type="pt")
+    with torch.no_grad():
+        decoded = (model.trajectory(noise, times) / 2 + 0.5).clamp(0, 1)
+    assert len(states) == 3 and all(torch.equal(a, b) for a, b in zip(states, decoded, strict=True))
+    assert torch.equal(states[-1], expected)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(output_type="latent")
+    with pytest.raises(ValueError, match="times"):
+        pipe.trajectory([2 * model.T])
