@@ -190,6 +190,10 @@ def export(
         return export_pipeline(model if isinstance(model, HKDModel) else load_model(model), out)
     if not isinstance(model, HKDModel):
         model = load_model(model)
+    if dynamic_batch and model.config.diffusers is not None:  # diffusers' Upsample2D: `if batch >= 64: contiguous()`
+        raise ExportError(
+            "--dynamic-batch: a diffusers-backed model's graph branches on the batch size; export a fixed --batch"
+        )
     make = TrajectoryGenerator if time_input else OneStepGenerator
     module = make(model, DTYPES[dtype]).eval()
     # with a dynamic batch, trace at batch 2: torch.export specialises sizes 0 and 1

@@ -18,7 +18,8 @@ CASES = [(layout, p) for layout in diffusers_folders.LAYOUTS for p in ("epsilon"
 
 
 def _relative(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +193,93 @@ def test_pipeline_round_trip_matches_generate(folders, tmp_path):
         pipe(output_type="latent")
     with pytest.raises(ValueError, match="times"):
         pipe.trajectory([2 * model.T])
+
+
+# --- the real commands, end to end ---------------------------------------------------------------------------------
+
+TRAJECTORIES = [
+    "trajectories.num_trajectories=16",
+    "trajectories.num_steps=3",
+    "trajectories.shard_size=8",
+    "trajectories.batch_size=8",
+    "trajectories.dtype=float32",
+]
+TRAIN = ["train.batch=8", "train.epochs=1", "train.max_steps=2", "train.time_samples=2", "train.sample_every=0"]
+TRAIN += ["train.checkpoint_every=2", "train.log_every=1", "train.workers=0", "train.lambda4=0.5"]
+
+
+def hkd(*argv) -> None:
+    code = cli.main([str(a) for a in argv])
+    assert code == 0, f"hkd {' '.join(map(str, argv))} exited {code}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("layout", "prediction_type"), [("ddpm", "epsilon"), ("resnet", "v_prediction")])
+def test_commands_from_a_diffusers_folder(tmp_path, monkeypatch, one_thread, layout, prediction_type):
+    """UNet2DModel folder (save_pretrained) -> hkd trajectories -> hkd train (HKD initialised from it) -> eval ->
+    analyze -> edit -> export (pt2 and diffusers), on the embedded digits (1 channel, 16x16)."""
+    monkeypatch.chdir(tmp_path)
+    teacher = diffusers_folders.write_folder(tmp_path / "teacher", layout, prediction_type)
+    hkd("trajectories", "--teacher", teacher, "--out", "store", "--device", "cpu", "--quiet", *TRAJECTORIES)
+    hkd("train", "train.store=store", f"train.teacher={teacher}", "train.out=run", *TRAJECTORIES, *TRAIN)
+    model = HKDModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.diffusers["prediction_type"] == prediction_type
+    assert model.config.diffusers["unet"]["down_block_types"] == list(
+        diffusers_folders.LAYOUTS[layout]["down_block_types"]
+    )
+    # training started from the teacher: its U-Net weights moved, but only a little in two steps
+    start = HKDModel.from_teacher(load_teacher(teacher))
+    moved = [_relative(a, b) for a, b in zip(model.net.parameters(), start.net.parameters(), strict=True)]
+    assert 0 < max(moved) < 0.5
+
+    hkd(
+        "eval",
+        "--model",
+        "run/model",
+        "--teacher",
+        teacher,
+        "--num",
+        4,
+        "--few-steps",
+        2,
+        "--out",
+        "eval",
+        "--device",
+        "cpu",
+    )
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert [row["evaluations"] for row in rows] == [35, 2, 1]
+    hkd("analyze", "--model", "run/model", "--num", 2, "--times", 3, "--out", "analysis", "--device", "cpu")
+    assert (tmp_path / "analysis" / "analysis.json").is_file()
+    hkd(
+        "edit",
+        "--model",
+        "run/model",
+        "--num",
+        2,
+        "--ratios",
+        "0,0.5",
+        "--steps",
+        2,
+        "--out",
+        "edit",
+        "--device",
+        "cpu",
+    )
+    assert (tmp_path / "edit" / "edit.json").is_file()
+    hkd("export", "--format", "pt2", "--model", "run/model", "--out", "model.pt2", "--batch", 2)
+    hkd("export", "--format", "diffusers", "--model", "run/model", "--out", "pipe")
+
+    noise = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        expected = model.eval().generate(noise)
+        exported = torch.export.load(tmp_path / "model.pt2").module()(noise)
+    assert _relative(exported, expected) < 1e-5
+    from hkd.pipeline import HKDPipeline
+
+    pipe = HKDPipeline.from_pretrained(tmp_path / "pipe")
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = (model.generate(noise) / 2 + 0.5).clamp(0, 1)
+    assert torch.equal(pipe(batch_size=2, generator=generator, output_type="pt").images, expected)
