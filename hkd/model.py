@@ -348,11 +348,18 @@ class HKDModel(nn.Module):
             img_resolution=size if isinstance(size, int) else size[0], img_channels=unet.config.in_channels,
             diffusers=described,
         )  # fmt: skip
-        if config is None:
-            config = ModelConfig(**found)
+        largest = float(teacher.log_sigmas[-1].exp())  # sigma of the schedule's last timestep
+        if config is None:  # T: EDM's 80, or the schedule's largest sigma when that is smaller
+            config = ModelConfig(**found, sigma_max=min(ModelConfig.sigma_max, round(largest, 4)))
         differ = [k for k, v in found.items() if _plain(getattr(config, k)) != _plain(v)]
         if differ:
             raise ConfigError(f"model config does not match the diffusers teacher: {', '.join(differ)} differ")
+        if config.sigma_max > largest * (1 + 1e-4):
+            raise ConfigError(
+                f"model.sigma_max = {config.sigma_max} is above the largest sigma of the teacher's VP schedule "
+                f"({largest:.4g}, its last timestep), where it was never trained: set model.sigma_max and "
+                f"trajectories.sigma_max to at most {largest:.4g}"
+            )
         model = cls(config)
         model.net.vp.load_state_dict(teacher.state_dict())
         return model.to(teacher.log_sigmas.device)

@@ -84,6 +84,26 @@ def test_model_folder_rebuilds_without_the_teacher(folders, tmp_path):
         assert torch.equal(loaded.generate(noise), model.generate(noise))
 
 
+def test_T_is_at_most_the_schedules_largest_sigma(tmp_path):
+    from hkd.config import section, to_dict
+    from hkd.errors import ConfigError
+    from hkd.model import ModelConfig
+
+    folder = diffusers_folders.write_folder(tmp_path / "sd-schedule", size=8)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    scheduler |= {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}  # largest sigma 14.6
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    teacher = load_teacher(folder)
+    model = HKDModel.from_teacher(teacher)
+    assert model.T == pytest.approx(14.6146, abs=1e-4)
+    with torch.no_grad():
+        noise = torch.randn(2, 1, 8, 8)
+        assert _relative(model.generate(noise), teacher(noise * model.T, model.T)) < 1e-4
+    settings = {"model": {**to_dict(model.config), "sigma_max": 80.0}}
+    with pytest.raises(ConfigError, match="at most 14.61"):
+        HKDModel.from_teacher(teacher, section(settings, "model", ModelConfig))
+
+
 def test_unsupported_blocks_and_bad_folders_are_one_line(tmp_path, capsys, one_thread):
     # a block the split does not know (the teacher still loads: its trajectories need only its forward)
     skip = diffusers_folders.write_folder(
