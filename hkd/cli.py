@@ -267,10 +267,10 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     device = _device(args.device)
     if args.workers > 1 and device.type != "cpu":
         raise UserError("--workers > 1 runs local processes on the CPU; for several GPUs use torchrun")
+    _out(args.out)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     teacher = _teacher(args.teacher, device)
-    _out(args.out)  # after the teacher loads: a refused teacher creates nothing
     manifest = trajectories.write_store(
         teacher, args.out, cfg, workers=args.workers, device=device, max_shards=args.max_shards,
         progress=not args.quiet,
