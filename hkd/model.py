@@ -16,6 +16,10 @@ Choices (where the paper is silent):
 * The decoder runs as the teacher's network does at sigma = T, where its output is a prediction of the image:
   D(z) = c_out(T) F_up(z, c_noise(T)), in the teacher's denoised-image space. From the teacher's weights and A = 0,
   the one-step output is then the teacher's denoiser D(x_T; T) (minus c_skip(T) x_T, 4e-5 x_T at T = 80).
+* A diffusers UNet2DModel teacher (model.diffusers; hkd.diffusers_unet) is split the same way, in its VP
+  parametrisation (c_in, and the VP timestep as the label). Its skip term is no rounding error (an epsilon network's
+  c_skip is 1: D(x; sigma) = x - sigma eps_hat), so the decoder keeps it, D(z; x) = c_skip(T) x + c_out(T) F_up(z),
+  x the state the latents were encoded from: with A = 0 the one step from x_T is D_teacher(x_T; T).
 * koopman=False (ablation): the evolution is the identity (the generators stay zero and frozen).
   hierarchy=False (ablation): one Koopman latent, at the deepest level (the bottleneck's resolution). The other
   levels' skips are removed (E returns zeros there, so nothing reaches the decoder without the evolution) and their
