@@ -64,6 +64,24 @@ def test_split_is_the_teacher_and_one_step_is_its_denoised_estimate(folders, lay
                 model.decode(z)
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"mid_block_type": None},  # the up path starts from the last down output, which is also a skip
+        {"out_channels": 6},  # a learned variance: the first C channels are the prediction
+        {"center_input_sample": True},
+        {"resnet_time_scale_shift": "scale_shift"},
+    ],
+    ids=["no-mid-block", "learned-variance", "centred-input", "scale-shift"],
+)
+def test_split_of_other_unet2dmodel_settings(tmp_path, changes):
+    teacher = load_teacher(diffusers_folders.write_folder(tmp_path / "t", channels=3, size=8, **changes))
+    model = HKDModel.from_teacher(teacher).eval()
+    noise = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert _relative(model.generate(noise), teacher(noise * model.T, model.T)) < 1e-4
+
+
 def test_model_folder_rebuilds_without_the_teacher(folders, tmp_path):
     import shutil
 
