@@ -135,7 +135,7 @@ def export_pipeline(model: HKDModel, out: str | os.PathLike) -> Path:
     if tmp.exists():
         raise UserError(f"{tmp} exists (left by an interrupted export?): remove it and run again")
     try:
-        HKDPipeline.from_model(model.cpu()).save_pretrained(tmp, safe_serialization=True)
+        HKDPipeline.from_model(model).save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
