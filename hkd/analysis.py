@@ -108,28 +108,28 @@ def rewind(propagator, latents_eps: list[Tensor], latents_t: list[Tensor], band:
 @torch.no_grad()
 def band_images(model, noise: Tensor) -> dict[str, dict[str, Tensor]]:
     """{"decode"|"contribution": {f"{band}/{level or 'all'}": images}} plus {"full": {"": x_eps}}."""
-    z = model.propagate(initial_latents(model, noise), model.T, model.eps)
-    full = model.decode(z)
+    z, x_T = model.propagate(initial_latents(model, noise), model.T, model.eps), noise * model.T
+    full = model.decode(z, x_T)
     out = {"full": {"": full}, "decode": {}, "contribution": {}}
     for band in BANDS:
         for level in [None, *range(len(z))]:
             key = f"{band}/{'all' if level is None else level}"
-            out["decode"][key] = model.decode(project(model.propagator, z, band, level))
-        out["contribution"][f"{band}/all"] = full - model.decode(without(model.propagator, z, band))
+            out["decode"][key] = model.decode(project(model.propagator, z, band, level), x_T)
+        out["contribution"][f"{band}/all"] = full - model.decode(without(model.propagator, z, band), x_T)
     return out
 
 
 @torch.no_grad()
 def cumulative_effect(model, noise: Tensor, times: Tensor) -> dict[str, Tensor]:
     """Per band, progress_b(t) over `times` (descending, T .. eps), and the rewound decodes x_b(t) (time-major)."""
-    z_T = initial_latents(model, noise)
+    z_T, x_T = initial_latents(model, noise), noise * model.T
     z_eps = model.propagate(z_T, model.T, model.eps)
-    x_eps = model.decode(z_eps)
+    x_eps = model.decode(z_eps, x_T)
     out = {}
     for band in BANDS:
         decodes = torch.stack(
             [
-                model.decode(rewind(model.propagator, z_eps, model.propagate(z_T, model.T, float(t)), band))
+                model.decode(rewind(model.propagator, z_eps, model.propagate(z_T, model.T, float(t)), band), x_T)
                 for t in times
             ]
         )
@@ -148,15 +148,15 @@ def band_correspondence(model, noise: Tensor) -> dict[str, dict]:
     when the centroids differ clearly and grow from low to high."""
     from hkd.propagator import READINGS
 
-    z = model.propagate(initial_latents(model, noise), model.T, model.eps)
-    full = model.decode(z)
+    z, x_T = model.propagate(initial_latents(model, noise), model.T, model.eps), noise * model.T
+    full = model.decode(z, x_T)
     out = {}
     for reading in READINGS:
         bands = {}
         for b in BANDS:
             kept = project(model.propagator, z, b, reading=reading)
-            contribution = full - model.decode([a - k for a, k in zip(z, kept, strict=True)])
-            bands[b] = spectrum_summary(radial_power_spectrum(model.decode(kept)))
+            contribution = full - model.decode([a - k for a, k in zip(z, kept, strict=True)], x_T)
+            bands[b] = spectrum_summary(radial_power_spectrum(model.decode(kept, x_T)))
             bands[b]["contribution_centroid"] = spectrum_summary(radial_power_spectrum(contribution))["centroid"]
         out[reading] = {
             **bands,

@@ -589,8 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ONNX Runtime (needs pip install 'hkd[export]' to write).",
     )
     _model_option(p)
-    p.add_argument("--format", required=True, metavar="{pt2,onnx}", help="pt2 (torch.export) or onnx")
-    p.add_argument("--out", required=True, help="output file (its folder must exist)")
+    p.add_argument("--format", required=True, metavar="{pt2,onnx,diffusers}",
+                   help="pt2 (torch.export), onnx, or diffusers (an HKDPipeline folder, see hkd.pipeline)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output file, or new folder for diffusers (its parent must exist)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: a fixed batch, --batch)")
     p.add_argument("--batch", type=count(1), default=1, help="the fixed batch size without --dynamic-batch (default 1)")
     p.add_argument("--dtype", default="float32", metavar="{float32,float16}", help="weights and I/O (default float32)")

@@ -123,12 +123,16 @@ def frequency_edit(
         raise ValueError(f"t_edit must lie in [eps, T] = [{model.eps}, {model.T}], got {t_edit}")
     z = model.propagate(initial_latents(model, noise), model.T, t_edit)
     z_ref = model.propagate(initial_latents(model, reference_noise), model.T, t_edit)
-    finish = lambda latents: model.decode(model.propagate(latents, t_edit, model.eps))
+    # x: the initial state, the teacher's skip term where the model keeps it (an edit keeps the edited sample's)
+    finish = lambda latents, x: model.decode(model.propagate(latents, t_edit, model.eps), x * model.T)
     edited = []
     for r in ratios:
         chosen, regions = component_masks(model.propagator, band, region, r, levels=levels, seed=seed)
-        edited.append(finish(swap(model.propagator, z, z_ref, chosen, regions)))
-    return {"unedited": finish(z), "reference": finish(z_ref), "edited": torch.stack(edited), "t_edit": t_edit}
+        edited.append(finish(swap(model.propagator, z, z_ref, chosen, regions), noise))
+    return {
+        "unedited": finish(z, noise), "reference": finish(z_ref, reference_noise), "edited": torch.stack(edited),
+        "t_edit": t_edit,
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,10 +163,10 @@ def blend_along_trajectory(model, noise: Tensor, constraint, *, steps: int = 4, 
     """Predict the endpoint at each time, impose the constraint, re-noise to the next time; returns the last x_0."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     times = blend_times(model.T, model.eps, steps)
-    x0 = constraint(model.decode(model.propagate(initial_latents(model, noise), model.T, model.eps)))
+    x0 = constraint(model.decode(model.propagate(initial_latents(model, noise), model.T, model.eps), noise * model.T))
     for t in times[1:]:
-        fresh = torch.randn(x0.shape, generator=generator).to(x0)
-        x0 = constraint(model.decode(model.propagate(model.encode(x0 + t * fresh, t), t, model.eps)))
+        x_t = x0 + t * torch.randn(x0.shape, generator=generator).to(x0)
+        x0 = constraint(model.decode(model.propagate(model.encode(x_t, t), t, model.eps), x_t))
     return x0
 
 

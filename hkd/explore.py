@@ -171,7 +171,8 @@ class Explorer:
         """The decoded state at t (C, H, W): D(view(z_t))."""
         t = self.check_time(t)
         with self.lock:
-            return self.model.decode(self.view(self.latents(seed, t, edit), off))[0]
+            x_T = self.noise(seed) * self.model.T  # the teacher's skip term, where the model keeps it
+            return self.model.decode(self.view(self.latents(seed, t, edit), off), x_T)[0]
 
     # Editing -------------------------------------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ space, as HKDModel.generate):
 
 with every fixed-time quantity folded into constants, so the graph holds only standard ops (no hkd custom op):
 * the encoder's input scale c_in(T) T and the noise label c_noise(T) = ln(T) / 4 (one label, broadcast over the
-  batch), the decoder's output scale c_out(T);
+  batch; for a diffusers-backed model the VP timestep of T), the decoder's output scale c_out(T), and where the
+  model keeps its teacher's skip term, c_skip(T) T (times the noise, added to the output);
 * exp(tau A^(l)), tau = tau(T, eps): for spectral generators the per-level factors exp(alpha tau) cos(beta tau) and
   exp(alpha tau) sin(beta tau) (an elementwise complex multiplication per channel pair), for dense generators one
   matrix expm(tau A^(l)) per level (or per position), all computed in float64 and stored in the export dtype.
@@ -34,12 +35,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from hkd.edm import preconditioning
 from hkd.errors import UserError
 from hkd.model import HKDModel
 from hkd.ops import reference
 
-FORMATS = ("pt2", "onnx")
+FORMATS = ("pt2", "onnx", "diffusers")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ONNX_OPSET = 18
 
@@ -88,7 +88,7 @@ class OneStepGenerator(nn.Module):
 
     def __init__(self, model: HKDModel, dtype: torch.dtype = torch.float32):
         super().__init__()
-        _, c_out, c_in, c_noise = preconditioning(model.T, model.sigma_data)
+        c_skip, c_out, c_in, c_noise = (float(c) for c in model.coefficients(model.T))
         self.net = copy.deepcopy(model.net).to("cpu", dtype).eval()
         for name, module in self.net.named_modules():  # the noise embedding stays float32, as hkd.unet computes it
             if name.startswith("map_") or name.endswith("affine"):
@@ -96,6 +96,7 @@ class OneStepGenerator(nn.Module):
         self.register_buffer("label", torch.tensor([c_noise]))  # c_noise(T), broadcast over the batch
         self.input_scale = c_in * model.T  # c_in(T) T: the input is standard-normal noise
         self.output_scale = c_out
+        self.skip_scale = c_skip * model.T if model.keeps_skip else 0.0  # the teacher's skip term c_skip(T) x_T
         self.generator = model.propagator.generator if model.config.koopman else None
         for level, factors in enumerate(folded_evolution(model)):
             for name, factor in zip(("re", "im") if self.generator == "spectral" else ("M",), factors, strict=True):
@@ -104,8 +105,9 @@ class OneStepGenerator(nn.Module):
     def encode(self, noise: Tensor) -> list[Tensor]:
         return self.net.encode(self.input_scale * noise, self.label)
 
-    def decode(self, latents: list[Tensor]) -> Tensor:
-        return self.output_scale * self.net.decode(latents, self.label)
+    def decode(self, latents: list[Tensor], noise: Tensor) -> Tensor:
+        out = self.output_scale * self.net.decode(latents, self.label)
+        return out + self.skip_scale * noise if self.skip_scale else out
 
     def forward(self, noise: Tensor) -> Tensor:
         latents = self.encode(noise)
@@ -113,7 +115,7 @@ class OneStepGenerator(nn.Module):
             latents = [rotate_pairs(z, getattr(self, f"re{l}"), getattr(self, f"im{l}")) for l, z in enumerate(latents)]
         elif self.generator == "dense":
             latents = [apply_matrix(z, getattr(self, f"M{l}")) for l, z in enumerate(latents)]
-        return self.decode(latents)
+        return self.decode(latents, noise)
 
 
 class TrajectoryGenerator(OneStepGenerator):
@@ -137,7 +139,7 @@ class TrajectoryGenerator(OneStepGenerator):
             levels = range(len(latents))
             alphas, betas = [getattr(self, f"alpha{l}") for l in levels], [getattr(self, f"beta{l}") for l in levels]
             latents = reference.spectral_propagate(latents, alphas, betas, tau.float())
-        return self.decode(latents)
+        return self.decode(latents, noise)
 
 
 def load_model(directory: str | os.PathLike) -> HKDModel:
@@ -158,10 +160,12 @@ def export(
     dtype: str = "float32",
     time_input: bool = False,
 ) -> Path:
-    """Export `model` (an HKDModel or a model folder) to `out` as `format` ("pt2" or "onnx"); returns the path.
+    """Export `model` (an HKDModel or a model folder) to `out` as `format` ("pt2", "onnx" or "diffusers");
+    returns the path.
 
     The graph's input is `noise` (B, C, R, R), standard normal, in `dtype`, plus `t` (B,) with time_input; its
-    output `images`. B is `batch`, or any size with dynamic_batch."""
+    output `images`. B is `batch`, or any size with dynamic_batch. "diffusers" writes the folder of an
+    hkd.pipeline.HKDPipeline instead (float32; no graph options)."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -173,8 +177,23 @@ def export(
     out = Path(out)
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent} is not a folder (the output file's folder must exist)")
+    if format == "diffusers":
+        if time_input or dynamic_batch or dtype != "float32" or batch != 1:
+            raise ExportError(
+                "--format diffusers writes a pipeline folder: --time-input, --dynamic-batch, --batch and "
+                "--dtype do not apply (pipe(batch_size=...), pipe.trajectory(times), pipe.to(dtype))"
+            )
+        if importlib.util.find_spec("diffusers") is None:
+            raise ExportError("--format diffusers needs the diffusers package: pip install 'hkd[diffusers]'")
+        from hkd.pipeline import export_pipeline
+
+        return export_pipeline(model if isinstance(model, HKDModel) else load_model(model), out)
     if not isinstance(model, HKDModel):
         model = load_model(model)
+    if dynamic_batch and model.config.diffusers is not None:  # diffusers' Upsample2D: `if batch >= 64: contiguous()`
+        raise ExportError(
+            "--dynamic-batch: a diffusers-backed model's graph branches on the batch size; export a fixed --batch"
+        )
     make = TrajectoryGenerator if time_input else OneStepGenerator
     module = make(model, DTYPES[dtype]).eval()
     # with a dynamic batch, trace at batch 2: torch.export specialises sizes 0 and 1

@@ -62,8 +62,12 @@ def measure(model, times: Tensor, states: Tensor, teacher=None, batch_size: int 
     last = int(times.argmin())
     endpoint = states[last].float()
     T = float(times[0])
-    initial = [model.encode(x_T.to(device, torch.float32), T) for x_T in states[0].split(batch_size)]  # E(x_T)
-    initial_decoded = [model.decode(z_T).float() if teacher is not None else None for z_T in initial]  # D(E(x_T))
+    starts = [x_T.to(device, torch.float32) for x_T in states[0].split(batch_size)]
+    initial = [model.encode(x_T, T) for x_T in starts]  # E(x_T)
+    initial_decoded = [  # D(E(x_T))
+        model.decode(z_T, x_T).float() if teacher is not None else None
+        for z_T, x_T in zip(initial, starts, strict=True)
+    ]
     rows = []
     for k in range(len(times)):
         t = float(times[k])
@@ -71,18 +75,21 @@ def measure(model, times: Tensor, states: Tensor, teacher=None, batch_size: int 
             continue
         koopman, still, scale = [], [], []
         with_evolution, without, decoded, decoded_still = [], [], [], []
-        for z_T, still_image, x_t in zip(initial, initial_decoded, states[k].split(batch_size), strict=True):
+        for z_T, x_T, still_image, x_t in zip(
+            initial, starts, initial_decoded, states[k].split(batch_size), strict=True
+        ):
             x_t = x_t.to(device, torch.float32)
             z_t = model.encode(x_t, t)
             evolved = model.propagate(z_T, T, t)
             scale.append(_norms(z_t))
             koopman.append(_norms([a - b for a, b in zip(evolved, z_t, strict=True)]))
             still.append(_norms([a - b for a, b in zip(z_T, z_t, strict=True)]))
-            with_evolution.append(model.decode(model.propagate(z_t, t, model.eps)).float().cpu())
-            without.append(model.decode(z_t).float().cpu())
+            with_evolution.append(model.decode(model.propagate(z_t, t, model.eps), x_t).float().cpu())
+            without.append(model.decode(z_t, x_t).float().cpu())
             if teacher is not None:
                 target = teacher(x_t, t).float()
-                decoded.append((model.decode(evolved).float() - target).double().square().flatten(1).mean(1).cpu())
+                error = model.decode(evolved, x_T).float() - target
+                decoded.append(error.double().square().flatten(1).mean(1).cpu())
                 decoded_still.append((still_image - target).double().square().flatten(1).mean(1).cpu())
         scale, koopman, still = (torch.cat(v, 1) for v in (scale, koopman, still))
         scale = scale.clamp_min(1e-30)
@@ -172,7 +179,7 @@ def trajectory_figure(model, teacher, times: Tensor, states: Tensor, path: str |
         t, x_t = float(times[k]), states[k, :num].to(device, torch.float32)
         cells[0].append((x_t / (1 + t)).cpu())  # scaled into view: x_t = x_0 + t n
         cells[1].append(teacher(x_t, t).float().cpu())
-        cells[2].append(model.decode(model.propagate(z_T, float(times[0]), t)).float().cpu())
+        cells[2].append(model.decode(model.propagate(z_T, float(times[0]), t), x_T).float().cpu())
     rows = ["teacher x_t/(1+t)", "teacher D(x_t; t)", "HKD D(e^((t-T)A) E(x_T))"]
     fig = figures.image_table(cells, rows, [f"t = {float(times[k]):.3g}" for k in picked], "Trajectories", nrow=2)
     return figures.save_figure(fig, path)

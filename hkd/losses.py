@@ -145,7 +145,8 @@ def decoded_trajectory(
     B, s = t.shape[0] // per_trajectory, per_trajectory
     times = t.reshape(B, s)
     z_T = [z.reshape(B, s, *z.shape[1:])[:, -1] for z in latents]
-    decoded = model.decode(model.propagate(z_T, times[:, -1], times[:, 0]))
+    x_T = x_t.reshape(B, s, *x_t.shape[1:])[:, -1]  # the teacher's skip term, where the model keeps it
+    decoded = model.decode(model.propagate(z_T, times[:, -1], times[:, 0]), x_T)
     with torch.no_grad():
         target = teacher(x_t.reshape(B, s, *x_t.shape[1:])[:, 0], times[:, 0])
     return distance(decoded, target, lambda1)

@@ -16,6 +16,10 @@ Choices (where the paper is silent):
 * The decoder runs as the teacher's network does at sigma = T, where its output is a prediction of the image:
   D(z) = c_out(T) F_up(z, c_noise(T)), in the teacher's denoised-image space. From the teacher's weights and A = 0,
   the one-step output is then the teacher's denoiser D(x_T; T) (minus c_skip(T) x_T, 4e-5 x_T at T = 80).
+* A diffusers UNet2DModel teacher (model.diffusers; hkd.diffusers_unet) is split the same way, in its VP
+  parametrisation (c_in, and the VP timestep as the label). Its skip term is no rounding error (an epsilon network's
+  c_skip is 1: D(x; sigma) = x - sigma eps_hat), so the decoder keeps it, D(z; x) = c_skip(T) x + c_out(T) F_up(z),
+  x the state the latents were encoded from: with A = 0 the one step from x_T is D_teacher(x_T; T).
 * koopman=False (ablation): the evolution is the identity (the generators stay zero and frozen).
   hierarchy=False (ablation): one Koopman latent, at the deepest level (the bottleneck's resolution). The other
   levels' skips are removed (E returns zeros there, so nothing reaches the decoder without the evolution) and their
@@ -25,10 +29,12 @@ Choices (where the paper is silent):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +42,7 @@ from torch import Tensor, nn
 from hkd import checkpoint
 from hkd.config import Section, section, to_dict
 from hkd.edm import EDMPrecond, preconditioning
-from hkd.errors import ConfigError
+from hkd.errors import ConfigError, UserError
 from hkd.propagator import HKDPropagator
 from hkd.unet import ARCHITECTURE, UNet, architecture
 
@@ -71,16 +77,24 @@ class ModelConfig(Section, name="model"):
     sigma_max: float = 80.0
     sigma_data: float = 0.5
     stem_channels: int | None = None  # the input convolution's width (None: channel_mult[0] * model_channels)
+    # A diffusers UNet2DModel as the network instead of hkd's U-Net (from_teacher sets it; the U-Net fields above are
+    # then unused): {"unet": its config, "scheduler": the VP schedule's keys, "prediction_type": ...}, see
+    # hkd.diffusers_unet.
+    diffusers: dict[str, Any] | None = None
 
     def check(self) -> None:
         for key in ("img_resolution", "img_channels", "model_channels", "num_blocks"):
             self.require(getattr(self, key) >= 1, key, ">= 1")
         self.require(len(self.channel_mult) >= 1 and min(self.channel_mult) >= 1, "channel_mult", "positive integers")
         levels = 2 ** (len(self.channel_mult) - 1)
-        self.require(self.img_resolution % levels == 0, "img_resolution", f"a multiple of {levels} (channel_mult)")
+        if self.diffusers is None:
+            self.require(self.img_resolution % levels == 0, "img_resolution", f"a multiple of {levels} (channel_mult)")
+        else:
+            keys = {"unet", "scheduler", "prediction_type"}
+            self.require(set(self.diffusers) == keys, "diffusers", f"null or a mapping with keys {sorted(keys)}")
         self.require(0 <= self.dropout < 1, "dropout", "in [0, 1)")
         self.require(self.generator in ("spectral", "dense"), "generator", "spectral or dense")
-        if self.generator == "spectral":  # 2x2 blocks pair the channels of every level
+        if self.generator == "spectral" and self.diffusers is None:  # 2x2 blocks pair the channels of every level
             even = all(self.model_channels * m % 2 == 0 for m in self.channel_mult)
             self.require(even, "model_channels", "even with spectral generators (times every channel_mult)")
         self.require(self.clock in CLOCKS, "clock", f"one of {', '.join(CLOCKS)}")
@@ -102,7 +116,7 @@ class ModelConfig(Section, name="model"):
         self.require(self.backend in ("auto", *BACKENDS), "backend", f"one of auto, {', '.join(BACKENDS)}")
 
 
-class TeacherSplitError(TypeError, ValueError):
+class TeacherSplitError(UserError, TypeError, ValueError):
     """from_teacher cannot use this teacher's network as HKD's encoder and decoder (raised before any work)."""
 
 
@@ -112,7 +126,17 @@ class HKDModel(nn.Module):
         self.config = config
         self.img_resolution, self.img_channels = config.img_resolution, config.img_channels
         self.T, self.eps, self.sigma_data = config.sigma_max, config.sigma_min, config.sigma_data
-        self.net = UNet(config.img_resolution, config.img_channels, config.img_channels, **architecture(config))
+        if config.diffusers is None:
+            self.net = UNet(config.img_resolution, config.img_channels, config.img_channels, **architecture(config))
+        else:
+            from hkd.diffusers_unet import DiffusersUNet
+
+            self.net = DiffusersUNet(config.diffusers)
+            if config.generator == "spectral" and any(d % 2 for d, _, _ in self.net.latent_shapes):
+                raise ConfigError(
+                    f"model.generator=spectral pairs the channels of every level, and this UNet2DModel's latent widths "
+                    f"{[d for d, _, _ in self.net.latent_shapes]} are not all even: use model.generator=dense"
+                )
         self.propagator = HKDPropagator(
             self.net.latent_shapes, config.generator, config.per_position, config.backend, config.band_reading
         )
@@ -168,6 +192,19 @@ class HKDModel(nn.Module):
             return self.estimate_sigma(x_t)
         return self._sigma(self.T, x_t.shape[0], x_t.device)
 
+    def coefficients(self, sigma: Tensor | float) -> tuple:
+        """(c_skip, c_out, c_in, noise label) of the teacher's parametrisation at sigma: EDM's (hkd's U-Net) or the VP
+        schedule's, the label a timestep (a diffusers UNet2DModel, hkd.diffusers_unet)."""
+        if self.config.diffusers is None:
+            return preconditioning(sigma, self.sigma_data)
+        return self.net.preconditioning(sigma)
+
+    @property
+    def keeps_skip(self) -> bool:
+        """Whether the output keeps the teacher's skip term c_skip(T) x (a diffusers epsilon or v-prediction network;
+        decode then needs x)."""
+        return self.config.diffusers is not None and self.config.diffusers["prediction_type"] != "sample"
+
     def _sigma(self, t: Tensor | float, batch: int, device: torch.device) -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
         if t.numel() not in (1, batch):
@@ -186,7 +223,7 @@ class HKDModel(nn.Module):
     def encode(self, x_t: Tensor, t: Tensor | float) -> list[Tensor]:
         """E(x_t): the latents at time t (t a scalar or one per sample)."""
         self.check_images(x_t)
-        _, _, c_in, c_noise = preconditioning(self._encoder_sigma(x_t, t), self.sigma_data)
+        _, _, c_in, c_noise = self.coefficients(self._encoder_sigma(x_t, t))
         latents = self.net.encode(c_in.reshape(-1, 1, 1, 1) * x_t.float(), c_noise)
         if not self.config.hierarchy:  # one Koopman latent: the bottleneck's; the other skips are removed
             latents = [*(torch.zeros_like(z) for z in latents[:-1]), latents[-1]]
@@ -198,16 +235,24 @@ class HKDModel(nn.Module):
             return list(latents)
         return self.propagator(latents, self.tau(t_from, t_to).to(latents[0].device))
 
-    def decode(self, latents: list[Tensor]) -> Tensor:
-        """D(z): an image in the teacher's denoised-image space (float32)."""
-        _, c_out, _, c_noise = preconditioning(self.T, self.sigma_data)
-        labels = torch.full((latents[0].shape[0],), c_noise, device=latents[0].device)
-        return c_out * self.net.decode(latents, labels).float()
+    def decode(self, latents: list[Tensor], x: Tensor | None = None) -> Tensor:
+        """D(z): an image in the teacher's denoised-image space (float32). When the model keeps the teacher's skip
+        term (keeps_skip), x is the state the latents were encoded from and D(z; x) = c_skip(T) x + c_out(T) F(z)."""
+        c_skip, c_out, _, c_noise = self.coefficients(self.T)
+        labels = torch.as_tensor(c_noise, dtype=torch.float32, device=latents[0].device).expand(latents[0].shape[0])
+        out = c_out * self.net.decode(latents, labels).float()
+        if self.keeps_skip:
+            if x is None:
+                raise ValueError(
+                    "this model keeps its teacher's skip term: decode(latents, x) needs x, the encoded state"
+                )
+            out = out + c_skip * x.float()
+        return out
 
     def forward(self, x_t: Tensor, t: Tensor | float, return_latents: bool = False) -> Tensor | tuple:
         """x_hat at eps from x_t: D(exp(tau(t, eps) A) E(x_t, t)); with return_latents, (x_hat, E(x_t, t))."""
         latents = self.encode(x_t, t)
-        x_hat = self.decode(self.propagate(latents, t, self.eps))
+        x_hat = self.decode(self.propagate(latents, t, self.eps), x_t)
         return (x_hat, latents) if return_latents else x_hat
 
     # Generation ----------------------------------------------------------------------------------------------------
@@ -233,25 +278,31 @@ class HKDModel(nn.Module):
         x_T = noise * self.T
         if torch.is_grad_enabled() or not self.config.koopman:
             return self(x_T, self.T)
-        return self.decode(self._one_step_propagator()(self.encode(x_T, self.T)))
+        return self.decode(self._one_step_propagator()(self.encode(x_T, self.T)), x_T)
 
     def trajectory(self, noise: Tensor, times: Tensor | list[float]) -> Tensor:
         """Decoded states at each of `times` (in (0, T]) from standard-normal noise (x_T = T noise), closed form after
         one encoder pass: D(exp(tau(T, s) A) E(x_T)) for s in times. Returns (len(times), B, C, H, W)."""
         self.check_images(noise, "noise")
         times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
-        z_T = self.encode(noise * self.T, self.T)
-        return torch.stack([self.decode(self.propagate(z_T, self.T, s)) for s in times])
+        x_T = noise * self.T
+        z_T = self.encode(x_T, self.T)
+        return torch.stack([self.decode(self.propagate(z_T, self.T, s), x_T) for s in times])
 
     # Weights -------------------------------------------------------------------------------------------------------
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, config: ModelConfig | None = None) -> HKDModel:
         """An HKDModel whose encoder and decoder are the teacher's U-Net, generators zero: an hkd teacher or an EDM
-        one (hkd.edm.EDMPrecond around an hkd.unet.UNet, as load_teacher returns both), or a bare UNet. Without
-        `config`, the U-Net sizes, image size and sigma_data come from the teacher; with it, they must match.
-        A teacher whose network cannot be split this way (a diffusers UNet2DModel, VP/VE preconditioning, class
-        labels) raises TeacherSplitError, one line, before any work."""
+        one (hkd.edm.EDMPrecond around an hkd.unet.UNet, as load_teacher returns both), a bare UNet, or a diffusers
+        UNet2DModel (hkd.teacher.VPPrecond, see hkd.diffusers_unet). Without `config`, the U-Net sizes, image size
+        and sigma_data come from the teacher; with it, they must match. A teacher whose network cannot be split this
+        way (unsupported diffusers blocks, EDM's VP/VE preconditioning, class labels) raises TeacherSplitError, one
+        line, before any work."""
+        from hkd.teacher import VPPrecond
+
+        if isinstance(teacher, VPPrecond):
+            return cls._from_diffusers(teacher, config)
         source = getattr(teacher, "identity", {}).get("source", "")
         net = teacher.net if isinstance(teacher, EDMPrecond) else teacher
         if not isinstance(net, UNet):
@@ -281,6 +332,41 @@ class HKDModel(nn.Module):
         model = cls(config)
         model.net.load_state_dict(net.state_dict())
         return model.to(next(net.parameters()).device)
+
+    @classmethod
+    def _from_diffusers(cls, teacher: nn.Module, config: ModelConfig | None) -> HKDModel:
+        """from_teacher for a diffusers UNet2DModel in VPPrecond: the model's `diffusers` field describes the network
+        (its config, the schedule's keys, the prediction type), so from_pretrained rebuilds it without the teacher."""
+        from hkd.diffusers_unet import check_splittable
+
+        unet = teacher.unet
+        unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+        check_splittable(unet_config)
+        scheduler = getattr(teacher, "identity", {}).get("config", {}).get("scheduler")
+        if scheduler is None:  # a bare VPPrecond: the schedule's length (its values are copied with the weights)
+            scheduler = {"num_train_timesteps": len(teacher.log_sigmas)}
+        described = {"unet": unet_config, "scheduler": dict(scheduler), "prediction_type": teacher.prediction_type}
+        described = json.loads(json.dumps(described, default=list))  # plain JSON values, as config.json holds them
+        size = unet.config.sample_size
+        found = dict(
+            img_resolution=size if isinstance(size, int) else size[0], img_channels=unet.config.in_channels,
+            diffusers=described,
+        )  # fmt: skip
+        largest = float(teacher.log_sigmas[-1].exp())  # sigma of the schedule's last timestep
+        if config is None:  # T: EDM's 80, or the schedule's largest sigma when that is smaller
+            config = ModelConfig(**found, sigma_max=min(ModelConfig.sigma_max, round(largest, 4)))
+        differ = [k for k, v in found.items() if _plain(getattr(config, k)) != _plain(v)]
+        if differ:
+            raise ConfigError(f"model config does not match the diffusers teacher: {', '.join(differ)} differ")
+        if config.sigma_max > largest * (1 + 1e-4):
+            raise ConfigError(
+                f"model.sigma_max = {config.sigma_max} is above the largest sigma of the teacher's VP schedule "
+                f"({largest:.4g}, its last timestep), where it was never trained: set model.sigma_max and "
+                f"trajectories.sigma_max to at most {largest:.4g}"
+            )
+        model = cls(config)
+        model.net.vp.load_state_dict(teacher.state_dict())
+        return model.to(teacher.log_sigmas.device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """directory/model.safetensors and directory/config.json (format and model config), as

@@ -304,16 +304,22 @@ class VPPrecond(nn.Module):
         lo_value, hi_value = self.log_sigmas[hi - 1], self.log_sigmas[hi]
         return hi - 1 + (log_sigma - lo_value) / (hi_value - lo_value)
 
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in) at sigma: D(x; sigma) = c_skip x + c_out F(c_in x, timestep(sigma)), F the network's
+        eps (c_skip 1, c_out -sigma), v (c_skip c_in^2, c_out -sigma c_in) or x0 (c_skip 0, c_out 1) prediction."""
+        c_in = 1 / (1 + sigma**2).sqrt()
+        if self.prediction_type == "epsilon":
+            return torch.ones_like(sigma), -sigma, c_in
+        if self.prediction_type == "v_prediction":
+            return c_in**2, -sigma * c_in, c_in
+        return torch.zeros_like(sigma), torch.ones_like(sigma), c_in
+
     def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         x = x.to(torch.float32)
         sigma = sigma_column(sigma, x)
-        c_in = 1 / (1 + sigma**2).sqrt()
+        c_skip, c_out, c_in = self.coefficients(sigma)
         out = self.unet(c_in * x, self.timestep(sigma.flatten())).sample[:, : x.shape[1]].to(torch.float32)
-        if self.prediction_type == "epsilon":
-            return x - sigma * out
-        if self.prediction_type == "v_prediction":
-            return x / (1 + sigma**2) - sigma * c_in * out
-        return out
+        return c_skip * x + c_out * out
 
 
 def load_diffusers(path: Path) -> VPPrecond:
@@ -323,18 +329,30 @@ def load_diffusers(path: Path) -> VPPrecond:
     except ImportError as error:
         raise ImportError("loading a diffusers teacher needs `pip install hkd[diffusers]`") from error
     unet_dir = path / "unet" if (path / "unet").is_dir() else path
+    kind = _json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":
+        raise UserError(f"{unet_dir} holds a diffusers {kind}, not a UNet2DModel (an unconditional pixel-space U-Net)")
+    scheduler = None
+    for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
+        if candidate.is_file():
+            scheduler = _json(candidate)
+            break
+    if scheduler is None:
+        raise MissingFileError(
+            f"{path} has no scheduler config (scheduler/scheduler_config.json or scheduler_config.json): the VP "
+            "schedule and prediction type of the UNet2DModel are read from it, never guessed"
+        )
+    if scheduler.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction", "sample"):
+        raise UserError(
+            f"{path}: unsupported prediction_type {scheduler['prediction_type']!r} (epsilon, v_prediction, sample)"
+        )
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as error:
         reason = " ".join(str(error).split())[:300]
         raise UserError(f"{unet_dir} is not a loadable diffusers UNet2DModel folder ({reason})") from error
-    scheduler = {}
-    for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
-        if candidate.is_file():
-            scheduler = _json(candidate)
-            break
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-    scheduler = {k: scheduler[k] for k in keys if k in scheduler}  # absent: DDPM's defaults
+    scheduler = {k: scheduler[k] for k in keys if k in scheduler}  # a key left out: DDPM's default
     denoiser = VPPrecond(unet, vp_alphas_cumprod(scheduler), scheduler.get("prediction_type", "epsilon"))
     size = unet.config.sample_size
     denoiser.img_resolution = size if isinstance(size, int) else size[0]

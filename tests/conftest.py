@@ -9,6 +9,10 @@ import torch
 # The shared helpers (tests/helpers) import as `helpers.*` from every test folder (tests/, tests/ops/).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# Nothing reaches a hub: diffusers and huggingface_hub read these when they are imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
 # Triton kernels run on the CPU through the interpreter here; it must be set before they are imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

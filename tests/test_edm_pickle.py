@@ -206,8 +206,10 @@ def test_from_teacher_refuses_what_it_cannot_split(tmp_path, tiny_diffusers_unet
         with pytest.raises(TeacherSplitError, match=match) as error:
             HKDModel.from_teacher(load_teacher(path))
         assert "\n" not in str(error.value)
-    teacher = VPPrecond(tiny_diffusers_unet(), vp_alphas_cumprod({}))
+    unet = tiny_diffusers_unet()
+    unet.register_to_config(mid_block_type="UNetMidBlock2DCrossAttn")  # a block the split does not know
+    teacher = VPPrecond(unet, vp_alphas_cumprod({}))
     teacher.identity = {"source": "diffusers"}
-    with pytest.raises(TeacherSplitError, match="diffusers UNet2DModel") as error:
+    with pytest.raises(TeacherSplitError, match="diffusers UNet2DModel.*UNetMidBlock2DCrossAttn") as error:
         HKDModel.from_teacher(teacher)
     assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
