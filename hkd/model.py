@@ -38,7 +38,7 @@ from hkd.config import Section, section, to_dict
 from hkd.edm import EDMPrecond, preconditioning
 from hkd.errors import ConfigError
 from hkd.propagator import HKDPropagator
-from hkd.unet import ARCHITECTURE, UNet, architecture
+from hkd.unet import ARCHITECTURE, UNet, architecture, check_size
 
 FORMAT = "hkd-model"
 CLOCKS = ("identity", "log")
@@ -79,6 +79,7 @@ class ModelConfig(Section, name="model"):
         levels = 2 ** (len(self.channel_mult) - 1)
         self.require(self.img_resolution % levels == 0, "img_resolution", f"a multiple of {levels} (channel_mult)")
         self.require(0 <= self.dropout < 1, "dropout", "in [0, 1)")
+        check_size({"img_resolution": self.img_resolution, "in_channels": self.img_channels, **architecture(self)}, "model")
         self.require(self.generator in ("spectral", "dense"), "generator", "spectral or dense")
         if self.generator == "spectral":  # 2x2 blocks pair the channels of every level
             even = all(self.model_channels * m % 2 == 0 for m in self.channel_mult)

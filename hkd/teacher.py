@@ -32,7 +32,7 @@ from hkd.config import Section, section, to_dict
 from hkd.data import DataConfig, load_dataset
 from hkd.edm import EDMPrecond, edm_loss, edm_noise, ema_halflife_decay, ema_update, heun_sampler, sigma_column
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, RunStopped, UserError
-from hkd.unet import UNet, architecture
+from hkd.unet import UNet, architecture, check_size
 
 CHECKPOINT_NAME = "teacher.pt"
 
@@ -73,6 +73,7 @@ class TeacherConfig(Section, name="teacher"):
         for key in ("sigma_data", "lr", "P_std", "ema_halflife"):
             self.require(getattr(self, key) > 0, key, "> 0")
         self.require(0 <= self.dropout < 1, "dropout", "in [0, 1)")
+        check_size(architecture(self), "teacher")
         self.require(0 <= self.ema_rampup <= 1, "ema_rampup", "in [0, 1]")
         self.require(self.lr_warmup >= 0, "lr_warmup", ">= 0")
         self.require(self.sample_grid >= 0, "sample_grid", ">= 0")
