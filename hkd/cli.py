@@ -341,9 +341,12 @@ def _fid_reference(args: argparse.Namespace, model):
         raise UserError(
             "FID needs --reference: an .npz of reference statistics (hkd fid-ref), an image folder or a config"
         )
-    metrics.inception(args.inception_weights)  # a missing or foreign weights file: refused before any sampling
+    network = metrics.inception(args.inception_weights)  # a missing or foreign weights file: refused before sampling
+    features = getattr(network, "features", None)  # statistics of another size: refused before sampling too
     try:
-        return metrics.reference_for(args.reference, model.img_resolution, model.img_channels, args.inception_weights)
+        return metrics.reference_for(
+            args.reference, model.img_resolution, model.img_channels, args.inception_weights, features
+        )
     except ValueError as error:
         raise UserError(f"--reference {args.reference}: {error}") from error
 

@@ -272,8 +272,8 @@ def _edm_teacher(path: Path) -> nn.Module | None:
 def _json(path: Path) -> dict[str, Any]:
     """A JSON file's object, or {} when it is missing or not a JSON object."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
+        value = checkpoint.read_json(path)
+    except (UserError, OSError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -97,7 +97,7 @@ def test_reference_statistics_files(tmp_path):
     mu, sigma = torch.randn(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
     path = metrics.save_stats(tmp_path / "ref.npz", mu, sigma)
     with np.load(path, allow_pickle=False) as data:  # EDM's fid.py layout
-        assert sorted(data.files) == ["mu", "sigma"] and data["sigma"].shape == (4, 4)
+        assert sorted(data.files) == ["format", "mu", "sigma"] and data["sigma"].shape == (4, 4)  # + hkd's marker
     loaded = metrics.load_stats(path)
     assert torch.equal(loaded[0], mu) and torch.equal(loaded[1], sigma)
     np.savez(tmp_path / "bad.npz", mu=np.zeros(3), sigma=np.zeros((2, 2)))
@@ -147,7 +147,7 @@ def test_rgb_commands_from_an_edm_pickle(tmp_path, monkeypatch, capsys):
     """import-teacher -> from_teacher -> fid-ref (image folder) -> eval with FID -> edit with known images, on a
     3-channel EDM teacher; the Inception network is a cheap stand-in here (test_fid_agrees_with_torch_fidelity runs
     the real one), so this checks the commands' plumbing."""
-    import edm_format
+    from helpers import edm_format
     from PIL import Image
 
     from hkd.model import HKDModel
@@ -193,7 +193,7 @@ def test_ablation_of_rgb_images_needs_a_reference_before_training(tmp_path):
 def test_bad_fid_inputs_are_one_line_before_any_work(tmp_path, capsys, inception_file):
     """A weights file that is not Inception's, an --out that is not an .npz, a --known or --reference that is
     neither a folder nor a config: exit 2 and one line, before sampling (no output folder made)."""
-    import edm_format
+    from helpers import edm_format
     from PIL import Image
 
     from hkd.model import HKDModel
