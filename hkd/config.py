@@ -181,13 +181,15 @@ def check_types(obj: Any, name: str) -> None:
             rule = _describe(hints[field.name])
             raise ConfigError(f"{name}.{field.name} must be {rule}, got {brief(value)}") from None
         if not finite(value):
-            raise ConfigError(f"{name}.{field.name} must be finite, got {brief(value)}")
+            raise ConfigError(f"{name}.{field.name} must be finite and within 64 bits, got {brief(value)}")
 
 
 def finite(value: Any) -> bool:
-    """No NaN or infinite number anywhere in a nested value (dicts, lists, tuples, numbers)."""
+    """No NaN, infinite or beyond-64-bit number anywhere in a nested value (dicts, lists, tuples, numbers)."""
     if isinstance(value, float):
         return math.isfinite(value)
+    if isinstance(value, int):
+        return abs(value) < 2**63
     if isinstance(value, dict):
         return all(finite(v) for v in value.values())
     if isinstance(value, (list, tuple)):
