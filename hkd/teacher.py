@@ -270,11 +270,11 @@ def _edm_teacher(path: Path) -> nn.Module | None:
 
 
 def _json(path: Path) -> dict[str, Any]:
-    """A JSON file's object, or {} when it is missing or not a JSON object."""
-    try:
-        value = checkpoint.read_json(path)
-    except (UserError, OSError):
+    """A JSON file's object, or {} when it is missing or not a JSON object; a corrupt one (not JSON, NaN or infinite
+    numbers, too large) is a CorruptFileError naming it."""
+    if not path.is_file():
         return {}
+    value = checkpoint.read_json(path)
     return value if isinstance(value, dict) else {}
 
 
