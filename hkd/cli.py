@@ -379,7 +379,8 @@ def cmd_fid_ref(args: argparse.Namespace) -> None:
 def cmd_import_teacher(args: argparse.Namespace) -> None:
     from hkd import edm_pickle
 
-    out = edm_pickle.import_teacher(args.pkl, args.out, args.overwrite)  # refused (unsafe), corrupt, or not DDPM++: a UserError
+    # refused (unsafe), corrupt, not DDPM++, or an --out it may not replace: a UserError
+    out = edm_pickle.import_teacher(args.pkl, args.out, args.overwrite)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} (use the folder as --teacher)")
 
 
@@ -459,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="direct one-step regression model folder (model.koopman=false, "
                    "train.consistency=false; `hkd ablate` trains it as 'direct regression')")  # fmt: skip
     p.add_argument("--num", type=count(2, MAX_SAMPLES), default=500, help="samples per row (default 500)")
-    p.add_argument("--few-steps", type=count(1, 1000), default=3, help="Euler steps (= evaluations) of the cheap teacher row")
+    p.add_argument(
+        "--few-steps", type=count(1, 1000), default=3, help="Euler steps (= evaluations) of the cheap teacher row"
+    )
     _fid_options(p)
     p.add_argument("--lpips-weights", help="torchvision AlexNet ImageNet weights file: adds LPIPS to the teacher "
                    "fidelity (needs pip install 'hkd[lpips]')")  # fmt: skip
@@ -509,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_option(p)
     p.add_argument("--num", type=count(1, MAX_SAMPLES), default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--trajectory", type=count(0, 100), default=0, metavar="K", help="also K states from T to eps per sample")
+    p.add_argument(
+        "--trajectory", type=count(0, 100), default=0, metavar="K", help="also K states from T to eps per sample"
+    )
     p.add_argument("--npz", action="store_true", help="also samples.npz (float32 arrays)")
     p.add_argument("--seed", type=seed, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=count(1, 65536), default=256, help="samples per forward pass (default 256)")
@@ -531,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="store folder (an unfinished store there is completed)")
     p.add_argument("--num", type=count(1), help="number of trajectories (trajectories.num_trajectories)")
     _config_options(p, "trajectories.shard_size=500")
-    p.add_argument("--workers", type=count(1, 256), default=1, help="local worker processes (CPU); torchrun ranks add up")
+    p.add_argument(
+        "--workers", type=count(1, 256), default=1, help="local worker processes (CPU); torchrun ranks add up"
+    )
     p.add_argument(
         "--max-shards", type=count(1), help="stop after this many new shards per worker (run again to go on)"
     )
@@ -555,8 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
         "against torch.linalg.matrix_exp. Workloads and rows are described in hkd/bench.py.",
     )
     p.add_argument("op", nargs="?", choices=("spectral", "dense", "all"), default="all", help="which op (default all)")
-    p.add_argument("--batch", type=count(1, 4096), nargs="+", default=[64, 128], help="spectral batch sizes (default 64 128)")
-    p.add_argument("--repeats", type=count(0, 10_000), default=0, help="timed rounds per row (default 15 spectral, 5 dense)")
+    p.add_argument(
+        "--batch", type=count(1, 4096), nargs="+", default=[64, 128], help="spectral batch sizes (default 64 128)"
+    )
+    p.add_argument(
+        "--repeats", type=count(0, 10_000), default=0, help="timed rounds per row (default 15 spectral, 5 dense)"
+    )
     p.add_argument("--threads", type=count(0, 1024), default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the spectral op")
     p.add_argument("--device", **DEVICE)
@@ -610,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (its folder must exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export of this format at --out")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: a fixed batch, --batch)")
-    p.add_argument("--batch", type=count(1, 2**16), default=1, help="the fixed batch size without --dynamic-batch (default 1)")
+    p.add_argument(
+        "--batch", type=count(1, 2**16), default=1, help="the fixed batch size without --dynamic-batch (default 1)"
+    )
     p.add_argument("--dtype", default="float32", metavar="{float32,float16}", help="weights and I/O (default float32)")
     p.add_argument("--time-input", action="store_true", help="also take t (B,) float32 in (0, T]: the trajectory "
                    "at t instead of the endpoint (spectral generators)")  # fmt: skip

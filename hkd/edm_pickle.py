@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from hkd import checkpoint
 from hkd.config import finite
 from hkd.edm import EDMPrecond, sigma_column
-from hkd.errors import ConfigError, CorruptFileError, MissingFileError, UserError, brief
+from hkd.errors import ConfigError, CorruptFileError, UserError, brief
 from hkd.unet import UNet, check_size
 
 FORMAT = "hkd-edm-teacher"
@@ -419,7 +419,9 @@ def from_config(config: dict[str, Any], where: str = "EDM teacher config") -> nn
     try:
         net = UNet(*args, **{k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()})
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}: unet arguments do not build a U-Net ({brief(str(error), 200, plain=True)})") from None
+        raise ConfigError(
+            f"{where}: unet arguments do not build a U-Net ({brief(str(error), 200, plain=True)})"
+        ) from None
     precond = dict(precond)
     precond.pop("kind")
     denoiser = EDMPrecond(net, **precond) if kind == "edm" else SDEPrecond(net, kind, **precond)

@@ -43,7 +43,9 @@ from hkd.ops import reference
 FORMATS = ("pt2", "onnx")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ONNX_OPSET = 18
-MARK = "hkd-export"  # in every file export writes (a .pt2's extra file, an .onnx's doc_string): what --overwrite replaces
+MARK = (
+    "hkd-export"  # in every file export writes (a .pt2's extra file, an .onnx's doc_string): what --overwrite replaces
+)
 
 
 class ExportError(UserError, ValueError):

@@ -76,7 +76,9 @@ class ModelConfig(Section, name="model"):
         for key in ("img_resolution", "img_channels", "model_channels", "num_blocks"):
             self.require(getattr(self, key) >= 1, key, ">= 1")
         self.require(len(self.channel_mult) >= 1 and min(self.channel_mult) >= 1, "channel_mult", "positive integers")
-        check_size({"img_resolution": self.img_resolution, "in_channels": self.img_channels, **architecture(self)}, "model")
+        check_size(
+            {"img_resolution": self.img_resolution, "in_channels": self.img_channels, **architecture(self)}, "model"
+        )
         levels = 2 ** (len(self.channel_mult) - 1)
         self.require(self.img_resolution % levels == 0, "img_resolution", f"a multiple of {levels} (channel_mult)")
         self.require(0 <= self.dropout < 1, "dropout", "in [0, 1)")

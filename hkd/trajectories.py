@@ -78,7 +78,9 @@ class TrajectoryConfig(Section, name="trajectories"):
             self.require(getattr(self, key) >= 1, key, ">= 1")
         self.require(self.num_steps <= MAX_STEPS, "num_steps", f"<= {MAX_STEPS} (hkd's limit)")
         shards = -(-self.num_trajectories // self.shard_size)
-        self.require(shards <= MAX_SHARDS, "num_trajectories", f"at most {MAX_SHARDS} shards of shard_size (hkd's limit)")
+        self.require(
+            shards <= MAX_SHARDS, "num_trajectories", f"at most {MAX_SHARDS} shards of shard_size (hkd's limit)"
+        )
         self.require(0 < self.sigma_min < self.sigma_max, "sigma_min", f"in (0, sigma_max = {self.sigma_max})")
         self.require(self.rho > 0, "rho", "> 0")
         self.require(self.dtype in ("float16", "float32", "float64"), "dtype", "float16, float32 or float64")

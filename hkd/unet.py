@@ -107,7 +107,7 @@ ARCHITECTURE = ("model_channels", "channel_mult", "num_blocks", "attn_resolution
 
 
 # The largest U-Net a config may declare. A config.json, an imported teacher or an EDM pickle is untrusted, and
-# building its modules costs time and memory before any weight is read. EDM's and ADM's largest networks fit well inside.
+# building its modules costs time and memory before any weight is read. EDM's and ADM's largest networks fit inside.
 LIMITS = {
     "img_resolution": 8192, "in_channels": 64, "out_channels": 64, "model_channels": 4096, "channel_mult": 64,
     "levels": 10, "num_blocks": 32, "attn_resolutions": 10, "stem_channels": 16384, "label_dim": 100_000,

@@ -18,7 +18,7 @@ from helpers import edm_format
 
 from hkd import checkpoint, config, edm_pickle, metrics, trajectories
 from hkd.cli import main
-from hkd.errors import ConfigError, CorruptFileError, NonFiniteError, UserError
+from hkd.errors import ConfigError, NonFiniteError, UserError
 from hkd.model import HKDModel, ModelConfig
 
 BOMB = 128 << 20  # what a bomb inflates to: 128 MiB of zeros, about 130 kB deflated
