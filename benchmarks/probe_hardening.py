@@ -489,7 +489,11 @@ def bounded_cost_probes(root: Path, tmp: Path) -> dict[str, str]:
     size = {name: (tmp / name).stat().st_size for name in [*files, "ref.npz"]}
     out = tmp / "bounded_out"
     h, py = hkd_cli, [sys.executable, "-c"]
-    load_stats = f"from hkd import metrics; metrics.load_stats({str(tmp / 'ref.npz')!r})"
+    load_stats = (  # as `hkd eval --reference` calls it: a ValueError is one line, exit code 2
+        "import sys\nfrom hkd import metrics\n"
+        f"try:\n    metrics.load_stats({str(tmp / 'ref.npz')!r})\n"
+        "except ValueError as error:\n    print(f'hkd eval: error: {error}', file=sys.stderr)\n    sys.exit(2)\n"
+    )
     weights = ["--inception-weights", tmp / "inception.pth"]
     lr = "teacher.lr={" + bomb.replace("\n", ", ") + "}"
     probes = {
@@ -520,7 +524,8 @@ def bounded_cost_probes(root: Path, tmp: Path) -> dict[str, str]:
 
 
 def _unchanged(folder: Path, before: dict) -> bool:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    """Every file that was in `folder` is still there with the same bytes (new files are not a loss)."""
+    return all((folder / name).is_file() and (folder / name).read_bytes() == data for name, data in before.items())
 
 
 def _snapshot(folder: Path) -> dict:
