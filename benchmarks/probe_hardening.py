@@ -352,6 +352,7 @@ def config_probes(root: Path, tmp: Path) -> dict[str, str]:
 
 
 BOUND_MIB = 64  # peak memory a refused file may add, beyond 4x its size
+PEAKS: list[int] = []  # each bounded probe's peak memory above the baseline, MiB
 
 
 # Runs ARGV as its own child and records its peak memory: a process forked from this (large) one would inherit its
@@ -388,6 +389,7 @@ def bounded(argv: list, size: int, baseline: int, timeout: int = 180) -> str:
     """The outcome of a command on a crafted file of `size` bytes: hang, unbounded (peak memory beyond the bound),
     or classify()'s."""
     code, err, peak = child(argv, timeout)
+    PEAKS.append(peak - baseline)
     if code == "hang":
         return "hang"
     if peak - baseline > BOUND_MIB + 4 * size / 2**20:
@@ -520,6 +522,7 @@ def bounded_cost_probes(root: Path, tmp: Path) -> dict[str, str]:
     outcomes = {}
     for name, (argv, file) in probes.items():
         outcomes[name] = bounded(argv, size.get(file, 1 << 20), baseline, timeout=120)
+        print(f"peak +{PEAKS[-1]} MiB over {baseline} MiB, file {size.get(file, 0)} bytes: {name}", flush=True)
     return outcomes
 
 
