@@ -1,6 +1,6 @@
 """Probe `hkd` as a careless user and an attacker would: bad arguments, planted pickles, flipped bytes, kills.
 
-    python benchmarks/probe_hardening.py [--out FILE.json]
+    python benchmarks/probe_hardening.py [--out FILE.json] [--only files]
 
 Runs every probe against the hkd that Python imports (PYTHONPATH=... selects another checkout, e.g. an older
 commit unpacked with `git archive`), and prints one line per probe with its outcome:
@@ -11,7 +11,9 @@ commit unpacked with `git archive`), and prints one line per probe with its outc
     accepted    nonsense accepted: exit 0, or the command started its work
     executed    a planted pickle ran its code
     data loss   a file hkd did not make, or the last good checkpoint, was deleted or overwritten
-    silent      an altered file or store was used without a word
+    silent      an altered file or store was used without a word, or NaN/inf made a result
+    hang        still running after the probe's timeout
+    unbounded   a refused file made the process grow beyond 64 MiB + 4x the file's size (peak resident memory)
     ok          a protection works (files kept, exit code 143, workers gone, umask respected)
 
 The bad-argument table is tests/test_cli_errors.py's CASES. Nothing here downloads anything.
@@ -345,9 +347,362 @@ def config_probes(root: Path, tmp: Path) -> dict[str, str]:
     return outcomes
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Untrusted files: bounded cost, no file replaced that hkd did not write, no silent NaN
+
+
+BOUND_MIB = 64  # peak memory a refused file may add, beyond 4x its size
+PEAKS: list[int] = []  # each bounded probe's peak memory above the baseline, MiB
+
+
+# Runs ARGV as its own child and records its peak memory: a process forked from this (large) one would inherit its
+# high-water mark; one forked from this small launcher starts from the launcher's.
+LAUNCHER = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}')\n"
+)
+
+
+def child(argv: list, timeout: int = 180) -> tuple:
+    """(exit code or 'hang', stderr, peak resident MiB) of a fresh process running ARGV (python -c or hkd)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryFile() as err:  # a file: never a full pipe
+        result = Path(folder) / "result"
+        command = [sys.executable, "-c", LAUNCHER, result, *argv]
+        process = subprocess.Popen([str(a) for a in command], stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher's session: it and the command
+            process.wait()
+            return "hang", "", 0
+        err.seek(0)
+        text = err.read(1 << 20).decode(errors="replace")
+        code, peak = (int(x) for x in result.read_text().split())
+    return code, text, peak // 1024
+
+
+def bounded(argv: list, size: int, baseline: int, timeout: int = 180) -> str:
+    """The outcome of a command on a crafted file of `size` bytes: hang, unbounded (peak memory beyond the bound),
+    or classify()'s."""
+    code, err, peak = child(argv, timeout)
+    PEAKS.append(peak - baseline)
+    if code == "hang":
+        return "hang"
+    if peak - baseline > BOUND_MIB + 4 * size / 2**20:
+        return f"unbounded (+{peak - baseline} MiB)"
+    if code == 1 and "Traceback" in err:
+        return "traceback"
+    return classify(code, err)
+
+
+def deflate_bomb(torch_file: bytes, size: int = 256 << 20) -> bytes:
+    """A torch.save zip whose first data record is `size` zero bytes, deflated (about size / 1000 on disk)."""
+    import zipfile
+
+    source, out = zipfile.ZipFile(io.BytesIO(torch_file)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for info in source.infolist():
+            bomb.writestr(info.filename, bytes(size) if info.filename.endswith("data/0") else source.read(info))
+    return out.getvalue()
+
+
+def torch_npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+class _Storage:
+    def __init__(self, blob):
+        self.blob = blob
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.blob,))
+
+
+class _FakeInception(torch.nn.Module):
+    """A cheap stand-in for the FID network (a fixed projection of the pixels to 2048 features)."""
+
+    features = 2048
+
+    def __init__(self, pixels: int):
+        super().__init__()
+        self.projection = torch.randn(pixels, 2048, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def forward(self, images):
+        return images.flatten(1).double() @ self.projection
+
+
+def imported_teacher(tmp: Path) -> Path:
+    from helpers import edm_format
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    edm_format.write_snapshot(tmp / "edm.pkl", edm_format.songunet(img_resolution=16, model_channels=8))
+    code, _ = cli(["import-teacher", tmp / "edm.pkl", "--out", tmp / "imported"])
+    assert code == 0, code
+    return tmp / "imported"
+
+
+def edited_folder(source: Path, target: Path, edit) -> Path:
+    """A copy of a model or teacher folder whose config.json text is changed by `edit` (str -> str)."""
+    shutil.copytree(source, target)
+    (target / "config.json").write_text(edit((target / "config.json").read_text()))
+    return target
+
+
+def bounded_cost_probes(root: Path, tmp: Path) -> dict[str, str]:
+    """Tiny crafted files with huge declared sizes, each read by the command that takes it, in a fresh process:
+    peak memory, time (a hang past the timeout) and how it ends."""
+    import pickle
+    import struct
+
+    hkd_cli = [sys.executable, "-m", "hkd.cli"]
+    baseline = child([*hkd_cli, "generate", "--model", tmp / "none", "--out", tmp / "none"])[2]
+    teacher = imported_teacher(tmp / "b")
+    zeros = io.BytesIO()
+    torch.save({"format": "hkd-teacher", "w": torch.zeros(4)}, zeros)
+    files = {}
+    files["bomb.pkl"] = pickle.dumps({"ema": _Storage(deflate_bomb(zeros.getvalue()))})
+    files["tiny.pkl"] = b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"abc"
+    files["teacher.pt"] = deflate_bomb(zeros.getvalue())
+    files["inception.pth"] = deflate_bomb(zeros.getvalue())
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (8192, 4096)})
+    import zipfile
+
+    with zipfile.ZipFile(tmp / "ref.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("mu.npy", torch_npy(np.zeros(8192)))  # a valid mu: the reader gets to sigma
+        archive.writestr("sigma.npy", header.getvalue() + bytes(8192 * 4096 * 8))
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    bomb += "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    files["bomb.yaml"] = bomb.encode()
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    manifest = json.loads((root / "store" / "manifest.json").read_text())
+    (tmp / "store").mkdir()
+    (tmp / "store" / "manifest.json").write_text(json.dumps({**manifest, "num_shards": 10**9}))
+    model = edited_folder(
+        root / "model", tmp / "blocks_model", lambda t: t.replace('"num_blocks": 1', '"num_blocks": 1000000')
+    )
+    blocks = edited_folder(
+        teacher, tmp / "blocks_teacher", lambda t: t.replace('"num_blocks": 1', '"num_blocks": 1000000')
+    )
+    big = edited_folder(
+        teacher, tmp / "big_teacher", lambda t: t.replace('"model_channels": 8', '"model_channels": 2048')
+    )
+    size = {name: (tmp / name).stat().st_size for name in [*files, "ref.npz"]}
+    out = tmp / "bounded_out"
+    h, py = hkd_cli, [sys.executable, "-c"]
+    load_stats = (  # as `hkd eval --reference` calls it: a ValueError is one line, exit code 2
+        "import sys\nfrom hkd import metrics\n"
+        f"try:\n    metrics.load_stats({str(tmp / 'ref.npz')!r})\n"
+        "except ValueError as error:\n    print(f'hkd eval: error: {error}', file=sys.stderr)\n    sys.exit(2)\n"
+    )
+    weights = ["--inception-weights", tmp / "inception.pth"]
+    lr = "teacher.lr={" + bomb.replace("\n", ", ") + "}"
+    probes = {
+        "EDM pickle, deflated storage record (import-teacher)": (
+            [*h, "import-teacher", tmp / "bomb.pkl", "--out", out], "bomb.pkl"),
+        "EDM pickle, 2^40 bytes length in 14 bytes (import-teacher)": (
+            [*h, "import-teacher", tmp / "tiny.pkl", "--out", out], "tiny.pkl"),
+        "--teacher X.pt with a deflated record (trajectories)": (
+            [*h, "trajectories", "--teacher", tmp / "teacher.pt", "--out", out], "teacher.pt"),
+        "--inception-weights with a deflated record (fid-ref)": (
+            [*h, "fid-ref", "digits", "--out", tmp / "r.npz", *weights], "inception.pth"),
+        "deflated reference .npz (load_stats)": ([*py, load_stats], "ref.npz"),
+        "YAML alias bomb in a config file (train-teacher)": (
+            [*h, "train-teacher", "--config", tmp / "bomb.yaml", "--out", out], "bomb.yaml"),
+        "YAML alias bomb in one override (train-teacher)": ([*h, "train-teacher", "--out", out, lr], "bomb.yaml"),
+        "num_blocks 1000000 in a model's config.json (generate)": (
+            [*h, "generate", "--model", model, "--out", out], None),
+        "num_blocks 1000000 in an imported teacher's config.json (trajectories)": (
+            [*h, "trajectories", "--teacher", blocks, "--out", out], None),
+        "manifest num_shards 1e9 (trajectories --verify)": ([*h, "trajectories", "--verify", tmp / "store"], None),
+        "imported teacher config declaring 2048 channels over small weights (trajectories)": (
+            [*h, "trajectories", "--teacher", big, "--out", out], None),
+    }  # fmt: skip
+    outcomes = {}
+    for name, (argv, file) in probes.items():
+        outcomes[name] = bounded(argv, size.get(file, 1 << 20), baseline, timeout=120)
+        print(f"peak +{PEAKS[-1]} MiB over {baseline} MiB, file {size.get(file, 0)} bytes: {name}", flush=True)
+    return outcomes
+
+
+def _unchanged(folder: Path, before: dict) -> bool:
+    """Every file that was in `folder` is still there with the same bytes (new files are not a loss)."""
+    return all((folder / name).is_file() and (folder / name).read_bytes() == data for name, data in before.items())
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def no_data_lost_probes(root: Path, tmp: Path) -> dict[str, str]:
+    """Each writing command pointed at a file or folder hkd did not write: data loss if it is replaced."""
+    from hkd import metrics
+
+    teacher = imported_teacher(tmp / "d")
+    pkl, outcomes = tmp / "d" / "edm.pkl", {}
+
+    def probe(name, argv, folder):
+        before = _snapshot(folder)
+        code, err = cli(argv)
+        outcomes[name] = classify(code, err) if _unchanged(folder, before) else "data loss"
+
+    model = tmp / "d_model"
+    shutil.copytree(root / "model", model)
+    probe("import-teacher --out over a trained HKD model folder", ["import-teacher", pkl, "--out", model], model)
+    user = tmp / "d_user"
+    user.mkdir()
+    (user / "config.json").write_text('{"mine": true}')
+    probe("import-teacher --out over a user's config.json", ["import-teacher", pkl, "--out", user], user)
+    reports = tmp / "d_reports"
+    reports.mkdir()
+    (reports / "report.md").write_text("# a report")
+    export = ["export", "--model", root / "model", "--format", "pt2", "--out"]
+    probe("export --out over a user's Markdown file", [*export, reports / "report.md"], reports)
+    (reports / ".tmp-model.pt2").write_text("a user's file")
+    code, err = cli([*export, reports / "model.pt2"])
+    kept = (reports / ".tmp-model.pt2").is_file() and (reports / ".tmp-model.pt2").read_text() == "a user's file"
+    outcomes["export beside a user's .tmp-NAME"] = classify(code, err) if kept else "data loss"
+    if code == 0:
+        outcomes["export beside a user's .tmp-NAME"] = "ok" if kept else "data loss"
+    outcomes["export --out an existing folder"] = classify(*cli([*export, reports]))
+    store = tmp / "d_store"
+    store.mkdir()
+    (store / "shard_00000.npy").write_bytes(b"a user's array")
+    argv = [
+        "trajectories",
+        "--teacher",
+        teacher,
+        "--out",
+        store,
+        "--device",
+        "cpu",
+        "--quiet",
+        "trajectories.num_steps=2",
+    ]
+    probe(
+        "trajectories --out over a folder with a user's shard_00000.npy",
+        [*argv, "trajectories.num_trajectories=2"],
+        store,
+    )
+    refs = tmp / "d_refs"
+    refs.mkdir()
+    np.savez(refs / "users.npz", mu=np.zeros(3), sigma=np.eye(3))
+    (tmp / "weights.pth").write_bytes(b"")
+    real = metrics._inception
+    metrics._inception = lambda path: _FakeInception(3 * 16 * 16)
+    try:
+        argv = [
+            "fid-ref",
+            "digits",
+            "--resolution",
+            "16",
+            "--channels",
+            "3",
+            "--inception-weights",
+            tmp / "weights.pth",
+        ]
+        probe("fid-ref --out over a user's .npz", [*argv, "--out", refs / "users.npz"], refs)
+    finally:
+        metrics._inception = real
+    return outcomes
+
+
+def silent_nan_probes(root: Path, tmp: Path) -> dict[str, str]:
+    """Non-finite values in configs and reference statistics: silent when the command does its work anyway."""
+    import hkd.metrics
+    from hkd import metrics, trajectories
+
+    teacher = imported_teacher(tmp / "n")
+    outcomes = {}
+    model = edited_folder(
+        root / "model", tmp / "n_model", lambda t: t.replace('"sigma_max": 80.0', '"sigma_max": Infinity')
+    )
+    code, err = cli(["generate", "--model", model, "--out", tmp / "n_gen", "--num", "2"])
+    outcomes["sigma_max: Infinity in config.json (generate)"] = "silent" if code == 0 else classify(code, err)
+    code, err = cli(["export", "--model", model, "--format", "pt2", "--out", tmp / "n.pt2"])
+    outcomes["sigma_max: Infinity in config.json (export)"] = "silent" if code == 0 else classify(code, err)
+    store_args = ["--device", "cpu", "--quiet", "trajectories.num_trajectories=2", "trajectories.num_steps=2"]
+    code, err = cli(
+        ["trajectories", "--teacher", teacher, "--out", tmp / "n_s1", *store_args, "trajectories.sigma_max=.inf"]
+    )
+    outcomes["trajectories.sigma_max=.inf"] = "silent" if code == 0 else classify(code, err)
+    nan_teacher = edited_folder(
+        teacher, tmp / "n_teacher", lambda t: t.replace('"sigma_data": 0.5', '"sigma_data": Infinity')
+    )
+    code, err = cli(["trajectories", "--teacher", nan_teacher, "--out", tmp / "n_s2", *store_args])
+    outcomes["sigma_data: Infinity in an imported teacher (trajectories)"] = (
+        "silent" if code == 0 else classify(code, err)
+    )
+
+    class NaNTeacher(torch.nn.Module):
+        img_channels, img_resolution, identity = 1, 4, {"source": "probe", "config": {}, "hash": "0"}
+
+        def forward(self, x, sigma):
+            return x * float("nan")
+
+    cfg = trajectories.TrajectoryConfig(num_trajectories=2, num_steps=2, shard_size=2)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            manifest = trajectories.write_store(NaNTeacher(), tmp / "n_s3", cfg, progress=False)
+        outcome = "silent" if manifest["shards"] else "ok"
+    except Exception as error:  # noqa: BLE001
+        from hkd.errors import UserError
+
+        outcome = "clean" if isinstance(error, UserError) else "traceback"
+    outcomes["a teacher giving NaN: shard marked finished"] = outcome
+
+    d = 2048
+    a = np.random.default_rng(0).standard_normal((d, 64))
+    good = a @ a.T / 64
+    bad = {
+        "NaN in sigma": (np.zeros(d), np.where(np.eye(d) > 0, np.nan, good)),
+        "inf in mu": (np.full(d, np.inf), good),
+        "non-symmetric sigma": (np.zeros(d), good + np.triu(np.ones((d, d)), 1)),
+        "non-PSD sigma": (np.zeros(d), good - 10 * np.eye(d)),
+        "wrong feature count (64)": (np.zeros(64), good[:64, :64]),
+        "complex arrays": (np.zeros(d, complex), good.astype(complex)),
+        "string arrays": (np.array(["a"] * d), good),
+        "bool arrays": (np.zeros(d, bool), good > 0),
+    }
+    (tmp / "weights.pth").write_bytes(b"")
+    real = metrics._inception, metrics.teacher_samples
+    metrics._inception = lambda path: _FakeInception(1 * 8 * 8)
+
+    def sampling(*args, **kwargs):
+        raise WorkStarted
+
+    metrics.teacher_samples = sampling
+    hkd.metrics.teacher_samples = sampling
+    try:
+        for name, (mu, sigma) in bad.items():
+            np.savez(tmp / "n_ref.npz", mu=mu, sigma=sigma)
+            argv = ["eval", "--model", root / "model", "--teacher", root / "teacher", "--num", "2", "--device", "cpu"]
+            argv += ["--reference", tmp / "n_ref.npz", "--inception-weights", tmp / "weights.pth", "--out", tmp / "n_e"]
+            outcomes[f"reference .npz: {name} (eval, before sampling)"] = classify(*cli(argv))
+    finally:
+        metrics._inception, metrics.teacher_samples = real
+    return outcomes
+
+
+def file_probes(root: Path, tmp: Path) -> dict[str, str]:
+    outcomes = bounded_cost_probes(root, tmp)
+    outcomes |= no_data_lost_probes(root, tmp)
+    return outcomes | silent_nan_probes(root, tmp)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the outcomes as JSON here")
+    parser.add_argument(
+        "--only", choices=("files",), help="run only these probes (files: bounded cost, data loss, NaN)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     import hkd.teacher
@@ -359,6 +714,10 @@ def main() -> None:
         root.mkdir()
         os.chdir(tmp)
         paths = fixtures(root)
+        if args.only == "files":
+            outcomes |= file_probes(root, tmp)
+            os.chdir(ROOT)
+            return report(outcomes, args.out)
         import hkd.bench
         import hkd.train
 
@@ -389,15 +748,20 @@ def main() -> None:
         outcomes |= config_probes(root, tmp)
         outcomes |= sigterm_and_lock(tmp)
         outcomes["--workers 2, parent killed -9"] = orphan_workers(tmp)
+        outcomes |= file_probes(root, tmp)
         os.chdir(ROOT)
+    report(outcomes, args.out)
+
+
+def report(outcomes: dict[str, str], out: str | None) -> None:
     for name, outcome in outcomes.items():
         print(f"{outcome:12s} {name}")
     counts: dict[str, int] = {}
     for outcome in outcomes.values():
         counts[outcome] = counts.get(outcome, 0) + 1
     print(f"{len(outcomes)} probes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    if args.out:
-        Path(args.out).write_text(json.dumps(outcomes, indent=1))
+    if out:
+        Path(out).write_text(json.dumps(outcomes, indent=1))
 
 
 if __name__ == "__main__":

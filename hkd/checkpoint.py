@@ -13,6 +13,9 @@ model folders (save_pretrained / load_pretrained: safetensors weights and a JSON
   the whole state, which `load` checks: flipped bytes are an error naming the file, never silently loaded weights.
   Everything loads with torch.load(weights_only=True): RNG states are tensors and plain tuples, never pickled objects.
 * `run_lock` stops two runs writing into one folder; `StopSignal` turns SIGTERM/SIGINT into a request the loop polls.
+* Untrusted files cost a bounded amount: `read_json` reads at most JSON_BYTES and refuses NaN and infinities,
+  `check_archive` refuses a zip (torch file, .npz) whose records declare more bytes than allowed before anything is
+  inflated, `torch_load` reads a torch file after that check. `refuse_replace` keeps every file hkd did not write.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import random
 import secrets
 import signal
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,30 +37,38 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError, UserError
+from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError, UserError, brief
 
 TMP_SUFFIX = ".hkd.tmp"
 LOCK_NAME = ".hkd.lock"
 DIGEST_KEY = "sha256"
+JSON_BYTES = 16 << 20  # the largest JSON file (config.json, manifest.json) read
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` (`.NAME.XXXXXXXX.hkd.tmp`, a name no user file has) to write; renamed over
+    `path` when the block ends without an error, removed when it raises."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> Path:
     """Write `data` (bytes, text, or a function writing to a binary file) to `path` atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "xb") as file:  # mode 0o666 & ~umask, like any other new file
-            if callable(data):
-                data(file)
-            else:
-                file.write(data.encode() if isinstance(data, str) else data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, open(tmp, "xb") as file:  # mode 0o666 & ~umask, like any other new file
+        if callable(data):
+            data(file)
+        else:
+            file.write(data.encode() if isinstance(data, str) else data)
+        file.flush()
+        os.fsync(file.fileno())
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
@@ -64,6 +76,73 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
         finally:
             os.close(dir_fd)
     return path
+
+
+def refuse_replace(path: str | os.PathLike, ours: Callable[[Path], bool], overwrite: bool, what: str = "--out"):
+    """Before any work: `path`, a file about to be written, may be replaced only when it is hkd's own earlier output
+    (`ours(path)`) and `overwrite` is set. A folder in its place, a file hkd did not write, or one of hkd's without
+    --overwrite is a UserError naming it."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a folder; name a file to write")
+    if not path.is_file() or path.is_symlink() or not ours(path):
+        raise UserError(f"{what} {str(path)!r} exists and hkd did not write it; choose another name (nothing replaced)")
+    if not overwrite:
+        raise UserError(f"{what} {str(path)!r} exists (an earlier hkd output): pass --overwrite to replace it")
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> Any:
+    """The JSON value of a file hkd reads (config.json, manifest.json): at most JSON_BYTES, no NaN or infinity, or a
+    CorruptFileError naming the file (MissingFileError when it is not there)."""
+    path = Path(path)
+    what = what or str(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found")
+    if path.stat().st_size > JSON_BYTES:
+        raise CorruptFileError(f"{what} is {path.stat().st_size} bytes, larger than hkd reads ({JSON_BYTES})")
+
+    def nonfinite(text):
+        raise ValueError(f"{text} is not a finite number")
+
+    def number(text):
+        value = float(text)
+        return value if value not in (float("inf"), float("-inf")) else nonfinite(brief(text, 30, plain=True))
+
+    try:
+        with open(path, "rb") as file:
+            return json.loads(file.read(JSON_BYTES + 1), parse_constant=nonfinite, parse_float=number)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise CorruptFileError(f"{what} is corrupt: {brief(str(error), 200, plain=True)}") from None
+
+
+def check_archive(source: str | os.PathLike | BinaryIO, what: str, max_bytes: int) -> None:
+    """A zip file (a torch file, an .npz) whose records declare more than `max_bytes` in all, uncompressed, is a
+    CorruptFileError naming it, found from the central directory before anything is inflated (a reader then stops at
+    each record's declared size). Not a zip file: nothing to check."""
+    try:
+        if not zipfile.is_zipfile(source):
+            return
+        with zipfile.ZipFile(source) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CorruptFileError(f"{what} is a corrupt zip file ({error})") from None
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)
+    if declared > max_bytes:
+        raise CorruptFileError(
+            f"{what} declares {declared} bytes of records, more than its {max_bytes} allowed (a compression bomb?)"
+        )
+
+
+def torch_load(path: str | os.PathLike, what: str = "", map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True) of a file whose zip records (torch.save stores them uncompressed) declare no
+    more bytes than the file has: memory stays within the file's size."""
+    path = Path(path)
+    check_archive(path, what or str(path), path.stat().st_size)
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def digest(value: Any) -> str:
@@ -125,7 +204,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     if not path.is_file():
         raise MissingFileError(f"checkpoint {str(path)!r} not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch_load(path, f"checkpoint {str(path)!r}", map_location)
+    except CorruptFileError:
+        raise
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CorruptFileError(f"checkpoint {str(path)!r} is corrupt or not an hkd checkpoint ({reason})") from error
@@ -282,10 +363,7 @@ def load_pretrained(directory: str | os.PathLike, kind: str, build: Callable[[di
     for path in (config_path, weights_path):
         if not path.is_file():
             raise MissingFileError(f"{path} not found (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        saved = json.loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CorruptFileError(f"{config_path} is corrupt: {error}") from error
+    saved = read_json(config_path)
     if not isinstance(saved, dict) or saved.get("format") != kind:
         raise CorruptFileError(f"{config_path} is not an HKD model config (format {kind!r})")
     try:

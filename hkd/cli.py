@@ -21,20 +21,28 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def count(minimum: int = 1):
-    """An argparse type: an integer >= minimum."""
+def count(minimum: int = 1, maximum: int = 2**31 - 1):
+    """An argparse type: an integer in [minimum, maximum] (the maximum keeps a typo from allocating terabytes)."""
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = int(text) if len(text) <= 30 else None
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{text[:30]!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum} (hkd's limit), got {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = f"integer in [{minimum}, {maximum}]"
     return parse
+
+
+seed = count(0, 2**63 - 1)  # an argparse type: a noise seed (numpy and torch take 64-bit seeds)
+MAX_SAMPLES = 100_000  # --num of the commands that hold every sample in memory
 
 
 def port(text: str) -> int:
@@ -341,9 +349,12 @@ def _fid_reference(args: argparse.Namespace, model):
         raise UserError(
             "FID needs --reference: an .npz of reference statistics (hkd fid-ref), an image folder or a config"
         )
-    metrics.inception(args.inception_weights)  # a missing or foreign weights file: refused before any sampling
+    network = metrics.inception(args.inception_weights)  # a missing or foreign weights file: refused before sampling
+    features = getattr(network, "features", None)  # statistics of another size: refused before sampling too
     try:
-        return metrics.reference_for(args.reference, model.img_resolution, model.img_channels, args.inception_weights)
+        return metrics.reference_for(
+            args.reference, model.img_resolution, model.img_channels, args.inception_weights, features
+        )
     except ValueError as error:
         raise UserError(f"--reference {args.reference}: {error}") from error
 
@@ -353,6 +364,9 @@ def cmd_fid_ref(args: argparse.Namespace) -> None:
 
     if not args.out.endswith(".npz") or Path(args.out).is_dir():
         raise UserError(f"--out {args.out}: the statistics are written as an .npz file (e.g. --out cifar10-ref.npz)")
+    from hkd.checkpoint import refuse_replace
+
+    refuse_replace(args.out, metrics.is_stats_file, args.overwrite)
     metrics.inception(args.inception_weights)  # the weights, then the place to write, before any work
     _out(str(Path(args.out).parent), "--out's folder")
     try:
@@ -365,7 +379,8 @@ def cmd_fid_ref(args: argparse.Namespace) -> None:
 def cmd_import_teacher(args: argparse.Namespace) -> None:
     from hkd import edm_pickle
 
-    out = edm_pickle.import_teacher(args.pkl, args.out)  # refused (unsafe), corrupt, or not DDPM++: a UserError
+    # refused (unsafe), corrupt, not DDPM++, or an --out it may not replace: a UserError
+    out = edm_pickle.import_teacher(args.pkl, args.out, args.overwrite)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} (use the folder as --teacher)")
 
 
@@ -383,6 +398,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         batch=args.batch,
         dtype=args.dtype,
         time_input=args.time_input,
+        overwrite=args.overwrite,
     )  # fmt: skip (an ExportError is a UserError: one line, exit 2)
     print(f"wrote {path}")
 
@@ -443,21 +459,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--baseline", help="direct one-step regression model folder (model.koopman=false, "
                    "train.consistency=false; `hkd ablate` trains it as 'direct regression')")  # fmt: skip
-    p.add_argument("--num", type=count(2), default=500, help="samples per row (default 500)")
-    p.add_argument("--few-steps", type=count(1), default=3, help="Euler steps (= evaluations) of the cheap teacher row")
+    p.add_argument("--num", type=count(2, MAX_SAMPLES), default=500, help="samples per row (default 500)")
+    p.add_argument(
+        "--few-steps", type=count(1, 1000), default=3, help="Euler steps (= evaluations) of the cheap teacher row"
+    )
     _fid_options(p)
     p.add_argument("--lpips-weights", help="torchvision AlexNet ImageNet weights file: adds LPIPS to the teacher "
                    "fidelity (needs pip install 'hkd[lpips]')")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every row)")
+    p.add_argument("--seed", type=seed, default=0, help="noise seed (the same noise for every row)")
     p.add_argument("--out", default="runs/eval", help="folder for eval.md and eval.json")
     p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("analyze", help="spectral analysis: eigenvalues, band decodes, cumulative effect, spectra")
     _model_option(p)
-    p.add_argument("--num", type=count(1), default=8, help="samples to decode per band (default 8)")
-    p.add_argument("--times", type=count(2), default=12, help="times from T to eps for the cumulative effect")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--num", type=count(1, 10_000), default=8, help="samples to decode per band (default 8)")
+    p.add_argument("--times", type=count(2, 1000), default=12, help="times from T to eps for the cumulative effect")
+    p.add_argument("--seed", type=seed, default=0, help="noise seed")
     p.add_argument("--out", default="runs/analysis", help="folder for the figures, analysis.md and analysis.json")
     p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_analyze)
@@ -474,9 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--known", help="known images for inpainting (and colourisation): digits, none, an image "
                    "folder, or a config whose data section names them (default: digits for 1-channel models, "
                    "else none)")  # fmt: skip
-    p.add_argument("--steps", type=count(1), default=4, help="blending steps along the trajectory for inpainting")
-    p.add_argument("--num", type=count(1), default=4, help="images per figure (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--steps", type=count(1, 1000), default=4, help="blending steps along the trajectory for inpainting")
+    p.add_argument("--num", type=count(1, 1000), default=4, help="images per figure (default 4)")
+    p.add_argument("--seed", type=seed, default=0, help="noise seed")
     p.add_argument("--out", default="runs/edit", help="folder for the figures and edit.json")
     p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_edit)
@@ -484,20 +502,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="train and evaluate the paper's four ablation configurations, equal budgets")
     _config_options(p, "train.epochs=20 (applied to all four runs)")
     p.add_argument("--teacher", help="the teacher whose trajectories the store holds (default: train.teacher)")
-    p.add_argument("--num", type=count(2), default=500, help="evaluation samples (default 500)")
-    p.add_argument("--seed", type=int, default=0, help="evaluation noise seed")
+    p.add_argument("--num", type=count(2, MAX_SAMPLES), default=500, help="evaluation samples (default 500)")
+    p.add_argument("--seed", type=seed, default=0, help="evaluation noise seed")
     p.add_argument("--out", default="runs/ablation", help="folder for the four runs and ablation.md/json")
     _fid_options(p)
     p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_ablate)
     p = sub.add_parser("generate", help="one-step samples of a trained HKD model (PNG grid and files, optional .npz)")
     _model_option(p)
-    p.add_argument("--num", type=count(1), default=64, help="number of samples (default 64)")
+    p.add_argument("--num", type=count(1, MAX_SAMPLES), default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--trajectory", type=count(0), default=0, metavar="K", help="also K states from T to eps per sample")
+    p.add_argument(
+        "--trajectory", type=count(0, 100), default=0, metavar="K", help="also K states from T to eps per sample"
+    )
     p.add_argument("--npz", action="store_true", help="also samples.npz (float32 arrays)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--batch-size", type=count(1), default=256, help="samples per forward pass (default 256)")
+    p.add_argument("--seed", type=seed, default=0, help="noise seed (default 0)")
+    p.add_argument("--batch-size", type=count(1, 65536), default=256, help="samples per forward pass (default 256)")
     p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_generate)
 
@@ -516,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="store folder (an unfinished store there is completed)")
     p.add_argument("--num", type=count(1), help="number of trajectories (trajectories.num_trajectories)")
     _config_options(p, "trajectories.shard_size=500")
-    p.add_argument("--workers", type=count(1), default=1, help="local worker processes (CPU); torchrun ranks add up")
+    p.add_argument(
+        "--workers", type=count(1, 256), default=1, help="local worker processes (CPU); torchrun ranks add up"
+    )
     p.add_argument(
         "--max-shards", type=count(1), help="stop after this many new shards per worker (run again to go on)"
     )
@@ -540,9 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
         "against torch.linalg.matrix_exp. Workloads and rows are described in hkd/bench.py.",
     )
     p.add_argument("op", nargs="?", choices=("spectral", "dense", "all"), default="all", help="which op (default all)")
-    p.add_argument("--batch", type=count(1), nargs="+", default=[64, 128], help="spectral batch sizes (default 64 128)")
-    p.add_argument("--repeats", type=count(0), default=0, help="timed rounds per row (default 15 spectral, 5 dense)")
-    p.add_argument("--threads", type=count(0), default=0, help="CPU threads (default: torch's default)")
+    p.add_argument(
+        "--batch", type=count(1, 4096), nargs="+", default=[64, 128], help="spectral batch sizes (default 64 128)"
+    )
+    p.add_argument(
+        "--repeats", type=count(0, 10_000), default=0, help="timed rounds per row (default 15 spectral, 5 dense)"
+    )
+    p.add_argument("--threads", type=count(0, 1024), default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the spectral op")
     p.add_argument("--device", **DEVICE)
     p.set_defaults(func=cmd_bench)
@@ -564,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("pkl", help="the EDM snapshot pickle")
     p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier import-teacher output in --out")
     p.set_defaults(func=cmd_import_teacher)
 
     p = sub.add_parser(
@@ -575,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="a config (its data section) or an image folder")
     p.add_argument("--out", required=True, help="the .npz to write")
-    p.add_argument("--resolution", type=count(1), default=32, help="image size (for a folder; default 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier fid-ref output at --out")
+    p.add_argument("--resolution", type=count(1, 8192), default=32, help="image size (for a folder; default 32)")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="for a folder (default 3)")
     p.add_argument("--inception-weights", help="the weights file (default $HKD_INCEPTION_WEIGHTS or the hub cache)")
     p.set_defaults(func=cmd_fid_ref)
@@ -592,8 +620,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, metavar="{pt2,onnx,diffusers}",
                    help="pt2 (torch.export), onnx, or diffusers (an HKDPipeline folder, see hkd.pipeline)")  # fmt: skip
     p.add_argument("--out", required=True, help="output file, or new folder for diffusers (its parent must exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export of this format at --out")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: a fixed batch, --batch)")
-    p.add_argument("--batch", type=count(1), default=1, help="the fixed batch size without --dynamic-batch (default 1)")
+    p.add_argument(
+        "--batch", type=count(1, 2**16), default=1, help="the fixed batch size without --dynamic-batch (default 1)"
+    )
     p.add_argument("--dtype", default="float32", metavar="{float32,float16}", help="weights and I/O (default float32)")
     p.add_argument("--time-input", action="store_true", help="also take t (B,) float32 in (0, T]: the trajectory "
                    "at t instead of the endpoint (spectral generators)")  # fmt: skip

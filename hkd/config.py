@@ -6,7 +6,9 @@ types, checked (and lists made tuples, ints made floats) whenever the dataclass 
 the rules on values. `load` builds every section, so an unknown section or key, a value of the wrong type or out of
 range is a ConfigError naming it (and the closest valid name) before any work starts.
 
-YAML is read as YAML 1.2 reads numbers: `1e-4` is a float (PyYAML's YAML 1.1 would make it a string).
+YAML is read as YAML 1.2 reads numbers: `1e-4` is a float (PyYAML's YAML 1.1 would make it a string). Aliases
+(`*name`) are refused, in files and overrides alike: a few hundred bytes of nested aliases expand to gigabytes. A
+config file is at most CONFIG_BYTES; a number that is NaN or infinite is an error naming its key.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import math
 import re
 import types
 import typing
@@ -23,13 +26,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-from hkd.errors import ConfigError
+from hkd.errors import ConfigError, brief
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The modules that define the sections: importing them registers their dataclasses in SECTIONS.
 SECTION_MODULES = ("hkd.data", "hkd.teacher", "hkd.trajectories", "hkd.model", "hkd.train")
 SECTIONS: dict[str, type[Section]] = {}
 T = TypeVar("T")
+CONFIG_BYTES = 1 << 20  # the largest config file read
 
 __all__ = [
     "ConfigError",
@@ -45,7 +49,13 @@ __all__ = [
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load with YAML 1.2 floats: an exponent without a decimal point (1e-4, 5E+3) is a number."""
+    """safe_load with YAML 1.2 floats: an exponent without a decimal point (1e-4, 5E+3) is a number; and no aliases."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in hkd configs", mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -138,7 +148,7 @@ class Section:
     def require(self, condition: bool, key: str, rule: str) -> None:
         """ConfigError `section.key must be RULE, got VALUE` unless `condition`."""
         if not condition:
-            raise ConfigError(f"{self.section_name}.{key} must be {rule}, got {getattr(self, key)!r}")
+            raise ConfigError(f"{self.section_name}.{key} must be {rule}, got {brief(getattr(self, key))}")
 
 
 def section(config: dict[str, Any], name: str, cls: type[T]) -> T:
@@ -148,12 +158,12 @@ def section(config: dict[str, Any], name: str, cls: type[T]) -> T:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"config section {name!r} must be a mapping of keys, got {values!r}")
+        raise ConfigError(f"config section {name!r} must be a mapping of keys, got {brief(values)}")
     fields = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in fields:
-            hint = _suggest(str(key), fields, f"{name}.")
-            raise ConfigError(f"unknown key {name}.{key}{hint}; valid: {', '.join(fields)}")
+            hint = _suggest(str(key)[:100], fields, f"{name}.")
+            raise ConfigError(f"unknown key {name}.{brief(key, plain=True)}{hint}; valid: {', '.join(fields)}")
     result = cls(**values)
     if not isinstance(result, Section):  # a plain dataclass: its types are checked here
         check_types(result, name)
@@ -168,7 +178,23 @@ def check_types(obj: Any, name: str) -> None:
         try:
             setattr(obj, field.name, _coerce(value, hints[field.name]))
         except TypeError:
-            raise ConfigError(f"{name}.{field.name} must be {_describe(hints[field.name])}, got {value!r}") from None
+            rule = _describe(hints[field.name])
+            raise ConfigError(f"{name}.{field.name} must be {rule}, got {brief(value)}") from None
+        if not finite(value):
+            raise ConfigError(f"{name}.{field.name} must be finite and within 64 bits, got {brief(value)}")
+
+
+def finite(value: Any) -> bool:
+    """No NaN, infinite or beyond-64-bit number anywhere in a nested value (dicts, lists, tuples, numbers)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, int):
+        return abs(value) < 2**63
+    if isinstance(value, dict):
+        return all(finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(finite(v) for v in value)
+    return True
 
 
 def sections() -> dict[str, type[Section]]:
@@ -183,7 +209,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     known = sections()
     for name in config:
         if name not in known:
-            raise ConfigError(f"unknown config section {name!r}{_suggest(str(name), known)}; valid: {', '.join(known)}")
+            hint = _suggest(str(name)[:100], known)
+            raise ConfigError(f"unknown config section {brief(name)}{hint}; valid: {', '.join(known)}")
     for name, cls in known.items():
         section(config, name, cls)
     return config
@@ -214,6 +241,8 @@ def load(name_or_path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"config {str(name_or_path)!r} not found (named configs: {', '.join(available())})")
+    if path.stat().st_size > CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, larger than a config may be ({CONFIG_BYTES} bytes)")
     try:
         config = parse_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
@@ -229,17 +258,17 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+            raise ConfigError(f"override {brief(item)} is not of the form section.key=value")
         *parents, leaf = key.split(".")
         node = config
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+                raise ConfigError(f"override {brief(item)}: {brief(part)} is not a section")
         try:
             node[leaf] = parse_yaml(value)
         except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: not a YAML value ({str(error).splitlines()[0]})") from error
+            raise ConfigError(f"override {brief(item)}: not a YAML value ({str(error).splitlines()[0]})") from error
     return config
 
 

@@ -26,9 +26,9 @@ map_augment (augmentation conditioning, unused at sampling) is dropped.
 from __future__ import annotations
 
 import io
-import json
 import math
 import pickle
+import pickletools
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -38,14 +38,15 @@ import torch
 from torch import Tensor, nn
 
 from hkd import checkpoint
+from hkd.config import finite
 from hkd.edm import EDMPrecond, sigma_column
-from hkd.errors import CorruptFileError, MissingFileError
-from hkd.unet import UNet
+from hkd.errors import ConfigError, CorruptFileError, UserError, brief
+from hkd.unet import UNet, check_size
 
 FORMAT = "hkd-edm-teacher"
 # what unpickling arbitrary bytes raises (a truncated file, garbage, a pickle of something else)
 CORRUPT = (pickle.UnpicklingError, EOFError, RuntimeError, TypeError, AttributeError, IndexError, KeyError, ValueError,
-           OverflowError)  # fmt: skip
+           OverflowError, MemoryError)  # fmt: skip
 
 
 class EDMPickleError(CorruptFileError):
@@ -105,12 +106,19 @@ def _container(class_name: str) -> type:
 def _load_storage(data: bytes):
     if not isinstance(data, bytes):
         raise UnsafePickleError("a tensor storage that is not bytes")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    blob = io.BytesIO(data)
+    checkpoint.check_archive(blob, "a tensor storage", len(data))  # EDM's are legacy blobs; a zip may not inflate
+    return torch.load(blob, map_location="cpu", weights_only=True)
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
         raise UnsafePickleError(f"a tensor over a {type(storage).__name__}, not a storage")
+    if not all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride)) or len(size) != len(stride):
+        raise EDMPickleError("a tensor with a negative or non-integer size, stride or offset")
+    elements = getattr(storage, "_untyped_storage", storage).nbytes()  # an upper bound on its elements
+    if math.prod(size) > elements:  # a stride-0 view would expand a small storage into a huge tensor
+        raise EDMPickleError(f"a tensor of {math.prod(size)} elements over a storage of {elements}")
     return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())
 
 
@@ -178,8 +186,9 @@ def read_snapshot(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"EDM pickle {str(path)!r} not found")
     try:
-        with open(path, "rb") as file:
-            data = _SafeUnpickler(file).load()
+        blob = path.read_bytes()
+        _check_lengths(blob)
+        data = _SafeUnpickler(io.BytesIO(blob)).load()
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{path}: {error}") from None
     except CORRUPT as error:
@@ -189,6 +198,15 @@ def read_snapshot(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("ema"), Record):
         raise EDMPickleError(f"{path} is not an EDM snapshot pickle (no 'ema' network)")
     return data
+
+
+def _check_lengths(blob: bytes) -> None:
+    """Walk the pickle's opcodes without building anything: a length field (bytes, string, long, frame) that declares
+    more than the rest of the file holds is a ValueError, found before the unpickler would allocate it."""
+    stream = io.BytesIO(blob)
+    for opcode, _, _ in pickletools.genops(stream):
+        if opcode.name == "STOP":
+            return
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,8 +354,12 @@ def rebuild(ema: Record, where: str = "EDM pickle") -> tuple[nn.Module, dict[str
         config["precond"]["sigma_data"] = float(state.get("sigma_data", 0.5))
     if precond == "VPPrecond":
         config["precond"] |= {k: float(state.get(k, d)) for k, d in (("beta_d", 19.9), ("beta_min", 0.1), ("M", 1000))}
-    denoiser = from_config(config)
-    weights = convert_state(model.tensors(), unet["model_channels"])
+    tensors = model.tensors()
+    found = {_hkd_name(k): tuple(v.shape) for k, v in tensors.items() if _hkd_name(k) is not None}
+    with torch.device("meta"):  # the declared network against the file's tensors, before anything is allocated
+        _check_shapes(from_config(config, where).net, found, where)
+    denoiser = from_config(config, where)
+    weights = convert_state(tensors, unet["model_channels"])
     _load(denoiser.net, weights, where)
     _check_layers(model, denoiser.net, where)
     return denoiser, config
@@ -362,28 +384,46 @@ def convert_state(edm: dict[str, Tensor], model_channels: int) -> dict[str, Tens
 
 
 def _load(net: UNet, weights: dict[str, Tensor], where: str) -> None:
-    ours = net.state_dict()
-    missing, unexpected = sorted(set(ours) - set(weights)), sorted(set(weights) - set(ours))
-    shapes = [
-        f"{k} {tuple(v.shape)} != {tuple(ours[k].shape)}"
-        for k, v in weights.items()
-        if k in ours and v.shape != ours[k].shape
-    ]
+    _check_shapes(net, {k: tuple(v.shape) for k, v in weights.items()}, where)
+    net.load_state_dict(weights)
+
+
+def _check_shapes(net: UNet, found: dict[str, tuple], where: str) -> None:
+    """The weights' names and shapes `found` against the network's (which may live on the meta device)."""
+    ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    missing, unexpected = sorted(set(ours) - set(found)), sorted(set(found) - set(ours))
+    shapes = [f"{k} {v} != {ours[k]}" for k, v in found.items() if k in ours and v != ours[k]]
     if missing or unexpected or shapes:
         raise EDMPickleError(
             f"{where}: weights do not fit the rebuilt U-Net: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, shapes {shapes[:3]}"
         )
-    net.load_state_dict(weights)
 
 
-def from_config(config: dict[str, Any]) -> nn.Module:
-    """An untrained denoiser of the architecture in `config` ({"unet": UNet arguments, "precond": {"kind", ...}})."""
-    unet = dict(config["unet"])
+PRECOND = {"edm": ("sigma_data",), "vp": ("beta_d", "beta_min", "M"), "ve": ()}
+
+
+def from_config(config: dict[str, Any], where: str = "EDM teacher config") -> nn.Module:
+    """An untrained denoiser of the architecture in `config` ({"unet": UNet arguments, "precond": {"kind", ...}}).
+    Sizes above hkd.unet.LIMITS, unknown keys, non-finite or non-positive constants are ConfigErrors naming them."""
+    if not isinstance(config, dict) or not isinstance(config.get("unet"), dict) or not finite(config):
+        raise ConfigError(f"{where}: 'unet' must be a mapping of U-Net arguments, every number finite")
+    unet, precond = dict(config["unet"]), config.get("precond")
+    check_size(unet, f"{where}: unet")
+    kind = precond.get("kind") if isinstance(precond, dict) else None
+    if kind not in PRECOND or set(precond) - {"kind", *PRECOND[kind]}:
+        raise ConfigError(f"{where}: precond must be {{kind: edm, vp or ve, and its constants}}, got {brief(precond)}")
+    if not all(isinstance(v, (int, float)) and v > 0 for k, v in precond.items() if k != "kind"):
+        raise ConfigError(f"{where}: the precond constants must be positive numbers, got {brief(precond)}")
     args = [unet.pop(k) for k in ("img_resolution", "in_channels", "out_channels")]
-    net = UNet(*args, **{k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()})
-    precond = dict(config["precond"])
-    kind = precond.pop("kind")
+    try:
+        net = UNet(*args, **{k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            f"{where}: unet arguments do not build a U-Net ({brief(str(error), 200, plain=True)})"
+        ) from None
+    precond = dict(precond)
+    precond.pop("kind")
     denoiser = EDMPrecond(net, **precond) if kind == "edm" else SDEPrecond(net, kind, **precond)
     denoiser.img_resolution, denoiser.img_channels, denoiser.label_dim = args[0], args[1], net.label_dim
     return denoiser
@@ -393,7 +433,14 @@ def load_edm_pickle(path: str | Path) -> nn.Module:
     """The `ema` network of an EDM snapshot pickle as an hkd denoiser D(x, sigma[, class_labels]), with `.identity`
     (source "edm-pickle", path, config)."""
     path = Path(path)
-    denoiser, config = rebuild(read_snapshot(path)["ema"], str(path))
+    ema = read_snapshot(path)["ema"]
+    try:
+        denoiser, config = rebuild(ema, str(path))
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        if isinstance(error, UserError):
+            raise
+        raise EDMPickleError(f"{path} is not an EDM snapshot hkd can rebuild ({type(error).__name__}: "
+                             f"{brief(str(error), 100, plain=True)})") from None  # fmt: skip
     denoiser.identity = {"source": "edm-pickle", "path": str(path.resolve()), "config": config}
     return denoiser
 
@@ -402,45 +449,42 @@ def load_edm_pickle(path: str | Path) -> nn.Module:
 # Import: a pickle-free copy
 
 
-def import_teacher(path: str | Path, out_dir: str | Path) -> Path:
-    """Write out_dir/model.safetensors and out_dir/config.json (format hkd-edm-teacher) from an EDM pickle."""
-    from safetensors.torch import save
+def imported(directory: Path) -> bool:
+    """Whether `directory` holds a teacher `import_teacher` wrote (its config.json says so)."""
+    try:
+        config = checkpoint.read_json(Path(directory) / checkpoint.CONFIG_NAME)
+    except UserError:
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
 
+
+def import_teacher(path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write out_dir/model.safetensors and out_dir/config.json (format hkd-edm-teacher) from an EDM pickle. An
+    earlier import in out_dir is replaced only with `overwrite`; any other file of those names is never replaced."""
+    out_dir = Path(out_dir)
+    names = (checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME)
+    ours = imported(out_dir)
+    for name in names:  # before any work
+        checkpoint.refuse_replace(out_dir / name, lambda _: ours, overwrite, f"--out {str(out_dir)!r}:")
     denoiser = load_edm_pickle(path)
     out_dir = checkpoint.output_folder(out_dir, "--out")  # after the pickle passed its checks
     config = {"format": FORMAT, "version": 1, "source": str(Path(path).resolve()), **denoiser.identity["config"]}
-    state = {k: v.detach().cpu().contiguous() for k, v in sorted(denoiser.net.state_dict().items())}
-    metadata = {"format": FORMAT, checkpoint.DIGEST_KEY: checkpoint.digest(state)}
-    checkpoint.atomic_write(out_dir / "model.safetensors", save(state, metadata=metadata))
-    checkpoint.atomic_write(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    checkpoint.save_pretrained(out_dir, denoiser.net.state_dict(), config)
     return out_dir
 
 
 def load_imported(directory: str | Path) -> nn.Module:
-    """The teacher `import_teacher` wrote (identity source "edm-import"; same hash as the pickle it came from)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    """The teacher `import_teacher` wrote (identity source "edm-import"; same hash as the pickle it came from), read
+    by hkd.checkpoint.load_pretrained: the declared network is checked against the weights before it is built."""
     directory = Path(directory)
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise EDMPickleError(f"{directory / 'config.json'} cannot be read: {error}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise EDMPickleError(f"{directory / 'config.json'} is not an imported EDM teacher (format {FORMAT!r})")
-    if not (directory / "model.safetensors").is_file():
-        raise MissingFileError(f"{directory / 'model.safetensors'} not found (written by `hkd import-teacher`)")
-    core = {"unet": config["unet"], "precond": config["precond"]}
-    denoiser = from_config(core)
-    weights_path = directory / "model.safetensors"
-    try:
-        with safe_open(str(weights_path), framework="pt") as file:
-            saved_digest = (file.metadata() or {}).get(checkpoint.DIGEST_KEY)
-        weights = load_file(str(weights_path))
-    except Exception as error:
-        raise EDMPickleError(f"{weights_path} is corrupt: {error}") from None
-    if saved_digest is not None and checkpoint.digest(dict(sorted(weights.items()))) != saved_digest:
-        raise EDMPickleError(f"{weights_path} is corrupt: its checksum differs (altered or damaged)")
-    _load(denoiser.net, weights, str(directory))
-    denoiser.identity = {"source": "edm-import", "path": str(directory.resolve()), "config": core}
+    built = {}
+
+    def build(config: dict[str, Any]) -> nn.Module:
+        built["core"] = {"unet": config.get("unet"), "precond": config.get("precond")}
+        built["denoiser"] = from_config(built["core"], str(directory / checkpoint.CONFIG_NAME))
+        return built["denoiser"].net
+
+    checkpoint.load_pretrained(directory, FORMAT, build)
+    denoiser = built["denoiser"]
+    denoiser.identity = {"source": "edm-import", "path": str(directory.resolve()), "config": built["core"]}
     return denoiser

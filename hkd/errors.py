@@ -7,6 +7,12 @@ from __future__ import annotations
 import signal
 
 
+def brief(value, limit: int = 80, plain: bool = False) -> str:
+    """repr(value) (str(value) if plain) cut to `limit` characters: a one-line error never prints an unbounded value."""
+    text = str(value) if plain else repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 class UserError(Exception):
     """A mistake the user can fix; the message names what is wrong (a file, option or config key)."""
 

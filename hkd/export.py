@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from hkd import checkpoint
 from hkd.errors import UserError
 from hkd.model import HKDModel
 from hkd.ops import reference
@@ -42,6 +43,9 @@ from hkd.ops import reference
 FORMATS = ("pt2", "onnx", "diffusers")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ONNX_OPSET = 18
+MARK = (
+    "hkd-export"  # in every file export writes (a .pt2's extra file, an .onnx's doc_string): what --overwrite replaces
+)
 
 
 class ExportError(UserError, ValueError):
@@ -159,13 +163,16 @@ def export(
     batch: int = 1,
     dtype: str = "float32",
     time_input: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Export `model` (an HKDModel or a model folder) to `out` as `format` ("pt2", "onnx" or "diffusers");
     returns the path.
 
     The graph's input is `noise` (B, C, R, R), standard normal, in `dtype`, plus `t` (B,) with time_input; its
     output `images`. B is `batch`, or any size with dynamic_batch. "diffusers" writes the folder of an
-    hkd.pipeline.HKDPipeline instead (float32; no graph options)."""
+    hkd.pipeline.HKDPipeline instead (float32; no graph options; never into an existing non-empty folder). An
+    existing `out` is replaced only when it is an earlier export of the same format and `overwrite` is set (a
+    folder or any other file: an ExportError first)."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -188,6 +195,10 @@ def export(
         from hkd.pipeline import export_pipeline
 
         return export_pipeline(model if isinstance(model, HKDModel) else load_model(model), out)
+    try:
+        checkpoint.refuse_replace(out, lambda path: is_export(path, format), overwrite)
+    except UserError as error:
+        raise ExportError(str(error)) from None
     if not isinstance(model, HKDModel):
         model = load_model(model)
     if dynamic_batch and model.config.diffusers is not None:  # diffusers' Upsample2D: `if batch >= 64: contiguous()`
@@ -210,24 +221,34 @@ def save_program(module: nn.Module, inputs: tuple[Tensor, ...], out: Path, forma
     names = ["noise", "t"][: len(inputs)]
     batch = torch.export.Dim("batch", min=1, max=2**16) if dynamic_batch else None
     shapes = {name: {0: batch} for name in names} if dynamic_batch else None
-    tmp = out.with_name(f".tmp-{out.name}")
-    try:
-        with torch.no_grad():
-            try:
-                with _quiet():
-                    program = torch.export.export(module, inputs, dynamic_shapes=shapes, strict=False)
-            except Exception as error:
-                raise ExportError(f"torch.export failed: {_one_line(error)}") from error
-            _check_ops(program, format)
+    with torch.no_grad():
+        try:
+            with _quiet():
+                program = torch.export.export(module, inputs, dynamic_shapes=shapes, strict=False)
+        except Exception as error:
+            raise ExportError(f"torch.export failed: {_one_line(error)}") from error
+        _check_ops(program, format)
+        with checkpoint.replacing(out) as tmp:
             if format == "pt2":
                 with open(tmp, "wb") as file:
-                    torch.export.save(program, file)
+                    torch.export.save(program, file, extra_files={MARK: MARK})
             else:
                 _save_onnx(program, tmp, names)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
+
+
+def is_export(path: Path, format: str) -> bool:
+    """Whether `path` is a file `export` wrote as `format` (its mark), read without inflating anything."""
+    import zipfile
+
+    try:
+        if format == "pt2":
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith(f"/extra/{MARK}") for name in archive.namelist())
+        with open(path, "rb") as file:  # the ONNX ModelProto's doc_string (field 6) precedes its graph
+            return b"\x32" + bytes([len(MARK)]) + MARK.encode() in file.read(512)
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _save_onnx(program, path: Path, names: list[str]) -> None:
@@ -239,6 +260,7 @@ def _save_onnx(program, path: Path, names: list[str]) -> None:
             )  # fmt: skip
     except Exception as error:
         raise ExportError(f"ONNX export failed: {_one_line(error)}") from error
+    onnx_program.model.doc_string = MARK
     onnx_program.save(str(path))
 
 

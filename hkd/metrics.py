@@ -33,6 +33,8 @@ from hkd.losses import pseudo_huber
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+INCEPTION_FEATURES = 2048  # pool3: the dimension of FID reference statistics
+STATS_FORMAT = "hkd-fid-ref"  # the marker save_stats adds to its .npz (EDM's readers look at mu and sigma only)
 CONFIDENT = 0.9  # a sample is "recognisable" when the classifier's top probability reaches this
 
 
@@ -90,9 +92,12 @@ def to_uint8(images: Tensor) -> Tensor:
 
 class Inception(nn.Module):
     """torch-fidelity's FID Inception-v3 (the TF-FID port; pool3, 2048 features) with weights from a local file.
+    The file's zip records may declare no more bytes than the file holds (hkd.checkpoint.torch_load).
 
     The file is first read with torch.load(weights_only=True), so only a plain tensor file gets to torch-fidelity
     (whose own loader unpickles without that restriction)."""
+
+    features = INCEPTION_FEATURES
 
     def __init__(self, weights: str | os.PathLike | None = None):
         super().__init__()
@@ -104,7 +109,7 @@ class Inception(nn.Module):
             ) from error
         self.path = inception_weights(weights)
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            state = checkpoint.torch_load(self.path)
             if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
                 raise ValueError("not a state dict of tensors")
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(self.path)).eval()
@@ -168,28 +173,63 @@ def inception_stats(images, inception: Inception, *, batch_size: int = 250, desc
 
 
 def save_stats(path: str | os.PathLike, mu: Tensor, sigma: Tensor) -> Path:
-    """Reference statistics as EDM's `fid.py ref` writes them: an .npz with mu (D,) and sigma (D, D)."""
+    """Reference statistics as EDM's `fid.py ref` writes them: an .npz with mu (D,) and sigma (D, D), plus the
+    marker `format` = "hkd-fid-ref" (how `--overwrite` knows the file is hkd's)."""
     import numpy as np
 
-    return checkpoint.atomic_write(
-        path, lambda file: np.savez(file, mu=mu.double().numpy(), sigma=sigma.double().numpy())
-    )
+    mu, sigma = mu.double().numpy(), sigma.double().numpy()
+    return checkpoint.atomic_write(path, lambda file: np.savez(file, mu=mu, sigma=sigma, format=np.str_(STATS_FORMAT)))
 
 
-def load_stats(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
-    """(mu, sigma) from an .npz with mu (D,) and sigma (D, D) (EDM's fid.py ref, or save_stats); never unpickles."""
+def is_stats_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is reference statistics save_stats wrote (its marker), read without inflating anything."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("format.npy")
+            if info.file_size > 4096:
+                return False
+            with archive.open(info) as file:
+                return str(np.lib.format.read_array(file, allow_pickle=False)) == STATS_FORMAT
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+        return False
+
+
+def load_stats(path: str | os.PathLike, features: int | None = None) -> tuple[Tensor, Tensor]:
+    """(mu, sigma) from an .npz with mu (D,) and sigma (D, D) (EDM's fid.py ref, or save_stats); never unpickles.
+    Checked before any sampling: D = `features` (None: any D up to Inception's), real floating-point arrays, finite
+    values, sigma symmetric and positive semi-definite (a covariance). Each is a ValueError naming the file."""
     import numpy as np
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {str(path)!r} not found")
+    d = features or INCEPTION_FEATURES
+    checkpoint.check_archive(path, str(path), 8 * (d * d + d) + (1 << 16))  # a deflate bomb is refused unread
     try:
         with np.load(path, allow_pickle=False) as data:
-            mu, sigma = torch.from_numpy(data["mu"]).double(), torch.from_numpy(data["sigma"]).double()
-    except (KeyError, ValueError, OSError) as error:
-        raise ValueError(f"{path} is not FID reference statistics (an .npz with mu and sigma): {error}") from None
-    if mu.dim() != 1 or tuple(sigma.shape) != (len(mu), len(mu)):
-        raise ValueError(f"{path}: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} do not fit (D,) and (D, D)")
+            mu, sigma = data["mu"], data["sigma"]
+    except (KeyError, ValueError, OSError, EOFError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(f"{path} is not FID reference statistics (an .npz with mu and sigma): {reason}") from None
+    for name, array in (("mu", mu), ("sigma", sigma)):
+        if array.dtype.kind != "f":
+            raise ValueError(f"{path}: {name} is a {array.dtype} array, not floating-point numbers")
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit (D,) and (D, D)")
+    if features is not None and len(mu) != features:
+        raise ValueError(f"{path}: statistics of {len(mu)} features; Inception's pool3 gives {features}")
+    mu, sigma = torch.from_numpy(mu.astype(np.float64)), torch.from_numpy(sigma.astype(np.float64))
+    if not (mu.isfinite().all() and sigma.isfinite().all()):
+        raise ValueError(f"{path}: mu or sigma holds NaN or infinite values")
+    scale = sigma.abs().max().clamp(min=1e-300)
+    if (sigma - sigma.T).abs().max() > 1e-6 * scale:
+        raise ValueError(f"{path}: sigma is not symmetric (not a covariance)")
+    if torch.linalg.eigvalsh(sigma).min() < -1e-6 * scale:
+        raise ValueError(f"{path}: sigma is not positive semi-definite (not a covariance)")
     return mu, sigma
 
 
@@ -219,11 +259,12 @@ def _inception(path: str) -> Inception:
     return inception.to("cuda") if torch.cuda.is_available() else inception
 
 
-def reference_for(source: str, resolution: int, channels: int, weights=None) -> tuple[Tensor, Tensor]:
-    """FID reference statistics from `source`: an .npz (mu, sigma), an image folder, or a config (name or YAML
-    path) whose data section names the dataset; images are brought to the model's resolution and channels."""
+def reference_for(source: str, resolution: int, channels: int, weights=None, features=None) -> tuple[Tensor, Tensor]:
+    """FID reference statistics from `source`: an .npz (mu, sigma; of `features` features when given), an image
+    folder, or a config (name or YAML path) whose data section names the dataset; images are brought to the model's
+    resolution and channels."""
     if str(source).endswith(".npz"):
-        return load_stats(source)
+        return load_stats(source, features)
     from hkd.data import images_from
 
     return inception_stats(images_from(source, resolution, channels), inception(weights), desc="FID reference")

@@ -44,7 +44,7 @@ from hkd.config import Section, section, to_dict
 from hkd.edm import EDMPrecond, preconditioning
 from hkd.errors import ConfigError, UserError
 from hkd.propagator import HKDPropagator
-from hkd.unet import ARCHITECTURE, UNet, architecture
+from hkd.unet import ARCHITECTURE, UNet, architecture, check_size
 
 FORMAT = "hkd-model"
 CLOCKS = ("identity", "log")
@@ -86,6 +86,9 @@ class ModelConfig(Section, name="model"):
         for key in ("img_resolution", "img_channels", "model_channels", "num_blocks"):
             self.require(getattr(self, key) >= 1, key, ">= 1")
         self.require(len(self.channel_mult) >= 1 and min(self.channel_mult) >= 1, "channel_mult", "positive integers")
+        check_size(
+            {"img_resolution": self.img_resolution, "in_channels": self.img_channels, **architecture(self)}, "model"
+        )
         levels = 2 ** (len(self.channel_mult) - 1)
         if self.diffusers is None:
             self.require(self.img_resolution % levels == 0, "img_resolution", f"a multiple of {levels} (channel_mult)")

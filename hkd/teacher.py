@@ -33,7 +33,7 @@ from hkd.data import DataConfig, load_dataset
 from hkd.edm import EDMPrecond, edm_loss, edm_noise, ema_halflife_decay, heun_sampler, sigma_column
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, UserError
 from hkd.runstate import RunState, last_good, restore, save_checkpoint
-from hkd.unet import UNet, architecture
+from hkd.unet import UNet, architecture, check_size
 
 CHECKPOINT_NAME = "teacher.pt"
 
@@ -74,6 +74,7 @@ class TeacherConfig(Section, name="teacher"):
         for key in ("sigma_data", "lr", "P_std", "ema_halflife"):
             self.require(getattr(self, key) > 0, key, "> 0")
         self.require(0 <= self.dropout < 1, "dropout", "in [0, 1)")
+        check_size(architecture(self), "teacher")
         self.require(0 <= self.ema_rampup <= 1, "ema_rampup", "in [0, 1]")
         self.require(self.lr_warmup >= 0, "lr_warmup", ">= 0")
         self.require(self.sample_grid >= 0, "sample_grid", ">= 0")
@@ -259,11 +260,11 @@ def _edm_teacher(path: Path) -> nn.Module | None:
 
 
 def _json(path: Path) -> dict[str, Any]:
-    """A JSON file's object, or {} when it is missing or not a JSON object."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
+    """A JSON file's object, or {} when it is missing or not a JSON object; a corrupt one (not JSON, NaN or infinite
+    numbers, too large) is a CorruptFileError naming it."""
+    if not path.is_file():
         return {}
+    value = checkpoint.read_json(path)
     return value if isinstance(value, dict) else {}
 
 

@@ -115,6 +115,9 @@ class TrainConfig(Section, name="train"):
         nonnegative = ("time_samples", "sample_every", "workers", "threads", "grad_clip", "lambda2", "lambda3")
         for key in (*nonnegative, "lambda4", "seed"):
             self.require(getattr(self, key) >= 0, key, ">= 0")
+        for key, limit in (("workers", 256), ("threads", 1024), ("seed", 2**63 - 1), ("time_samples", 1000)):
+            self.require(getattr(self, key) <= limit, key, f"<= {limit} (hkd's limit)")
+        self.require(self.out.strip() != "", "out", "a folder name (empty would write the run into the current folder)")
         intermediate = self.consistency and self.time_samples >= 1
         self.require(self.lambda4 == 0 or intermediate, "lambda4", "0 unless consistency=true and time_samples >= 1")
         self.require(self.lr > 0, "lr", "> 0")

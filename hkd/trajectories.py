@@ -46,14 +46,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hkd.checkpoint import atomic_write
+from hkd.checkpoint import atomic_write, read_json
 from hkd.config import Section, section
 from hkd.edm import heun_sampler, time_steps
-from hkd.errors import ConfigError, CorruptFileError, MissingFileError, UserError
+from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError, UserError, brief
 
 MANIFEST = "manifest.json"
 FORMAT = "hkd-trajectories"
 SHARD_NAME = re.compile(r"shard_[0-9]{5,}\.npy")
+MAX_SHARDS = 100_000  # shards in a store (a manifest may declare no more: the store's loops and lists are this long)
+MAX_STEPS = 10_000  # solver steps (its time grid is allocated from the manifest's number)
 
 
 @dataclass
@@ -74,6 +76,11 @@ class TrajectoryConfig(Section, name="trajectories"):
     def check(self) -> None:
         for key in ("num_trajectories", "num_steps", "shard_size", "batch_size"):
             self.require(getattr(self, key) >= 1, key, ">= 1")
+        self.require(self.num_steps <= MAX_STEPS, "num_steps", f"<= {MAX_STEPS} (hkd's limit)")
+        shards = -(-self.num_trajectories // self.shard_size)
+        self.require(
+            shards <= MAX_SHARDS, "num_trajectories", f"at most {MAX_SHARDS} shards of shard_size (hkd's limit)"
+        )
         self.require(0 < self.sigma_min < self.sigma_max, "sigma_min", f"in (0, sigma_max = {self.sigma_max})")
         self.require(self.rho > 0, "rho", "> 0")
         self.require(self.dtype in ("float16", "float32", "float64"), "dtype", "float16, float32 or float64")
@@ -144,9 +151,9 @@ def read_manifest(store_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingFileError(f"no trajectory store at {str(store_dir)!r} ({MANIFEST} not found)")
     try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CorruptShardError(f"{path} is corrupt: {error}") from error
+        manifest = read_json(path)
+    except CorruptFileError as error:
+        raise CorruptShardError(str(error)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CorruptShardError(f"{path} is not a trajectory store manifest")
     shards = manifest.get("shards")
@@ -163,11 +170,18 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
     settings), its state indices, and each shard's name and range against its position in the store."""
     try:
         solver = manifest["solver"]
+        shard_size, total, num_shards = (manifest[k] for k in ("shard_size", "num_trajectories", "num_shards"))
+        sizes = (solver["num_steps"], shard_size, total, num_shards)
+        if not all(isinstance(n, int) and n >= 1 for n in sizes) or solver["num_steps"] > MAX_STEPS:
+            return [f"{MANIFEST}: num_steps, shard_size, num_trajectories and num_shards must be positive integers"
+                    f" (num_steps at most {MAX_STEPS})"]  # fmt: skip
+        if num_shards > MAX_SHARDS or num_shards != -(-total // shard_size):
+            return [f"{MANIFEST}: num_shards {brief(num_shards)} does not match num_trajectories and shard_size, or "
+                    f"is above hkd's limit of {MAX_SHARDS}"]  # fmt: skip
         grid = time_steps(*(solver[k] for k in ("num_steps", "sigma_min", "sigma_max", "rho"))).tolist()
         indices, times = manifest["state_indices"], manifest["times"]
-        shard_size, total = int(manifest["shard_size"]), int(manifest["num_trajectories"])
     except (KeyError, TypeError, ValueError) as error:
-        return [f"{MANIFEST}: incomplete or malformed ({type(error).__name__}: {error})"]
+        return [f"{MANIFEST}: incomplete or malformed ({type(error).__name__}: {brief(str(error), 100, plain=True)})"]
 
     def same(a: list, b: list) -> bool:
         return len(a) == len(b) and all(
@@ -200,7 +214,7 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def _locked(store_dir: Path):
     """An exclusive lock on the store's manifest, across processes (ranks, workers) on this file system."""
-    with open(store_dir / ".lock", "w") as lock:
+    with open(store_dir / ".lock", "a") as lock:  # never truncated: a user's file of that name keeps its bytes
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -238,6 +252,11 @@ def _write_shard(denoiser: nn.Module, store_dir: Path, spec: dict[str, Any], k: 
         out[a - start : b - start] = states[indices].transpose(0, 1).cpu().numpy().astype(spec["dtype"])
         advance(b - a)
     name = shard_name(k)
+    if not np.isfinite(out).all():  # never recorded as finished: the teacher or the solver settings are broken
+        raise NonFiniteError(
+            f"{store_dir / name}: the teacher's trajectories hold NaN or inf values (in {spec['dtype']}); nothing "
+            "written for this shard; check the teacher and the trajectories section"
+        )
     buffer = io.BytesIO()
     np.save(buffer, out)
     digest = hashlib.sha256(buffer.getbuffer()).hexdigest()
@@ -306,6 +325,12 @@ def write_store(
                     " from this teacher and config); write to a new folder"
                 )
         else:
+            foreign = [p.name for p in store_dir.iterdir() if SHARD_NAME.fullmatch(p.name)][:3]
+            if foreign:
+                raise UserError(
+                    f"{store_dir} holds {', '.join(foreign)} but no {MANIFEST}: not a store hkd wrote, and its files "
+                    "would be replaced; write to a new folder"
+                )
             manifest = {**spec, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": {}}
             _write_json(store_dir / MANIFEST, manifest)
     finished = {name for name in manifest["shards"] if (store_dir / name).is_file()}
@@ -377,6 +402,9 @@ def verify_store(store_dir: str | Path) -> list[str]:
     store_dir = Path(store_dir)
     manifest = read_manifest(store_dir)
     problems = manifest_problems(manifest)
+    num_shards = manifest.get("num_shards")
+    if not isinstance(num_shards, int) or not 0 <= num_shards <= MAX_SHARDS:
+        return problems
     for k in range(manifest["num_shards"]):
         name = shard_name(k)
         entry = manifest["shards"].get(name)

@@ -106,6 +106,42 @@ class ResBlock(nn.Module):
 ARCHITECTURE = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "stem_channels")
 
 
+# The largest U-Net a config may declare. A config.json, an imported teacher or an EDM pickle is untrusted, and
+# building its modules costs time and memory before any weight is read. EDM's and ADM's largest networks fit inside.
+LIMITS = {
+    "img_resolution": 8192, "in_channels": 64, "out_channels": 64, "model_channels": 4096, "channel_mult": 64,
+    "levels": 10, "num_blocks": 32, "attn_resolutions": 10, "stem_channels": 16384, "label_dim": 100_000,
+    "width": 16384,  # model_channels * max(channel_mult): the widest level's channels
+}  # fmt: skip
+
+
+def check_size(args: dict, where: str) -> None:
+    """A ConfigError naming the key and its limit when the U-Net arguments `args` declare more than LIMITS allows,
+    or a size that is not a positive integer (checked before anything is built)."""
+    from hkd.errors import ConfigError, brief
+
+    mult = args.get("channel_mult", (1,))
+    sizes = {k: v for k, v in args.items() if k in LIMITS and k != "channel_mult"}
+    if not isinstance(mult, (list, tuple)) or not mult or len(mult) > LIMITS["levels"]:
+        raise ConfigError(f"{where}.channel_mult must be a list of 1 to {LIMITS['levels']} integers, got {brief(mult)}")
+    if not isinstance(args.get("attn_resolutions", ()), (list, tuple)):
+        raise ConfigError(f"{where}.attn_resolutions must be a list, got {brief(args['attn_resolutions'])}")
+    sizes["attn_resolutions"] = len(args.get("attn_resolutions", ()))
+    sizes |= {f"channel_mult[{i}]": m for i, m in enumerate(mult)}
+    for key, value in sizes.items():
+        limit = LIMITS[key.split("[")[0]]
+        minimum = 0 if key in ("label_dim", "attn_resolutions") else 1
+        if value is None and key == "stem_channels":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= limit:
+            rule = f"an integer in [{minimum}, {limit}] (hkd's limit)"
+            raise ConfigError(f"{where}.{key} must be {rule}, got {brief(value)}")
+    width = args.get("model_channels", 1) * max(mult)
+    if width > LIMITS["width"]:
+        raise ConfigError(f"{where}: model_channels x max(channel_mult) = {width} channels, above hkd's limit of "
+                          f"{LIMITS['width']}")  # fmt: skip
+
+
 def architecture(section) -> dict:
     """The ARCHITECTURE fields that a config section (model, teacher) has, as UNet keyword arguments."""
     return {name: getattr(section, name) for name in ARCHITECTURE if hasattr(section, name)}

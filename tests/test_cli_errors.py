@@ -104,6 +104,17 @@ CASES = [
     ("bench --repeats -1", "--repeats: must be >= 0"),
     ("bench --threads -2", "--threads: must be >= 0"),
     ("bench sparse", "invalid choice: 'sparse'"),
+    ("generate --model {model} --out {out} --seed 18446744073709551616", "--seed: must be <= 9223372036854775807"),
+    ("generate --model {model} --out {out} --num 1000000000", "--num: must be <= 100000 (hkd's limit)"),
+    ("generate --model {model} --out {out} --trajectory 1000000", "--trajectory: must be <= 100"),
+    ("export --model {model} --format pt2 --out {out} --batch 100000000", "--batch: must be <= 65536"),
+    ("generate --model {model} --out {out} --num 1" + "0" * 5000, "is not an integer"),
+    ("train train.out=''", "train.out must be a folder name"),
+    ("train train.out={out} train.workers=1000000", "train.workers must be <= 256"),
+    ("train train.out={out} train.threads=1000000", "train.threads must be <= 1024"),
+    ("trajectories --teacher {model} --out {out} trajectories.sigma_max=.inf", "trajectories.sigma_max must be finite"),
+    ("train-teacher --out {out} teacher.num_blocks=1000000", "teacher.num_blocks must be an integer in [1, 32]"),
+    ("train-teacher --out {out} teacher.lr=[&a [1,1,1],*a,*a]", "aliases (*name) are not allowed"),
 ]
 if NO_GPU:
     CASES += [

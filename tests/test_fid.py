@@ -97,7 +97,7 @@ def test_reference_statistics_files(tmp_path):
     mu, sigma = torch.randn(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
     path = metrics.save_stats(tmp_path / "ref.npz", mu, sigma)
     with np.load(path, allow_pickle=False) as data:  # EDM's fid.py layout
-        assert sorted(data.files) == ["mu", "sigma"] and data["sigma"].shape == (4, 4)
+        assert sorted(data.files) == ["format", "mu", "sigma"] and data["sigma"].shape == (4, 4)  # + hkd's marker
     loaded = metrics.load_stats(path)
     assert torch.equal(loaded[0], mu) and torch.equal(loaded[1], sigma)
     np.savez(tmp_path / "bad.npz", mu=np.zeros(3), sigma=np.zeros((2, 2)))

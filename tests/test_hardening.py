@@ -179,9 +179,13 @@ def test_model_sizes_are_checked_before_anything_is_allocated(tmp_path):
     model = HKDModel(ModelConfig(img_resolution=8, img_channels=1, model_channels=4, channel_mult=(1,)))
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    saved["model"]["img_resolution"] = 65536  # per-position generators: hundreds of GB if built
+    saved["model"]["img_resolution"] = 4096  # per-position generators: gigabytes if built
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(CorruptFileError, match="does not match config.json.*shapes"):
+        HKDModel.from_pretrained(tmp_path)
+    saved["model"]["img_resolution"] = 65536  # hundreds of GB: above the limit a config may declare
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"model.img_resolution must be an integer in \[1, 8192\] \(hkd's limit\)"):
         HKDModel.from_pretrained(tmp_path)
 
 

@@ -34,7 +34,10 @@ class DataConfig(Section, name="data"):
             raise ConfigError(f"unknown data.name {self.name!r} (digits, folder, cifar10)")
         if self.name != "digits" and not self.root:
             raise ConfigError(f"data.name={self.name} needs data.root (a folder on disk)")
-        self.require(self.resolution >= 1, "resolution", ">= 1")
+        from hkd.unet import LIMITS
+
+        limit = LIMITS["img_resolution"]
+        self.require(1 <= self.resolution <= limit, "resolution", f"in [1, {limit}] (hkd's limit)")
         self.require(self.channels in (1, 3), "channels", "1 or 3")
         self.require(self.name != "digits" or self.channels == 1, "channels", "1 for the (grey) digits")
         if self.name == "cifar10":
