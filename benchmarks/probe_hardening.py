@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -349,15 +350,19 @@ def config_probes(root: Path, tmp: Path) -> dict[str, str]:
 # The explorer's server (hkd explore), over raw sockets to 127.0.0.1
 
 
-def _http(port: int, head: str, body: bytes = b"", wait: float = 45.0, reset: bool = False):
+def _http(port: int, head: str | None, body: bytes = b"", wait: float = 45.0, reset: bool = False, end=False):
     """(status, JSON body or None) of one raw request; None: closed without an answer; "hang": no answer in `wait` s.
-    reset=True: the client closes with a reset right after sending (it leaves before the answer)."""
+    head None: send nothing. reset=True: the client closes with a reset right after sending (it leaves before the
+    answer). end=True: the client shuts its side after sending (the end of a body without a length)."""
     import socket
     import struct
 
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
         try:
-            s.sendall(head.replace("PORT", str(port)).encode("utf-8") + b"\r\n\r\n" + body)
+            if head is not None:
+                s.sendall(head.replace("PORT", str(port)).encode("utf-8") + b"\r\n\r\n" + body)
+            if end:
+                s.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the server refused before reading everything: its answer is still there
         if reset:
@@ -432,17 +437,24 @@ def explore_probes(tmp: Path) -> dict[str, str]:
         cross_site = get("/api/frame.png?seed=0&t=1", host, "Sec-Fetch-Site: cross-site", "Sec-Fetch-Mode: no-cors")
         outcomes["explore: Sec-Fetch-Site cross-site GET /api/frame.png"] = _served(cross_site, "ok")
         big = b"\x00" * (explore.MAX_UPLOAD_BYTES + 2**20)
-        outcomes["explore: Content-Length -1 with an 11 MiB upload"] = _served(
-            _http(port, "\r\n".join(["POST /api/upload HTTP/1.1", host, "Content-Length: -1"]) + "\r\n", big + b"\r\n")
-        )  # "accepted" never: an 11 MiB zero file is no image; the question is whether the cap refused it first
-        outcomes["explore: Content-Length in Arabic-Indic digits"] = _served(
-            _http(port, f"POST /api/upload HTTP/1.1\r\n{host}\r\nContent-Length: \u0661\u0660", b"0123456789")
+        result = _http(port, f"POST /api/upload HTTP/1.1\r\n{host}\r\nContent-Length: -1", big, end=True)
+        capped = result not in (None, "hang") and "Content-Length" in str(result[1])  # refused before reading it
+        outcomes["explore: Content-Length -1 with an 11 MiB upload"] = (
+            "clean" if capped else _served(result, "accepted")
+        )
+        png = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(png, format="PNG")
+        arabic = str(len(png.getvalue())).translate(
+            str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")
+        )
+        outcomes["explore: Content-Length in Arabic-Indic digits (a PNG upload)"] = _served(
+            _http(port, f"POST /api/upload HTTP/1.1\r\n{host}\r\nContent-Length: {arabic}", png.getvalue())
         )
         outcomes["explore: Content-Length 1000, 10 bytes sent"] = _served(
             _http(port, f"POST /api/upload HTTP/1.1\r\n{host}\r\nContent-Length: 1000", b"0123456789"), "ok"
         )
         outcomes["explore: a client that connects and sends nothing"] = (
-            "hang" if _http(port, "", wait=45.0) == "hang" else "ok"
+            "hang" if _http(port, None, wait=45.0) == "hang" else "ok"
         )
         for name, fields in [
             ('"t": true', {"t": True}),
