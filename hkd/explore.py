@@ -25,9 +25,11 @@ one line of JSON ({"error": ...}), never a traceback page, and the console gets 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import socket
 import sys
 import threading
 from collections import OrderedDict
@@ -51,6 +53,7 @@ MAX_EDIT_BYTES = 2**16  # an /api/edit request (a small JSON object)
 MAX_SEED = 2**63 - 1
 SOCKET_TIMEOUT = 10.0  # seconds one read from or write to a client may wait
 BODY_DEADLINE = 30.0  # seconds a whole request body may take to arrive
+HEAD_DEADLINE = 30.0  # seconds the request line and headers may take (a trickle of header lines included)
 PAGE_PATHS = ("/", "/index.html")
 EDIT_FIELDS = {"seed", "t", "box", "band", "r", "reference", "base"}
 MAX_SCATTER_POINTS = 3000  # per level, for the page's eigenvalue scatter
@@ -380,6 +383,22 @@ class Handler(BaseHTTPRequestHandler):
     explorer: Explorer  # set on the subclass that make_server builds
     address: web.Address  # likewise
 
+    def setup(self):
+        super().setup()
+        self.expired = False
+        self.expiry = threading.Timer(HEAD_DEADLINE, self._expire)
+        self.expiry.daemon = True
+        self.expiry.start()
+
+    def _expire(self):  # the head did not arrive in time: close, whatever the read in progress
+        self.expired = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self):
+        self.expiry.cancel()
+        super().finish()
+
     def log_message(self, format, *args):  # quiet: errors are answered to the page, not printed per request
         pass
 
@@ -396,7 +415,12 @@ class Handler(BaseHTTPRequestHandler):
         self._answer(self._post)
 
     def _answer(self, route):
+        self.expiry.cancel()
         url = urlparse(self.path)
+        if self.expired:
+            self._log(f"{self.command} {web.quote(url.path)}: refused: the head took over {HEAD_DEADLINE:g} s")
+            self.close_connection = True
+            return
         request = f"{self.command} {web.quote(url.path)}"
         try:
             refusal = self.address.refusal(self.headers, self.command, url.path, PAGE_PATHS)

@@ -177,6 +177,20 @@ def test_a_short_body_or_a_silent_client_does_not_hold_a_thread(server, monkeypa
             except BlockingIOError:
                 continue
         assert b" 408 " in answer.split(b"\r\n")[0] and time.monotonic() - started < 10
+    monkeypatch.setattr(explore, "HEAD_DEADLINE", 1.5)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # a trickle of header lines
+        s.sendall(f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
+        started, closed = time.monotonic(), False
+        while not closed and time.monotonic() - started < 20:
+            try:
+                s.sendall(b"X-Slow: 1\r\n")
+                time.sleep(0.2)
+                closed = s.recv(65536, socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                continue
+            except OSError:
+                closed = True
+        assert closed and time.monotonic() - started < 10
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # connects and says nothing
         started = time.monotonic()
         assert s.recv(65536) == b"" and time.monotonic() - started < 10  # closed by the server
