@@ -431,18 +431,19 @@ class Handler(BaseHTTPRequestHandler):
         except web.Refused as error:
             if error.status in (HTTPStatus.FORBIDDEN, HTTPStatus.REQUEST_TIMEOUT):
                 self._log(f"{request}: refused: {error}")
-            status, kind, body, headers = error.status, "json", {"error": str(error).splitlines()[0]}, {}
-        except (ValueError, KeyError, TypeError) as error:
-            message = f"missing or unknown {error}" if isinstance(error, KeyError) else str(error)
-            status, kind, body, headers = HTTPStatus.BAD_REQUEST, "json", {"error": message.splitlines()[0]}, {}
+            status, kind, body, headers = error.status, "json", {"error": web.line(str(error))}, {}
+        except (ValueError, KeyError, TypeError) as error:  # the message, cut: it may quote what was sent
+            key = isinstance(error, KeyError) and error.args
+            message = f"missing or unknown {web.quote(error.args[0])}" if key else (str(error) or type(error).__name__)
+            status, kind, body, headers = HTTPStatus.BAD_REQUEST, "json", {"error": web.line(message)}, {}
         except ConnectionError as error:  # the client went away while sending: nobody to answer
             self._log(f"{request}: the client closed the connection ({error or type(error).__name__})")
             self.close_connection = True
             return
         except Exception as error:  # one line, never a traceback page
-            self._log(f"{request}: {type(error).__name__}: {str(error)[:200]}")
+            self._log(web.line(f"{request}: {type(error).__name__}: {error}"))
             status, kind = HTTPStatus.INTERNAL_SERVER_ERROR, "json"
-            body, headers = {"error": f"internal error: {type(error).__name__}: {str(error).splitlines()[0]}"}, {}
+            body, headers = {"error": web.line(f"internal error: {type(error).__name__}: {error}")}, {}
         if kind == "json":
             body, kind = json.dumps(body).encode(), "application/json"
         try:

@@ -39,6 +39,12 @@ def quote(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def line(text: str, limit: int = 240) -> str:
+    """The first line of a message, cut to `limit` characters."""
+    first = (text.splitlines() or [""])[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def _in_range(value: int, name: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}], got {quote(value)}")

@@ -272,6 +272,15 @@ def test_query_values_are_strict(server, query, name):
     assert status == 400 and name in one_line(answer), (query, answer)
 
 
+def test_errors_never_repeat_a_long_value(server):
+    _, port = server
+    for path in [f"/api/frame.png?seed=0&t=1&edit={'e' * 5000}", f"/api/teacher.png?t=1&view={'v' * 5000}"]:
+        status, answer = request(port, path=path)
+        assert status == 400 and len(one_line(answer)) < 300, answer
+    status, answer = request(port, "POST", "/api/edit", body=edit_body(band="b" * 5000))
+    assert status == 400 and len(one_line(answer)) < 300, answer
+
+
 def test_good_requests_still_work(server):
     x, port = server
     assert request(port, path="/api/frame.png?seed=3&t=0.5&off=0-low&scale=2")[0] == 200
