@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -697,6 +698,154 @@ def file_probes(root: Path, tmp: Path) -> dict[str, str]:
     return outcomes | silent_nan_probes(root, tmp)
 
 
+# The explorer's server (hkd explore), over raw sockets to 127.0.0.1
+
+
+def _http(port: int, head: str | None, body: bytes = b"", wait: float = 45.0, reset: bool = False, end=False):
+    """(status, JSON body or None) of one raw request; None: closed without an answer; "hang": no answer in `wait` s.
+    head None: send nothing. reset=True: the client closes with a reset right after sending (it leaves before the
+    answer). end=True: the client shuts its side after sending (the end of a body without a length)."""
+    import socket
+    import struct
+
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        try:
+            if head is not None:
+                s.sendall(head.replace("PORT", str(port)).encode("utf-8") + b"\r\n\r\n" + body)
+            if end:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server refused before reading everything: its answer is still there
+        if reset:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return None
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except TimeoutError:
+            return "hang"
+        except OSError:
+            pass
+    if not data:
+        return None
+    head, _, answer = data.partition(b"\r\n\r\n")
+    try:
+        return int(head.split()[1]), json.loads(answer) if b"application/json" in head else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _served(result, refusal: str = "clean") -> str:
+    """refusal (a 4xx answer with a one-line JSON error), accepted (200), hang, or what else came back."""
+    if result == "hang":
+        return "hang"
+    if result is None:
+        return "closed without an answer"
+    status, answer = result
+    if 400 <= status < 500:
+        one_line = isinstance(answer, dict) and "\n" not in str(answer.get("error", "\n"))
+        return refusal if one_line else f"{status} without a one-line error"
+    return "accepted" if status == 200 else f"status {status}"
+
+
+def explore_probes(tmp: Path) -> dict[str, str]:
+    """`hkd explore`'s server: who may drive it, bodies, client timeouts and disconnects, strict values."""
+    import threading
+
+    from hkd import explore
+    from hkd.model import HKDModel, ModelConfig
+
+    torch.manual_seed(0)
+    model = HKDModel(ModelConfig(img_resolution=8, img_channels=1, model_channels=4, channel_mult=(1,))).eval()
+    x = explore.Explorer(model)
+    server = explore.make_server(x, "127.0.0.1", 0)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = "Host: 127.0.0.1:PORT"
+    edit = {"seed": 0, "t": 2.0, "box": [0, 0, 8, 8], "band": "high", "r": 0.5, "reference": {"seed": 1}}
+
+    def post(body: bytes, *headers: str, path: str = "/api/edit"):
+        return _http(port, "\r\n".join([f"POST {path} HTTP/1.1", host, f"Content-Length: {len(body)}", *headers]), body)
+
+    def edit_with(**fields):
+        before = len(x.edits)
+        outcome = _served(post(json.dumps({**edit, **fields}).encode()))
+        return "accepted" if len(x.edits) > before else outcome
+
+    outcomes = {}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        get = lambda path, *headers: _http(port, "\r\n".join([f"GET {path} HTTP/1.1", *headers]))
+        outcomes["explore: Host attacker.example (DNS rebinding) reads /api/info"] = _served(
+            get("/api/info", "Host: attacker.example:PORT"), "ok"
+        )
+        before = len(x.edits)
+        cross = post(json.dumps(edit).encode(), "Origin: http://attacker.example", "Content-Type: text/plain")
+        outcomes["explore: cross-origin text/plain POST /api/edit"] = (
+            "accepted" if len(x.edits) > before else _served(cross, "ok")
+        )
+        cross_site = get("/api/frame.png?seed=0&t=1", host, "Sec-Fetch-Site: cross-site", "Sec-Fetch-Mode: no-cors")
+        outcomes["explore: Sec-Fetch-Site cross-site GET /api/frame.png"] = _served(cross_site, "ok")
+        big = b"\x00" * (explore.MAX_UPLOAD_BYTES + 2**20)
+        result = _http(port, f"POST /api/upload HTTP/1.1\r\n{host}\r\nContent-Length: -1", big, end=True)
+        capped = result not in (None, "hang") and "Content-Length" in str(result[1])  # refused before reading it
+        outcomes["explore: Content-Length -1 with an 11 MiB upload"] = (
+            "clean" if capped else _served(result, "accepted")
+        )
+        png = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(png, format="PNG")
+        arabic = str(len(png.getvalue())).translate(
+            str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")
+        )
+        outcomes["explore: Content-Length in Arabic-Indic digits (a PNG upload)"] = _served(
+            _http(port, f"POST /api/upload HTTP/1.1\r\n{host}\r\nContent-Length: {arabic}", png.getvalue())
+        )
+        outcomes["explore: Content-Length 1000, 10 bytes sent"] = _served(
+            _http(port, f"POST /api/upload HTTP/1.1\r\n{host}\r\nContent-Length: 1000", b"0123456789"), "ok"
+        )
+        outcomes["explore: a client that connects and sends nothing"] = (
+            "hang" if _http(port, None, wait=45.0) == "hang" else "ok"
+        )
+        for name, fields in [
+            ('"t": true', {"t": True}),
+            ('"seed": 3.9', {"seed": 3.9}),
+            ('"box": "0088" (a string)', {"box": "0088"}),
+            ('"box": {"0": 0, "1": 0, "7": 0, "8": 0} (a dict)', {"box": {"0": 0, "1": 0, "7": 0, "8": 0}}),
+        ]:
+            outcomes[f"explore: /api/edit with {name}"] = edit_with(**fields)
+        for name, query in [
+            ("an Arabic-Indic level number in off", "seed=0&t=1&off=%D9%A0-low"),
+            ("an Arabic-Indic seed", "seed=%D9%A3&t=1"),
+            ("an Arabic-Indic t", "seed=0&t=%D9%A1.5"),
+        ]:
+            outcomes[f"explore: GET /api/frame.png with {name}"] = _served(get(f"/api/frame.png?{query}", host))
+
+        real, left = x.frame, threading.Event()
+
+        def slow(*args, **kwargs):
+            left.wait(30)
+            time.sleep(0.5)
+            return real(*args, **kwargs)
+
+        x.frame = slow
+        before = err.tell()
+        _http(port, f"GET /api/frame.png?seed=0&t=1&scale=32 HTTP/1.1\r\n{host}", reset=True)
+        left.set()
+        time.sleep(5)
+        x.frame = real
+        printed = err.getvalue()[before:]
+        lines = printed.strip().splitlines()
+        outcomes["explore: a client that leaves before the answer"] = (
+            "traceback" if "Traceback" in printed else ("ok" if len(lines) <= 1 else f"{len(lines)} lines")
+        )
+    server.shutdown()
+    server.server_close()
+    if "Traceback" in err.getvalue():
+        outcomes["explore: the server's console"] = "traceback"
+    return outcomes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the outcomes as JSON here")
@@ -749,6 +898,7 @@ def main() -> None:
         outcomes |= sigterm_and_lock(tmp)
         outcomes["--workers 2, parent killed -9"] = orphan_workers(tmp)
         outcomes |= file_probes(root, tmp)
+        outcomes |= explore_probes(tmp)
         os.chdir(ROOT)
     report(outcomes, args.out)
 

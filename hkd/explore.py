@@ -18,15 +18,18 @@ pass. On top of the trajectory:
   at t interpolates linearly in t between the two grid states around t (x_t, or the teacher's denoised estimate).
 * downloads: the frame as PNG, the trajectory (times from T to eps, log-spaced) as an animated GIF.
 
-The server binds 127.0.0.1 unless told otherwise; every error is one line of JSON ({"error": ...}), never a
-traceback page.
+The server binds 127.0.0.1 unless told otherwise and answers only its own page (hkd.web: Host, Origin and
+Sec-Fetch-Site checked, 403 otherwise; bodies bounded in size and time; every value parsed strictly). Every error is
+one line of JSON ({"error": ...}), never a traceback page, and the console gets at most one line per failed request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import socket
 import sys
 import threading
 from collections import OrderedDict
@@ -41,11 +44,18 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from hkd import analysis, editing
+from hkd import analysis, editing, web
 
 DEMO_MODEL = Path("runs/demo/hkd/model")
 PAGE = "explore.html"
 MAX_UPLOAD_BYTES = 10 * 2**20
+MAX_EDIT_BYTES = 2**16  # an /api/edit request (a small JSON object)
+MAX_SEED = 2**63 - 1
+SOCKET_TIMEOUT = 10.0  # seconds one read from or write to a client may wait
+BODY_DEADLINE = 30.0  # seconds a whole request body may take to arrive
+HEAD_DEADLINE = 30.0  # seconds the request line and headers may take (a trickle of header lines included)
+PAGE_PATHS = ("/", "/index.html")
+EDIT_FIELDS = {"seed", "t", "box", "band", "r", "reference", "base"}
 MAX_SCATTER_POINTS = 3000  # per level, for the page's eigenvalue scatter
 GIF_FRAMES = 24
 TEACHER_VIEWS = ("denoised", "state")
@@ -142,7 +152,7 @@ class Explorer:
     def noise(self, seed: int) -> Tensor:
         """Standard normal noise (1, C, H, W) of `seed`, drawn on the CPU (the same on every device)."""
         m, seed = self.model, int(seed)
-        if not 0 <= seed < 2**63:
+        if not 0 <= seed <= MAX_SEED:
             raise ValueError(f"the seed must be an integer in [0, 2^63), got {seed}")
         generator = torch.Generator().manual_seed(seed)
         return torch.randn(1, m.img_channels, m.img_resolution, m.img_resolution, generator=generator).to(self.device)
@@ -340,18 +350,64 @@ def parse_off(text: str, levels: int) -> list[tuple[int, str]]:
     off = []
     for item in filter(None, text.split(",")):
         level, _, band = item.partition("-")
-        if not level.isdigit() or not int(level) < levels or band not in analysis.BANDS:
-            raise ValueError(f"off: {item!r} is not LEVEL-BAND with LEVEL < {levels} and BAND in {analysis.BANDS}")
+        if not web.INTEGER.fullmatch(level) or not int(level) < levels or band not in analysis.BANDS:
+            raise ValueError(
+                f"off: {web.quote(item)} is not LEVEL-BAND with LEVEL < {levels} and BAND in {analysis.BANDS}"
+            )
         off.append((int(level), band))
     return list(dict.fromkeys(off))  # each pair once
 
 
+def edit_arguments(x: Explorer, request: dict) -> dict:
+    """Explorer.apply_edit's arguments from the page's JSON request, each field of its exact type."""
+    reference, base = request.get("reference", {}), request.get("base")
+    if type(reference) is not dict or len(reference) != 1 or not set(reference) <= {"seed", "upload"}:
+        raise ValueError(f'reference must be {{"seed": INTEGER}} or {{"upload": ID}}, got {web.quote(reference)}')
+    arguments = {
+        "seed": web.json_integer(request.get("seed", 0), "seed", 0, MAX_SEED),
+        "t": web.json_number(request["t"], "t"),
+        "box": web.json_integers(request["box"], "box", 4, 0, x.model.img_resolution),
+        "band": web.json_string(request["band"], "band"),
+        "r": web.json_number(request["r"], "r"),
+        "base": None if base is None else x.edits[web.json_string(base, "base")],
+    }
+    if "seed" in reference:
+        arguments["reference_seed"] = web.json_integer(reference["seed"], "the reference seed", 0, MAX_SEED)
+    else:
+        arguments["reference_image"] = x.uploads[web.json_string(reference["upload"], "the reference upload")]
+    return arguments
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "hkd-explore"
+    timeout = SOCKET_TIMEOUT  # every socket read and write: a silent client cannot hold a thread for long
     explorer: Explorer  # set on the subclass that make_server builds
+    address: web.Address  # likewise
+
+    def setup(self):
+        super().setup()
+        self.expired = False
+        self.expiry = threading.Timer(HEAD_DEADLINE, self._expire)
+        self.expiry.daemon = True
+        self.expiry.start()
+
+    def _expire(self):  # the head did not arrive in time: close, whatever the read in progress
+        self.expired = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self):
+        self.expiry.cancel()
+        super().finish()
 
     def log_message(self, format, *args):  # quiet: errors are answered to the page, not printed per request
         pass
+
+    def log_error(self, format, *args):  # http.server's own refusals (a malformed or timed-out request): one line
+        self._log((format % args)[:200])
+
+    def _log(self, message: str) -> None:
+        print(f"hkd explore: {self.client_address[0]}: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
     def do_GET(self):
         self._answer(self._get)
@@ -360,89 +416,109 @@ class Handler(BaseHTTPRequestHandler):
         self._answer(self._post)
 
     def _answer(self, route):
+        self.expiry.cancel()
         url = urlparse(self.path)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if self.expired:
+            self._log(f"{self.command} {web.quote(url.path)}: refused: the head took over {HEAD_DEADLINE:g} s")
+            self.close_connection = True
+            return
+        request = f"{self.command} {web.quote(url.path)}"
         try:
+            refusal = self.address.refusal(self.headers, self.command, url.path, PAGE_PATHS)
+            if refusal is not None:
+                raise web.Refused(HTTPStatus.FORBIDDEN, refusal)
+            query = {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=32).items()}
             status, kind, body, headers = route(url.path, query)
-        except (ValueError, KeyError, TypeError) as error:
-            message = f"missing or unknown {error}" if isinstance(error, KeyError) else str(error)
-            status, kind, body, headers = HTTPStatus.BAD_REQUEST, "json", {"error": message.splitlines()[0]}, {}
+        except web.Refused as error:
+            if error.status in (HTTPStatus.FORBIDDEN, HTTPStatus.REQUEST_TIMEOUT):
+                self._log(f"{request}: refused: {error}")
+            status, kind, body, headers = error.status, "json", {"error": web.line(str(error))}, {}
+        except (ValueError, KeyError, TypeError) as error:  # the message, cut: it may quote what was sent
+            key = isinstance(error, KeyError) and error.args
+            message = f"missing or unknown {web.quote(error.args[0])}" if key else (str(error) or type(error).__name__)
+            status, kind, body, headers = HTTPStatus.BAD_REQUEST, "json", {"error": web.line(message)}, {}
+        except ConnectionError as error:  # the client went away while sending: nobody to answer
+            self._log(f"{request}: the client closed the connection ({error or type(error).__name__})")
+            self.close_connection = True
+            return
         except Exception as error:  # one line, never a traceback page
-            print(f"hkd explore: {self.path}: {type(error).__name__}: {error}", file=sys.stderr)
+            self._log(web.line(f"{request}: {type(error).__name__}: {error}"))
             status, kind = HTTPStatus.INTERNAL_SERVER_ERROR, "json"
-            body, headers = {"error": f"internal error: {type(error).__name__}: {str(error).splitlines()[0]}"}, {}
+            body, headers = {"error": web.line(f"internal error: {type(error).__name__}: {error}")}, {}
         if kind == "json":
             body, kind = json.dumps(body).encode(), "application/json"
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+        except (ConnectionError, TimeoutError) as error:  # the client left (or stopped reading) before the answer
+            self._log(f"{request}: the client closed the connection before the answer ({type(error).__name__})")
+            self.close_connection = True
 
     def _state(self, query) -> tuple[int, list, Edit | None]:
         x = self.explorer
         edit = x.edits[query["edit"]] if query.get("edit") else None
-        seed = int(query.get("seed", 0))
+        seed = web.integer(query.get("seed", "0"), "seed", 0, MAX_SEED)
         if edit is not None and edit.seed != seed:
-            raise ValueError(f"edit {query['edit']} belongs to seed {edit.seed}, not {seed}")
+            raise ValueError(f"edit {web.quote(query['edit'])} belongs to seed {edit.seed}, not {seed}")
         return seed, parse_off(query.get("off", ""), x.levels), edit
 
     def _get(self, path, query):
         x = self.explorer
-        if path in ("/", "/index.html"):
+        if path in PAGE_PATHS:
             return HTTPStatus.OK, "text/html; charset=utf-8", resources.files("hkd").joinpath(PAGE).read_bytes(), {}
         if path == "/api/info":
             return HTTPStatus.OK, "json", x.info(), {}
-        scale = min(max(int(query.get("scale", 1)), 1), 32)
+        scale = web.integer(query.get("scale", "1"), "scale", 1, 32)
         download = lambda name: {"Content-Disposition": f'attachment; filename="{name}"'} if "download" in query else {}
         if path == "/api/frame.png":
             seed, off, edit = self._state(query)
-            image = x.frame(seed, float(query["t"]), off, edit)
+            image = x.frame(seed, web.number(query["t"], "t"), off, edit)
             return HTTPStatus.OK, "image/png", png_bytes(image, scale), download("hkd_frame.png")
         if path == "/api/teacher.png":
-            image = x.teacher_frame(int(query.get("seed", 0)), float(query["t"]), query.get("view", "denoised"))
+            seed = web.integer(query.get("seed", "0"), "seed", 0, MAX_SEED)
+            image = x.teacher_frame(seed, web.number(query["t"], "t"), query.get("view", "denoised"))
             return HTTPStatus.OK, "image/png", png_bytes(image, scale), {}
         if path == "/api/trajectory.gif":
             seed, off, edit = self._state(query)
             return HTTPStatus.OK, "image/gif", x.trajectory_gif(seed, off, edit), download("hkd_trajectory.gif")
-        return HTTPStatus.NOT_FOUND, "json", {"error": f"not found: {path}"}, {}
+        return HTTPStatus.NOT_FOUND, "json", {"error": f"not found: {web.quote(path)}"}, {}
 
     def _post(self, path, query):
         x = self.explorer
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_UPLOAD_BYTES:
-            raise ValueError(f"the request is {length} bytes; the limit is {MAX_UPLOAD_BYTES}")
-        data = self.rfile.read(length)
         if path == "/api/upload":
-            return HTTPStatus.OK, "json", {"upload": x.upload(data)}, {}
+            return HTTPStatus.OK, "json", {"upload": x.upload(web.read_body(self, MAX_UPLOAD_BYTES, BODY_DEADLINE))}, {}
         if path == "/api/edit":
-            request = json.loads(data or b"{}")
-            if not isinstance(request, dict):
-                raise ValueError("the edit request must be a JSON object")
-            reference = request.get("reference", {})
-            base = x.edits[request["base"]] if request.get("base") else None
-            edit = x.apply_edit(
-                int(request.get("seed", 0)), float(request["t"]), tuple(int(v) for v in request["box"]),
-                str(request["band"]), float(request["r"]),
-                reference_seed=int(reference["seed"]) if "seed" in reference else None,
-                reference_image=x.uploads[str(reference["upload"])] if "upload" in reference else None,
-                base=base,
-            )  # fmt: skip
+            request = web.json_object(web.read_body(self, MAX_EDIT_BYTES, BODY_DEADLINE), "the edit", EDIT_FIELDS)
+            edit = x.apply_edit(**edit_arguments(x, request))
             return HTTPStatus.OK, "json", {"edit": x.edit_id(edit), "t": edit.t}, {}
-        return HTTPStatus.NOT_FOUND, "json", {"error": f"not found: {path}"}, {}
+        return HTTPStatus.NOT_FOUND, "json", {"error": f"not found: {web.quote(path)}"}, {}
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # whatever escapes a handler: one line, not a traceback
+        error = sys.exc_info()[1]
+        text = str(error).splitlines()[0][:200] if str(error) else ""
+        print(f"hkd explore: {client_address[0]}: {type(error).__name__}: {text}", file=sys.stderr, flush=True)
 
 
 def make_server(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
     """The server, bound (port 0: any free port); serve_forever() runs it. A port in use is a one-line error."""
     handler = type("ExploreHandler", (Handler,), {"explorer": explorer})
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        server = Server((host, port), handler)
     except OSError as error:
         raise OSError(f"cannot listen on {host}:{port}: {error.strerror or error} (try another --port)") from None
-    server.daemon_threads = True
+    handler.address = web.Address(host, *server.server_address[:2])
     return server
 
 

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ class TeacherConfig(Section, name="teacher"):
     checkpoint_every: int = 500  # steps
     log_every: int = 100  # steps
     sample_grid: int = 64  # samples saved as samples.png after training (0: none)
+    threads: int = 0  # torch CPU threads (0: torch's default, one per core), as train.threads
 
     def check(self) -> None:
         for key in ("model_channels", "num_blocks", "batch_size", "steps", "checkpoint_every", "log_every"):
@@ -78,6 +80,7 @@ class TeacherConfig(Section, name="teacher"):
         self.require(0 <= self.ema_rampup <= 1, "ema_rampup", "in [0, 1]")
         self.require(self.lr_warmup >= 0, "lr_warmup", ">= 0")
         self.require(self.sample_grid >= 0, "sample_grid", ">= 0")
+        self.require(0 <= self.threads <= 1024, "threads", "in [0, 1024]")
         micro = self.micro_batch
         if micro is not None and not (1 <= micro <= self.batch_size and self.batch_size % micro == 0):
             raise ConfigError(f"teacher.micro_batch = {micro} must divide teacher.batch_size = {self.batch_size}")
@@ -124,7 +127,11 @@ def train_teacher(
     out_dir = Path(out_dir)
     path = out_dir / CHECKPOINT_NAME
     saved_config = {"data": to_dict(data), "teacher": to_dict(cfg)}
+    if cfg.threads > (os.cpu_count() or 1):
+        raise ConfigError(f"teacher.threads = {cfg.threads} is more than this machine's {os.cpu_count()} CPUs")
     state = checkpoint.resume_from(path, resume, "--out")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     dataset = load_dataset(data)
     denoiser = build_net(data, cfg).to(device).train()

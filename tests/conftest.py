@@ -4,7 +4,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
+
+# A passive OpenMP wait, as hkd's entry point sets it (hkd/__init__.py): set before torch loads, since the tests import
+# torch first; threads spinning at barriers on this shared machine's busy cores slow every test several times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 # The shared helpers (tests/helpers) import as `helpers.*` from every test folder (tests/, tests/ops/).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
