@@ -10,9 +10,9 @@
 #include "dense.h"
 
 #ifndef __CUDACC_RTC__
-#include <cuda_runtime.h>
-
 #include <cstdint>
+
+#include "cuda/launch.h"
 
 #include "cuda/dense_kernels.h"
 #else
@@ -304,8 +304,7 @@ int launch_per_matrix(void (*kernel)(Params...), size_t bytes, int64_t count, in
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const int threads = n * n >= 256 ? 256 : ((n * n + 31) / 32) * 32;
-  kernel<<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(args...);
-  return int(cudaGetLastError());
+  return int(launch_kernel(kernel, dim3(unsigned(count)), threads, bytes, static_cast<cudaStream_t>(stream), args...));
 }
 
 template <typename T>
@@ -335,9 +334,8 @@ int action_launch(const T* z, const T* A, const T* tau, T* out, int64_t B, int d
   const int64_t fixed = row_mode ? P : B;
   if (tiles > 2147483647L || fixed > 65535) return int(cudaErrorInvalidConfiguration);
   const dim3 grid{unsigned(tiles), unsigned(fixed)};
-  action_onchip<T><<<grid, 256, bytes, static_cast<cudaStream_t>(stream)>>>(z, A, tau, out, B, d, P, row_mode, shared,
-                                                                             tile, degree, alpha);
-  return int(cudaGetLastError());
+  return int(launch_kernel(action_onchip<T>, grid, 256, bytes, static_cast<cudaStream_t>(stream), z, A, tau, out, B, d,
+                           P, row_mode, shared, tile, degree, alpha));
 }
 
 }  // namespace
