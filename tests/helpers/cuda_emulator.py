@@ -45,7 +45,7 @@ def ops():
         name="hkd_cuda_emulated",
         sources=[str(emulate / f) for f in ("runtime.cpp", "spectral.cpp", "dense.cpp", "ops.cpp")],
         extra_include_paths=[str(source)],
-        extra_cflags=["-O2", "-g0", "-fno-extern-tls-init"],  # the shared arrays are thread_local, constant-initialised,
+        extra_cflags=["-O2", "-g0", "-fno-extern-tls-init"],  # (the shared arrays: thread_local, constant-initialised)
         build_directory=str(build),
         is_python_module=False,
         verbose=bool(os.environ.get("HKD_EMULATE_VERBOSE")),

@@ -65,7 +65,8 @@ def reference_grads(latents, alphas, betas, tau, grads):
 
 def assert_close(actual, expected, tol, what):
     scale = expected.abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
+    atol = tol * max(scale, 1e-30)
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def sum_tol(dtype):
@@ -106,7 +107,8 @@ def test_spectral_backward_subsets(emu, schedule, need):
     _, (g_z, g_alpha, g_beta), g_tau = reference_grads(latents, alphas, betas, tau, grads)
     grad_z, grad_alpha, grad_beta, grad_tau = emu.spectral_propagate_backward(grads, latents, alphas, betas, tau, *need)
     need_latents, need_params, need_tau = need
-    assert len(grad_z) == (len(latents) if need_latents else 0) and len(grad_alpha) == (len(latents) if need_params else 0)
+    assert len(grad_z) == (len(latents) if need_latents else 0)
+    assert len(grad_alpha) == (len(latents) if need_params else 0)
     for level in range(len(latents)):
         if need_latents:
             assert_close(grad_z[level], g_z[level], 1e-5, f"grad z level {level}")
@@ -124,7 +126,7 @@ def test_spectral_more_levels_than_one_launch(emu, schedule):
     grads = [torch.randn_like(z) for z in latents]
     out = emu.spectral_propagate(latents, alphas, betas, tau)
     expected, (g_z, g_alpha, _), g_tau = reference_grads(latents, alphas, betas, tau, grads)
-    grad_z, grad_alpha, _, grad_tau = emu.spectral_propagate_backward(grads, latents, alphas, betas, tau, True, True, True)
+    grad_z, grad_alpha, _, grad_tau = emu.spectral_propagate_backward(grads, latents, alphas, betas, tau, *[True] * 3)
     for level in range(17):
         assert_close(out[level], expected[level], 1e-5, f"forward level {level}")
         assert_close(grad_z[level], g_z[level], 1e-5, f"grad z level {level}")
