@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -24,11 +25,17 @@ def csrc() -> Path:
 
 
 def unavailable() -> str | None:
-    """Why the emulated module cannot be built here (None: it can)."""
+    """Why the emulated module cannot be built here (None: it can). Finds pip's ninja when its folder is not on PATH
+    (a virtual environment's python run without activating it)."""
     if not (shutil.which("c++") or shutil.which("g++")):
         return "no host C++ compiler"
     if not shutil.which("ninja"):
-        return "ninja missing (pip install ninja)"
+        for folder in (Path(sys.executable).parent, Path(sys.prefix) / "bin"):
+            if (folder / "ninja").exists():
+                os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+                break
+        else:
+            return "ninja missing (pip install ninja)"
     return None
 
 

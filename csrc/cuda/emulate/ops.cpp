@@ -109,7 +109,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   if (need_params)
     for (size_t l = 0; l < latents.size(); ++l) {
       const auto shape = std::vector<int64_t>{chunks, alphas[l].size(0), positions_of(latents[l])};
-      partial_alphas.push_back(batch ? at::full(shape, kNaN, alphas[l].options()) : at::zeros(shape, alphas[l].options()));
+      const auto options = alphas[l].options();
+      partial_alphas.push_back(batch ? at::full(shape, kNaN, options) : at::zeros(shape, options));
       partial_betas.push_back(poisoned(partial_alphas.back()));
     }
   for (size_t begin = 0; begin < latents.size() && (need_latents || need_terms); begin += sc::kMaxLevels) {
@@ -167,11 +168,9 @@ at::Tensor to_storage(const at::Tensor& values, bool bfloat16) {
 at::Tensor expm(const at::Tensor& A) {
   check_contiguous({A}, "A");
   at::Tensor out = poisoned(A);
-  const int64_t count = A.size(0), n = A.size(-1);
-  const int err = A.scalar_type() == at::kDouble
-                      ? hkd::cuda::launch_expm_double(A.data_ptr<double>(), out.data_ptr<double>(), count, n, nullptr)
-                      : hkd::cuda::launch_expm_float(A.data_ptr<float>(), out.data_ptr<float>(), count, n, nullptr);
-  check_launch(err, "expm");
+  const hkd::cuda::ExpmArgs args{A.const_data_ptr(), nullptr, out.mutable_data_ptr(), A.size(0), int(A.size(-1)),
+                                 A.scalar_type() == at::kDouble};
+  check_launch(hkd::cuda::launch_expm(args, nullptr), "expm");
   return out;
 }
 
@@ -179,12 +178,9 @@ at::Tensor expm(const at::Tensor& A) {
 std::tuple<at::Tensor, bool> expm_frechet(const at::Tensor& A, const at::Tensor& G) {
   check_contiguous({A, G}, "A and G");
   at::Tensor out = poisoned(A);
-  const int64_t count = A.size(0), n = A.size(-1);
-  const int err = A.scalar_type() == at::kDouble
-                      ? hkd::cuda::launch_expm_frechet_double(A.data_ptr<double>(), G.data_ptr<double>(),
-                                                              out.data_ptr<double>(), count, n, nullptr)
-                      : hkd::cuda::launch_expm_frechet_float(A.data_ptr<float>(), G.data_ptr<float>(),
-                                                             out.data_ptr<float>(), count, n, nullptr);
+  const hkd::cuda::ExpmArgs args{A.const_data_ptr(), G.const_data_ptr(), out.mutable_data_ptr(), A.size(0),
+                                 int(A.size(-1)), A.scalar_type() == at::kDouble};
+  const int err = hkd::cuda::launch_expm(args, nullptr);
   if (err == hkd::cuda::kDoesNotFit) return {out, false};
   check_launch(err, "expm_backward");
   return {out, true};
@@ -193,16 +189,10 @@ std::tuple<at::Tensor, bool> expm_frechet(const at::Tensor& A, const at::Tensor&
 at::Tensor dense_action(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau, int64_t degree, double alpha) {
   check_contiguous({z, A, tau}, "z, A and tau");
   at::Tensor out = poisoned(z);
-  const int64_t B = z.size(0), d = z.size(1), P = z.size(2);
-  const bool shared = A.dim() == 2;
-  const int err = z.scalar_type() == at::kDouble
-                      ? hkd::cuda::launch_action_double(z.data_ptr<double>(), A.data_ptr<double>(),
-                                                        tau.data_ptr<double>(), out.data_ptr<double>(), B, int(d), P,
-                                                        shared, int(degree), alpha, nullptr)
-                      : hkd::cuda::launch_action_float(z.data_ptr<float>(), A.data_ptr<float>(), tau.data_ptr<float>(),
-                                                       out.data_ptr<float>(), B, int(d), P, shared, int(degree),
-                                                       alpha, nullptr);
-  check_launch(err, "dense_action");
+  const hkd::cuda::ActionArgs args{z.const_data_ptr(), A.const_data_ptr(), tau.const_data_ptr(), out.mutable_data_ptr(),
+                                   z.size(0), int(z.size(1)), z.size(2), A.dim() == 2, int(degree), alpha,
+                                   z.scalar_type() == at::kDouble};
+  check_launch(hkd::cuda::launch_action(args, nullptr), "dense_action");
   return out;
 }
 
