@@ -163,6 +163,8 @@ def test_float_to_16bit_matches_torch_rounding(emu, storage):
     below, above = values[finite][:-1].double(), values[finite][1:].double()
     middle = ((below + above) / 2).float()  # exact: one bit more than the 16-bit format has
     special = torch.tensor([math.inf, math.nan, 65504.0, 65519.99, 65520.0, 65536.0, 3.4e38, 2**-25, 2**-26, 1e-40])
+    payloads = torch.tensor([0x7F800001, 0x7F80FFFF, 0x7FBF0000, 0x7F810000], dtype=torch.int32).view(torch.float32)
+    special = torch.cat([special, payloads])  # NaNs whose payload is only in the low bits (or only in the high)
     inputs = torch.cat([values, middle, middle.nextafter(torch.tensor(0.0)), middle.nextafter(torch.tensor(math.inf)),
                         special, torch.randn(4096) * 1000])  # fmt: skip
     inputs = torch.cat([inputs, -inputs])

@@ -1,6 +1,7 @@
 // torch.ops.hkd_emu: the CUDA launchers of csrc/cuda/*.cu run on the host emulation (emulate.h), for the tests
 // (tests/ops/test_cuda_emulated.py). The tensor side mirrors the cuda glue (csrc/cuda/spectral.cpp, dense.cpp) on
-// contiguous CPU tensors; what the kernels leave unwritten is NaN (device memory from at::empty is not zero).
+// contiguous CPU tensors, each inside NaN guard zones; what the kernels leave unwritten is NaN (device memory from
+// at::empty is not zero).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -28,7 +29,33 @@ void check_launch(int error, const char* op) {
   TORCH_CHECK(error == 0, "hkd_emu::", op, ": ", cudaGetErrorString(error));
 }
 
-at::Tensor poisoned(const at::Tensor& like) { return at::full_like(like, kNaN, at::MemoryFormat::Contiguous); }
+// Global memory with guard zones: every tensor a kernel sees lies inside a larger buffer whose margins are NaN; a read
+// past a tensor's ends sees NaN, a write past them is found after the launch (check_guards). Outputs start as NaN.
+constexpr int64_t kGuard = 2048;  // elements either side
+thread_local std::vector<std::pair<at::Tensor, int64_t>> guarded_buffers;
+
+at::Tensor guarded(const at::Tensor& t, bool copy) {
+  at::Tensor buffer = at::full({t.numel() + 2 * kGuard}, kNaN, t.options());
+  at::Tensor view = buffer.narrow(0, kGuard, t.numel()).view(t.sizes());
+  if (copy) view.copy_(t);
+  guarded_buffers.emplace_back(buffer, t.numel());
+  return view;
+}
+at::Tensor poisoned(const at::Tensor& like) { return guarded(like, false); }
+std::vector<at::Tensor> guarded(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : tensors) out.push_back(guarded(t, true));
+  return out;
+}
+
+void check_guards(const char* op) {
+  auto buffers = std::move(guarded_buffers);
+  guarded_buffers.clear();
+  for (const auto& [buffer, n] : buffers)
+    TORCH_CHECK(buffer.narrow(0, 0, kGuard).isnan().all().item<bool>() &&
+                    buffer.narrow(0, kGuard + n, kGuard).isnan().all().item<bool>(),
+                "hkd_emu::", op, ": the kernel wrote outside a tensor of ", n, " elements");
+}
 
 void configure(int64_t schedule, int64_t seed, int64_t sm_count, int64_t shared_optin) {
   TORCH_CHECK(schedule >= 0 && schedule <= 2, "hkd_emu::configure: schedule 0 (in order), 1 (reversed), 2 (shuffled)");
@@ -75,9 +102,12 @@ sc::Args make_args(at::TensorList latents, at::TensorList alphas, at::TensorList
   return args;
 }
 
-std::vector<at::Tensor> spectral_forward(at::TensorList latents, at::TensorList alphas, at::TensorList betas,
-                                         const at::Tensor& tau) {
-  check_contiguous(latents, "latents"), check_contiguous(alphas, "alphas"), check_contiguous(betas, "betas");
+std::vector<at::Tensor> spectral_forward(at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
+                                         const at::Tensor& tau_in) {
+  check_contiguous(latents_in, "latents"), check_contiguous(alphas_in, "alphas"), check_contiguous(betas_in, "betas");
+  guarded_buffers.clear();  // (left over when a launch failed)
+  const auto latents = guarded(latents_in), alphas = guarded(alphas_in), betas = guarded(betas_in);
+  const at::Tensor tau = guarded(tau_in, true);
   std::vector<at::Tensor> out;
   for (const auto& z : latents) out.push_back(poisoned(z));
   for (size_t begin = 0; begin < latents.size(); begin += sc::kMaxLevels) {
@@ -87,13 +117,18 @@ std::vector<at::Tensor> spectral_forward(at::TensorList latents, at::TensorList 
     sc::plan_blocks(args, false);
     check_launch(sc::launch_forward(args, dtype_of(latents[0]), nullptr), "spectral_propagate");
   }
+  check_guards("spectral_propagate");
   return out;
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> spectral_backward(
-    at::TensorList grads, at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau,
-    bool need_latents, bool need_params, bool need_tau) {
-  check_contiguous(grads, "grads"), check_contiguous(latents, "latents");
+    at::TensorList grads_in, at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
+    const at::Tensor& tau_in, bool need_latents, bool need_params, bool need_tau) {
+  check_contiguous(grads_in, "grads"), check_contiguous(latents_in, "latents");
+  guarded_buffers.clear();  // (left over when a launch failed)
+  const auto grads = guarded(grads_in), latents = guarded(latents_in);
+  const auto alphas = guarded(alphas_in), betas = guarded(betas_in);
+  const at::Tensor tau = guarded(tau_in, true);
   const int64_t batch = latents[0].size(0);
   const bool need_terms = need_params || need_tau;
   std::vector<at::Tensor> grad_latents, grad_alphas, grad_betas;
@@ -110,7 +145,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     for (size_t l = 0; l < latents.size(); ++l) {
       const auto shape = std::vector<int64_t>{chunks, alphas[l].size(0), positions_of(latents[l])};
       const auto options = alphas[l].options();
-      partial_alphas.push_back(batch ? at::full(shape, kNaN, options) : at::zeros(shape, options));
+      partial_alphas.push_back(batch ? poisoned(at::empty(shape, options)) : at::zeros(shape, options));
       partial_betas.push_back(poisoned(partial_alphas.back()));
     }
   for (size_t begin = 0; begin < latents.size() && (need_latents || need_terms); begin += sc::kMaxLevels) {
@@ -126,13 +161,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     const int64_t blocks = sc::plan_blocks(args, true);
     at::Tensor tau_partial;
     if (need_tau) {
-      tau_partial = at::zeros({chunks, blocks * (sc::kBackwardThreads / 32), batch}, tau.options());
+      tau_partial = guarded(at::zeros({chunks, blocks * (sc::kBackwardThreads / 32), batch}, tau.options()), true);
       args.tau_partial = tau_partial.mutable_data_ptr();
     }
     check_launch(sc::launch_backward(args, dtype_of(latents[0]), need_latents, need_terms, chunks, nullptr),
                  "spectral_propagate_backward");
     if (need_tau) grad_tau += tau.dim() == 1 ? tau_partial.sum({0, 1}) : tau_partial.sum();
   }
+  check_guards("spectral_propagate_backward");
   if (need_params)
     for (size_t l = 0; l < latents.size(); ++l) {
       const bool shared = alphas[l].dim() == 1;
@@ -165,34 +201,43 @@ at::Tensor to_storage(const at::Tensor& values, bool bfloat16) {
 }
 
 // The on-chip dense kernels: A (count, n, n), G like A, z (B, d, P), tau (B,), all contiguous, one float dtype.
-at::Tensor expm(const at::Tensor& A) {
-  check_contiguous({A}, "A");
+at::Tensor expm(const at::Tensor& A_in) {
+  check_contiguous({A_in}, "A");
+  guarded_buffers.clear();  // (left over when a launch failed)
+  const at::Tensor A = guarded(A_in, true);
   at::Tensor out = poisoned(A);
   const hkd::cuda::ExpmArgs args{A.const_data_ptr(), nullptr, out.mutable_data_ptr(), A.size(0), int(A.size(-1)),
                                  A.scalar_type() == at::kDouble};
   check_launch(hkd::cuda::launch_expm(args, nullptr), "expm");
+  check_guards("expm");
   return out;
 }
 
 // (L(A^T, G), true), or (NaN, false) when the device's shared memory is too small (the glue then uses GEMMs)
-std::tuple<at::Tensor, bool> expm_frechet(const at::Tensor& A, const at::Tensor& G) {
-  check_contiguous({A, G}, "A and G");
+std::tuple<at::Tensor, bool> expm_frechet(const at::Tensor& A_in, const at::Tensor& G_in) {
+  check_contiguous({A_in, G_in}, "A and G");
+  guarded_buffers.clear();  // (left over when a launch failed)
+  const at::Tensor A = guarded(A_in, true), G = guarded(G_in, true);
   at::Tensor out = poisoned(A);
   const hkd::cuda::ExpmArgs args{A.const_data_ptr(), G.const_data_ptr(), out.mutable_data_ptr(), A.size(0),
                                  int(A.size(-1)), A.scalar_type() == at::kDouble};
   const int err = hkd::cuda::launch_expm(args, nullptr);
-  if (err == hkd::cuda::kDoesNotFit) return {out, false};
-  check_launch(err, "expm_backward");
-  return {out, true};
+  check_launch(err == hkd::cuda::kDoesNotFit ? 0 : err, "expm_backward");
+  check_guards("expm_backward");
+  return {out, err != hkd::cuda::kDoesNotFit};
 }
 
-at::Tensor dense_action(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau, int64_t degree, double alpha) {
-  check_contiguous({z, A, tau}, "z, A and tau");
+at::Tensor dense_action(const at::Tensor& z_in, const at::Tensor& A_in, const at::Tensor& tau_in, int64_t degree,
+                        double alpha) {
+  check_contiguous({z_in, A_in, tau_in}, "z, A and tau");
+  guarded_buffers.clear();  // (left over when a launch failed)
+  const at::Tensor z = guarded(z_in, true), A = guarded(A_in, true), tau = guarded(tau_in, true);
   at::Tensor out = poisoned(z);
   const hkd::cuda::ActionArgs args{z.const_data_ptr(), A.const_data_ptr(), tau.const_data_ptr(), out.mutable_data_ptr(),
                                    z.size(0), int(z.size(1)), z.size(2), A.dim() == 2, int(degree), alpha,
                                    z.scalar_type() == at::kDouble};
   check_launch(hkd::cuda::launch_action(args, nullptr), "dense_action");
+  check_guards("dense_action");
   return out;
 }
 
