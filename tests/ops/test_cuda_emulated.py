@@ -312,3 +312,36 @@ def test_action_extreme_widths(emu, schedule, d):
     expected = action_reference(z, A, tau)
     err = ((out.double() - expected).abs() / expected.abs().amax(1, keepdim=True)).amax()
     assert err <= 1e-4, f"action relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ["row", "column"])
+def test_action_bits_do_not_depend_on_the_schedule(emu, mode, dtype):
+    """The kernel has no atomics: without a race, every order of its threads gives the same bits and the same number
+    of barriers. The plan is deliberately short (half its alpha: few substeps that use all their terms), so that
+    vectors converge at the last term of a substep, where the next substep's loads follow the convergence test, next
+    to vectors that stop early. Checked against the plain-PyTorch recurrence with the same plan (taylor_action)."""
+    tile = 32 if dtype == torch.float32 else 8
+    batch, d, positions = (tile + 5, 4, 3) if mode == "row" else (3, 4, tile + 5)
+    z = torch.randn(batch, d, positions, dtype=dtype)
+    z[:, :, positions // 3] *= 1e-6  # vectors that converge sooner
+    A = torch.randn(positions, d, d, dtype=dtype) / 2 if mode == "row" else torch.randn(d, d, dtype=dtype) / 2
+    signs = torch.tensor([1.0, -1.0]).repeat(batch)[:batch].to(dtype)
+    tau = torch.logspace(-4, 1, batch, dtype=dtype) * signs
+    plan = dense.reference_plan(A, tau, positions)
+    plan = torch.tensor([plan[0].item(), plan[1].item() / 2, 1.0], dtype=torch.float64)
+    outputs, barriers = [], []
+    try:
+        for name in SCHEDULES:
+            cuda_emulator.configure(name)
+            outputs.append(emu.dense_action(z, A, tau, int(plan[0]), float(plan[1])))
+            barriers.append(emu.last_launch()[5])
+    finally:
+        cuda_emulator.configure()
+    for name, out in zip(SCHEDULES[1:], outputs[1:], strict=True):
+        differ = out != outputs[0]
+        assert not differ.any(), f"{name}: {int(differ.sum())} values differ from the in-order schedule's (a race)"
+    assert len(set(barriers)) == 1, f"barriers per schedule {barriers}: control flow depends on the order"
+    expected = dense.taylor_action(z, A, tau, plan).double()
+    err = ((outputs[0].double() - expected).abs() / expected.abs().amax(1, keepdim=True).clamp_min(1e-300)).amax()
+    assert err <= (1e-4 if dtype == torch.float32 else 1e-11), f"against taylor_action: {err:.2e}"

@@ -29,16 +29,23 @@ void check_launch(int error, const char* op) {
   TORCH_CHECK(error == 0, "hkd_emu::", op, ": ", cudaGetErrorString(error));
 }
 
-// Global memory with guard zones: every tensor a kernel sees lies inside a larger buffer whose margins are NaN; a read
-// past a tensor's ends sees NaN, a write past them is found after the launch (check_guards). Outputs start as NaN.
-constexpr int64_t kGuard = 2048;  // elements either side
-thread_local std::vector<std::pair<at::Tensor, int64_t>> guarded_buffers;
+// Global memory with guard zones: every tensor a kernel sees lies inside a larger buffer. An input's margins are NaN
+// (a read past its ends sees NaN), an output's are kSentinel, which no kernel writes: a write past an end, even of a
+// NaN read past another tensor's end, fails the op after the launch (check_guards). Outputs start as NaN.
+constexpr int64_t kGuard = 2048;   // elements either side
+constexpr double kSentinel = -4096.0;  // exact in every float dtype
+struct Guarded {
+  at::Tensor buffer;
+  int64_t numel;
+  bool output;
+};
+thread_local std::vector<Guarded> guarded_buffers;
 
 at::Tensor guarded(const at::Tensor& t, bool copy) {
-  at::Tensor buffer = at::full({t.numel() + 2 * kGuard}, kNaN, t.options());
+  at::Tensor buffer = at::full({t.numel() + 2 * kGuard}, copy ? kNaN : kSentinel, t.options());
   at::Tensor view = buffer.narrow(0, kGuard, t.numel()).view(t.sizes());
-  if (copy) view.copy_(t);
-  guarded_buffers.emplace_back(buffer, t.numel());
+  copy ? view.copy_(t) : view.fill_(kNaN);
+  guarded_buffers.push_back({buffer, t.numel(), !copy});
   return view;
 }
 at::Tensor poisoned(const at::Tensor& like) { return guarded(like, false); }
@@ -51,10 +58,11 @@ std::vector<at::Tensor> guarded(at::TensorList tensors) {
 void check_guards(const char* op) {
   auto buffers = std::move(guarded_buffers);
   guarded_buffers.clear();
-  for (const auto& [buffer, n] : buffers)
-    TORCH_CHECK(buffer.narrow(0, 0, kGuard).isnan().all().item<bool>() &&
-                    buffer.narrow(0, kGuard + n, kGuard).isnan().all().item<bool>(),
-                "hkd_emu::", op, ": the kernel wrote outside a tensor of ", n, " elements");
+  for (const auto& g : buffers)
+    for (const at::Tensor& margin : {g.buffer.narrow(0, 0, kGuard), g.buffer.narrow(0, kGuard + g.numel, kGuard)})
+      TORCH_CHECK(g.output ? margin.eq(kSentinel).all().item<bool>() : margin.isnan().all().item<bool>(),
+                  "hkd_emu::", op, ": the kernel wrote outside ", g.output ? "an output" : "an input", " of ", g.numel,
+                  " elements");
 }
 
 void configure(int64_t schedule, int64_t seed, int64_t sm_count, int64_t shared_optin) {
@@ -161,7 +169,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     const int64_t blocks = sc::plan_blocks(args, true);
     at::Tensor tau_partial;
     if (need_tau) {
-      tau_partial = guarded(at::zeros({chunks, blocks * (sc::kBackwardThreads / 32), batch}, tau.options()), true);
+      tau_partial = poisoned(at::empty({chunks, blocks * (sc::kBackwardThreads / 32), batch}, tau.options())).zero_();
       args.tau_partial = tau_partial.mutable_data_ptr();
     }
     check_launch(sc::launch_backward(args, dtype_of(latents[0]), need_latents, need_terms, chunks, nullptr),
