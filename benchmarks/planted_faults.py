@@ -2,7 +2,7 @@
 tests/ops/test_cuda_emulated.py against it; print a table of faults caught and missed.
 
     python benchmarks/planted_faults.py                 # every fault (about 20-30 minutes on 2 cores)
-    python benchmarks/planted_faults.py --only sync     # the faults whose name contains "sync"
+    python benchmarks/planted_faults.py --only sync f16 # the faults whose name contains "sync" or "f16"
 
 Each worker (--jobs) has its own copy and build in a temporary folder (ninja rebuilds only the file a fault touches).
 A fault in a kernel file runs the tests of that file's kernels (SELECTION), one in the host twins all of them. A
@@ -179,11 +179,11 @@ def worker(faults: list[Fault], folder: Path, timeout: float, results: dict, bas
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="", help="run the faults whose name contains this text")
+    parser.add_argument("--only", nargs="*", default=[""], help="run the faults whose name contains one of these")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per fault's test run")
     parser.add_argument("--jobs", type=int, default=2, help="faults tested at once (each with its own build)")
     args = parser.parse_args()
-    faults = [f for f in syncthreads_faults() + FAULTS if args.only in f.name]
+    faults = [f for f in syncthreads_faults() + FAULTS if any(text in f.name for text in args.only)]
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="hkd-faults-") as tmp:
         jobs = max(1, min(args.jobs, len(faults)))
