@@ -176,8 +176,8 @@ static cudaError_t backward_as(const Args& args, bool latents, bool terms, int c
   if (!blocks || !(latents || terms)) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(chunks));
   void (*kernel)(const Args) = latents && terms ? spectral_backward<S, A, true, true>
-                : latents        ? spectral_backward<S, A, true, false>
-                                 : spectral_backward<S, A, false, true>;
+                               : latents        ? spectral_backward<S, A, true, false>
+                                                : spectral_backward<S, A, false, true>;
   return launch_kernel(kernel, grid, kBackwardThreads, 0, stream, args);
 }
 
