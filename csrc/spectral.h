@@ -201,6 +201,14 @@ inline long long plan_blocks(Args& args, bool backward) {
   return args.first_block[args.levels];
 }
 
+// The backward's batch slices (gridDim.y): one when the (k, p) entries alone fill `sms` multiprocessors, else more,
+// at least 4 samples each.
+inline int backward_chunks(long long entries, long long batch, int sms) {
+  const long long target = 4 * (long long)sms * 2048, most = batch / 4 < 1 ? 1 : batch / 4 > 65535 ? 65535 : batch / 4;
+  const long long chunks = target / (entries > 1 ? entries : 1);
+  return static_cast<int>(chunks < 1 ? 1 : chunks > most ? most : chunks);
+}
+
 // Both return a cudaError_t (0: launched). stream: a cudaStream_t.
 int launch_forward(const Args& args, DType dtype, void* stream);
 // chunks: the batch is split into `chunks` slices (gridDim.y), each with its own parameter and tau partials.

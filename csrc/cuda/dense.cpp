@@ -87,12 +87,9 @@ at::Tensor expm_cuda(const at::Tensor& A_in) {
   }
   at::Tensor out = at::empty_like(A);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (A.scalar_type() == at::kDouble)
-    check_launch(hkd::cuda::launch_expm_double(A.data_ptr<double>(), out.data_ptr<double>(), A.size(0), n, stream),
-                 "expm");
-  else
-    check_launch(hkd::cuda::launch_expm_float(A.data_ptr<float>(), out.data_ptr<float>(), A.size(0), n, stream),
-                 "expm");
+  const hkd::cuda::ExpmArgs args{A.const_data_ptr(), nullptr, out.mutable_data_ptr(), A.size(0), int(n),
+                                 A.scalar_type() == at::kDouble};
+  check_launch(hkd::cuda::launch_expm(args, stream), "expm");
   return out.reshape(A_in.sizes());
 }
 
@@ -107,11 +104,9 @@ at::Tensor expm_backward_cuda(const at::Tensor& A_in, const at::Tensor& grad) {
   if (n <= hkd::cuda::kExpmOnChipMaxN) {  // on chip, the plan of each matrix (as the forward)
     at::Tensor out = at::empty_like(A);
     void* stream = c10::cuda::getCurrentCUDAStream().stream();
-    const int err = A.scalar_type() == at::kDouble
-                        ? hkd::cuda::launch_expm_frechet_double(A.data_ptr<double>(), G.data_ptr<double>(),
-                                                                out.data_ptr<double>(), A.size(0), n, stream)
-                        : hkd::cuda::launch_expm_frechet_float(A.data_ptr<float>(), G.data_ptr<float>(),
-                                                               out.data_ptr<float>(), A.size(0), n, stream);
+    const hkd::cuda::ExpmArgs args{A.const_data_ptr(), G.const_data_ptr(), out.mutable_data_ptr(), A.size(0), int(n),
+                                   A.scalar_type() == at::kDouble};
+    const int err = hkd::cuda::launch_expm(args, stream);
     if (err != hkd::cuda::kDoesNotFit) {
       check_launch(err, "expm_backward");
       return out.reshape(A_in.sizes());
@@ -166,14 +161,9 @@ at::Tensor dense_action_cuda(const at::Tensor& z_in, const at::Tensor& A_in, con
   }
   at::Tensor out = at::empty_like(z);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (is_double)
-    check_launch(hkd::cuda::launch_action_double(z.data_ptr<double>(), A.data_ptr<double>(), tau.data_ptr<double>(),
-                                                 out.data_ptr<double>(), B, d, P, shared, int(degree), alpha, stream),
-                 "dense_action");
-  else
-    check_launch(hkd::cuda::launch_action_float(z.data_ptr<float>(), A.data_ptr<float>(), tau.data_ptr<float>(),
-                                                out.data_ptr<float>(), B, d, P, shared, int(degree), alpha, stream),
-                 "dense_action");
+  const hkd::cuda::ActionArgs args{z.const_data_ptr(), A.const_data_ptr(), tau.const_data_ptr(), out.mutable_data_ptr(),
+                                   B, int(d), P, shared, int(degree), alpha, is_double};
+  check_launch(hkd::cuda::launch_action(args, stream), "dense_action");
   return out;
 }
 

@@ -10,9 +10,9 @@
 #include "dense.h"
 
 #ifndef __CUDACC_RTC__
-#include <cuda_runtime.h>
-
 #include <cstdint>
+
+#include "cuda/launch.h"
 
 #include "cuda/dense_kernels.h"
 #else
@@ -304,63 +304,48 @@ int launch_per_matrix(void (*kernel)(Params...), size_t bytes, int64_t count, in
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const int threads = n * n >= 256 ? 256 : ((n * n + 31) / 32) * 32;
-  kernel<<<unsigned(count), threads, bytes, static_cast<cudaStream_t>(stream)>>>(args...);
-  return int(cudaGetLastError());
+  return int(launch_kernel(kernel, dim3(unsigned(count)), threads, bytes, static_cast<cudaStream_t>(stream), args...));
 }
 
 template <typename T>
-int expm_launch(const T* A, T* out, int64_t count, int n, void* stream) {
+int expm_launch(const ExpmArgs& a, void* stream) {
   static_assert(kExpmOnChipMaxN <= kMaxColumns);
-  const size_t bytes = size_t(6 + 2) * n * n * sizeof(T);  // q <= 6 powers, Y, tmp
-  return launch_per_matrix(expm_onchip<T>, bytes, count, n, stream, A, out, n);
+  const T *A = static_cast<const T*>(a.A), *G = static_cast<const T*>(a.G);
+  T* out = static_cast<T*>(a.out);
+  if (!G) {
+    const size_t bytes = size_t(6 + 2) * a.n * a.n * sizeof(T);  // q <= 6 powers, Y, tmp
+    return launch_per_matrix(expm_onchip<T>, bytes, a.count, a.n, stream, A, out, a.n);
+  }
+  const size_t bytes = size_t(2 * 6 + 4) * a.n * a.n * sizeof(T);  // q <= 6 powers and derivatives, Y, dY, 2 scratch
+  return launch_per_matrix(expm_frechet_onchip<T>, bytes, a.count, a.n, stream, A, G, out, a.n);
 }
 
 template <typename T>
-int frechet_launch(const T* A, const T* G, T* out, int64_t count, int n, void* stream) {
-  const size_t bytes = size_t(2 * 6 + 4) * n * n * sizeof(T);  // q <= 6 powers and derivatives, Y, dY, 2 scratch
-  return launch_per_matrix(expm_frechet_onchip<T>, bytes, count, n, stream, A, G, out, n);
-}
-
-template <typename T>
-int action_launch(const T* z, const T* A, const T* tau, T* out, int64_t B, int d, int64_t P, bool shared, int degree,
-                  double alpha, void* stream) {
+int action_launch(const ActionArgs& a, void* stream) {
+  const int d = a.d;
   if (d < 1 || d > kActionOnChipMaxD) return int(cudaErrorInvalidValue);
-  const bool row_mode = !shared || P == 1;
+  const bool row_mode = !a.shared || a.P == 1;
   const int tile = sizeof(T) == 8 ? 8 : 32;
   const size_t bytes = 2 * tile * sizeof(double) + (size_t(d) * d + 3 * size_t(d) * tile + tile) * sizeof(T) +
                        tile * sizeof(int);
   cudaError_t err = cudaFuncSetAttribute(action_onchip<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
-  const int64_t tiles = ((row_mode ? B : P) + tile - 1) / tile;
-  const int64_t fixed = row_mode ? P : B;
+  const int64_t tiles = ((row_mode ? a.B : a.P) + tile - 1) / tile;
+  const int64_t fixed = row_mode ? a.P : a.B;
   if (tiles > 2147483647L || fixed > 65535) return int(cudaErrorInvalidConfiguration);
   const dim3 grid{unsigned(tiles), unsigned(fixed)};
-  action_onchip<T><<<grid, 256, bytes, static_cast<cudaStream_t>(stream)>>>(z, A, tau, out, B, d, P, row_mode, shared,
-                                                                             tile, degree, alpha);
-  return int(cudaGetLastError());
+  return int(launch_kernel(action_onchip<T>, grid, 256, bytes, static_cast<cudaStream_t>(stream),
+                           static_cast<const T*>(a.z), static_cast<const T*>(a.A), static_cast<const T*>(a.tau),
+                           static_cast<T*>(a.out), a.B, d, a.P, row_mode, a.shared, tile, a.degree, a.alpha));
 }
 
 }  // namespace
 
-int launch_expm_float(const float* A, float* out, int64_t count, int n, void* stream) {
-  return expm_launch(A, out, count, n, stream);
+int launch_expm(const ExpmArgs& args, void* stream) {
+  return args.is_double ? expm_launch<double>(args, stream) : expm_launch<float>(args, stream);
 }
-int launch_expm_double(const double* A, double* out, int64_t count, int n, void* stream) {
-  return expm_launch(A, out, count, n, stream);
-}
-int launch_expm_frechet_float(const float* A, const float* G, float* out, int64_t count, int n, void* stream) {
-  return frechet_launch(A, G, out, count, n, stream);
-}
-int launch_expm_frechet_double(const double* A, const double* G, double* out, int64_t count, int n, void* stream) {
-  return frechet_launch(A, G, out, count, n, stream);
-}
-int launch_action_float(const float* z, const float* A, const float* tau, float* out, int64_t B, int d, int64_t P,
-                        bool shared, int degree, double alpha, void* stream) {
-  return action_launch(z, A, tau, out, B, d, P, shared, degree, alpha, stream);
-}
-int launch_action_double(const double* z, const double* A, const double* tau, double* out, int64_t B, int d,
-                         int64_t P, bool shared, int degree, double alpha, void* stream) {
-  return action_launch(z, A, tau, out, B, d, P, shared, degree, alpha, stream);
+int launch_action(const ActionArgs& args, void* stream) {
+  return args.is_double ? action_launch<double>(args, stream) : action_launch<float>(args, stream);
 }
 #endif
 

@@ -94,9 +94,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   for (const auto& z : latents) entries += z.size(1) / 2 * positions_of(z);
   int sms = 0;
   check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, latents[0].get_device()));
-  const int64_t target = 4 * int64_t(sms) * 2048;
-  const int chunks = static_cast<int>(std::clamp<int64_t>(target / std::max<int64_t>(entries, 1), 1,
-                                                          std::clamp<int64_t>(batch / 4, 1, 65535)));
+  const int chunks = cuda::backward_chunks(entries, batch, sms);
   std::vector<at::Tensor> partial_alphas, partial_betas;
   if (need_params)
     for (size_t l = 0; l < latents.size(); ++l) {

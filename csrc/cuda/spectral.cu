@@ -8,9 +8,7 @@
 // so that NVRTC compiles this file for the sm_70 check); arithmetic is float32, or float64 for float64 latents.
 #include "spectral.h"
 
-#ifndef __CUDACC_RTC__
-#include <cuda_runtime.h>
-#endif
+#include "cuda/launch.h"
 
 namespace hkd::spectral::cuda {
 
@@ -24,9 +22,13 @@ struct BFloat16 {
 __device__ __forceinline__ float to_compute(float v) { return v; }
 __device__ __forceinline__ double to_compute(double v) { return v; }
 __device__ __forceinline__ float to_compute(Half v) {
+#ifdef HKD_CUDA_EMULATE
+  return hkd::emu::half_bits_to_float(v.bits);
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
   return f;
+#endif
 }
 __device__ __forceinline__ float to_compute(BFloat16 v) { return __uint_as_float(static_cast<unsigned>(v.bits) << 16); }
 
@@ -39,7 +41,11 @@ __device__ __forceinline__ float to_storage<float>(float v) {
 template <>
 __device__ __forceinline__ Half to_storage<Half>(float v) {
   Half h;
+#ifdef HKD_CUDA_EMULATE
+  h.bits = hkd::emu::float_to_half_bits_rn(v);
+#else
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+#endif
   return h;
 }
 template <>
@@ -157,44 +163,44 @@ HKD_SPECTRAL_KERNELS(BFloat16, float)
 
 #ifndef __CUDACC_RTC__
 template <typename S, typename A>
-static void forward_as(const Args& args, cudaStream_t stream) {
+static cudaError_t forward_as(const Args& args, cudaStream_t stream) {
   const long long blocks = args.first_block[args.levels];
-  if (blocks) spectral_forward<S, A><<<dim3(static_cast<unsigned>(blocks)), kForwardThreads, 0, stream>>>(args);
+  return blocks ? launch_kernel(spectral_forward<S, A>, dim3(static_cast<unsigned>(blocks)), kForwardThreads, 0, stream,
+                                args)
+                : cudaSuccess;
 }
 
 template <typename S, typename A>
-static void backward_as(const Args& args, bool latents, bool terms, int chunks, cudaStream_t stream) {
+static cudaError_t backward_as(const Args& args, bool latents, bool terms, int chunks, cudaStream_t stream) {
   const long long blocks = args.first_block[args.levels];
-  if (!blocks) return;
+  if (!blocks || !(latents || terms)) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(chunks));
-  if (latents && terms)
-    spectral_backward<S, A, true, true><<<grid, kBackwardThreads, 0, stream>>>(args);
-  else if (latents)
-    spectral_backward<S, A, true, false><<<grid, kBackwardThreads, 0, stream>>>(args);
-  else if (terms)
-    spectral_backward<S, A, false, true><<<grid, kBackwardThreads, 0, stream>>>(args);
+  void (*kernel)(const Args) = latents && terms ? spectral_backward<S, A, true, true>
+                               : latents        ? spectral_backward<S, A, true, false>
+                                                : spectral_backward<S, A, false, true>;
+  return launch_kernel(kernel, grid, kBackwardThreads, 0, stream, args);
 }
 
 int launch_forward(const Args& args, DType dtype, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case kFloat32: forward_as<float, float>(args, s); break;
-    case kFloat64: forward_as<double, double>(args, s); break;
-    case kFloat16: forward_as<Half, float>(args, s); break;
-    case kBFloat16: forward_as<BFloat16, float>(args, s); break;
+    case kFloat32: return forward_as<float, float>(args, s);
+    case kFloat64: return forward_as<double, double>(args, s);
+    case kFloat16: return forward_as<Half, float>(args, s);
+    case kBFloat16: return forward_as<BFloat16, float>(args, s);
   }
-  return static_cast<int>(cudaGetLastError());
+  return cudaErrorInvalidValue;
 }
 
 int launch_backward(const Args& args, DType dtype, bool need_latents, bool need_terms, int chunks, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case kFloat32: backward_as<float, float>(args, need_latents, need_terms, chunks, s); break;
-    case kFloat64: backward_as<double, double>(args, need_latents, need_terms, chunks, s); break;
-    case kFloat16: backward_as<Half, float>(args, need_latents, need_terms, chunks, s); break;
-    case kBFloat16: backward_as<BFloat16, float>(args, need_latents, need_terms, chunks, s); break;
+    case kFloat32: return backward_as<float, float>(args, need_latents, need_terms, chunks, s);
+    case kFloat64: return backward_as<double, double>(args, need_latents, need_terms, chunks, s);
+    case kFloat16: return backward_as<Half, float>(args, need_latents, need_terms, chunks, s);
+    case kBFloat16: return backward_as<BFloat16, float>(args, need_latents, need_terms, chunks, s);
   }
-  return static_cast<int>(cudaGetLastError());
+  return cudaErrorInvalidValue;
 }
 #endif
 
