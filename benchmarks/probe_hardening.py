@@ -882,7 +882,7 @@ def main() -> None:
         for i, (line, fragment) in enumerate(CASES):
             if fragment is None:
                 continue
-            argv = [part.format(**paths, out=str(tmp / f"out{i}")) for part in line.split()]
+            argv = [part.format(**paths, out=str(tmp / f"out{i}"), sp=" ") for part in line.split()]
             outcomes[f"hkd {line}"] = classify(*cli(argv))
         outcomes["demo --fresh on a folder hkd did not make"] = fresh_on_a_user_folder(paths, tmp)
         for (module, name), value in zip(patched, real, strict=True):

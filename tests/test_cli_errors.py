@@ -114,7 +114,7 @@ CASES = [
     ("train train.out={out} train.threads=1000000", "train.threads must be <= 1024"),
     ("trajectories --teacher {model} --out {out} trajectories.sigma_max=.inf", "trajectories.sigma_max must be finite"),
     ("train-teacher --out {out} teacher.num_blocks=1000000", "teacher.num_blocks must be an integer in [1, 32]"),
-    ("train-teacher --out {out} teacher.lr=[&a [1,1,1],*a,*a]", "aliases (*name) are not allowed"),
+    ("train-teacher --out {out} teacher.lr=[&a{sp}[1,1,1],*a,*a]", "aliases (*name) are not allowed"),
 ]
 if NO_GPU:
     CASES += [
@@ -136,7 +136,7 @@ def run(argv, capsys):
 @pytest.mark.parametrize(("line", "fragment"), CASES, ids=[line or "(none)" for line, _ in CASES])
 def test_bad_input_is_one_line_and_exit_2(line, fragment, paths, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a default output folder would land here, not in the repository
-    values = paths | {"out": str(tmp_path / "out")}
+    values = paths | {"out": str(tmp_path / "out"), "sp": " "}  # {sp}: a space inside one argument
     argv = [part.format(**values) for part in line.split()]
     code, err = run(argv, capsys)
     if fragment is None:
