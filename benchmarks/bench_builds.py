@@ -116,7 +116,7 @@ def main() -> None:
                 t |= train_step(folder, args.repeats)
             for name, seconds in t.items():
                 runs[which].setdefault(name, []).append(seconds)
-            print(f"round {r + 1} {which} done", file=sys.stderr, flush=True)
+            print(f"round {r + 1} {which}: {json.dumps(t)}", file=sys.stderr, flush=True)
     print(f"median over {args.rounds} interleaved rounds (each the min of {args.repeats}), ms")
     print(f"{'':46} {'old':>9} {'new':>9} {'new/old':>8}")
     for name in runs["old"]:
