@@ -5,7 +5,8 @@ the stable ABI) is timed against its predecessor in one window of a shared machi
 
     python benchmarks/bench_builds.py OLD_FOLDER NEW_FOLDER [--rounds 3]
 
-Each round runs one fresh process per folder (old first, then new, alternating), each taking the min of its repeats;
+Each round runs one fresh process per folder (old first, then new, alternating), each on one thread taking the min
+of its repeats in process CPU time (the op rows; the training step is wall time, as bench_train_step.py measures it);
 the table gives the median over rounds of each and the ratio new / old (< 1: the new build is faster).
 """
 
@@ -22,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Runs inside a fresh process with hkd imported from the folder given: prints {row: seconds} as JSON.
 PROBE = r"""
-import json, sys
+import json, sys, time
 sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildRedirectingFinder"]  # editable hook
 sys.path.insert(0, sys.argv[1])
 import torch
+torch.set_num_threads(1)  # one thread, timed in process CPU time: immune to a shared machine's load
 import hkd, hkd._C
 from hkd import bench
 from hkd.ops import dense, dense_propagate, expm, spectral_propagate
@@ -63,7 +65,7 @@ def expm_fb():
     Xg.grad = None
     expm(Xg, backend="cpu").backward(GX)
 rows["expm 1024 x 32x32 fwd+bwd"] = expm_fb
-t = bench.measure(rows, int(sys.argv[2]), torch.device("cpu"))
+t = bench.measure(rows, int(sys.argv[2]), torch.device("cpu"), time.process_time)
 print(json.dumps(t))
 """
 
@@ -72,7 +74,7 @@ import json, subprocess, sys
 sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildRedirectingFinder"]
 sys.path.insert(0, sys.argv[1])
 import runpy
-sys.argv = [sys.argv[2], "--repeats", sys.argv[3]]
+sys.argv = [sys.argv[2], "--repeats", sys.argv[3], "--threads", "1"]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
