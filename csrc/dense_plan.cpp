@@ -1,10 +1,8 @@
 // The dense action's plan (Al-Mohy and Higham 2011) and the cost model behind dense_propagate's choice between the
-// action and one exp(tau_b A) per sample, for tensors on any device (ATen ops; the plan is a float64 CPU tensor).
-// hkd/ops/dense.py `plan` is the same algorithm in Python, for builds without this extension; a test checks that
-// the two agree, and that `dense_theta` (the table of csrc/dense.h) equals Python's THETA.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
+// action and one exp(tau_b A) per sample, for tensors on any device (the norms on the host, the powers of A on its
+// device; the plan is a float64 CPU tensor). hkd/ops/dense.py `reference_plan` is the same algorithm in Python, for
+// builds without this extension; a test checks that the two agree, and that `dense_theta` (the table of csrc/dense.h)
+// equals Python's THETA.
 
 #include <algorithm>
 #include <cmath>
@@ -12,10 +10,12 @@
 #include <vector>
 
 #include "dense.h"
+#include "stable.h"
 
 namespace {
 
 using namespace hkd::dense;
+using hkd::Tensor;
 
 // s = ceil(tau_max alpha / theta_m) in [1, kMaxSubsteps] (kMaxSubsteps when tau_max alpha is not finite)
 double substeps_for(double tau_max, double alpha, int m, bool is_double) {
@@ -24,14 +24,14 @@ double substeps_for(double tau_max, double alpha, int m, bool is_double) {
   return std::min<double>(std::max(std::ceil(x / theta(m, is_double)), 1.0), kMaxSubsteps);
 }
 
-// max over matrices of ||X||_1 for X (d, d) or (P, d, d), summed in float64 (NaN if any entry is NaN)
-double max_norm1(const at::Tensor& X) {
+// max over matrices of ||X||_1 for X (d, d) or (P, d, d), summed in float64 on the host (NaN if any entry is NaN)
+double max_norm1(const Tensor& X) {
   if (X.numel() == 0) return 0.0;
-  if (!X.is_cpu()) return at::linalg_matrix_norm(X.to(at::kDouble), 1).max().item<double>();
+  const Tensor x = torch::stable::contiguous(hkd::cpu(X));
   double best = 0;
-  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "hkd_max_norm1", [&] {
-    const at::Tensor x = X.contiguous();
-    const scalar_t* p = x.data_ptr<scalar_t>();
+  hkd::dispatch_floating(x.scalar_type(), "dense_action_plan", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* p = hkd::data<scalar_t>(x);
     const int64_t d = x.size(-1), matrices = x.numel() / (d * d);
     std::vector<double> column(d);
     for (int64_t m = 0; m < matrices; ++m, p += d * d) {
@@ -76,28 +76,29 @@ ActionPlan best_plan(const std::vector<double>& d, double tau_max, bool is_doubl
 // (degree m, alpha, choice) for exp(tau_b A) z, z (B, d, P), A (d, d) or (P, d, d), tau (B,); alpha is NaN when A
 // or tau is not finite. choice: 1 if the action is cheaper than one expm per sample, else 0, or -1 when those
 // matrices are float32 and go to float64 (expm_in_float64).
-at::Tensor dense_action_plan(const at::Tensor& A_in, const at::Tensor& tau_in, int64_t positions) {
-  TORCH_CHECK(A_in.dim() == 2 || A_in.dim() == 3, "hkd::dense_action_plan: A must be (d, d) or (P, d, d), got ",
-              A_in.sizes());
-  TORCH_CHECK(tau_in.dim() <= 1, "hkd::dense_action_plan: tau must be (B,), got ", tau_in.sizes());
-  const at::Tensor A = A_in.detach(), tau = tau_in.detach();
-  const bool is_double = A.scalar_type() == at::kDouble;
+Tensor dense_action_plan(Tensor A, Tensor tau, int64_t positions) {
+  HKD_CHECK(A.dim() == 2 || A.dim() == 3, "hkd::dense_action_plan: A must be (d, d) or (P, d, d), got ", hkd::shape(A));
+  HKD_CHECK(tau.dim() <= 1, "hkd::dense_action_plan: tau must be (B,), got ", hkd::shape(tau));
+  const bool is_double = A.scalar_type() == hkd::ScalarType::Double;
   const int64_t d = A.size(-1), batch = tau.numel(), matrices = A.dim() == 3 ? A.size(0) : 1;
   const double norm = max_norm1(A);
-  const double tau_max = batch ? tau.abs().max().item<double>() : 0.0;
+  const Tensor tau_host = torch::stable::contiguous(hkd::to(hkd::cpu(tau), hkd::ScalarType::Double));
+  const double* t = hkd::data<double>(tau_host);
+  double tau_max = 0.0;
+  for (int64_t b = 0; b < batch; ++b) tau_max = std::isnan(t[b]) ? NAN : std::max(tau_max, std::abs(t[b]));
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  if (!std::isfinite(norm) || !std::isfinite(tau_max)) return at::tensor({1.0, nan, 1.0}, at::kDouble);
+  if (!std::isfinite(norm) || !std::isfinite(tau_max)) return hkd::host_tensor({1.0, nan, 1.0});
   // the plan from ||A||_1; then from the norms of A's powers, when they cost at most a quarter of it: one power of A
   // costs (matrices d^3) / (d^2 columns) Taylor terms
   ActionPlan plan = best_plan({norm}, tau_max, is_double);
   const double power_cost = double(matrices) * d / double(std::max<int64_t>(batch * positions, 1));
   const int powers = d ? int(std::min<double>(max_powers(is_double), 1 + std::floor(plan.cost / (4 * power_cost)))) : 0;
   if (powers >= 3 && norm > 0) {
-    const at::Tensor X = A / norm;  // d_p from powers of A / ||A||_1: no overflow
-    at::Tensor power = X;
+    const Tensor X = hkd::divided(A, norm);  // d_p from powers of A / ||A||_1: no overflow
+    Tensor power = X;
     std::vector<double> dp{norm};
     for (int p = 2; p <= powers; ++p) {
-      power = at::matmul(power, X);
+      power = torch::stable::matmul(power, X);
       dp.push_back(norm * std::pow(max_norm1(power), 1.0 / p));
     }
     plan = best_plan(dp, tau_max, is_double);
@@ -105,9 +106,7 @@ at::Tensor dense_action_plan(const at::Tensor& A_in, const at::Tensor& tau_in, i
   // the cost model: the action takes m s_b Taylor terms for sample b, each 2 d^2 P flops; one expm(tau_b A) per
   // sample (and matrix) costs (cost(m) + squarings) 2 d^3 by the plan expm makes for ||tau_b A||_1, then the GEMM;
   // twice that when float32 matrices go to float64 (expm_in_float64)
-  const at::Tensor tau_host = tau.to(at::kCPU, at::kDouble).contiguous();
-  const double* t = tau_host.data_ptr<double>();
-  const bool tau_double = tau.scalar_type() == at::kDouble;
+  const bool tau_double = tau.scalar_type() == hkd::ScalarType::Double;
   double expm_cost[kExpmDegreeCount], expm_theta[kExpmDegreeCount];  // (per degree, once: the loop below is hot)
   for (int i = 0; i < kExpmDegreeCount; ++i)
     expm_cost[i] = ps_cost(expm_degree(i)), expm_theta[i] = theta(expm_degree(i), tau_double);
@@ -124,19 +123,19 @@ at::Tensor dense_action_plan(const at::Tensor& A_in, const at::Tensor& tau_in, i
   const bool wide = expm_in_float64(tau_max * norm, is_double);
   const double action = plan.degree * terms * 2 * d * d * positions;
   const double per_sample = products * matrices * 2 * d * d * d * (wide ? 2 : 1) + 2.0 * d * d * batch * positions;
-  return at::tensor({double(plan.degree), plan.alpha, action <= per_sample ? 1.0 : wide ? -1.0 : 0.0}, at::kDouble);
+  return hkd::host_tensor({double(plan.degree), plan.alpha, action <= per_sample ? 1.0 : wide ? -1.0 : 0.0});
 }
 
 // theta_m, m = 1..kMaxDegree, of csrc/dense.h for float64 or float32
-at::Tensor dense_theta(at::ScalarType dtype) {
+Tensor dense_theta(hkd::ScalarType dtype) {
   std::vector<double> values;
-  for (int m = 1; m <= kMaxDegree; ++m) values.push_back(theta(m, dtype == at::kDouble));
-  return at::tensor(values, at::kDouble);
+  for (int m = 1; m <= kMaxDegree; ++m) values.push_back(theta(m, dtype == hkd::ScalarType::Double));
+  return hkd::host_tensor(values);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hkd, CompositeExplicitAutograd, m) {
-  m.impl("dense_action_plan", &dense_action_plan);
-  m.impl("dense_theta", &dense_theta);
+STABLE_TORCH_LIBRARY_IMPL(hkd, CompositeExplicitAutograd, m) {
+  m.impl("dense_action_plan", TORCH_BOX(&dense_action_plan));
+  m.impl("dense_theta", TORCH_BOX(&dense_theta));
 }

@@ -1,14 +1,17 @@
 // The extension hkd._C: every op's schema, declared once. Kernels attach per backend in
-// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(hkd, CPU, m)) and csrc/cuda/*.cpp (TORCH_LIBRARY_IMPL(hkd, CUDA, m));
-// autograd and fake (meta) kernels are registered from Python, in hkd/ops/.
+// csrc/cpu/*.cpp (STABLE_TORCH_LIBRARY_IMPL(hkd, CPU, m)) and csrc/cuda/*.cpp (STABLE_TORCH_LIBRARY_IMPL(hkd, CUDA, m));
+// autograd and fake (meta) kernels are registered from Python, in hkd/ops/. Built on LibTorch's stable ABI and the
+// Python limited API (Py_LIMITED_API, set by the build): one binary for every CPython >= 3.10 and every torch from
+// TORCH_TARGET_VERSION on.
 #include <Python.h>
-#include <torch/library.h>
+
+#include "stable.h"
 
 #ifndef HKD_CUDA_ARCHITECTURES
 #define HKD_CUDA_ARCHITECTURES ""
 #endif
 
-TORCH_LIBRARY(hkd, m) {
+STABLE_TORCH_LIBRARY(hkd, m) {
   // --- spectral (2x2 rotation-scaling) generators: hkd/ops/spectral.py ---------------------------
   // exp(tau A_l) z_l for every level l at once (convention: hkd/ops/reference.py). alphas[l], betas[l]:
   // (d_l/2,) or (d_l/2, *S_l), in the latents' opmath dtype like tau, which is 0-d or (B,).

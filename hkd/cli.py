@@ -92,7 +92,12 @@ def cmd_info(args: argparse.Namespace) -> None:
         from hkd import _C
 
         archs = _C.CUDA_ARCHITECTURES or "-"
-        lines.append(f"extension hkd._C: built, CUDA kernels {'yes' if _C.WITH_CUDA else 'no'} (archs {archs})")
+        built = _backend.build_info()
+        against = f", built against torch {built['torch']}, loads on torch >= {built['torch_min']}" if built else ""
+        kernels = "yes" if _C.WITH_CUDA else "no"
+        lines.append(f"extension hkd._C: built, CUDA kernels {kernels} (archs {archs}){against}")
+    elif _backend.extension_error():
+        lines.append(f"extension hkd._C: FAILED TO LOAD. {_backend.extension_error()}")
     else:
         lines.append("extension hkd._C: not built (only the reference backend is available)")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):

@@ -1,7 +1,7 @@
 // Subnormal floats make x86 arithmetic about 25x slower, and long Taylor series with per-sample scales push their
 // late terms into that range. FlushDenormals sets flush-to-zero and denormals-are-zero on the calling thread for
 // its lifetime and restores the previous mode afterwards. The mode is per thread: construct one inside every
-// at::parallel_for body (each worker thread), not once around the call. No-op off x86.
+// parallel_for body (each worker thread), not once around the call. No-op off x86.
 #pragma once
 
 #if defined(__SSE__) || defined(__x86_64__)

@@ -1,11 +1,9 @@
 // CPU kernels of the dense ops (hkd/ops/dense.py): expm, expm_backward (adjoint Frechet derivative),
 // dense_action (exp(tau_b A_p) z[b, :, p]) and dense_action_backward (the exact reverse of its recurrence). One matrix
-// or one cache-sized block of the state per task (at::parallel_for). expm: a small register-blocked GEMM compiled for
-// AVX-512, AVX2 and SSE2, chosen at run time; the action: ATen's BLAS on each worker thread.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// or one cache-sized block of the state per task (torch's parallel_for). expm: a small register-blocked GEMM compiled
+// for AVX-512, AVX2 and SSE2, chosen at run time; the action: ATen's BLAS on each worker thread, through the C shim
+// aoti_torch_cpu_addmm_out (no dispatcher on the way).
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,10 +16,12 @@
 
 #include "cpu/denormals.h"
 #include "dense.h"
-#include "dense_inputs.h"
+#include "inputs.h"
+#include "stable.h"
 
 namespace {
 
+using hkd::Tensor;
 using hkd::dense::Plan;
 
 #define HKD_INLINE inline __attribute__((always_inline))
@@ -182,10 +182,11 @@ struct View {
   const T* data;
   long rows, cols, ld;
   bool transposed = false;
-  at::Tensor tensor() const {
-    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    return transposed ? at::from_blob(const_cast<T*>(data), {cols, rows}, {1, ld}, options)
-                      : at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, options);
+  Tensor tensor() const {
+    const auto dtype = sizeof(T) == 8 ? hkd::ScalarType::Double : hkd::ScalarType::Float;
+    const torch::stable::Device host(torch::headeronly::DeviceType::CPU);
+    return transposed ? torch::stable::from_blob(const_cast<T*>(data), {cols, rows}, {1, ld}, host, dtype)
+                      : torch::stable::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, host, dtype);
   }
 };
 
@@ -193,8 +194,9 @@ struct View {
 template <typename T>
 void matmul(const View<T>& L, const View<T>& R, T* C, long ldc, T alpha, bool accumulate) {
   const long M = L.transposed ? L.cols : L.rows, N = R.transposed ? R.rows : R.cols;
-  at::Tensor c = View<T>{C, M, N, ldc}.tensor();
-  c.addmm_(L.tensor(), R.tensor(), accumulate ? 1 : 0, alpha);
+  const Tensor c = View<T>{C, M, N, ldc}.tensor();
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      aoti_torch_cpu_addmm_out(c.get(), c.get(), L.tensor().get(), R.tensor().get(), accumulate ? 1 : 0, alpha));
 }
 
 // norm[c] = max |x| over vector c of an n x cols block (row mode: row c, column mode: column c).
@@ -457,7 +459,9 @@ void expm_dispatch(const T* A, const T* E, T* out, T* L, int n, Plan p, T* w) {
 #endif
 
 // The worker threads of `count` tasks.
-int64_t workers_for(int64_t count) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)); }
+int64_t workers_for(int64_t count) {
+  return std::max<int64_t>(1, std::min<int64_t>(torch::stable::get_num_threads(), count));
+}
 
 // Tasks 0..count-1, ordered by cost (most first), dealt round-robin to the workers (workers_for(count) threads).
 // Each worker calls setup(worker, tasks) once (its scratch), with flush-to-zero set; tasks(body) then runs body(t) for
@@ -465,7 +469,7 @@ int64_t workers_for(int64_t count) { return std::max<int64_t>(1, std::min<int64_
 template <typename Setup>
 void for_each_task(int64_t count, const Setup& setup) {
   const int64_t workers = workers_for(count);
-  at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+  torch::stable::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
     const hkd::FlushDenormals ftz;
     for (int64_t worker = first; worker < last; ++worker)
       setup(worker, [&](const auto& body) {
@@ -476,21 +480,25 @@ void for_each_task(int64_t count, const Setup& setup) {
 
 // ---- ops --------------------------------------------------------------------------------------------------
 // exp(A) for A (..., n, n); with grad, the adjoint of the Frechet derivative: L(A^T, grad), using the plan of A.
-at::Tensor expm_impl(const at::Tensor& A_in, const at::Tensor* grad_in) {
-  TORCH_CHECK(A_in.device().is_cpu(), "hkd::expm: expected CPU tensors");
-  at::Tensor A = hkd::dense::checked_matrices(A_in, grad_in ? "expm_backward" : "expm");
+Tensor expm_impl(const Tensor& A_in, const Tensor* grad_in) {
+  HKD_CHECK(A_in.is_cpu(), "hkd::expm: expected CPU tensors");
+  const Tensor A = hkd::dense::checked_matrices(A_in, grad_in ? "expm_backward" : "expm");
   const int n = A.size(-1);
-  at::Tensor G = grad_in ? grad_in->to(A.scalar_type()).contiguous().reshape({-1, n, n}) : at::Tensor();
-  at::Tensor out = at::empty_like(A);
+  const std::optional<Tensor> G =
+      grad_in ? std::optional<Tensor>(torch::stable::reshape(
+                    torch::stable::contiguous(hkd::to(*grad_in, A.scalar_type())), {-1, n, n}))
+              : std::nullopt;
+  const Tensor out = torch::stable::empty_like(A);
   const int64_t count = A.size(0);
-  if (count == 0 || n == 0) return out.reshape(A_in.sizes());
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "hkd_expm_cpu", [&] {
-    const scalar_t* a = A.data_ptr<scalar_t>();
-    const scalar_t* g = G.defined() ? G.data_ptr<scalar_t>() : nullptr;
-    scalar_t* o = out.data_ptr<scalar_t>();
+  if (count == 0 || n == 0) return torch::stable::reshape(out, A_in.sizes());
+  hkd::dispatch_floating(A.scalar_type(), "hkd::expm", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* a = hkd::data<scalar_t>(A);
+    const scalar_t* g = G ? hkd::data<scalar_t>(*G) : nullptr;
+    scalar_t* o = hkd::mutable_data<scalar_t>(out);
     const bool is_double = std::is_same_v<scalar_t, double>;
     const long nn = long(n) * n;
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       const hkd::FlushDenormals ftz;
       std::vector<scalar_t> work((2 * 8 + 6) * nn), expA(nn);
       scalar_t* at_ = work.data() + (2 * 8 + 4) * nn;
@@ -507,11 +515,11 @@ at::Tensor expm_impl(const at::Tensor& A_in, const at::Tensor* grad_in) {
       }
     });
   });
-  return out.reshape(A_in.sizes());
+  return torch::stable::reshape(out, A_in.sizes());
 }
 
-at::Tensor expm_cpu(const at::Tensor& A) { return expm_impl(A, nullptr); }
-at::Tensor expm_backward_cpu(const at::Tensor& A, const at::Tensor& grad) { return expm_impl(A, &grad); }
+Tensor expm_cpu(Tensor A) { return expm_impl(A, nullptr); }
+Tensor expm_backward_cpu(Tensor A, Tensor grad) { return expm_impl(A, &grad); }
 
 // ---- the action ------------------------------------------------------------------------------------------
 // Samples by substeps, most first (a block of rows then shrinks to a prefix as its samples finish), then by |tau| (the
@@ -587,60 +595,6 @@ struct Blocks {
 
 }  // namespace
 
-namespace hkd::dense {
-
-at::Tensor checked_matrices(const at::Tensor& A, const char* op) {
-  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, "hkd::", op,
-              ": expected float32 or float64, got ", A.scalar_type());
-  TORCH_CHECK(A.dim() >= 2 && A.size(-1) == A.size(-2), "hkd::", op, ": expected (..., n, n), got ", A.sizes());
-  return A.contiguous().reshape({-1, A.size(-1), A.size(-1)});
-}
-
-template <typename T>
-bool all_finite(const T* x, int64_t count) {
-  T zero = 0;  // x * 0 is NaN exactly when x is NaN or infinite
-#pragma omp simd reduction(+ : zero)
-  for (int64_t i = 0; i < count; ++i) zero += x[i] * T(0);
-  return !std::isnan(zero);
-}
-
-// Whether every entry of a contiguous float tensor is finite (on the CPU one pass, without ATen's temporaries).
-bool all_finite(const at::Tensor& x) {
-  if (!x.is_cpu()) return x.isfinite().all().item<bool>();
-  bool finite = true;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hkd_all_finite",
-                             [&] { finite = all_finite(x.data_ptr<scalar_t>(), x.numel()); });
-  return finite;
-}
-
-// The action ops' inputs, checked (any device; the caller checks it): z (B, d, P); A (d, d) shared or (P, d, d) per
-// position; tau (B,); the plan (degree m, alpha) from dense_action_plan. z, A and tau come back contiguous in z's
-// dtype; `finite` is false when alpha or an entry of A is not finite (the results are NaN then).
-ActionInputs checked_action_inputs(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau,
-                                   const at::Tensor& plan, const char* op) {
-  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, "hkd::", op,
-              ": expected float32 or float64, got ", z.scalar_type());
-  TORCH_CHECK(z.dim() == 3, "hkd::", op, ": z must be (B, d, P), got ", z.sizes());
-  const int64_t B = z.size(0), d = z.size(1), P = z.size(2);
-  const bool shared = A.dim() == 2;
-  TORCH_CHECK((shared && A.size(0) == d && A.size(1) == d) ||
-                  (A.dim() == 3 && A.size(0) == P && A.size(1) == d && A.size(2) == d),
-              "hkd::", op, ": A must be (d, d) or (P, d, d) for z ", z.sizes(), ", got ", A.sizes());
-  TORCH_CHECK(tau.dim() == 1 && tau.size(0) == B, "hkd::", op, ": tau must be (B,), got ", tau.sizes());
-  TORCH_CHECK(plan.dim() == 1 && plan.numel() == 3, "hkd::", op, ": plan must be dense_action_plan's (3,), got ",
-              plan.sizes());
-  TORCH_CHECK(A.device() == z.device() && tau.device() == z.device(), "hkd::", op, ": z, A and tau on one device");
-  const at::Tensor plan_host = plan.to(at::kCPU, at::kDouble).contiguous();
-  const double degree = plan_host.data_ptr<double>()[0], alpha = plan_host.data_ptr<double>()[1];
-  TORCH_CHECK(degree >= 1 && degree <= kMaxDegree, "hkd::", op, ": degree must be in [1, ", kMaxDegree, "], got ",
-              degree);
-  ActionInputs in{z.contiguous(), A.to(z.scalar_type()).contiguous(), tau.to(z.scalar_type()).contiguous(),
-                  int(degree), alpha, B, d, P, shared, true};
-  in.finite = alpha >= 0 && alpha <= 1e300 && (z.numel() == 0 || all_finite(in.A));
-  return in;
-}
-
-}  // namespace hkd::dense
 
 namespace {
 
@@ -666,31 +620,32 @@ std::vector<int64_t> record_offsets(const Blocks& blocks, const Schedule<T>& sch
 
 // exp(tau_b A_p) z[b, :, p]; with keep, also the record of its Taylor terms and the terms each vector took in each
 // substep (empty tensors when they would exceed kMaxRecordBytes, or when there is nothing to record).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> action_forward(const at::Tensor& z, const at::Tensor& A,
-                                                              const at::Tensor& tau, const at::Tensor& plan, bool keep,
-                                                              const char* op) {
-  TORCH_CHECK(z.device().is_cpu(), "hkd::", op, ": expected CPU tensors");
+using Triple = std::tuple<Tensor, Tensor, Tensor>;
+
+Triple action_forward(const Tensor& z, const Tensor& A, const Tensor& tau, const Tensor& plan, bool keep,
+                      const char* op) {
+  HKD_CHECK(z.is_cpu(), "hkd::", op, ": expected CPU tensors");
   const hkd::dense::ActionInputs in = hkd::dense::checked_action_inputs(z, A, tau, plan, op);
-  at::Tensor out = at::empty_like(in.z), record = at::empty({0}, in.z.options()),
-             terms = at::empty({0}, in.z.options().dtype(at::kInt));
+  Tensor out = torch::stable::empty_like(in.z), record = torch::stable::new_empty(in.z, {0}),
+         terms = torch::stable::new_empty(in.z, {0}, hkd::ScalarType::Int);
   if (out.numel() == 0) return {out, record, terms};
-  if (!in.finite) return {out.fill_(NAN), record, terms};
-  AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "hkd_dense_action_cpu", [&] {
-    using T = scalar_t;
-    const Schedule<T> sched(in.tau.data_ptr<T>(), in.B, in.degree, in.alpha);
+  if (!in.finite) return {torch::stable::fill_(out, NAN), record, terms};
+  hkd::dispatch_floating(in.z.scalar_type(), "hkd::dense_action", [&](auto tag) {
+    using T = decltype(tag);
+    const Schedule<T> sched(hkd::data<T>(in.tau), in.B, in.degree, in.alpha);
     const Blocks blocks(in.B, in.d, in.P, in.shared, sizeof(T));
     const int64_t d = in.d, size = blocks.block * d, vector = (in.degree + 1) * d;
     std::vector<int64_t> offsets;
     if (keep) {
       offsets = record_offsets(blocks, sched);
       if (offsets.back() * vector * int64_t(sizeof(T)) <= kMaxRecordBytes) {
-        record = at::empty({offsets.back() * vector}, in.z.options());
-        terms = at::empty({offsets.back()}, terms.options());
+        record = torch::stable::new_empty(in.z, {offsets.back() * vector});
+        terms = torch::stable::new_empty(terms, {offsets.back()});
       }
     }
-    const T *zp = in.z.data_ptr<T>(), *ap = in.A.data_ptr<T>();
-    T *yp = out.data_ptr<T>(), *rp = record.numel() ? record.data_ptr<T>() : nullptr;
-    int* tp = record.numel() ? terms.data_ptr<int>() : nullptr;
+    const T *zp = hkd::data<T>(in.z), *ap = hkd::data<T>(in.A);
+    T *yp = hkd::mutable_data<T>(out), *rp = record.numel() ? hkd::mutable_data<T>(record) : nullptr;
+    int* tp = record.numel() ? hkd::mutable_data<int>(terms) : nullptr;
     for_each_task(blocks.tasks, [&](int64_t, auto&& tasks) {
       Scratch<T> buf(3 * size);
       std::vector<double> norms(4 * blocks.block);
@@ -709,64 +664,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> action_forward(const at::Tensor& 
   return {out, record, terms};
 }
 
-at::Tensor dense_action_cpu(const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau, const at::Tensor& plan) {
+Tensor dense_action_cpu(Tensor z, Tensor A, Tensor tau, Tensor plan) {
   return std::get<0>(action_forward(z, A, tau, plan, false, "dense_action"));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_record_cpu(const at::Tensor& z, const at::Tensor& A,
-                                                                       const at::Tensor& tau, const at::Tensor& plan) {
+Triple dense_action_record_cpu(Tensor z, Tensor A, Tensor tau, Tensor plan) {
   return action_forward(z, A, tau, plan, true, "dense_action_record");
 }
 
 // The exact reverse of dense_action (same plan, substeps and per-vector term counts): (grad_z, grad_A, grad_tau). With
 // dense_action_record's record and terms (non-empty) it reads the forward's Taylor terms, otherwise it recomputes them.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& A, const at::Tensor& tau, const at::Tensor& plan,
-    const std::optional<at::Tensor>& record_in, const std::optional<at::Tensor>& terms_in) {
-  TORCH_CHECK(z.device().is_cpu() && grad.device().is_cpu(), "hkd::dense_action_backward: expected CPU tensors");
+Triple dense_action_backward_cpu(Tensor grad, Tensor z, Tensor A, Tensor tau, Tensor plan,
+                                 std::optional<Tensor> record_in, std::optional<Tensor> terms_in) {
+  HKD_CHECK(z.is_cpu() && grad.is_cpu(), "hkd::dense_action_backward: expected CPU tensors");
   const hkd::dense::ActionInputs in = hkd::dense::checked_action_inputs(z, A, tau, plan, "dense_action_backward");
-  TORCH_CHECK(grad.sizes() == z.sizes(), "hkd::dense_action_backward: grad must be like z ", z.sizes(), ", got ",
-              grad.sizes());
+  HKD_CHECK(hkd::same_sizes(grad.sizes(), z.sizes()), "hkd::dense_action_backward: grad must be like z ",
+            hkd::shape(z), ", got ", hkd::shape(grad));
   const bool recorded = record_in.has_value() && record_in->numel() > 0;
-  TORCH_CHECK(recorded == (terms_in.has_value() && terms_in->numel() > 0),
-              "hkd::dense_action_backward: give both or neither of dense_action_record's record and terms");
-  const at::Tensor G = grad.to(in.z.scalar_type()).contiguous();
-  at::Tensor grad_z = at::zeros_like(in.z), grad_A = at::zeros_like(in.A), grad_tau = at::zeros_like(in.tau);
+  HKD_CHECK(recorded == (terms_in.has_value() && terms_in->numel() > 0),
+            "hkd::dense_action_backward: give both or neither of dense_action_record's record and terms");
+  const Tensor G = torch::stable::contiguous(hkd::to(grad, in.z.scalar_type()));
+  Tensor grad_z = torch::stable::new_zeros(in.z, in.z.sizes()), grad_A = torch::stable::new_zeros(in.A, in.A.sizes()),
+         grad_tau = torch::stable::new_zeros(in.tau, in.tau.sizes());
   auto result = [&] {
-    return std::make_tuple(grad_z, grad_A.to(A.scalar_type()), grad_tau.to(tau.scalar_type()));
+    return std::make_tuple(grad_z, hkd::to(grad_A, A.scalar_type()), hkd::to(grad_tau, tau.scalar_type()));
   };
   if (in.z.numel() == 0) return result();
   if (!in.finite) {
-    grad_z.fill_(NAN), grad_A.fill_(NAN), grad_tau.fill_(NAN);
+    torch::stable::fill_(grad_z, NAN), torch::stable::fill_(grad_A, NAN), torch::stable::fill_(grad_tau, NAN);
     return result();
   }
-  AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "hkd_dense_action_backward_cpu", [&] {
-    using T = scalar_t;
-    const Schedule<T> sched(in.tau.data_ptr<T>(), in.B, in.degree, in.alpha);
+  hkd::dispatch_floating(in.z.scalar_type(), "hkd::dense_action_backward", [&](auto tag) {
+    using T = decltype(tag);
+    const Schedule<T> sched(hkd::data<T>(in.tau), in.B, in.degree, in.alpha);
     const Blocks blocks(in.B, in.d, in.P, in.shared, sizeof(T));
     const int64_t d = in.d, size = blocks.block * d, workers = workers_for(blocks.tasks),
                   vector = (in.degree + 1) * d;
     std::vector<int64_t> offsets;
-    at::Tensor record, terms;
+    std::optional<Tensor> record, terms;
     if (recorded) {
       offsets = record_offsets(blocks, sched);
-      record = record_in->contiguous(), terms = terms_in->contiguous();
-      TORCH_CHECK(record.scalar_type() == in.z.scalar_type() && record.numel() == offsets.back() * vector &&
-                      terms.scalar_type() == at::kInt && terms.numel() == offsets.back(),
-                  "hkd::dense_action_backward: record and terms are not dense_action_record's for these inputs");
+      record = torch::stable::contiguous(*record_in), terms = torch::stable::contiguous(*terms_in);
+      HKD_CHECK(record->scalar_type() == in.z.scalar_type() && record->numel() == offsets.back() * vector &&
+                    terms->scalar_type() == hkd::ScalarType::Int && terms->numel() == offsets.back(),
+                "hkd::dense_action_backward: record and terms are not dense_action_record's for these inputs");
     }
     // per worker: its share of grad_A and of the gradients of h
-    at::Tensor partial_A = at::zeros({workers, in.A.numel()}, in.A.options());
+    std::vector<T> partial_A(workers * in.A.numel(), T(0));
     std::vector<double> partial_h(workers * in.B, 0.0);
-    const T *zp = in.z.data_ptr<T>(), *gp = G.data_ptr<T>(), *ap = in.A.data_ptr<T>();
-    const T* rp = recorded ? record.data_ptr<T>() : nullptr;
-    const int* tp = recorded ? terms.data_ptr<int>() : nullptr;
-    T* gzp = grad_z.data_ptr<T>();
+    const T *zp = hkd::data<T>(in.z), *gp = hkd::data<T>(G), *ap = hkd::data<T>(in.A);
+    const T* rp = recorded ? hkd::data<T>(*record) : nullptr;
+    const int* tp = recorded ? hkd::data<int>(*terms) : nullptr;
+    T* gzp = hkd::mutable_data<T>(grad_z);
     for_each_task(blocks.tasks, [&](int64_t worker, auto&& tasks) {
       BackwardScratch<T> scratch(size, int(blocks.block), in.degree, !recorded);
       Scratch<T> zb(recorded ? 0 : size), gb(size);
       std::vector<double> gh(blocks.block);
-      T* ga = partial_A.data_ptr<T>() + worker * in.A.numel();
+      T* ga = partial_A.data() + worker * in.A.numel();
       double* ph = partial_h.data() + worker * in.B;
       tasks([&](int64_t t) {
         const Blocks::Task task = blocks.task(t);
@@ -781,8 +735,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(
         for (int64_t i = 0; i < (blocks.row_mode ? task.count : 1); ++i) ph[sched.order[r + i]] += gh[i];
       });
     });
-    grad_A.copy_(workers == 1 ? partial_A.view(in.A.sizes()) : partial_A.sum(0).view(in.A.sizes()));
-    T* gt = grad_tau.data_ptr<T>();
+    T* ga = hkd::mutable_data<T>(grad_A);  // the workers' shares summed in worker order
+    for (int64_t w = 0; w < workers; ++w)
+      for (int64_t i = 0; i < in.A.numel(); ++i) ga[i] = w ? ga[i] + partial_A[w * in.A.numel() + i] : partial_A[i];
+    T* gt = hkd::mutable_data<T>(grad_tau);
     for (int64_t rank = 0; rank < in.B; ++rank) {  // h = tau / s
       double sum = 0;
       for (int64_t w = 0; w < workers; ++w) sum += partial_h[w * in.B + sched.order[rank]];
@@ -794,10 +750,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_action_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hkd, CPU, m) {
-  m.impl("expm", &expm_cpu);
-  m.impl("expm_backward", &expm_backward_cpu);
-  m.impl("dense_action", &dense_action_cpu);
-  m.impl("dense_action_record", &dense_action_record_cpu);
-  m.impl("dense_action_backward", &dense_action_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(hkd, CPU, m) {
+  m.impl("expm", TORCH_BOX(&expm_cpu));
+  m.impl("expm_backward", TORCH_BOX(&expm_backward_cpu));
+  m.impl("dense_action", TORCH_BOX(&dense_action_cpu));
+  m.impl("dense_action_record", TORCH_BOX(&dense_action_record_cpu));
+  m.impl("dense_action_backward", TORCH_BOX(&dense_action_backward_cpu));
 }

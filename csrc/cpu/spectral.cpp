@@ -10,12 +10,6 @@
 // planes 2k, 2k+1 are contiguous memory.
 // The inner loops over positions vectorise (float32: cloned for AVX-512, AVX2 and baseline x86-64, chosen at load
 // time); a shared tau's rotations are computed once per (k, p) and reused for the whole batch.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -29,69 +23,17 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
+#include "inputs.h"
 #include "spectral.h"
+#include "stable.h"
 
 namespace hkd::spectral {
-
-using Inputs = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
-
-// Checks shared by the CPU and CUDA glue: the shapes, dtypes and devices every kernel relies on for memory safety.
-// Returns the inputs as contiguous tensors (the kernels index them so; a no-op for contiguous ones): strided,
-// expanded (stride 0), sliced or channels_last arguments are copied, whichever way the op is called.
-Inputs checked_inputs(at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau) {
-  TORCH_CHECK(!latents.empty(), "spectral_propagate: empty list of levels");
-  TORCH_CHECK(alphas.size() == latents.size() && betas.size() == latents.size(),
-              "spectral_propagate: ", latents.size(), " latents but ", alphas.size(), " alphas and ", betas.size(),
-              " betas");
-  const auto& z0 = latents[0];
-  TORCH_CHECK(z0.dim() >= 2, "spectral_propagate: level 0 latent must be (B, d, *S), got ", z0.sizes());
-  TORCH_CHECK(at::isFloatingType(z0.scalar_type()), "spectral_propagate: latents must be floating point");
-  const auto param_type = at::toOpMathType(z0.scalar_type());
-  const int64_t batch = z0.size(0);
-  std::vector<at::Tensor> z_out, alpha_out, beta_out;
-  for (size_t l = 0; l < latents.size(); ++l) {
-    const auto &z = latents[l], &alpha = alphas[l], &beta = betas[l];
-    TORCH_CHECK(z.dim() >= 2 && z.size(0) == batch && z.size(1) % 2 == 0, "spectral_propagate: level ", l,
-                " latent ", z.sizes(), " must be (", batch, ", even d, *S)");
-    TORCH_CHECK(z.scalar_type() == z0.scalar_type(), "spectral_propagate: level ", l, " dtype differs from level 0");
-    TORCH_CHECK(alpha.sizes() == beta.sizes() && alpha.dim() >= 1 && alpha.size(0) == z.size(1) / 2 &&
-                    (alpha.dim() == 1 || alpha.sizes().slice(1) == z.sizes().slice(2)),
-                "spectral_propagate: level ", l, " alpha ", alpha.sizes(), " and beta ", beta.sizes(),
-                " must both be (d/2,) or (d/2, *S) for the latent ", z.sizes());
-    TORCH_CHECK(alpha.scalar_type() == param_type && beta.scalar_type() == param_type, "spectral_propagate: level ",
-                l, " alpha and beta must be ", param_type);
-    for (const auto* t : {&z, &alpha, &beta})
-      TORCH_CHECK(t->device() == z0.device(), "spectral_propagate: level ", l, " tensors on different devices");
-    z_out.push_back(z.contiguous());
-    alpha_out.push_back(alpha.contiguous());
-    beta_out.push_back(beta.contiguous());
-  }
-  TORCH_CHECK(tau.scalar_type() == param_type && (tau.dim() == 0 || (tau.dim() == 1 && tau.size(0) == batch)) &&
-                  tau.device() == z0.device(),
-              "spectral_propagate: tau must be a ", param_type, " scalar or (", batch, ",) tensor on ", z0.device(),
-              ", got ", tau.sizes());
-  return {z_out, alpha_out, beta_out, tau.contiguous()};
-}
-
-// The upstream gradients of the backward, checked against the latents and made contiguous.
-std::vector<at::Tensor> checked_grads(at::TensorList grads, const std::vector<at::Tensor>& latents) {
-  TORCH_CHECK(grads.size() == latents.size(), "spectral_propagate_backward: ", grads.size(), " grads for ",
-              latents.size(), " levels");
-  std::vector<at::Tensor> out;
-  for (size_t l = 0; l < grads.size(); ++l) {
-    TORCH_CHECK(grads[l].sizes() == latents[l].sizes() && grads[l].scalar_type() == latents[l].scalar_type() &&
-                    grads[l].device() == latents[l].device(),
-                "spectral_propagate_backward: level ", l, " grad must be a tensor like its latent");
-    out.push_back(grads[l].contiguous());
-  }
-  return out;
-}
 
 namespace {
 
 template <typename scalar_t>
 struct Level {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   const scalar_t* z;
   const scalar_t* grad;  // backward only
   scalar_t* out;         // evolved latent, or its gradient in the backward
@@ -117,7 +59,7 @@ struct Unit {
     }
   }
   // the unit's alpha and beta as per-entry arrays (shared parameters broadcast over positions)
-  void parameters(at::opmath_type<scalar_t>* a, at::opmath_type<scalar_t>* w) const {
+  void parameters(opmath_t<scalar_t>* a, opmath_t<scalar_t>* w) const {
     for_each_run([&](int64_t q, int64_t n, int64_t) {
       const int64_t k = q / L.positions;
       if (L.per_position)
@@ -137,7 +79,7 @@ struct Unit {
 #endif
 
 // (x, y) -> (xo, yo) with the rotation of (a, w, t) (s, c, sn == nullptr) or the precomputed rotation (s, c, sn).
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 [[gnu::always_inline]] inline void forward_row_impl(int64_t n, acc_t t, const acc_t* __restrict__ a,
                                                     const acc_t* __restrict__ w, const acc_t* __restrict__ s,
                                                     const acc_t* __restrict__ c, const acc_t* __restrict__ sn,
@@ -156,7 +98,7 @@ template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
     }
 }
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 void forward_row(int64_t n, acc_t t, const acc_t* a, const acc_t* w, const acc_t* s, const acc_t* c, const acc_t* sn,
                  const scalar_t* x, const scalar_t* y, scalar_t* xo, scalar_t* yo) {
   forward_row_impl(n, t, a, w, s, c, sn, x, y, xo, yo);
@@ -187,7 +129,7 @@ HKD_VECTOR_CLONES void rotation_row(int64_t n, float t, const float* a, const fl
 }
 
 // One rotation for a whole row (parameters shared over positions) applied to n positions.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 [[gnu::always_inline]] inline void rotate_row_impl(int64_t n, Rotation<acc_t> r, const scalar_t* __restrict__ x,
                                                    const scalar_t* __restrict__ y, scalar_t* __restrict__ xo,
                                                    scalar_t* __restrict__ yo) {
@@ -197,7 +139,7 @@ template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
     xo[i] = xe, yo[i] = ye;
   }
 }
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 void rotate_row(int64_t n, Rotation<acc_t> r, const scalar_t* x, const scalar_t* y, scalar_t* xo, scalar_t* yo) {
   rotate_row_impl(n, r, x, y, xo, yo);
 }
@@ -208,7 +150,7 @@ HKD_VECTOR_CLONES void rotate_row(int64_t n, Rotation<float> r, const float* x, 
 
 // Backward of one row: the latents' gradient (Latents), and (Terms) the parameter gradients accumulated into
 // ga, gw and the d/dtau terms into gt (Tau).
-template <bool Latents, bool Terms, bool Tau, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <bool Latents, bool Terms, bool Tau, typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 [[gnu::always_inline]] inline void backward_row_impl(int64_t n, acc_t t, const acc_t* __restrict__ a,
                                                      const acc_t* __restrict__ w, const scalar_t* __restrict__ x,
                                                      const scalar_t* __restrict__ y, const scalar_t* __restrict__ gx,
@@ -231,7 +173,7 @@ template <bool Latents, bool Terms, bool Tau, typename scalar_t, typename acc_t 
   }
 }
 
-template <bool Latents, bool Terms, bool Tau, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <bool Latents, bool Terms, bool Tau, typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 void backward_row(int64_t n, acc_t t, const acc_t* a, const acc_t* w, const scalar_t* x, const scalar_t* y,
                   const scalar_t* gx, const scalar_t* gy, scalar_t* gxo, scalar_t* gyo, acc_t* ga, acc_t* gw,
                   acc_t* gt) {
@@ -255,9 +197,9 @@ HKD_BACKWARD_ROW_FLOAT(false, true, true)
 // Forward of the elements [e0, e1) of one level's (b, k, p) space, e = (b pairs + k) P + p. S: the (scale, cos,
 // sin) planes, pairs P values each, of a shared tau's rotations per (k, p) (per-position parameters), or null.
 template <typename scalar_t>
-void forward_range(const Level<scalar_t>& L, int64_t e0, int64_t e1, const at::opmath_type<scalar_t>* tau,
-                   bool per_sample_tau, const at::opmath_type<scalar_t>* S) {
-  using acc_t = at::opmath_type<scalar_t>;
+void forward_range(const Level<scalar_t>& L, int64_t e0, int64_t e1, const opmath_t<scalar_t>* tau,
+                   bool per_sample_tau, const opmath_t<scalar_t>* S) {
+  using acc_t = opmath_t<scalar_t>;
   const int64_t P = L.positions, m = L.pairs * P;
   const acc_t* none = nullptr;
   for (int64_t e = e0; e < e1;) {
@@ -280,9 +222,9 @@ void forward_range(const Level<scalar_t>& L, int64_t e0, int64_t e1, const at::o
 
 // Backward of one unit. tau_partial: this unit's row of per-sample (or, for a shared tau, one) d/dtau sums.
 template <bool Latents, bool Terms, bool Tau, typename scalar_t>
-void backward_unit(const Unit<scalar_t>& u, int64_t batch, const at::opmath_type<scalar_t>* tau, bool per_sample_tau,
-                   at::opmath_type<scalar_t>* tau_partial) {
-  using acc_t = at::opmath_type<scalar_t>;
+void backward_unit(const Unit<scalar_t>& u, int64_t batch, const opmath_t<scalar_t>* tau, bool per_sample_tau,
+                   opmath_t<scalar_t>* tau_partial) {
+  using acc_t = opmath_t<scalar_t>;
   const auto& L = u.L;
   const int64_t m = u.q1 - u.q0, P = L.positions, plane = 2 * L.pairs * P;
   std::vector<acc_t> buffer(5 * m);  // alpha, beta; their gradients; d/dtau terms
@@ -317,13 +259,13 @@ struct Schedule {
   Schedule(const std::vector<Level<scalar_t>>& levels, int64_t batch) : first{0} {
     int64_t total = 0;
     for (const auto& L : levels) total += L.pairs * L.positions;
-    size = std::clamp<int64_t>(total / (8 * at::get_num_threads()), 1024, 16384);
+    size = std::clamp<int64_t>(total / (8 * int64_t(torch::stable::get_num_threads())), 1024, 16384);
     for (const auto& L : levels) first.push_back(first.back() + (batch ? (L.pairs * L.positions + size - 1) / size : 0));
   }
   int64_t total() const { return first.back(); }
   template <typename F>
   void run(const std::vector<Level<scalar_t>>& levels, F&& f) const {
-    at::parallel_for(0, total(), 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, total(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t l = std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1;
         const int64_t q0 = (i - first[l]) * size;
@@ -334,38 +276,38 @@ struct Schedule {
   }
 };
 
-int64_t positions_of(const at::Tensor& z) { return c10::multiply_integers(z.sizes().slice(2)); }
-
 // A large fresh output, advised to use transparent huge pages (only a hint, as PyTorch's THP_MEM_ALLOC_ENABLE=1
-// gives), so that its first touch faults in 2 MB pages rather than 4 KB ones. Page faults, not arithmetic, dominate
-// a fresh output of hundreds of MB: on the 2-core test machine W's outputs (88 MB) paged in 2.4x faster.
-at::Tensor empty_output(const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like);
+// gives), so that its first touch faults in 2 MB pages rather than 4 KB ones: page faults, not arithmetic, dominate a
+// fresh output of hundreds of MB.
+Tensor empty_output(const Tensor& like) {
+  Tensor out = torch::stable::empty_like(like);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t huge = uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr()), bytes = static_cast<uintptr_t>(out.nbytes());
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr()),
+                 bytes = static_cast<uintptr_t>(out.numel()) * out.element_size();
   const uintptr_t first = (begin + huge - 1) & ~(huge - 1), last = (begin + bytes) & ~(huge - 1);
   if (bytes >= 2 * huge && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
   return out;
 }
 
-std::vector<at::Tensor> forward_cpu(at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
-                                    const at::Tensor& tau_in) {
-  std::vector<at::Tensor> latents, alphas, betas;
-  at::Tensor tau;
-  std::tie(latents, alphas, betas, tau) = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
-  std::vector<at::Tensor> out;
+std::vector<Tensor> forward_cpu(std::vector<Tensor> latents_in, std::vector<Tensor> alphas_in,
+                                std::vector<Tensor> betas_in, Tensor tau_in) {
+  const Inputs in = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
+  const auto &latents = in.latents, &alphas = in.alphas, &betas = in.betas;
+  const Tensor& tau = in.tau;
+  std::vector<Tensor> out;
   for (const auto& z : latents) out.push_back(empty_output(z));
-  const int64_t batch = latents[0].size(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, latents[0].scalar_type(), "spectral_propagate", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = in.batch;
+  dispatch_floating<true>(latents[0].scalar_type(), "spectral_propagate", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = opmath_t<scalar_t>;
     std::vector<Level<scalar_t>> levels;
     for (size_t l = 0; l < latents.size(); ++l)
-      levels.push_back({latents[l].const_data_ptr<scalar_t>(), nullptr, out[l].mutable_data_ptr<scalar_t>(),
-                        alphas[l].const_data_ptr<acc_t>(), betas[l].const_data_ptr<acc_t>(), nullptr, nullptr,
+      levels.push_back({data<scalar_t>(latents[l]), nullptr, mutable_data<scalar_t>(out[l]),
+                        data<acc_t>(alphas[l]), data<acc_t>(betas[l]), nullptr, nullptr,
                         latents[l].size(1) / 2, positions_of(latents[l]), alphas[l].dim() > 1});
-    const acc_t* t = tau.const_data_ptr<acc_t>();
+    const acc_t* t = data<acc_t>(tau);
     const bool per_sample_tau = tau.dim() == 1;
     // a shared tau: the rotations of each (k, p) once, as (scale, cos, sin) planes, reused for the whole batch
     std::vector<std::vector<acc_t>> tables(levels.size());
@@ -376,13 +318,13 @@ std::vector<at::Tensor> forward_cpu(at::TensorList latents_in, at::TensorList al
       if (!per_sample_tau && L.per_position && batch > 1) {
         tables[l].resize(3 * m);
         acc_t* S = tables[l].data();
-        at::parallel_for(0, m, 4096, [&](int64_t q0, int64_t q1) {
+        torch::stable::parallel_for(0, m, 4096, [&](int64_t q0, int64_t q1) {
           rotation_row(q1 - q0, t[0], L.alpha + q0, L.beta + q0, S + q0, S + m + q0, S + 2 * m + q0);
         });
       }
       first.push_back(first.back() + batch * m);
     }
-    at::parallel_for(0, first.back(), 16384, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, first.back(), 16384, [&](int64_t begin, int64_t end) {
       for (size_t l = 0; l < levels.size(); ++l) {
         const int64_t e0 = std::max(begin, first[l]), e1 = std::min(end, first[l + 1]);
         if (e0 < e1)
@@ -394,42 +336,44 @@ std::vector<at::Tensor> forward_cpu(at::TensorList latents_in, at::TensorList al
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> backward_cpu(
-    at::TensorList grads_in, at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
-    const at::Tensor& tau_in, bool need_latents, bool need_params, bool need_tau) {
-  std::vector<at::Tensor> latents, alphas, betas;
-  at::Tensor tau;
-  std::tie(latents, alphas, betas, tau) = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
+using Gradients = std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, Tensor>;
+
+Gradients backward_cpu(std::vector<Tensor> grads_in, std::vector<Tensor> latents_in, std::vector<Tensor> alphas_in,
+                       std::vector<Tensor> betas_in, Tensor tau_in, bool need_latents, bool need_params,
+                       bool need_tau) {
+  const Inputs in = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
+  const auto &latents = in.latents, &alphas = in.alphas, &betas = in.betas;
+  const Tensor& tau = in.tau;
   const auto grads = checked_grads(grads_in, latents);
-  const int64_t batch = latents[0].size(0);
-  std::vector<at::Tensor> grad_latents, grad_alphas, grad_betas;
-  at::Tensor grad_tau = tau.new_empty({0});
+  const int64_t batch = in.batch;
+  std::vector<Tensor> grad_latents, grad_alphas, grad_betas;
+  Tensor grad_tau = torch::stable::new_empty(tau, {0});
   if (!need_latents && !need_params && !need_tau) return {grad_latents, grad_alphas, grad_betas, grad_tau};
   const bool need_terms = need_params || need_tau;
   for (size_t l = 0; l < latents.size(); ++l) {
     if (need_latents) grad_latents.push_back(empty_output(latents[l]));
     if (need_params) {  // per position; shared parameters sum over positions below
-      grad_alphas.push_back(at::zeros({alphas[l].size(0), positions_of(latents[l])}, alphas[l].options()));
-      grad_betas.push_back(at::zeros({betas[l].size(0), positions_of(latents[l])}, betas[l].options()));
+      grad_alphas.push_back(torch::stable::new_zeros(alphas[l], {alphas[l].size(0), positions_of(latents[l])}));
+      grad_betas.push_back(torch::stable::new_zeros(betas[l], {betas[l].size(0), positions_of(latents[l])}));
     }
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, latents[0].scalar_type(), "spectral_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  dispatch_floating<true>(latents[0].scalar_type(), "spectral_propagate_backward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = opmath_t<scalar_t>;
     std::vector<Level<scalar_t>> levels;
     for (size_t l = 0; l < latents.size(); ++l)
-      levels.push_back({latents[l].const_data_ptr<scalar_t>(), grads[l].const_data_ptr<scalar_t>(),
-                        need_latents ? grad_latents[l].mutable_data_ptr<scalar_t>() : nullptr,
-                        alphas[l].const_data_ptr<acc_t>(), betas[l].const_data_ptr<acc_t>(),
-                        need_params ? grad_alphas[l].mutable_data_ptr<acc_t>() : nullptr,
-                        need_params ? grad_betas[l].mutable_data_ptr<acc_t>() : nullptr, latents[l].size(1) / 2,
+      levels.push_back({data<scalar_t>(latents[l]), data<scalar_t>(grads[l]),
+                        need_latents ? mutable_data<scalar_t>(grad_latents[l]) : nullptr, data<acc_t>(alphas[l]),
+                        data<acc_t>(betas[l]), need_params ? mutable_data<acc_t>(grad_alphas[l]) : nullptr,
+                        need_params ? mutable_data<acc_t>(grad_betas[l]) : nullptr, latents[l].size(1) / 2,
                         positions_of(latents[l]), alphas[l].dim() > 1});
     const Schedule<scalar_t> schedule(levels, batch);
     const bool per_sample_tau = tau.dim() == 1;
     // one row of d/dtau partial sums per unit, summed in a fixed order afterwards: deterministic
-    at::Tensor tau_partial = at::zeros({need_tau ? schedule.total() : 0, per_sample_tau ? batch : 1}, tau.options());
-    const acc_t* t = tau.const_data_ptr<acc_t>();
+    Tensor tau_partial = torch::stable::new_zeros(tau, {need_tau ? schedule.total() : 0, per_sample_tau ? batch : 1});
+    const acc_t* t = data<acc_t>(tau);
     schedule.run(levels, [&](int64_t i, const Unit<scalar_t>& u) {
-      acc_t* row = need_tau ? tau_partial.mutable_data_ptr<acc_t>() + i * tau_partial.size(1) : nullptr;
+      acc_t* row = need_tau ? mutable_data<acc_t>(tau_partial) + i * tau_partial.size(1) : nullptr;
       if (need_latents && !need_terms)
         backward_unit<true, false, false>(u, batch, t, per_sample_tau, row);
       else if (need_latents && !need_tau)
@@ -441,19 +385,25 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
       else
         backward_unit<false, true, true>(u, batch, t, per_sample_tau, row);
     });
-    if (need_tau) grad_tau = per_sample_tau ? tau_partial.sum(0) : tau_partial.sum();
+    if (need_tau)
+      grad_tau = per_sample_tau ? torch::stable::sum(tau_partial, std::vector<int64_t>{0})
+                                : torch::stable::sum(tau_partial, std::vector<int64_t>{0, 1});
   });
   if (need_params)
     for (size_t l = 0; l < latents.size(); ++l)
-      if (alphas[l].dim() == 1) grad_alphas[l] = grad_alphas[l].sum(1), grad_betas[l] = grad_betas[l].sum(1);
-      else grad_alphas[l] = grad_alphas[l].view(alphas[l].sizes()), grad_betas[l] = grad_betas[l].view(betas[l].sizes());
+      if (alphas[l].dim() == 1)
+        grad_alphas[l] = torch::stable::sum(grad_alphas[l], std::vector<int64_t>{1}),
+        grad_betas[l] = torch::stable::sum(grad_betas[l], std::vector<int64_t>{1});
+      else
+        grad_alphas[l] = torch::stable::view(grad_alphas[l], alphas[l].sizes()),
+        grad_betas[l] = torch::stable::view(grad_betas[l], betas[l].sizes());
   return {grad_latents, grad_alphas, grad_betas, grad_tau};
 }
 
 }  // namespace
 }  // namespace hkd::spectral
 
-TORCH_LIBRARY_IMPL(hkd, CPU, m) {
-  m.impl("spectral_propagate", &hkd::spectral::forward_cpu);
-  m.impl("spectral_propagate_backward", &hkd::spectral::backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(hkd, CPU, m) {
+  m.impl("spectral_propagate", TORCH_BOX(&hkd::spectral::forward_cpu));
+  m.impl("spectral_propagate_backward", TORCH_BOX(&hkd::spectral::backward_cpu));
 }

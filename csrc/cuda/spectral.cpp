@@ -1,41 +1,31 @@
-// TORCH_LIBRARY_IMPL(hkd, CUDA): tensors in, the torch-free launchers of csrc/cuda/spectral.cu out.
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// STABLE_TORCH_LIBRARY_IMPL(hkd, CUDA): tensors in, the torch-free launchers of csrc/cuda/spectral.cu out.
 #include <cuda_runtime_api.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 #include <vector>
 
+#include "inputs.h"
 #include "spectral.h"
+#include "stable.h"
 
 namespace hkd::spectral {
-
-// defined in csrc/cpu/spectral.cpp: the checks, and the inputs as contiguous tensors (the kernels index them so)
-using Inputs = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
-Inputs checked_inputs(at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau);
-std::vector<at::Tensor> checked_grads(at::TensorList grads, const std::vector<at::Tensor>& latents);
-
 namespace {
 
-cuda::DType dtype_of(const at::Tensor& z) {
+cuda::DType dtype_of(const Tensor& z) {
   switch (z.scalar_type()) {
-    case at::kFloat: return cuda::kFloat32;
-    case at::kDouble: return cuda::kFloat64;
-    case at::kHalf: return cuda::kFloat16;
-    case at::kBFloat16: return cuda::kBFloat16;
-    default: TORCH_CHECK(false, "spectral_propagate: unsupported latent dtype ", z.scalar_type());
+    case ScalarType::Float: return cuda::kFloat32;
+    case ScalarType::Double: return cuda::kFloat64;
+    case ScalarType::Half: return cuda::kFloat16;
+    case ScalarType::BFloat16: return cuda::kBFloat16;
+    default: HKD_CHECK(false, "spectral_propagate: unsupported latent dtype ", name(z.scalar_type()));
   }
+  return cuda::kFloat32;
 }
 
-int64_t positions_of(const at::Tensor& z) { return c10::multiply_integers(z.sizes().slice(2)); }
-
 // The levels [begin, end) as launch arguments.
-cuda::Args make_args(at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau,
-                     size_t begin, size_t end) {
+cuda::Args make_args(const std::vector<Tensor>& latents, const std::vector<Tensor>& alphas,
+                     const std::vector<Tensor>& betas, const Tensor& tau, size_t begin, size_t end) {
   cuda::Args args{};
   args.levels = static_cast<int>(end - begin);
   args.batch = latents[0].size(0);
@@ -54,54 +44,55 @@ cuda::Args make_args(at::TensorList latents, at::TensorList alphas, at::TensorLi
 }
 
 void check_launch(int error) {
-  TORCH_CHECK(error == 0, "spectral_propagate: CUDA error: ", cudaGetErrorString(cudaError_t(error)));
+  HKD_CHECK(error == 0, "spectral_propagate: CUDA error: ", cudaGetErrorString(cudaError_t(error)));
 }
 
-std::vector<at::Tensor> forward_cuda(at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
-                                     const at::Tensor& tau_in) {
-  std::vector<at::Tensor> latents, alphas, betas;
-  at::Tensor tau;
-  std::tie(latents, alphas, betas, tau) = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
-  const c10::cuda::CUDAGuard guard(latents[0].device());
-  std::vector<at::Tensor> out;
-  for (const auto& z : latents) out.push_back(at::empty_like(z));
+std::vector<Tensor> forward_cuda(std::vector<Tensor> latents_in, std::vector<Tensor> alphas_in,
+                                 std::vector<Tensor> betas_in, Tensor tau_in) {
+  const Inputs in = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
+  const auto &latents = in.latents, &alphas = in.alphas, &betas = in.betas;
+  const Tensor& tau = in.tau;
+  const torch::stable::accelerator::DeviceGuard guard(latents[0].get_device_index());
+  std::vector<Tensor> out;
+  for (const auto& z : latents) out.push_back(torch::stable::empty_like(z));
   for (size_t begin = 0; begin < latents.size(); begin += cuda::kMaxLevels) {
     const size_t end = std::min(latents.size(), begin + cuda::kMaxLevels);
     cuda::Args args = make_args(latents, alphas, betas, tau, begin, end);
     for (size_t l = begin; l < end; ++l) args.level[l - begin].out = out[l].mutable_data_ptr();
     cuda::plan_blocks(args, false);
-    check_launch(cuda::launch_forward(args, dtype_of(latents[0]), c10::cuda::getCurrentCUDAStream().stream()));
+    check_launch(cuda::launch_forward(args, dtype_of(latents[0]), current_cuda_stream(latents[0])));
   }
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> backward_cuda(
-    at::TensorList grads_in, at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
-    const at::Tensor& tau_in, bool need_latents, bool need_params, bool need_tau) {
-  std::vector<at::Tensor> latents, alphas, betas;
-  at::Tensor tau;
-  std::tie(latents, alphas, betas, tau) = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, Tensor> backward_cuda(
+    std::vector<Tensor> grads_in, std::vector<Tensor> latents_in, std::vector<Tensor> alphas_in,
+    std::vector<Tensor> betas_in, Tensor tau_in, bool need_latents, bool need_params, bool need_tau) {
+  const Inputs in = checked_inputs(latents_in, alphas_in, betas_in, tau_in);
+  const auto &latents = in.latents, &alphas = in.alphas, &betas = in.betas;
+  const Tensor& tau = in.tau;
   const auto grads = checked_grads(grads_in, latents);
-  const c10::cuda::CUDAGuard guard(latents[0].device());
-  const int64_t batch = latents[0].size(0);
+  const torch::stable::accelerator::DeviceGuard guard(latents[0].get_device_index());
+  const int64_t batch = in.batch;
   const bool need_terms = need_params || need_tau;
-  std::vector<at::Tensor> grad_latents, grad_alphas, grad_betas;
-  at::Tensor grad_tau = need_tau ? at::zeros_like(tau) : tau.new_empty({0});
+  std::vector<Tensor> grad_latents, grad_alphas, grad_betas;
+  Tensor grad_tau = need_tau ? torch::stable::new_zeros(tau, tau.sizes()) : torch::stable::new_empty(tau, {0});
   if (need_latents)
-    for (const auto& z : latents) grad_latents.push_back(at::empty_like(z));
+    for (const auto& z : latents) grad_latents.push_back(torch::stable::empty_like(z));
   // Split the batch into slices when the (k, p) entries alone would leave the GPU underfilled.
   int64_t entries = 0;
   for (const auto& z : latents) entries += z.size(1) / 2 * positions_of(z);
   int sms = 0;
-  check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, latents[0].get_device()));
+  check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, latents[0].get_device_index()));
   const int chunks = cuda::backward_chunks(entries, batch, sms);
-  std::vector<at::Tensor> partial_alphas, partial_betas;
+  std::vector<Tensor> partial_alphas, partial_betas;
   if (need_params)
     for (size_t l = 0; l < latents.size(); ++l) {
       // every slice's threads write all their entries; with B = 0 there is no launch
-      const auto shape = std::vector<int64_t>{chunks, alphas[l].size(0), positions_of(latents[l])};
-      partial_alphas.push_back(batch ? at::empty(shape, alphas[l].options()) : at::zeros(shape, alphas[l].options()));
-      partial_betas.push_back(at::empty_like(partial_alphas.back()));
+      const auto sizes = std::vector<int64_t>{chunks, alphas[l].size(0), positions_of(latents[l])};
+      partial_alphas.push_back(batch ? torch::stable::new_empty(alphas[l], sizes)
+                                     : torch::stable::new_zeros(alphas[l], sizes));
+      partial_betas.push_back(torch::stable::empty_like(partial_alphas.back()));
     }
   for (size_t begin = 0; begin < latents.size() && (need_latents || need_terms); begin += cuda::kMaxLevels) {
     const size_t end = std::min(latents.size(), begin + cuda::kMaxLevels);
@@ -114,20 +105,25 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
       L.grad_beta = need_params ? partial_betas[l].mutable_data_ptr() : nullptr;
     }
     const int64_t blocks = cuda::plan_blocks(args, true);
-    at::Tensor tau_partial;
+    std::optional<Tensor> tau_partial;
     if (need_tau) {  // every (slice, warp) row writes only its slice's samples: start from zeros
-      tau_partial = at::zeros({chunks, blocks * (cuda::kBackwardThreads / 32), batch}, tau.options());
-      args.tau_partial = tau_partial.mutable_data_ptr();
+      tau_partial = torch::stable::new_zeros(tau, {chunks, blocks * (cuda::kBackwardThreads / 32), batch});
+      args.tau_partial = tau_partial->mutable_data_ptr();
     }
     check_launch(cuda::launch_backward(args, dtype_of(latents[0]), need_latents, need_terms, chunks,
-                                       c10::cuda::getCurrentCUDAStream().stream()));
-    if (need_tau) grad_tau += tau.dim() == 1 ? tau_partial.sum({0, 1}) : tau_partial.sum();
+                                       current_cuda_stream(latents[0])));
+    if (need_tau) {
+      const Tensor sum = tau.dim() == 1 ? torch::stable::sum(*tau_partial, std::vector<int64_t>{0, 1})
+                                        : torch::stable::sum(*tau_partial, std::vector<int64_t>{0, 1, 2});
+      grad_tau = torch::stable::subtract(grad_tau, sum, -1.0);  // grad_tau + sum
+    }
   }
   if (need_params)
     for (size_t l = 0; l < latents.size(); ++l) {
       const bool shared = alphas[l].dim() == 1;
-      const auto reduce = [&](const at::Tensor& partial) {  // over batch slices (and positions when shared)
-        return shared ? partial.sum(at::IntArrayRef{0, 2}) : partial.sum(0).view(alphas[l].sizes());
+      const auto reduce = [&](const Tensor& partial) {  // over batch slices (and positions when shared)
+        return shared ? torch::stable::sum(partial, std::vector<int64_t>{0, 2})
+                      : torch::stable::view(torch::stable::sum(partial, std::vector<int64_t>{0}), alphas[l].sizes());
       };
       grad_alphas.push_back(reduce(partial_alphas[l]));
       grad_betas.push_back(reduce(partial_betas[l]));
@@ -138,7 +134,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
 }  // namespace
 }  // namespace hkd::spectral
 
-TORCH_LIBRARY_IMPL(hkd, CUDA, m) {
-  m.impl("spectral_propagate", &hkd::spectral::forward_cuda);
-  m.impl("spectral_propagate_backward", &hkd::spectral::backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(hkd, CUDA, m) {
+  m.impl("spectral_propagate", TORCH_BOX(&hkd::spectral::forward_cuda));
+  m.impl("spectral_propagate_backward", TORCH_BOX(&hkd::spectral::backward_cuda));
 }
