@@ -416,10 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the whole pipeline on the embedded digits: teacher, trajectories, HKD, eval, analysis, edit, report",
-        description="Train an EDM teacher on the embedded digits, write its trajectories, train HKD and the one-step "
-        "baseline, evaluate, analyse the spectrum, edit, and write OUT/report.md. Finished stages are skipped on a "
-        "re-run. About 15 minutes on 2 CPU cores (--quick: under a minute; --quality: about 70 minutes).",
+        help="the whole pipeline on embedded data (digits, or --config photos): teacher, trajectories, HKD, eval, "
+        "analysis, edit, report",
+        description="Train an EDM teacher on the embedded digits (or, with --config photos, patches of scikit-image's "
+        "colour photographs), write its trajectories, train HKD and the one-step baseline, evaluate, analyse the "
+        "spectrum, edit, and write OUT/report.md. Finished stages are skipped on a re-run. About 15 minutes on 2 CPU "
+        "cores (--quick: under a minute; --quality: about 70 minutes); photos: the ablation too, estimated 20 minutes.",
     )
     p.add_argument("--out", default="runs/demo", help="folder for every stage and the report (default: runs/demo)")
     p.add_argument(
