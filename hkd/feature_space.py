@@ -85,6 +85,9 @@ def train_classifier(build: Callable[[], nn.Module], images: Tensor, labels: Ten
     return model.eval().requires_grad_(False)
 
 
+TRAINER_SOURCE = inspect.getsource(train_classifier)  # part of every cached classifier's recipe
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("HKD_CACHE_DIR") or Path.home() / ".cache" / "hkd")
 
@@ -152,7 +155,7 @@ def photos_classifier(resolution: int = 16) -> PatchClassifier:
         from hkd.data import photos
 
         images, labels = photos.load(resolution, PHOTO_PATCHES, seed=PHOTO_SEED)
-        source = inspect.getsource(PatchClassifier) + inspect.getsource(train_classifier)  # what fixes the weights
+        source = inspect.getsource(PatchClassifier) + TRAINER_SOURCE  # what fixes the weights
         key = recipe(images.numpy().tobytes(), f"{source}{PHOTO_EPOCHS}".encode())
         path = cache_dir() / f"photos_classifier_{resolution}_{key}.pt"
         classes = len(photos.SOURCES) * photos.ROW_BANDS

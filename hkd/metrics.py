@@ -276,10 +276,11 @@ _CLASSIFIER: DigitsClassifier | None = None
 
 def classifier_cache() -> Path:
     """The classifier's cache file: its name covers the recipe and the exact pixels it was trained on."""
-    from hkd.feature_space import cache_dir, recipe
+    from hkd.feature_space import TRAINER_SOURCE, cache_dir, recipe
 
     images, _ = digits_dataset()
-    return cache_dir() / f"digits_classifier_{recipe(images.numpy().tobytes(), Path(__file__).read_bytes())}.pt"
+    key = recipe(images.numpy().tobytes(), Path(__file__).read_bytes(), TRAINER_SOURCE.encode())
+    return cache_dir() / f"digits_classifier_{key}.pt"
 
 
 def digits_classifier() -> DigitsClassifier:

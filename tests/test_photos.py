@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from hkd import config
+from hkd import checkpoint, config
 from hkd.data import DataConfig, examples, load_dataset, photos
 
 
@@ -81,7 +81,7 @@ def test_photos_config_and_dataset():
 
 def test_photos_feature_space_tells_real_patches_from_corrupted_ones(monkeypatch, tmp_path):
     """A reduced recipe (fewer patches and epochs): the Frechet distance in its space ranks real training patches
-    below held-out ones below blurred ones below noise, and the cache is reused."""
+    below blurred ones below gray ones below noise, and the cache is reused, or replaced when foreign."""
     from hkd import feature_space
 
     monkeypatch.setenv("HKD_CACHE_DIR", str(tmp_path))
@@ -94,12 +94,20 @@ def test_photos_feature_space_tells_real_patches_from_corrupted_ones(monkeypatch
     assert accuracy["train"] > 0.2 and accuracy["test"] > 0.08  # chance: 1/27
     real = photos.load(16, 400, seed=9)[0]
     blurred = torch.nn.functional.avg_pool2d(real, 3, 1, 1, count_include_pad=False)
-    distances = [space.distance(x) for x in (real, blurred, torch.randn(400, 3, 16, 16))]
-    assert distances == sorted(distances) and distances[0] < 0.5 * distances[1], distances
+    gray = real.mean(1, keepdim=True).expand_as(real)
+    distances = [space.distance(x) for x in (real, blurred, gray, torch.randn(400, 3, 16, 16))]
+    assert distances == sorted(distances) and distances[0] < 0.2 * distances[2], distances
     assert len(list(tmp_path.glob("photos_classifier_16_*.pt"))) == 1
     monkeypatch.setattr(feature_space, "_PHOTOS", {})
     monkeypatch.setattr(feature_space, "train_classifier", lambda *a, **k: pytest.fail("retrained"))
     assert feature_space.space_for((3, 16, 16)).distance(real) == pytest.approx(distances[0])
+    # a foreign cache file (here: not a checkpoint at all) is replaced by a retrained classifier, never unpickled
+    (cache,) = tmp_path.glob("photos_classifier_16_*.pt")
+    cache.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(feature_space, "_PHOTOS", {})
+    monkeypatch.setattr(feature_space, "train_classifier", lambda build, *a, **k: build().eval().requires_grad_(False))
+    feature_space.photos_classifier(16)
+    assert set(checkpoint.load(cache)["model"]) == set(feature_space.photos_classifier(16).state_dict())
     assert feature_space.space_for((3, 32, 32)) is None  # CIFAR-10's shape: FID, unless asked for
 
 
