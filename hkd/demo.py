@@ -63,7 +63,7 @@ QUICK = [
 
 # Each embedded config's demo: (title, the data in one sentence, its scale on top of DEMO, whether the plain demo
 # runs the ablation). The photos' budget, 15 epochs (465 steps), leaves room for the ablation's two other runs in
-# its 20 minutes on 2 idle CPU cores.
+# its 20 minutes on 2 idle CPU cores (estimated from the digits demo's idle stage times, not measured).
 CONFIGS = {
     "digits": (
         "the embedded digits",
