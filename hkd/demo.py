@@ -132,6 +132,10 @@ def run(
     if config not in CONFIGS:
         raise UserError(f"--config {config!r}: the demo runs on {' or '.join(CONFIGS)}")
     name = config
+    if name == "photos":  # scikit-image (hkd[photos]) before any work
+        from hkd.data.photos import data_dir
+
+        data_dir()
     config = settings(out, quick, list(overrides), quality, name)
     device = configs.choose_device(device, "--device")
     config = configs.validate(configs.apply_overrides(config, [f"train.device={device.type}"]))

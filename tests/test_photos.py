@@ -66,6 +66,17 @@ def test_held_out_patches_never_touch_a_training_column(monkeypatch):
     assert photos.load(16, 200, split="train")[0][:, 0].max() > (cut - 1) / 199
 
 
+def test_without_scikit_image_the_photos_demo_stops_in_one_line(monkeypatch, tmp_path, capsys):
+    from hkd.cli import main
+
+    monkeypatch.setitem(sys.modules, "skimage", None)  # import skimage then fails, as when it is not installed
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    assert main(["demo", "--config", "photos", "--quick", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'hkd[photos]'" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()  # refused before any work
+
+
 def test_photos_config_and_dataset():
     cfg = config.load("photos")
     assert cfg["data"] == {"name": "photos", "resolution": 16, "channels": 3, "patches": 20000}

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hkd.errors import MissingExtraError
+
 # name -> file in skimage.data's folder (skimage.data.<name>() reads the same file)
 SOURCES = {
     "astronaut": "astronaut.png",
@@ -43,7 +45,7 @@ def data_dir() -> Path:
     try:
         import skimage.data
     except ImportError:
-        raise ImportError(
+        raise MissingExtraError(
             "the photos dataset needs scikit-image (its bundled photographs): pip install 'hkd[photos]'"
         ) from None
     return Path(skimage.data.__file__).parent
