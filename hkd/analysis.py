@@ -156,8 +156,14 @@ def band_correspondence(model, noise: Tensor) -> dict[str, dict]:
         for b in BANDS:
             kept = project(model.propagator, z, b, reading=reading)
             contribution = full - model.decode([a - k for a, k in zip(z, kept, strict=True)], x_T)
-            bands[b] = spectrum_summary(radial_power_spectrum(model.decode(kept, x_T)))
-            bands[b]["contribution_centroid"] = spectrum_summary(radial_power_spectrum(contribution))["centroid"]
+            spectrum, contribution_spectrum = (
+                radial_power_spectrum(model.decode(kept, x_T)),
+                radial_power_spectrum(contribution),
+            )
+            bands[b] = spectrum_summary(spectrum)
+            bands[b]["contribution_centroid"] = spectrum_summary(contribution_spectrum)["centroid"]
+            bands[b]["spectrum"] = figures.to_list(spectrum)
+            bands[b]["contribution_spectrum"] = figures.to_list(contribution_spectrum)
         out[reading] = {
             **bands,
             "spread": bands["high"]["centroid"] - bands["low"]["centroid"],
@@ -233,6 +239,13 @@ def analyze(model, noise: Tensor, out_dir: str | Path, *, num_times: int = 12) -
     )
     summary["readings"] = band_correspondence(model, noise)
     report += "\n" + correspondence_table(summary["readings"], propagator.band_reading)
+    for reading, bands in summary["readings"].items():  # the spectra of the bands under each reading
+        spectra = {"full": spectra["full"]}
+        for b in BANDS:
+            spectra[f"{b} decode"] = torch.tensor(bands[b]["spectrum"], dtype=torch.float64)
+            spectra[f"{b} contribution"] = torch.tensor(bands[b]["contribution_spectrum"], dtype=torch.float64)
+        title = f"Bands by {'alpha' if reading == 'alpha' else '|beta|'}: decodes (solid), contributions (dashed)"
+        written.append(plot_spectra(spectra, out_dir / f"power_spectrum_{reading}.png", title))
     written.append(figures.atomic_write(out_dir / "analysis.md", report))
     written.append(figures.write_json(out_dir / "analysis.json", summary))
     summary["written"] = [str(p) for p in written]
@@ -338,7 +351,7 @@ def plot_cumulative(times: Tensor, effect: dict[str, Tensor], path: Path) -> Pat
     return figures.save_figure(fig, path)
 
 
-def plot_spectra(spectra: dict[str, Tensor], path: Path) -> Path:
+def plot_spectra(spectra: dict[str, Tensor], path: Path, title: str | None = None) -> Path:
     plt = figures.plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     colours = {"low": "tab:blue", "middle": "tab:orange", "high": "tab:green"}
@@ -349,7 +362,7 @@ def plot_spectra(spectra: dict[str, Tensor], path: Path) -> Path:
                 label=name, **style)  # fmt: skip
     ax.set_yscale("log")
     ax.set(xlabel="spatial frequency (cycles per image)", ylabel="radially averaged power",
-           title="Power spectra of band decodes (solid) and band contributions (dashed)")  # fmt: skip
+           title=title or "Power spectra of band decodes (solid) and band contributions (dashed)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return figures.save_figure(fig, path)

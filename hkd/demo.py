@@ -1,8 +1,8 @@
-"""`hkd demo`: from a clone to a trained one-step generator, its evaluation, its spectrum and an edit, on the
-embedded digits, with no data or weights of the user's own.
+"""`hkd demo`: from a clone to a trained one-step generator, its evaluation, its spectrum and an edit, on an
+embedded dataset (`--config digits`, the default, or `photos`), with no data or weights of the user's own.
 
 Stages (each skipped when its result exists, unless fresh=True), all under one folder:
-  teacher/       EDM teacher trained on the digits (hkd.teacher.train_teacher)
+  teacher/       EDM teacher trained on the config's data (hkd.teacher.train_teacher)
   trajectories/  its PF-ODE trajectories (hkd.trajectories.write_store)
   hkd/           HKD trained on them (Algorithm 1, hkd.train.train)
   baseline/      the direct one-step regression baseline: the same run with koopman=false, consistency=false
@@ -11,7 +11,8 @@ Stages (each skipped when its result exists, unless fresh=True), all under one f
   eval/          the table: teacher at 35 and 3 evaluations, HKD one step, the baseline (hkd.evaluation.evaluate)
   analysis/      eigenvalues, band decodes, cumulative effect, power spectra (hkd.analysis.analyze)
   edit/          frequency-targeted editing, inpainting, colourisation (hkd.editing.run)
-  ablation/      with --quality: the paper's four configurations at the same budget (hkd.experiments.ablate)
+  ablation/      with --quality (photos: always): the paper's four configurations at the same budget
+                 (hkd.experiments.ablate)
   report.md      everything above on one page
   .hkd-demo      the marker that says hkd made the folder: `--fresh` deletes only a folder that holds it
 """
@@ -60,14 +61,34 @@ QUICK = [
 ]
 
 
-def settings(out: Path, quick: bool, overrides: list[str] = (), quality: bool = False) -> dict:
+# Each embedded config's demo: (title, the data in one sentence, its scale on top of DEMO, whether the plain demo
+# runs the ablation). The photos' budget, 15 epochs (465 steps), leaves room for the ablation's two other runs in
+# its 20 minutes on 2 idle CPU cores (estimated from the digits demo's idle stage times, not measured).
+CONFIGS = {
+    "digits": (
+        "the embedded digits",
+        "Teacher: EDM on scikit-learn's 8x8 digits upscaled to 16x16.",
+        [],
+        False,
+    ),
+    "photos": (
+        "natural colour images",
+        "Teacher: EDM on 16x16 RGB patches of scikit-image's bundled colour photographs (hkd.data.photos); the "
+        "inpainting and the colourisation start from patches of held-out columns of the same photos.",
+        ["train.epochs=15"],
+        True,
+    ),
+}
+
+
+def settings(out: Path, quick: bool, overrides: list[str] = (), quality: bool = False, name: str = "digits") -> dict:
     paths = [
         f"train.out={out / 'hkd'}",
         f"train.store={out / 'trajectories'}",
         f"train.teacher={out / 'teacher' / 'teacher.pt'}",
     ]
-    scale = [*(QUICK if quick else []), *(QUALITY if quality else [])]
-    return configs.load("digits", [*DEMO, *scale, *paths, *overrides])
+    scale = [*CONFIGS[name][2], *(QUICK if quick else []), *(QUALITY if quality else [])]
+    return configs.load(name, [*DEMO, *scale, *paths, *overrides])
 
 
 def claim(out: Path, fresh: bool) -> None:
@@ -99,14 +120,23 @@ def run(
     fresh: bool = False,
     device: str = "auto",
     overrides: list[str] = (),
+    config: str = "digits",
     log=print,
 ) -> Path:
     """Run (or finish) every stage in `out`; returns the path of report.md. `out` is locked for the run: a second
-    demo into the same folder is refused. quality: the longer preset with the ablation (see QUALITY)."""
+    demo into the same folder is refused. quality: the longer preset with the ablation (see QUALITY). config: which
+    embedded dataset's config (CONFIGS)."""
     out = Path(out)
     if quick and quality:
         raise UserError("--quick and --quality: choose one")
-    config = settings(out, quick, list(overrides), quality)
+    if config not in CONFIGS:
+        raise UserError(f"--config {config!r}: the demo runs on {' or '.join(CONFIGS)}")
+    name = config
+    if name == "photos":  # scikit-image (hkd[photos]) before any work
+        from hkd.data.photos import data_dir
+
+        data_dir()
+    config = settings(out, quick, list(overrides), quality, name)
     device = configs.choose_device(device, "--device")
     config = configs.validate(configs.apply_overrides(config, [f"train.device={device.type}"]))
     if out.is_symlink():
@@ -115,12 +145,12 @@ def run(
         claim(out, fresh)  # refuses, before the lock file is written into someone else's folder
     with run_lock(output_folder(out, "--out")):
         claim(out, fresh)
-        return _stages(out, config, device, quick, quality, log)
+        return _stages(out, config, device, quick, quality, log, name)
 
 
-def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality: bool, log) -> Path:
-    from hkd import analysis, checkpoint, editing, evaluation, experiments
-    from hkd.data import digits
+def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality: bool, log, name: str) -> Path:
+    from hkd import analysis, checkpoint, editing, evaluation, experiments, feature_space
+    from hkd.data import DataConfig, examples
     from hkd.figures import write_json
     from hkd.teacher import CHECKPOINT_NAME, load_teacher, train_teacher
     from hkd.trajectories import TrajectoryConfig, read_manifest, write_store
@@ -144,6 +174,10 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
         log(f"[demo] {name}: {timings[name]:.0f} s")
         return result
 
+    data = configs.section(config, "data", DataConfig)
+    if name == "photos":
+        feature_space.use_photos(data.resolution)
+    space = feature_space.space_for((data.channels, data.resolution, data.resolution))
     teacher_ckpt = out / "teacher" / CHECKPOINT_NAME
     steps = config["teacher"]["steps"]
 
@@ -191,27 +225,29 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
 
     model = trained("3/8 HKD", "hkd", [])
     baseline = trained("4/8 direct regression", "baseline", ["model.koopman=false", "train.consistency=false"])
-    experiments.curve_table(curves, out / "curve")
+    experiments.curve_table(curves, out / "curve", metric=space.metric)
 
     stage("5/8 samples", (out / "samples.png").is_file(), lambda: compare_samples(teacher, model, baseline, out))
-    stage(
-        "6/8 evaluation",
-        (out / "eval" / "eval.md").is_file(),
-        lambda: evaluation.evaluate(model, teacher, baseline=baseline, num=num, out_dir=out / "eval"),
-    )
+
+    def evaluate():
+        if name == "photos":  # what the photos' Frechet distance means: its scale on real and corrupted patches
+            atomic_write(out / "eval" / "feature_space.md", feature_space.photos_scale(data.resolution, num) + "\n")
+        return evaluation.evaluate(model, teacher, baseline=baseline, num=num, out_dir=out / "eval")
+
+    stage("6/8 evaluation", (out / "eval" / "eval.md").is_file(), evaluate)
     noise = torch.randn(8, model.img_channels, model.img_resolution, model.img_resolution,
                         generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
     stage("7/8 spectral analysis", (out / "analysis" / "analysis.md").is_file(),
           lambda: analysis.analyze(model, noise, out / "analysis", num_times=6 if quick else 12))  # fmt: skip
-    known = digits.load(size=model.img_resolution)[0][::97][:4].to(device)
+    known = examples(data, 32).to(device)  # 4 shown, all measured
     stage("8/8 editing", (out / "edit").is_dir() and any((out / "edit").glob("*.png")),
           lambda: editing.run(model, out / "edit", num=4, known=known))  # fmt: skip
-    if quality:
+    if quality or CONFIGS[name][3]:
         runs = {"HKD (all three)": out / "hkd", "direct regression": out / "baseline"}
         ablation = out / "ablation"
         work = lambda: experiments.ablate(config, teacher, out_dir=ablation, num=num, folders=runs, log=log)  # noqa: E731
-        stage("9 ablation (--quality)", (ablation / "ablation.md").is_file(), work)
-    report = write_report(out, config, timings, quick, quality)
+        stage("9 ablation", (ablation / "ablation.md").is_file(), work)
+    report = write_report(out, config, timings, quick, quality, name)
     log(f"[demo] report: {report}")
     return report
 
@@ -248,19 +284,39 @@ def _text(path: Path) -> str:
     return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
 
 
-def write_report(out: Path, config: dict, timings: dict[str, float], quick: bool, quality: bool = False) -> Path:
+def _edit_errors(path: Path) -> str:
+    """The inpainting and colourisation errors of edit.json, beside their baselines, in one sentence."""
+    try:
+        e = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    parts = []
+    if "inpaint_rmse" in e:
+        parts.append(f"inpainting RMS error over the unknown half {e['inpaint_rmse']:.4g} (the given half's mean "
+                     f"colour: {e['inpaint_rmse_mean_fill']:.4g})")  # fmt: skip
+    if "colourise_rmse" in e:
+        parts.append(
+            f"colourisation RMS error {e['colourise_rmse']:.4g} (the gray image: {e['colourise_rmse_gray']:.4g})"
+        )
+    return f"On {e['known']} known images (pixels in [-1, 1]): {'; '.join(parts)}." if parts else ""
+
+
+def write_report(
+    out: Path, config: dict, timings: dict[str, float], quick: bool, quality: bool = False, name: str = "digits"
+) -> Path:
     """report.md: sample grids, the evaluation table, the spectral analysis and the edits, with relative links."""
     from hkd.figures import atomic_write
 
+    title, data, scale, ablation = CONFIGS[name]
     parts = [
-        "# HKD demo on the embedded digits" + (" (--quick: a smoke run, the numbers mean nothing)" if quick else ""),
-        "Teacher: EDM on scikit-learn's 8x8 digits upscaled to 16x16. HKD: encoder -> per-level Koopman evolution "
-        "exp(tau A) -> decoder, trained on the teacher's PF-ODE trajectories (Algorithm 1); one network evaluation "
-        "per image.",
+        f"# HKD demo on {title}" + (" (--quick: a smoke run, the numbers mean nothing)" if quick else ""),
+        f"{data} HKD: encoder -> per-level Koopman evolution exp(tau A) -> decoder, trained on the teacher's PF-ODE "
+        "trajectories (Algorithm 1); one network evaluation per image.",
         "## Samples",
         "![samples](samples.png)" if (out / "samples.png").is_file() else "*(samples.png missing)*",
         "## Evaluation",
         _text(out / "eval" / "eval.md"),
+        _text(out / "eval" / "feature_space.md") if (out / "eval" / "feature_space.md").is_file() else "",
         "## Learning curve",
         *_images(out / "curve", out),
         _text(out / "curve" / "curve.md"),
@@ -272,14 +328,17 @@ def write_report(out: Path, config: dict, timings: dict[str, float], quick: bool
         _text(out / "analysis" / "analysis.md"),
         "## Editing",
         *_images(out / "edit", out),
+        _edit_errors(out / "edit" / "edit.json"),
         "## Ablation",
         _text(out / "ablation" / "ablation.md")
         if (out / "ablation" / "ablation.md").is_file()
-        else "Not run at this scale: `hkd demo --quality` trains the paper's four configurations at its budget.",
+        else "Not run yet: `hkd demo --quality` trains the paper's four configurations at its budget."
+        if not ablation
+        else "Not run yet: a re-run of the same command trains the ablation's two other configurations.",
         "## Run",
         f"Stage times (s, each from the run that did the stage): "
         f"{', '.join(f'{k} {v:.0f}' for k, v in sorted(timings.items()))}; total {sum(timings.values()):.0f}.",
-        "Settings: `hkd/configs/digits.yaml` with "
-        + ", ".join(f"`{o}`" for o in DEMO + (QUICK if quick else []) + (QUALITY if quality else [])),
+        f"Settings: `hkd/configs/{name}.yaml` with "
+        + ", ".join(f"`{o}`" for o in DEMO + scale + (QUICK if quick else []) + (QUALITY if quality else [])),
     ]
     return atomic_write(out / "report.md", "\n\n".join(p for p in parts if p) + "\n")

@@ -174,6 +174,13 @@ def blend_along_trajectory(model, noise: Tensor, constraint, *, steps: int = 4, 
 # `hkd edit`: the figures
 
 
+def _rms(difference: Tensor, where: Tensor | None = None) -> float:
+    """RMS of difference (N, C, H, W) over the pixels where `where` (H, W) is 1 (default: all)."""
+    weight = torch.ones_like(difference[:1, :1]) if where is None else where.expand_as(difference[:1, :1])
+    weight = weight.expand_as(difference)
+    return float((difference.square() * weight).sum().div(weight.sum()).sqrt())
+
+
 def run(
     model,
     out_dir,
@@ -188,7 +195,9 @@ def run(
     seed: int = 0,
 ) -> list:
     """Frequency edits (the chosen band and the all-band baseline, a grid over r), inpainting of the region of
-    `known` images (default: none) and, for 3-channel models, colourisation of their luminance. Returns the files."""
+    `known` images (default: none) and, for 3-channel models, colourisation of their luminance. The first num known
+    images are shown; edit.json has the RMS error over all of them against the known image (inpainting: over the
+    unknown region), beside a baseline (the given part's mean colour; the gray image). Returns the files."""
     from pathlib import Path
 
     from hkd import figures
@@ -215,12 +224,17 @@ def run(
         change = [(e - result["unedited"]).square().mean().sqrt().item() for e in result["edited"]]
         summary[f"rms_change_{name}"] = change
         summary["t_edit"] = result["t_edit"]
-    if known is not None:
-        known = known[:num].to(device)
+    if known is not None:  # every known image is measured; the first num are shown
+        known = known.to(device)
+        extra = torch.randn((max(0, len(known) - num), *shape[1:]), generator=generator).to(device)
+        start = torch.cat([noise, extra])[: len(known)]
         where = region_mask(*known.shape[-2:], region).to(known)
         mask = 1 - where  # the region is unknown, the rest is given
-        inpainted = blend_along_trajectory(model, noise[: len(known)], inpaint_constraint(known, mask), steps=steps)
-        rows = [known, known * mask + (1 - mask) * -1, inpainted]
+        inpainted = blend_along_trajectory(model, start, inpaint_constraint(known, mask), steps=steps)
+        given_mean = (known * mask).sum((2, 3), keepdim=True) / mask.sum()
+        summary["inpaint_rmse"] = _rms(inpainted - known, where)
+        summary["inpaint_rmse_mean_fill"] = _rms(given_mean - known, where)  # baseline: the given part's mean colour
+        rows = [known[:num], (known * mask + (1 - mask) * -1)[:num], inpainted[:num]]
         fig = figures.image_table(
             [[r] for r in rows],
             ["known", "given", "inpainted"],
@@ -231,14 +245,17 @@ def run(
         written.append(figures.save_figure(fig, out_dir / "inpaint.png"))
         if known.shape[1] == 3:
             gray = known.mean(1, keepdim=True)
-            coloured = blend_along_trajectory(model, noise[: len(known)], colourise_constraint(gray), steps=steps)
+            coloured = blend_along_trajectory(model, start, colourise_constraint(gray), steps=steps)
+            summary["colourise_rmse"] = _rms(coloured - known)
+            summary["colourise_rmse_gray"] = _rms(gray - known)  # baseline: no colour at all
             fig = figures.image_table(
-                [[known], [gray.expand_as(known)], [coloured]],
+                [[known[:num]], [gray.expand_as(known)[:num]], [coloured[:num]]],
                 ["original", "gray", "colourised"],
                 [f"{steps} steps"],
                 "Colourisation",
                 nrow=num,
             )
             written.append(figures.save_figure(fig, out_dir / "colourise.png"))
+        summary["known"] = len(known)
     written.append(figures.write_json(out_dir / "edit.json", summary))
     return written

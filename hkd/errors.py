@@ -29,6 +29,10 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named (or a run needs) that does not exist."""
 
 
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency a command needs is not installed; the message names the extra to install."""
+
+
 class NonFiniteError(UserError, ArithmeticError):
     """Training diverged: a loss or a weight became NaN or inf. The last good checkpoint is kept."""
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hkd import feature_space
 from hkd.edm import euler_sampler, heun_sampler
 from hkd.metrics import digits_metrics, fid, teacher_fidelity
 
@@ -47,13 +48,18 @@ def teacher_euler(teacher, noise: Tensor, num_steps: int, batch_size: int = 256)
 def sample_metrics(
     images: Tensor, teacher_endpoint: Tensor, *, inception_weights=None, reference=None, lpips=None
 ) -> dict:
-    """Every metric that applies: the digits metrics for 1x16x16 images, FID when Inception weights are given (or
-    found), teacher fidelity. `reference`: the real images for FD / FID (default: the embedded digits), or FID
-    reference statistics (mu, sigma)."""
+    """Every metric that applies: the Frechet distance in the feature space of the images' shape (hkd.feature_space:
+    the digits metrics for 1x16x16, fd_photos for 3x16x16), else FID; FID too when Inception weights are given;
+    teacher fidelity. `reference`: the real images for FD / FID (default: the feature space's), or FID reference
+    statistics (mu, sigma)."""
     out = {}
+    space = feature_space.space_for(images.shape[1:])
+    real = reference if isinstance(reference, Tensor) else None
     if tuple(images.shape[1:]) == (1, 16, 16):
-        out.update(digits_metrics(images, reference if isinstance(reference, Tensor) else None))
-    if inception_weights is not None or tuple(images.shape[1:]) != (1, 16, 16):
+        out.update(digits_metrics(images, real))
+    elif space is not None:
+        out[space.metric] = space.distance(images, real)
+    if inception_weights is not None or space is None:
         if reference is None:
             raise ValueError("FID needs reference images (the dataset) for images other than the embedded digits")
         out["fid"] = fid(images, reference, weights=inception_weights)
@@ -64,13 +70,16 @@ def sample_metrics(
 METRICS = {  # column: what it measures; a table's notes define the columns it has, and say which quality metric
     "fd_digits": "Frechet distance in the digits classifier's 64-d feature space to the embedded digits (lower is "
     "better)",
+    "fd_photos": "Frechet distance in the photos classifier's 128-d feature space (which photo and which third of its "
+    "rows a patch comes from, hkd.feature_space) to 5000 training patches (lower is better)",
     "recognisable": "fraction of samples classified with confidence >= 0.9",
     "class_entropy": "entropy of the predicted classes (log 10 = 2.30 for all ten digits equally often)",
     "fid": "Frechet Inception distance to the FID reference (--reference): torch-fidelity's Inception-v3 pool3 "
     "features of the images quantised to uint8 as EDM does (lower is better; FID-50k needs 50,000 samples)",
     "mse": "mean squared distance to the teacher's 35-evaluation endpoint for the same noise (lower is closer)",
     "pseudo_huber": "pseudo-Huber distance to that endpoint",
-    "feature_distance": "distance to that endpoint in the digits classifier's feature space",
+    "feature_distance": "distance to that endpoint in the classifier's feature space (digits or photos, "
+    "hkd.feature_space)",
     "lpips": "LPIPS (AlexNet) distance to that endpoint",
 }
 COLUMNS = tuple(METRICS)
@@ -78,7 +87,7 @@ COLUMNS = tuple(METRICS)
 
 def metric_notes(columns) -> str:
     """The sentence that names a table's sample-quality metric, then the definition of each metric column it has."""
-    quality = [name for column, name in (("fid", "FID"), ("fd_digits", "fd_digits")) if column in columns]
+    quality = [name for name in ("FID", "fd_digits", "fd_photos") if name.lower() in columns]
     head = f"Sample quality: {' and '.join(quality)}. " if quality else ""
     return head + "; ".join(f"{c}: {METRICS[c]}" for c in COLUMNS if c in columns) + "."
 

@@ -194,14 +194,16 @@ def ablate(
     """The paper's four ablation configurations, trained with `config` (same data, steps, batch and seed: equal
     budgets) through hkd.train.train, each in out_dir/<name>/ (a finished run is reused, an interrupted one resumed),
     then evaluated on the same noise. `dataset`: trajectories for hkd.train.train (default: train.store).
-    `reference`: FID reference images or statistics (needed, and checked before training, for images other than
-    the embedded digits). `folders`: run folders by ablation name for runs made elsewhere with the same settings
-    (hkd demo passes its HKD and baseline runs). Each row states its budget: optimiser steps and (x_t, t) forward
-    passes (the runs without the trajectory loss see one time per trajectory, the others s). Returns (rows,
-    written files)."""
+    `reference`: FID reference images or statistics (needed, and checked before training, for images without a
+    feature space in hkd.feature_space). `folders`: run folders by ablation name for runs made elsewhere with the
+    same settings (hkd demo passes its HKD and baseline runs). Each row states its budget: optimiser steps and
+    (x_t, t) forward passes (the runs without the trajectory loss see one time per trajectory, the others s).
+    Returns (rows, written files)."""
     out_dir = Path(out_dir)
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    if reference is None and (shape != (1, 16, 16) or inception_weights is not None):
+    from hkd.feature_space import space_for
+
+    if reference is None and (space_for(shape) is None or inception_weights is not None):
         raise ValueError(f"the ablation evaluates {shape} images by FID: it needs a reference (images or statistics)")
     noise = torch.randn(num, *shape, generator=torch.Generator().manual_seed(seed))
     endpoint = teacher_samples(teacher, noise, 18)

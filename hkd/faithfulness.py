@@ -11,7 +11,8 @@ every stored time t in (0, T], per level l:
                           without the evolution: does the decoded Koopman state follow the teacher's denoised estimate
 
 with norms per sample over the level's (d, h, w) and ratios averaged over samples; "all" is the norm over every
-level together. d is the mean squared error and the digits classifier's feature distance (for 1x16x16 images).
+level together. d is the mean squared error and the classifier's feature distance (hkd.feature_space: the digits'
+or the photos' classifier, by the image shape).
 For a model with koopman=false the evolution is the identity, so r_A = r_0.
 """
 
@@ -44,10 +45,11 @@ def _norms(latents: list[Tensor]) -> Tensor:
 
 def _endpoint_distances(images: Tensor, endpoint: Tensor) -> dict[str, float]:
     out = {"mse": float((images.double() - endpoint.double()).square().mean())}
-    if tuple(images.shape[1:]) == (1, 16, 16):
-        from hkd.metrics import digits_features
+    from hkd.feature_space import space_for
 
-        a, b = digits_features(images.float())[0], digits_features(endpoint.float())[0]
+    space = space_for(images.shape[1:])
+    if space is not None:
+        a, b = space.features(images.float()), space.features(endpoint.float())
         out["feature_distance"] = float((a - b).square().sum(1).sqrt().mean())
     return out
 

@@ -16,19 +16,16 @@ Images everywhere are float tensors (N, C, H, W) in the model's pixel range [-1,
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import math
 import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hkd import checkpoint
-from hkd.errors import CorruptFileError, UserError
+from hkd import checkpoint, feature_space
+from hkd.errors import CorruptFileError
 from hkd.losses import pseudo_huber
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -303,35 +300,16 @@ class DigitsClassifier(nn.Module):
 
 
 def train_digits_classifier(epochs: int = 20, seed: int = 0) -> tuple[DigitsClassifier, float]:
-    """Deterministic (fixed seed, one thread, holdout = every 5th image); about 2 s on a CPU. Returns the model and
-    its holdout accuracy."""
+    """Deterministic (fixed seed, one thread, holdout = every 5th image; hkd.feature_space.train_classifier); about
+    2 s on a CPU. Returns the model and its holdout accuracy."""
+    from hkd.feature_space import train_classifier
+
     images, labels = digits_dataset()
     holdout = torch.arange(len(images)) % 5 == 0
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(seed)
-        torch.set_num_threads(1)  # the same weights whatever the machine's thread count
-        try:
-            model = DigitsClassifier()
-            optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-            x, y = images[~holdout], labels[~holdout]
-            for _ in range(epochs):
-                for batch in torch.randperm(len(x)).split(128):
-                    shift = torch.randint(-1, 2, (2,)).tolist()  # +-1 pixel jitter: robust to generated samples
-                    loss = F.cross_entropy(model(torch.roll(x[batch], shift, dims=(2, 3))), y[batch])
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-        finally:
-            torch.set_num_threads(threads)
-    model.eval().requires_grad_(False)
+    model = train_classifier(DigitsClassifier, images[~holdout], labels[~holdout], epochs=epochs, seed=seed)
     with torch.no_grad():
         accuracy = (model(images[holdout]).argmax(1) == labels[holdout]).float().mean().item()
     return model, accuracy
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("HKD_CACHE_DIR") or Path.home() / ".cache" / "hkd")
 
 
 _CLASSIFIER: DigitsClassifier | None = None
@@ -339,29 +317,22 @@ _CLASSIFIER: DigitsClassifier | None = None
 
 def classifier_cache() -> Path:
     """The classifier's cache file: its name covers the recipe and the exact pixels it was trained on."""
+    from hkd.feature_space import TRAINER_SOURCE, cache_dir, recipe
+
     images, _ = digits_dataset()
-    recipe = hashlib.sha256(images.numpy().tobytes() + Path(__file__).read_bytes()).hexdigest()[:16]
-    return _cache_dir() / f"digits_classifier_{recipe}.pt"
+    key = recipe(images.numpy().tobytes(), Path(__file__).read_bytes(), TRAINER_SOURCE.encode())
+    return cache_dir() / f"digits_classifier_{key}.pt"
 
 
 def digits_classifier() -> DigitsClassifier:
-    """The cached classifier (memory, then $HKD_CACHE_DIR or ~/.cache/hkd, then trained and written atomically).
-    The cache is read with hkd.checkpoint.load (checksummed, weights only): a corrupt or foreign cache file is
-    replaced by a freshly trained classifier, never executed."""
+    """The cached classifier (memory, then $HKD_CACHE_DIR or ~/.cache/hkd, then trained and written atomically;
+    hkd.feature_space.cached: a corrupt or foreign cache file is replaced, never executed)."""
     global _CLASSIFIER
-    if _CLASSIFIER is not None:
-        return _CLASSIFIER
-    path = classifier_cache()
-    model = DigitsClassifier()
-    try:
-        model.load_state_dict(checkpoint.load(path)["model"])
-        model.eval().requires_grad_(False)
-    except (UserError, KeyError, RuntimeError, OSError):
-        model, _ = train_digits_classifier()
-        with contextlib.suppress(OSError, UserError):  # a read-only or odd cache place: keep it in memory only
-            checkpoint.save(path, {"model": model.state_dict()})
-    _CLASSIFIER = model
-    return model
+    if _CLASSIFIER is None:
+        from hkd.feature_space import cached
+
+        _CLASSIFIER = cached(classifier_cache(), DigitsClassifier, lambda: train_digits_classifier()[0])
+    return _CLASSIFIER
 
 
 @torch.no_grad()
@@ -404,8 +375,9 @@ def teacher_fidelity(images: Tensor, teacher_images: Tensor, lpips=None) -> dict
         "mse": float((images - teacher_images).square().mean()),
         "pseudo_huber": float(pseudo_huber(images, teacher_images).mean()),
     }
-    if tuple(images.shape[1:]) == (1, 16, 16):  # perceptual distance in the digits classifier's feature space
-        a, b = digits_features(images)[0], digits_features(teacher_images)[0]
+    space = feature_space.space_for(images.shape[1:])
+    if space is not None:  # perceptual distance in the classifier's feature space (hkd.feature_space)
+        a, b = space.features(images), space.features(teacher_images)
         out["feature_distance"] = float((a - b).square().sum(1).sqrt().mean())
     if lpips is not None:
         with torch.no_grad():

@@ -117,6 +117,7 @@ def test_analyze_writes_every_figure_and_table(tmp_path):
     summary = analysis.analyze(model, torch.randn(2, 1, 8, 8), tmp_path, num_times=4)
     names = {p.split("/")[-1] for p in summary["written"]}
     expected = {"eigenvalues.png", "eigenvalue_maps.png", "bands.png", "band_contributions.png", "cumulative.png"}
+    expected |= {"power_spectrum_alpha.png", "power_spectrum_rate.png"}  # the bands' spectra under both readings
     assert expected | {"cumulative_decodes.png", "power_spectrum.png", "analysis.md", "analysis.json"} == names
     assert all((tmp_path / name).stat().st_size > 0 for name in names)
     for band in analysis.BANDS:  # progress runs from 0 at T to 1 at eps

@@ -16,7 +16,13 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 ROOT = Path(__file__).resolve().parents[1]
 
 # import name -> distribution name, where they differ
-DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn", "torch_fidelity": "torch-fidelity"}
+DISTRIBUTION = {
+    "yaml": "pyyaml",
+    "PIL": "pillow",
+    "sklearn": "scikit-learn",
+    "torch_fidelity": "torch-fidelity",
+    "skimage": "scikit-image",
+}
 # the Triton kernels are imported only behind hkd.ops' check that triton is installed (the `triton` extra)
 OPTIONAL_PACKAGES = {"kernels": "triton"}
 # hkd.pipeline is the diffusers integration (HKDPipeline subclasses DiffusionPipeline): it needs the `diffusers` extra,

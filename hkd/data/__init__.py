@@ -1,4 +1,4 @@
-"""Image datasets: the embedded digits (hkd.data.digits), an image folder, CIFAR-10 from disk.
+"""Image datasets: the embedded digits, the embedded photo patches, an image folder, CIFAR-10 from disk.
 
 `load_dataset(DataConfig)` returns a map-style Dataset of images (C, H, W) float32 in [-1, 1]. Nothing is ever
 downloaded: a dataset that is not on disk is a FileNotFoundError that says where it was looked for.
@@ -16,23 +16,26 @@ from torch.utils.data import Dataset
 from hkd.config import ConfigError, Section
 from hkd.errors import MissingFileError
 
+NAMES = ("digits", "photos", "folder", "cifar10")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
 class DataConfig(Section, name="data"):
-    """The `data` section. name: digits (embedded, default), folder (images under `root`), cifar10 (torchvision's
-    python version under `root`, never downloaded)."""
+    """The `data` section. name: digits (embedded, default), photos (patches of scikit-image's bundled colour
+    photographs, hkd.data.photos; `patches` of them), folder (images under `root`), cifar10 (torchvision's python
+    version under `root`, never downloaded)."""
 
     name: str = "digits"
     resolution: int = 16
     channels: int = 1
     root: str | None = None
+    patches: int = 20000
 
     def check(self) -> None:
-        if self.name not in ("digits", "folder", "cifar10"):
-            raise ConfigError(f"unknown data.name {self.name!r} (digits, folder, cifar10)")
-        if self.name != "digits" and not self.root:
+        if self.name not in NAMES:
+            raise ConfigError(f"unknown data.name {self.name!r} ({', '.join(NAMES)})")
+        if self.name in ("folder", "cifar10") and not self.root:
             raise ConfigError(f"data.name={self.name} needs data.root (a folder on disk)")
         from hkd.unet import LIMITS
 
@@ -40,6 +43,9 @@ class DataConfig(Section, name="data"):
         self.require(1 <= self.resolution <= limit, "resolution", f"in [1, {limit}] (hkd's limit)")
         self.require(self.channels in (1, 3), "channels", "1 or 3")
         self.require(self.name != "digits" or self.channels == 1, "channels", "1 for the (grey) digits")
+        self.require(self.name != "photos" or self.channels == 3, "channels", "3 for the (colour) photos")
+        self.require(self.name != "photos" or self.resolution in (16, 32), "resolution", "16 or 32 for the photos")
+        self.require(self.patches >= 1, "patches", ">= 1")
         if self.name == "cifar10":
             self.require(self.resolution == 32, "resolution", "32 for CIFAR-10")
             self.require(self.channels == 3, "channels", "3 for CIFAR-10")
@@ -112,6 +118,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         if cfg.channels != 1:
             raise ValueError(f"the digits are grey: data.channels must be 1, got {cfg.channels}")
         return TensorImages(digits.load(size=cfg.resolution)[0])
+    if cfg.name == "photos":
+        from hkd.data import photos
+
+        return TensorImages(photos.load(cfg.resolution, cfg.patches)[0])
     if cfg.name in ("folder", "cifar10") and not cfg.root:
         raise ValueError(f"data.name={cfg.name} needs data.root (a folder on disk)")
     if cfg.name == "folder":
@@ -122,7 +132,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                 f"CIFAR-10 is 32x32 RGB: set data.resolution=32 data.channels=3 (got {cfg.resolution}, {cfg.channels})"
             )
         return cifar10(cfg.root)
-    raise ValueError(f"unknown data.name {cfg.name!r} (digits, folder, cifar10)")
+    raise ValueError(f"unknown data.name {cfg.name!r} ({', '.join(NAMES)})")
 
 
 def images_from(source: str | Path, resolution: int, channels: int) -> Dataset:
@@ -143,3 +153,15 @@ def images_from(source: str | Path, resolution: int, channels: int) -> Dataset:
             f"the model makes {channels}x{resolution}x{resolution}"
         )
     return load_dataset(data)
+
+
+def examples(cfg: DataConfig, num: int) -> Tensor:
+    """`num` known images for editing (inpainting, colourisation): for the photos, held-out patches (columns no
+    training patch touches); for the digits, every 97th image; otherwise the dataset's first images."""
+    if cfg.name == "photos":
+        from hkd.data import photos
+
+        return photos.load(cfg.resolution, num, split="test", seed=1)[0]
+    dataset = load_dataset(cfg)
+    step = 97 if cfg.name == "digits" else 1
+    return torch.stack([dataset[i] for i in range(0, min(len(dataset), step * num), step)][:num])
