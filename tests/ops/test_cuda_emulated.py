@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import cuda_emulator
 
-from hkd.ops import dense, reference
+from hkd.ops import dense, dense_plan, reference
 
 pytestmark = pytest.mark.skipif(cuda_emulator.unavailable() is not None, reason=str(cuda_emulator.unavailable()))
 SCHEDULES = list(cuda_emulator.SCHEDULES)
@@ -180,13 +180,13 @@ def test_float_to_16bit_matches_torch_rounding(emu, storage):
 # --- dense: expm and its Frechet derivative on chip ---------------------------------------------------------------
 def expm_plan(norm: float, dtype) -> tuple[int, int]:
     """(degree, squarings) as csrc/dense.h expm_plan chooses them."""
-    theta, best, best_cost = dense._theta(dtype), (30, 64), 1 << 30
-    for m in dense.EXPM_DEGREES:
+    theta, best, best_cost = dense_plan._theta(dtype), (30, 64), 1 << 30
+    for m in dense_plan.EXPM_DEGREES:
         s, x = 0, norm
         while x > theta[m - 1] and s < 64:
             x, s = x * 0.5, s + 1
-        if dense.ps_cost(m) + s <= best_cost:
-            best, best_cost = (m, s), dense.ps_cost(m) + s
+        if dense_plan.ps_cost(m) + s <= best_cost:
+            best, best_cost = (m, s), dense_plan.ps_cost(m) + s
     return best
 
 
@@ -290,7 +290,7 @@ def test_action_modes(emu, schedule, mode, dtype):
     z[:, :, positions // 2] = 0  # a position: in column mode a whole column
     A = torch.randn(positions, d, d, dtype=dtype) if mode == "row_per_position" else torch.randn(d, d, dtype=dtype)
     tau = torch.full((batch,), 0.7, dtype=dtype) if mode == "column_shared_tau" else action_taus(batch, dtype)
-    plan = dense.reference_plan(A, tau, positions)
+    plan = dense_plan.reference_plan(A, tau, positions)
     out = emu.dense_action(z, A, tau, int(plan[0]), float(plan[1]))
     grid = emu.last_launch()
     assert grid[:2] == ([2, positions] if mode.startswith("row") else [2, batch]), "the tiles and the fixed index"
@@ -307,7 +307,7 @@ def test_action_extreme_widths(emu, schedule, d):
     z = torch.randn(9, d, 2)
     A = torch.randn(2, d, d) / math.sqrt(d)
     tau = torch.linspace(-1.5, 2.0, 9)
-    plan = dense.reference_plan(A, tau, 2)
+    plan = dense_plan.reference_plan(A, tau, 2)
     out = emu.dense_action(z, A, tau, int(plan[0]), float(plan[1]))
     expected = action_reference(z, A, tau)
     err = ((out.double() - expected).abs() / expected.abs().amax(1, keepdim=True)).amax()
@@ -328,7 +328,7 @@ def test_action_bits_do_not_depend_on_the_schedule(emu, mode, dtype):
     A = torch.randn(positions, d, d, dtype=dtype) / 2 if mode == "row" else torch.randn(d, d, dtype=dtype) / 2
     signs = torch.tensor([1.0, -1.0]).repeat(batch)[:batch].to(dtype)
     tau = torch.logspace(-4, 1, batch, dtype=dtype) * signs
-    plan = dense.reference_plan(A, tau, positions)
+    plan = dense_plan.reference_plan(A, tau, positions)
     plan = torch.tensor([plan[0].item(), plan[1].item() / 2, 1.0], dtype=torch.float64)
     outputs, barriers = [], []
     try:
