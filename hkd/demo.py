@@ -149,7 +149,7 @@ def run(
 
 
 def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality: bool, log, name: str) -> Path:
-    from hkd import analysis, checkpoint, editing, evaluation, experiments, feature_space
+    from hkd import analysis, checkpoint, editing, experiments, feature_space
     from hkd.data import DataConfig, examples
     from hkd.figures import write_json
     from hkd.teacher import CHECKPOINT_NAME, load_teacher, train_teacher
@@ -228,13 +228,9 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
     experiments.curve_table(curves, out / "curve", metric=space.metric)
 
     stage("5/8 samples", (out / "samples.png").is_file(), lambda: compare_samples(teacher, model, baseline, out))
-
-    def evaluate():
-        if name == "photos":  # what the photos' Frechet distance means: its scale on real and corrupted patches
-            atomic_write(out / "eval" / "feature_space.md", feature_space.photos_scale(data.resolution, num) + "\n")
-        return evaluation.evaluate(model, teacher, baseline=baseline, num=num, out_dir=out / "eval")
-
-    stage("6/8 evaluation", (out / "eval" / "eval.md").is_file(), evaluate)
+    photos = data.resolution if name == "photos" else 0
+    stage("6/8 evaluation", (out / "eval" / "eval.md").is_file(),
+          lambda: evaluate(model, teacher, baseline, out / "eval", num, photos))  # fmt: skip
     noise = torch.randn(8, model.img_channels, model.img_resolution, model.img_resolution,
                         generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
     stage("7/8 spectral analysis", (out / "analysis" / "analysis.md").is_file(),
@@ -250,6 +246,16 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
     report = write_report(out, config, timings, quick, quality, name)
     log(f"[demo] report: {report}")
     return report
+
+
+def evaluate(model, teacher, baseline, out: Path, num: int, photos: int = 0) -> Path:
+    """The eval table (hkd.evaluation.evaluate); for photos patches of side `photos`, first what their Frechet
+    distance means: its scale on real and corrupted patches (eval/feature_space.md)."""
+    from hkd import evaluation, feature_space
+
+    if photos:
+        atomic_write(out / "feature_space.md", feature_space.photos_scale(photos, num) + "\n")
+    return evaluation.evaluate(model, teacher, baseline=baseline, num=num, out_dir=out)
 
 
 def compare_samples(teacher, model, baseline, out: Path, num: int = 32, seed: int = 0) -> Path:

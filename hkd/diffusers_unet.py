@@ -53,7 +53,7 @@ def unet_settings(unet_config: dict[str, Any]) -> dict[str, Any]:
 
 def check_splittable(unet_config: dict[str, Any]) -> None:
     """hkd.model.TeacherSplitError, one line naming it, for a UNet2DModel config the split does not support."""
-    from hkd.model import TeacherSplitError
+    from hkd.errors import TeacherSplitError
 
     c = unet_settings(unet_config)
 

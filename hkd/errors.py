@@ -48,3 +48,7 @@ class RunStopped(Exception):  # noqa: N818 (a state, not an error: the run stopp
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class TeacherSplitError(UserError, TypeError, ValueError):
+    """from_teacher cannot use this teacher's network as HKD's encoder and decoder (raised before any work)."""

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from hkd import feature_space
 from hkd.edm import euler_sampler, heun_sampler
-from hkd.metrics import digits_metrics, fid, teacher_fidelity
+from hkd.losses import pseudo_huber
+from hkd.metrics import digits_metrics, fid
 
 # ---------------------------------------------------------------------------------------------------------------
 # `hkd eval`: the comparison table
@@ -152,3 +153,24 @@ def evaluate(
 
     models = {"HKD": model} | ({"direct regression baseline": baseline} if baseline is not None else {})
     return rows, written + faithfulness.run(models, teacher, num=min(num, 64), seed=seed + 1, out_dir=out_dir)
+
+
+def teacher_fidelity(images: Tensor, teacher_images: Tensor, lpips=None) -> dict[str, float]:
+    """Distances between a model's images and the teacher's endpoints for the same noise (lower is closer).
+    `lpips`: an hkd.losses.LPIPS (its backbone from a local file) to add LPIPS, per-sample distances (B,)."""
+    if images.shape != teacher_images.shape:
+        raise ValueError(f"teacher fidelity: shapes differ, {tuple(images.shape)} vs {tuple(teacher_images.shape)}")
+    images, teacher_images = images.detach().float().cpu(), teacher_images.detach().float().cpu()
+    out = {
+        "mse": float((images - teacher_images).square().mean()),
+        "pseudo_huber": float(pseudo_huber(images, teacher_images).mean()),
+    }
+    space = feature_space.space_for(images.shape[1:])
+    if space is not None:  # perceptual distance in the classifier's feature space (hkd.feature_space)
+        a, b = space.features(images), space.features(teacher_images)
+        out["feature_distance"] = float((a - b).square().sum(1).sqrt().mean())
+    if lpips is not None:
+        with torch.no_grad():
+            pairs = zip(images.split(64), teacher_images.split(64), strict=True)
+            out["lpips"] = float(torch.cat([lpips(x, y).float().cpu() for x, y in pairs]).mean())
+    return out

@@ -16,18 +16,16 @@ download and sees a 16x16 patch upscaled 19 times.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import inspect
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from hkd.metrics import TRAINER_SOURCE, cache_dir, cached, frechet_distance_features, recipe, train_classifier
 
 
 @dataclass(frozen=True)
@@ -38,8 +36,6 @@ class FeatureSpace:
 
     def distance(self, images: Tensor, reference: Tensor | None = None) -> float:
         """The Frechet distance between the features of `images` and of `reference` (default: self.reference())."""
-        from hkd.metrics import frechet_distance_features
-
         real = self.reference() if reference is None else reference
         return frechet_distance_features(self.features(images), self.features(real))
 
@@ -55,63 +51,6 @@ def space_for(shape) -> FeatureSpace | None:
     """The feature space for images of `shape` (C, H, W), or None when there is none (FID then applies)."""
     factory = SPACES.get(tuple(int(s) for s in shape))
     return factory() if factory is not None else None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training and caching a classifier
-
-
-def train_classifier(build: Callable[[], nn.Module], images: Tensor, labels: Tensor, *, epochs: int, seed: int = 0,
-                     lr: float = 3e-3, batch: int = 128) -> nn.Module:  # fmt: skip
-    """build() (under the seed) trained by Adam on cross-entropy, batches of a fixed-seed permutation, each batch
-    shifted by -1..1 pixels (robust to generated samples), on one thread: the same weights whatever the machine.
-    Returns the model, frozen, in eval mode."""
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(seed)
-        torch.set_num_threads(1)
-        try:
-            model = build()
-            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-            for _ in range(epochs):
-                for index in torch.randperm(len(images)).split(batch):
-                    shift = torch.randint(-1, 2, (2,)).tolist()
-                    loss = F.cross_entropy(model(torch.roll(images[index], shift, dims=(2, 3))), labels[index])
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-        finally:
-            torch.set_num_threads(threads)
-    return model.eval().requires_grad_(False)
-
-
-TRAINER_SOURCE = inspect.getsource(train_classifier)  # part of every cached classifier's recipe
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HKD_CACHE_DIR") or Path.home() / ".cache" / "hkd")
-
-
-def recipe(*parts: bytes) -> str:
-    """A cache file's key: a hash of what fixes the weights (the training pixels, the recipe's source)."""
-    return hashlib.sha256(b"".join(parts)).hexdigest()[:16]
-
-
-def cached(path: Path, build: Callable[[], nn.Module], train: Callable[[], nn.Module]) -> nn.Module:
-    """build() with the weights in `path` (hkd.checkpoint: checksummed, weights only), else train() written there
-    atomically. A corrupt or foreign cache file is replaced, never executed; a read-only place keeps it in memory."""
-    from hkd import checkpoint
-    from hkd.errors import UserError
-
-    model = build()
-    try:
-        model.load_state_dict(checkpoint.load(path)["model"])
-        return model.eval().requires_grad_(False)
-    except (UserError, KeyError, RuntimeError, OSError):
-        model = train()
-        with contextlib.suppress(OSError, UserError):
-            checkpoint.save(path, {"model": model.state_dict()})
-        return model
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,17 +16,21 @@ Images everywhere are float tensors (N, C, H, W) in the model's pixel range [-1,
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import inspect
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hkd import checkpoint, feature_space
+from hkd import checkpoint
 from hkd.errors import CorruptFileError
-from hkd.losses import pseudo_huber
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -268,6 +272,63 @@ def reference_for(source: str, resolution: int, channels: int, weights=None, fea
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Training and caching a classifier
+
+
+def train_classifier(build: Callable[[], nn.Module], images: Tensor, labels: Tensor, *, epochs: int, seed: int = 0,
+                     lr: float = 3e-3, batch: int = 128) -> nn.Module:  # fmt: skip
+    """build() (under the seed) trained by Adam on cross-entropy, batches of a fixed-seed permutation, each batch
+    shifted by -1..1 pixels (robust to generated samples), on one thread: the same weights whatever the machine.
+    Returns the model, frozen, in eval mode."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)
+        try:
+            model = build()
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+            for _ in range(epochs):
+                for index in torch.randperm(len(images)).split(batch):
+                    shift = torch.randint(-1, 2, (2,)).tolist()
+                    loss = F.cross_entropy(model(torch.roll(images[index], shift, dims=(2, 3))), labels[index])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+        finally:
+            torch.set_num_threads(threads)
+    return model.eval().requires_grad_(False)
+
+
+TRAINER_SOURCE = inspect.getsource(train_classifier)  # part of every cached classifier's recipe
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HKD_CACHE_DIR") or Path.home() / ".cache" / "hkd")
+
+
+def recipe(*parts: bytes) -> str:
+    """A cache file's key: a hash of what fixes the weights (the training pixels, the recipe's source)."""
+    return hashlib.sha256(b"".join(parts)).hexdigest()[:16]
+
+
+def cached(path: Path, build: Callable[[], nn.Module], train: Callable[[], nn.Module]) -> nn.Module:
+    """build() with the weights in `path` (hkd.checkpoint: checksummed, weights only), else train() written there
+    atomically. A corrupt or foreign cache file is replaced, never executed; a read-only place keeps it in memory."""
+    from hkd import checkpoint
+    from hkd.errors import UserError
+
+    model = build()
+    try:
+        model.load_state_dict(checkpoint.load(path)["model"])
+        return model.eval().requires_grad_(False)
+    except (UserError, KeyError, RuntimeError, OSError):
+        model = train()
+        with contextlib.suppress(OSError, UserError):
+            checkpoint.save(path, {"model": model.state_dict()})
+        return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The offline digits classifier
 
 
@@ -300,10 +361,8 @@ class DigitsClassifier(nn.Module):
 
 
 def train_digits_classifier(epochs: int = 20, seed: int = 0) -> tuple[DigitsClassifier, float]:
-    """Deterministic (fixed seed, one thread, holdout = every 5th image; hkd.feature_space.train_classifier); about
+    """Deterministic (fixed seed, one thread, holdout = every 5th image; train_classifier); about
     2 s on a CPU. Returns the model and its holdout accuracy."""
-    from hkd.feature_space import train_classifier
-
     images, labels = digits_dataset()
     holdout = torch.arange(len(images)) % 5 == 0
     model = train_classifier(DigitsClassifier, images[~holdout], labels[~holdout], epochs=epochs, seed=seed)
@@ -317,8 +376,6 @@ _CLASSIFIER: DigitsClassifier | None = None
 
 def classifier_cache() -> Path:
     """The classifier's cache file: its name covers the recipe and the exact pixels it was trained on."""
-    from hkd.feature_space import TRAINER_SOURCE, cache_dir, recipe
-
     images, _ = digits_dataset()
     key = recipe(images.numpy().tobytes(), Path(__file__).read_bytes(), TRAINER_SOURCE.encode())
     return cache_dir() / f"digits_classifier_{key}.pt"
@@ -326,11 +383,9 @@ def classifier_cache() -> Path:
 
 def digits_classifier() -> DigitsClassifier:
     """The cached classifier (memory, then $HKD_CACHE_DIR or ~/.cache/hkd, then trained and written atomically;
-    hkd.feature_space.cached: a corrupt or foreign cache file is replaced, never executed)."""
+    cached: a corrupt or foreign cache file is replaced, never executed)."""
     global _CLASSIFIER
     if _CLASSIFIER is None:
-        from hkd.feature_space import cached
-
         _CLASSIFIER = cached(classifier_cache(), DigitsClassifier, lambda: train_digits_classifier()[0])
     return _CLASSIFIER
 
@@ -363,24 +418,3 @@ def _entropy(counts: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Teacher fidelity
-
-
-def teacher_fidelity(images: Tensor, teacher_images: Tensor, lpips=None) -> dict[str, float]:
-    """Distances between a model's images and the teacher's endpoints for the same noise (lower is closer).
-    `lpips`: an hkd.losses.LPIPS (its backbone from a local file) to add LPIPS, per-sample distances (B,)."""
-    if images.shape != teacher_images.shape:
-        raise ValueError(f"teacher fidelity: shapes differ, {tuple(images.shape)} vs {tuple(teacher_images.shape)}")
-    images, teacher_images = images.detach().float().cpu(), teacher_images.detach().float().cpu()
-    out = {
-        "mse": float((images - teacher_images).square().mean()),
-        "pseudo_huber": float(pseudo_huber(images, teacher_images).mean()),
-    }
-    space = feature_space.space_for(images.shape[1:])
-    if space is not None:  # perceptual distance in the classifier's feature space (hkd.feature_space)
-        a, b = space.features(images), space.features(teacher_images)
-        out["feature_distance"] = float((a - b).square().sum(1).sqrt().mean())
-    if lpips is not None:
-        with torch.no_grad():
-            pairs = zip(images.split(64), teacher_images.split(64), strict=True)
-            out["lpips"] = float(torch.cat([lpips(x, y).float().cpu() for x, y in pairs]).mean())
-    return out

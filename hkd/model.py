@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from hkd import checkpoint
 from hkd.config import Section, section, to_dict
 from hkd.edm import EDMPrecond, preconditioning
-from hkd.errors import ConfigError, UserError
+from hkd.errors import ConfigError, TeacherSplitError
 from hkd.propagator import HKDPropagator
 from hkd.unet import ARCHITECTURE, UNet, architecture, check_size
 
@@ -117,10 +117,6 @@ class ModelConfig(Section, name="model"):
         from hkd.ops._backend import BACKENDS
 
         self.require(self.backend in ("auto", *BACKENDS), "backend", f"one of auto, {', '.join(BACKENDS)}")
-
-
-class TeacherSplitError(UserError, TypeError, ValueError):
-    """from_teacher cannot use this teacher's network as HKD's encoder and decoder (raised before any work)."""
 
 
 class HKDModel(nn.Module):

@@ -60,14 +60,14 @@ def test_digits_metrics_separate_real_from_noise_and_mode_collapse(classifier_ca
 
 def test_teacher_fidelity_is_zero_for_identical_images(classifier_cache):
     x = torch.rand(6, 1, 16, 16) * 2 - 1
-    same = metrics.teacher_fidelity(x, x)
+    same = evaluation.teacher_fidelity(x, x)
     assert same["mse"] == 0 and same["feature_distance"] == 0 and same["pseudo_huber"] == pytest.approx(0, abs=1e-6)
     lpips = lambda a, b: (a - b).abs().flatten(1).mean(1)  # any per-sample distance stands in for LPIPS here
-    assert metrics.teacher_fidelity(x, x + 0.25, lpips)["lpips"] == pytest.approx(0.25, rel=1e-5)
-    other = metrics.teacher_fidelity(x, x + 0.1)
+    assert evaluation.teacher_fidelity(x, x + 0.25, lpips)["lpips"] == pytest.approx(0.25, rel=1e-5)
+    other = evaluation.teacher_fidelity(x, x + 0.1)
     assert other["mse"] == pytest.approx(0.01, rel=1e-4) and other["pseudo_huber"] > 0
     with pytest.raises(ValueError, match="shapes differ"):
-        metrics.teacher_fidelity(x, x[:3])
+        evaluation.teacher_fidelity(x, x[:3])
 
 
 def test_fid_without_inception_weights_says_how_to_provide_them(tmp_path, monkeypatch):
