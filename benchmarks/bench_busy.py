@@ -1,21 +1,23 @@
 """A teacher run on a busy machine: `hkd train-teacher` for a few steps, alone and beside processes that keep cores
-busy, with OpenMP's spinning wait (torch imported before hkd: the old entry point) and with hkd's passive wait,
-interleaved so that every variant sees the same machine.
+busy, under each OpenMP wait policy, interleaved so that every variant sees the same machine.
 
-    python benchmarks/bench_busy.py [--steps 150] [--repeats 3] [--busy 1] [--variants spin,passive]
+    python benchmarks/bench_busy.py [--steps 150] [--repeats 3] [--busy 1] [--variants auto,spin,passive]
                                      [--threads 0] [--config digits]
 
 Each run is a fresh process (the OpenMP wait policy is read once, when torch loads its OpenMP runtime):
 
-* spin: `import torch` before hkd, so libgomp starts with its default policy (threads spin for a while at every
-  barrier before they sleep): what `hkd` did before it set the policy;
-* passive: `hkd`'s entry point (hkd sets OMP_WAIT_POLICY=PASSIVE before torch loads, unless the user set it);
-* spin1, passive1: the same with teacher.threads=1.
+* auto: `hkd`'s entry point as users run it: before torch loads, hkd watches the CPUs for 0.1 s and asks for the
+  passive policy only if other processes keep a core busy (hkd/openmp.py);
+* spin: `import torch` before hkd, so libgomp keeps its default policy (threads spin for a while at every barrier
+  before they sleep);
+* passive: OMP_WAIT_POLICY=PASSIVE in the environment (threads sleep at once);
+* spin1, passive1, auto1: the same with teacher.threads=1.
 
 Printed per run: wall seconds, CPU seconds (user + system of the run's process), and the 1-minute load average
 before the run (from /proc/loadavg). CPU seconds are the robust number on a shared machine: work done is the same in
 every variant, so CPU time above the passive run's is time spent spinning. The busy processes are
-`python -c "while True: pass"`, unpinned. Runs use teacher.sample_grid=0 (training only) and a temporary folder.
+`python -c "while True: pass"`, unpinned, started half a second before the run (the load is there when it starts).
+Runs use teacher.sample_grid=0 (training only) and a temporary folder.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def run(variant: str, steps: int, threads: int, config: str, out: Path) -> tuple
             "teacher.sample_grid=0", f"teacher.checkpoint_every={steps}", f"teacher.log_every={steps}"]  # fmt: skip
     if threads:
         argv.append(f"teacher.threads={threads}")
+    if variant.startswith("passive"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     code = RUN.format(spin=variant.startswith("spin"))
     load = loadavg()
     start = time.perf_counter()
@@ -66,7 +70,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", type=int, default=1, help="busy processes beside the 'busy' runs")
-    parser.add_argument("--variants", default="spin,passive")
+    parser.add_argument("--variants", default="auto,spin,passive")
     parser.add_argument("--threads", type=int, default=0, help="teacher.threads (0: hkd's default)")
     parser.add_argument("--config", default="digits")
     args = parser.parse_args()
@@ -80,6 +84,7 @@ def main() -> None:
                     busy = []
                     if condition == "busy":
                         busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+                        time.sleep(0.5)
                     try:
                         out = Path(tmp) / f"{variant}-{condition}-{repeat}"
                         wall, cpu, load = run(variant, args.steps, args.threads, args.config, out)

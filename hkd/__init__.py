@@ -1,13 +1,9 @@
 """Hierarchical Koopman Diffusion: encoder -> per-level linear Koopman evolution exp(tau A) -> decoder."""
 
-import os
-import sys
+# Before torch loads: the passive OpenMP wait policy if other processes keep a core busy (see hkd/openmp.py).
+from hkd.openmp import choose_wait_policy
 
-# OpenMP threads that spin at barriers while a peer thread waits for a core waste that core (on a busy machine the
-# work then runs several times slower than on one core). A passive wait policy, read once when torch loads its
-# OpenMP runtime, so only set before that and only where the user has not chosen one.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+choose_wait_policy()
 
 from hkd import ops
 from hkd.model import HKDModel, ModelConfig

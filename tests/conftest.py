@@ -5,17 +5,17 @@ from pathlib import Path
 
 import pytest
 
-# A passive OpenMP wait, as hkd's entry point sets it (hkd/__init__.py): set before torch loads, since the tests import
-# torch first; threads spinning at barriers on this shared machine's busy cores slow every test several times over.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-
 # The shared helpers (tests/helpers) import as `helpers.*` from every test folder (tests/, tests/ops/).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Nothing reaches a hub: diffusers and huggingface_hub read these when they are imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+# hkd chooses the OpenMP wait policy before torch loads (passive when other processes keep a core busy; see
+# hkd/openmp.py), so it is imported first.
+import hkd  # noqa: E402, F401
+import torch  # noqa: E402
 
 # Triton kernels run on the CPU through the interpreter here; it must be set before they are imported.
 if not torch.cuda.is_available():

@@ -1,5 +1,6 @@
-"""CPU threads on a busy machine: `hkd` sets a passive OpenMP wait policy before torch loads (a user's choice wins),
-and the teacher has a `teacher.threads` setting like `train.threads`. The speed itself is benchmarks/bench_busy.py's."""
+"""CPU threads on a busy machine: `import hkd` asks for the passive OpenMP wait policy before torch loads when other
+processes keep a core busy (a user's choice wins), and the teacher has a `teacher.threads` setting like
+`train.threads`. The speed itself is benchmarks/bench_busy.py's."""
 
 import os
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 from test_teacher import TINY
 
-from hkd import config, teacher
+from hkd import config, openmp, teacher
 from hkd.errors import ConfigError
 
 POLICY = "import os, sys; {first}; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
@@ -23,10 +24,34 @@ def policy_after(first: str, **env) -> str:
                           check=True, timeout=300).stdout.strip()  # fmt: skip
 
 
-def test_hkd_sets_a_passive_wait_policy_before_torch_loads():
-    assert policy_after("import hkd.cli") == "PASSIVE True"  # the entry point: set, then torch loaded
+@pytest.fixture
+def busy_core():
+    """One more process that keeps a core busy, at this process's priority."""
+    process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_passive_wait_policy_beside_a_busy_core(busy_core):
+    assert openmp.busy_cores(0.3) > 0.7  # the busy process is seen (this process's own time is not counted)
+    assert policy_after("import hkd.cli") == "PASSIVE True"  # the entry point: chosen, then torch loaded
     assert policy_after("import hkd", OMP_WAIT_POLICY="active") == "active True"  # the user's choice is kept
     assert policy_after("import torch, hkd") == "None True"  # too late to matter: not set, so nothing pretends
+
+
+@pytest.mark.parametrize("busy, policy", [(0.0, None), (0.49, None), (0.5, "PASSIVE"), (1.7, "PASSIVE")])
+def test_wait_policy_rule(monkeypatch, busy, policy):
+    monkeypatch.delitem(sys.modules, "torch")  # as before torch loads (restored afterwards)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # restored afterwards, whatever the rule sets
+    monkeypatch.setattr(openmp, "busy_cores", lambda: busy)
+    assert openmp.choose_wait_policy() == policy
+    assert os.environ.get("OMP_WAIT_POLICY") == policy
+    monkeypatch.setattr(openmp, "busy_cores", lambda: pytest.fail("measured after torch loaded"))
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    assert openmp.choose_wait_policy() is None
 
 
 def test_teacher_threads(tmp_path, monkeypatch):
