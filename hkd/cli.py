@@ -1,4 +1,7 @@
-"""The `hkd` command. Thin: every subcommand parses its options and calls the module that does the work."""
+"""The `hkd` command. Each command is a pair: parser_X adds its options (the groups several commands share are
+defined once, below), and cmd_X, beside it, checks what the options name and calls the module that does the work.
+build_parser assembles the pairs. The modules that do the work are imported inside the functions that use
+them, so `hkd --help` loads only the package itself (its model and torch)."""
 
 from __future__ import annotations
 
@@ -70,6 +73,50 @@ def _out(path: str, what: str = "--out"):
     return output_folder(path, what)
 
 
+# -- options shared by several commands ------------------------------------------------------------------------------
+
+DEVICES = ("auto", "cpu", "cuda")
+TEACHERS = "teacher.pt or its folder, an EDM .pkl or import-teacher folder, or a diffusers folder"  # load_teacher's
+
+
+def _device_option(p: argparse.ArgumentParser, help: str = "where to run (default: the GPU if any)") -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto", help=help)
+
+
+def _model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HKD model folder (save_pretrained: config.json + model.safetensors)")
+
+
+def _teacher_option(p: argparse.ArgumentParser, role: str = "the teacher", required: bool = False) -> None:
+    p.add_argument("--teacher", required=required, help=f"{role} ({TEACHERS})")
+
+
+def _config_options(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--config", default="digits", help="config name or YAML path (default digits)")
+    p.add_argument("overrides", nargs="*", help=f"config overrides a.b=value, e.g. {example}")
+
+
+def _out_option(p: argparse.ArgumentParser, help: str, default=None, required=False, replaces: str = "") -> None:
+    """--out, where the command writes; with `replaces` (what an earlier run wrote there), also --overwrite."""
+    p.add_argument("--out", default=default, required=required, help=help)
+    if replaces:
+        p.add_argument("--overwrite", action="store_true", help=f"replace {replaces}")
+
+
+def _fid_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file: adds FID")
+    p.add_argument("--reference", help="FID reference: an .npz of statistics (hkd fid-ref, or EDM's fid.py ref), "
+                   "an image folder, or a config whose data section names the dataset (e.g. cifar10)")  # fmt: skip
+
+
+# -- the commands: each one's parser_* (its options) beside its cmd_* (what it runs) --------------------------------
+
+
+def parser_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="versions, and which propagation backends are built and usable here")
+    p.set_defaults(func=cmd_info)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import platform
 
@@ -133,6 +180,25 @@ def _print_written(paths) -> None:
         print(f"wrote {path}")
 
 
+def parser_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="table: teacher at 35 and few evaluations, HKD one step, one-step baseline")
+    _model_option(p)
+    _teacher_option(p, required=True)
+    p.add_argument("--baseline", help="direct one-step regression model folder (model.koopman=false, "
+                   "train.consistency=false; `hkd ablate` trains it as 'direct regression')")  # fmt: skip
+    p.add_argument("--num", type=count(2, MAX_SAMPLES), default=500, help="samples per row (default 500)")
+    p.add_argument(
+        "--few-steps", type=count(1, 1000), default=3, help="Euler steps (= evaluations) of the cheap teacher row"
+    )
+    _fid_options(p)
+    p.add_argument("--lpips-weights", help="torchvision AlexNet ImageNet weights file: adds LPIPS to the teacher "
+                   "fidelity (needs pip install 'hkd[lpips]')")  # fmt: skip
+    p.add_argument("--seed", type=seed, default=0, help="noise seed (the same noise for every row)")
+    _out_option(p, "folder for eval.md and eval.json", default="runs/eval")
+    _device_option(p)
+    p.set_defaults(func=cmd_eval)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from hkd import evaluation
 
@@ -150,6 +216,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _print_written(written)
 
 
+def parser_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="spectral analysis: eigenvalues, band decodes, cumulative effect, spectra")
+    _model_option(p)
+    p.add_argument("--num", type=count(1, 10_000), default=8, help="samples to decode per band (default 8)")
+    p.add_argument("--times", type=count(2, 1000), default=12, help="times from T to eps for the cumulative effect")
+    p.add_argument("--seed", type=seed, default=0, help="noise seed")
+    _out_option(p, "folder for the figures, analysis.md and analysis.json", default="runs/analysis")
+    _device_option(p)
+    p.set_defaults(func=cmd_analyze)
+
+
 def cmd_analyze(args: argparse.Namespace) -> None:
     import torch
 
@@ -161,6 +238,27 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     summary = analysis.analyze(model, noise.to(next(model.parameters()).device), args.out, num_times=args.times)
     _print_written(summary["written"])
+
+
+def parser_edit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("edit", help="frequency-targeted editing (grid over r), all-band baseline, inpainting")
+    _model_option(p)
+    p.add_argument("--band", choices=("low", "middle", "high"), default="high", help="band to swap (default high)")
+    p.add_argument("--region", choices=("lower", "upper", "left", "right", "all"), default="lower",
+                   help="spatial region whose components are swapped (default lower half)")  # fmt: skip
+    p.add_argument(
+        "--ratios", type=fractions, default="0,0.1,0.3,0.5,0.7,0.9", help="fractions r of the components to swap"
+    )
+    p.add_argument("--t-edit", type=float, help="time of the edit (default: the trajectory midpoint)")
+    p.add_argument("--known", help="known images for inpainting (and colourisation): digits, none, an image "
+                   "folder, or a config whose data section names them (default: digits for 1-channel models, "
+                   "else none)")  # fmt: skip
+    p.add_argument("--steps", type=count(1, 1000), default=4, help="blending steps along the trajectory for inpainting")
+    p.add_argument("--num", type=count(1, 1000), default=4, help="images per figure (default 4)")
+    p.add_argument("--seed", type=seed, default=0, help="noise seed")
+    _out_option(p, "folder for the figures and edit.json", default="runs/edit")
+    _device_option(p)
+    p.set_defaults(func=cmd_edit)
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
@@ -201,6 +299,18 @@ def _known_images(source: str, model, num: int, seed: int):
     return torch.stack([dataset[i] for i in indices])
 
 
+def parser_ablate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="train and evaluate the paper's four ablation configurations, equal budgets")
+    _config_options(p, "train.epochs=20 (applied to all four runs)")
+    _teacher_option(p, "the teacher whose trajectories the store holds, default train.teacher")
+    p.add_argument("--num", type=count(2, MAX_SAMPLES), default=500, help="evaluation samples (default 500)")
+    p.add_argument("--seed", type=seed, default=0, help="evaluation noise seed")
+    _out_option(p, "folder for the four runs and ablation.md/json", default="runs/ablation")
+    _fid_options(p)
+    _device_option(p)
+    p.set_defaults(func=cmd_ablate)
+
+
 def cmd_ablate(args: argparse.Namespace) -> None:
     from hkd import experiments
 
@@ -220,6 +330,21 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 
 # -- generation ---------------------------------------------------------------------------------------------
+
+
+def parser_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="one-step samples of a trained HKD model (PNG grid and files, optional .npz)")
+    _model_option(p)
+    p.add_argument("--num", type=count(1, MAX_SAMPLES), default=64, help="number of samples (default 64)")
+    _out_option(p, "output folder", required=True)
+    p.add_argument(
+        "--trajectory", type=count(0, 100), default=0, metavar="K", help="also K states from T to eps per sample"
+    )
+    p.add_argument("--npz", action="store_true", help="also samples.npz (float32 arrays)")
+    p.add_argument("--seed", type=seed, default=0, help="noise seed (default 0)")
+    p.add_argument("--batch-size", type=count(1, 65536), default=256, help="samples per forward pass (default 256)")
+    _device_option(p)
+    p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -244,6 +369,15 @@ def _config(args: argparse.Namespace) -> dict:
     return config.load(args.config, args.overrides)
 
 
+def parser_train_teacher(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-teacher", help="train an EDM teacher (default: the embedded digits)")
+    _config_options(p, "teacher.steps=500")
+    _out_option(p, "folder for teacher.pt and samples.png", default="runs/teacher")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its teacher.pt")
+    _device_option(p)
+    p.set_defaults(func=cmd_train_teacher)
+
+
 def cmd_train_teacher(args: argparse.Namespace) -> None:
     from hkd.checkpoint import run_lock
     from hkd.teacher import train_teacher
@@ -252,6 +386,24 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
     with run_lock(_out(args.out)):
         result = train_teacher(config, args.out, resume=args.resume, device=device)
     print(f"wrote {result['checkpoint']} (step {result['step']})")
+
+
+def parser_trajectories(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trajectories", help="write (or resume, or --verify) a sharded store of teacher trajectories")
+    _teacher_option(p)
+    _out_option(p, "store folder (an unfinished store there is completed)")
+    p.add_argument("--num", type=count(1), help="number of trajectories (trajectories.num_trajectories)")
+    _config_options(p, "trajectories.shard_size=500")
+    p.add_argument(
+        "--workers", type=count(1, 256), default=1, help="local worker processes (CPU); torchrun ranks add up"
+    )
+    p.add_argument(
+        "--max-shards", type=count(1), help="stop after this many new shards per worker (run again to go on)"
+    )
+    p.add_argument("--verify", metavar="DIR", help="check every shard of the store DIR against its manifest")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _device_option(p)
+    p.set_defaults(func=cmd_trajectories)
 
 
 def cmd_trajectories(args: argparse.Namespace) -> None:
@@ -295,12 +447,47 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
 # -- training HKD --------------------------------------------------------------------------------------------
 
 
+def parser_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train HKD on a trajectory store (Algorithm 1); torchrun for several GPUs")
+    _config_options(p, "train.store=DIR train.batch=128")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out from its checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from hkd.train import train
 
     result = train(_config(args), resume=args.resume)
     if result["rank"] == 0:
         print(f"wrote {result['checkpoint']} (step {result['step']})")
+
+
+def parser_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on embedded data (digits, or --config photos): teacher, trajectories, HKD, eval, "
+        "analysis, edit, report",
+        description="Train an EDM teacher on the embedded digits (or, with --config photos, patches of scikit-image's "
+        "colour photographs), write its trajectories, train HKD and the one-step baseline, evaluate, analyse the "
+        "spectrum, edit, and write OUT/report.md. Finished stages are skipped on a re-run. About 15 minutes on 2 CPU "
+        "cores (--quick: under a minute; --quality: about 70 minutes); photos: the ablation too, estimated 20 minutes.",
+    )
+    _out_option(p, "folder for every stage and the report (default: runs/demo)", default="runs/demo")
+    p.add_argument(
+        "--config", choices=("digits", "photos"), default="digits",
+        help="the embedded data: digits (scikit-learn's) or photos (scikit-image's colour photographs, hkd[photos])",
+    )  # fmt: skip
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--quick", action="store_true", help="a smoke run of every stage at toy scale")
+    scale.add_argument(
+        "--quality", action="store_true", help="HKD and the baseline 3x longer, and the paper's ablation at that budget"
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="delete OUT (a folder an earlier demo made) and redo every stage"
+    )
+    _device_option(p, "auto (GPU when there is one), cpu or cuda")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=20")
+    p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -311,6 +498,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
         args.out, **scale, fresh=args.fresh, device=args.device, overrides=args.overrides, config=args.config
     )
     print(f"wrote {report} (open it in any Markdown viewer)")
+
+
+def parser_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time the fused ops against their baselines (copy floor, torch.compile, torch.linalg.matrix_exp)",
+        description="Every usable backend of the fused ops side by side with its baseline, as ratios, in one run. "
+        "spectral: workload W (B x three levels of 256 channels at 32x32, 16x16, 8x8, per-position "
+        "generators, per-sample tau) against the copy floor and torch.compile of the composite, forward and forward + "
+        "backward. dense: dense_propagate with per-sample tau against the better plain-PyTorch composite, and expm "
+        "against torch.linalg.matrix_exp. Workloads and rows are described in hkd/bench.py.",
+    )
+    p.add_argument("op", nargs="?", choices=("spectral", "dense", "all"), default="all", help="which op (default all)")
+    p.add_argument(
+        "--batch", type=count(1, 4096), nargs="+", default=[64, 128], help="spectral batch sizes (default 64 128)"
+    )
+    p.add_argument(
+        "--repeats", type=count(0, 10_000), default=0, help="timed rounds per row (default 15 spectral, 5 dense)"
+    )
+    p.add_argument("--threads", type=count(0, 1024), default=0, help="CPU threads (default: torch's default)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the spectral op")
+    _device_option(p)
+    p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -325,6 +535,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.bench_spectral(args.batch, device, repeats=args.repeats or 15, compile=not args.no_compile)
     if args.op in ("dense", "all"):
         bench.bench_dense(device, repeats=args.repeats or 5)
+
+
+def parser_explore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explore", help="a local web app: the trajectory, bands, edits and the teacher in the browser")
+    p.add_argument("--model", help="HKD model folder (default: the demo's, runs/demo/hkd/model)")
+    _teacher_option(p, "also show the teacher's Heun trajectory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port, default=7860, help="port (default 7860; 0: any free port)")
+    _device_option(p)
+    p.set_defaults(func=cmd_explore)
 
 
 def cmd_explore(args: argparse.Namespace) -> None:
@@ -366,6 +586,22 @@ def _fid_reference(args: argparse.Namespace, model):
         raise UserError(f"--reference {args.reference}: {error}") from error
 
 
+def parser_fid_ref(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fid-ref",
+        help="FID reference statistics (mu, sigma as .npz, the format of EDM's fid.py ref) of a dataset",
+        description="Inception-v3 (torch-fidelity's FID network, weights from a local file) statistics of every image "
+        "of SOURCE, quantised to uint8 as EDM does. SOURCE: a config (name or YAML path) whose data section names the "
+        "dataset, e.g. cifar10, or an image folder.",
+    )
+    p.add_argument("source", help="a config (its data section) or an image folder")
+    _out_option(p, "the .npz to write", required=True, replaces="an earlier fid-ref output at --out")
+    p.add_argument("--resolution", type=count(1, 8192), default=32, help="image size (for a folder; default 32)")
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="for a folder (default 3)")
+    p.add_argument("--inception-weights", help="the weights file (default $HKD_INCEPTION_WEIGHTS or the hub cache)")
+    p.set_defaults(func=cmd_fid_ref)
+
+
 def cmd_fid_ref(args: argparse.Namespace) -> None:
     from hkd import metrics
 
@@ -383,6 +619,19 @@ def cmd_fid_ref(args: argparse.Namespace) -> None:
     print(f"wrote {metrics.save_stats(args.out, *stats)}")
 
 
+def parser_import_teacher(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-teacher",
+        help="an EDM snapshot .pkl as a pickle-free teacher folder (model.safetensors + config.json)",
+        description="Read an EDM snapshot pickle (edm-*.pkl, network-snapshot-*.pkl) without executing anything in it "
+        "and write its EMA network as a teacher folder that every --teacher option accepts. DDPM++ (SongUNet) "
+        "networks with EDM, VP or VE preconditioning, unconditional or class-conditional.",
+    )
+    p.add_argument("pkl", help="the EDM snapshot pickle")
+    _out_option(p, "the folder to write", required=True, replaces="an earlier import-teacher output in --out")
+    p.set_defaults(func=cmd_import_teacher)
+
+
 def cmd_import_teacher(args: argparse.Namespace) -> None:
     from hkd import edm_pickle
 
@@ -392,6 +641,30 @@ def cmd_import_teacher(args: argparse.Namespace) -> None:
 
 
 # -- export ----------------------------------------------------------------------------------------------------------
+
+
+def parser_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="the one-step generator (noise -> image) as a .pt2 (torch.export) or .onnx file, no hkd needed to run it",
+        description="Export x = D(exp((eps - T) A) E(T n)) for standard-normal noise n, exp(tau A) folded into "
+        "constants: the graph holds only standard ops. Input 'noise' (B, C, R, R), output 'images' (the teacher's "
+        "denoised-image space, about [-1, 1]). Load a .pt2 with torch.export.load(FILE).module(); run a .onnx with "
+        "ONNX Runtime (needs pip install 'hkd[export]' to write).",
+    )
+    _model_option(p)
+    p.add_argument("--format", required=True, metavar="{pt2,onnx,diffusers}",
+                   help="pt2 (torch.export), onnx, or diffusers (an HKDPipeline folder, see hkd.pipeline)")  # fmt: skip
+    _out_option(p, "output file, or new folder for diffusers (its parent must exist)", required=True,
+                replaces="an earlier export of this format at --out")  # fmt: skip
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: a fixed batch, --batch)")
+    p.add_argument(
+        "--batch", type=count(1, 2**16), default=1, help="the fixed batch size without --dynamic-batch (default 1)"
+    )
+    p.add_argument("--dtype", default="float32", metavar="{float32,float16}", help="weights and I/O (default float32)")
+    p.add_argument("--time-input", action="store_true", help="also take t (B,) float32 in (0, T]: the trajectory "
+                   "at t instead of the endpoint (spectral generators)")  # fmt: skip
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -410,238 +683,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-DEVICE = dict(choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: the GPU if any)")
-
-
-def _model_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HKD model folder (save_pretrained: config.json + model.safetensors)")
-
-
-def _config_options(p: argparse.ArgumentParser, example: str) -> None:
-    p.add_argument("--config", default="digits", help="config name or YAML path (default digits)")
-    p.add_argument("overrides", nargs="*", help=f"config overrides a.b=value, e.g. {example}")
-
-
-def _fid_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights file: adds FID")
-    p.add_argument("--reference", help="FID reference: an .npz of statistics (hkd fid-ref, or EDM's fid.py ref), "
-                   "an image folder, or a config whose data section names the dataset (e.g. cifar10)")  # fmt: skip
+# every command, in the order of `hkd --help`
+COMMANDS = (
+    parser_info, parser_demo, parser_eval, parser_analyze, parser_edit, parser_ablate, parser_generate,
+    parser_train_teacher, parser_trajectories, parser_train, parser_bench, parser_explore, parser_import_teacher,
+    parser_fid_ref, parser_export,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `hkd` parser: each command's subparser comes from its parser_* function, in the order of COMMANDS."""
     parser = Parser(prog="hkd", description="Hierarchical Koopman Diffusion: train, generate, analyse")
     parser.add_argument("--version", action="version", version=f"hkd {hkd.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    p = sub.add_parser("info", help="versions, and which propagation backends are built and usable here")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser(
-        "demo",
-        help="the whole pipeline on embedded data (digits, or --config photos): teacher, trajectories, HKD, eval, "
-        "analysis, edit, report",
-        description="Train an EDM teacher on the embedded digits (or, with --config photos, patches of scikit-image's "
-        "colour photographs), write its trajectories, train HKD and the one-step baseline, evaluate, analyse the "
-        "spectrum, edit, and write OUT/report.md. Finished stages are skipped on a re-run. About 15 minutes on 2 CPU "
-        "cores (--quick: under a minute; --quality: about 70 minutes); photos: the ablation too, estimated 20 minutes.",
-    )
-    p.add_argument("--out", default="runs/demo", help="folder for every stage and the report (default: runs/demo)")
-    p.add_argument(
-        "--config", choices=("digits", "photos"), default="digits",
-        help="the embedded data: digits (scikit-learn's) or photos (scikit-image's colour photographs, hkd[photos])",
-    )  # fmt: skip
-    scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--quick", action="store_true", help="a smoke run of every stage at toy scale")
-    scale.add_argument(
-        "--quality", action="store_true", help="HKD and the baseline 3x longer, and the paper's ablation at that budget"
-    )
-    p.add_argument(
-        "--fresh", action="store_true", help="delete OUT (a folder an earlier demo made) and redo every stage"
-    )
-    p.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto (GPU when there is one), cpu or cuda"
-    )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=20")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("eval", help="table: teacher at 35 and few evaluations, HKD one step, one-step baseline")
-    _model_option(p)
-    p.add_argument(
-        "--teacher",
-        required=True,
-        help="the teacher (teacher.pt or its folder, an EDM .pkl or import-teacher folder, or a diffusers folder)",
-    )
-    p.add_argument("--baseline", help="direct one-step regression model folder (model.koopman=false, "
-                   "train.consistency=false; `hkd ablate` trains it as 'direct regression')")  # fmt: skip
-    p.add_argument("--num", type=count(2, MAX_SAMPLES), default=500, help="samples per row (default 500)")
-    p.add_argument(
-        "--few-steps", type=count(1, 1000), default=3, help="Euler steps (= evaluations) of the cheap teacher row"
-    )
-    _fid_options(p)
-    p.add_argument("--lpips-weights", help="torchvision AlexNet ImageNet weights file: adds LPIPS to the teacher "
-                   "fidelity (needs pip install 'hkd[lpips]')")  # fmt: skip
-    p.add_argument("--seed", type=seed, default=0, help="noise seed (the same noise for every row)")
-    p.add_argument("--out", default="runs/eval", help="folder for eval.md and eval.json")
-    p.add_argument("--device", **DEVICE)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("analyze", help="spectral analysis: eigenvalues, band decodes, cumulative effect, spectra")
-    _model_option(p)
-    p.add_argument("--num", type=count(1, 10_000), default=8, help="samples to decode per band (default 8)")
-    p.add_argument("--times", type=count(2, 1000), default=12, help="times from T to eps for the cumulative effect")
-    p.add_argument("--seed", type=seed, default=0, help="noise seed")
-    p.add_argument("--out", default="runs/analysis", help="folder for the figures, analysis.md and analysis.json")
-    p.add_argument("--device", **DEVICE)
-    p.set_defaults(func=cmd_analyze)
-
-    p = sub.add_parser("edit", help="frequency-targeted editing (grid over r), all-band baseline, inpainting")
-    _model_option(p)
-    p.add_argument("--band", choices=("low", "middle", "high"), default="high", help="band to swap (default high)")
-    p.add_argument("--region", choices=("lower", "upper", "left", "right", "all"), default="lower",
-                   help="spatial region whose components are swapped (default lower half)")  # fmt: skip
-    p.add_argument(
-        "--ratios", type=fractions, default="0,0.1,0.3,0.5,0.7,0.9", help="fractions r of the components to swap"
-    )
-    p.add_argument("--t-edit", type=float, help="time of the edit (default: the trajectory midpoint)")
-    p.add_argument("--known", help="known images for inpainting (and colourisation): digits, none, an image "
-                   "folder, or a config whose data section names them (default: digits for 1-channel models, "
-                   "else none)")  # fmt: skip
-    p.add_argument("--steps", type=count(1, 1000), default=4, help="blending steps along the trajectory for inpainting")
-    p.add_argument("--num", type=count(1, 1000), default=4, help="images per figure (default 4)")
-    p.add_argument("--seed", type=seed, default=0, help="noise seed")
-    p.add_argument("--out", default="runs/edit", help="folder for the figures and edit.json")
-    p.add_argument("--device", **DEVICE)
-    p.set_defaults(func=cmd_edit)
-
-    p = sub.add_parser("ablate", help="train and evaluate the paper's four ablation configurations, equal budgets")
-    _config_options(p, "train.epochs=20 (applied to all four runs)")
-    p.add_argument("--teacher", help="the teacher whose trajectories the store holds (default: train.teacher)")
-    p.add_argument("--num", type=count(2, MAX_SAMPLES), default=500, help="evaluation samples (default 500)")
-    p.add_argument("--seed", type=seed, default=0, help="evaluation noise seed")
-    p.add_argument("--out", default="runs/ablation", help="folder for the four runs and ablation.md/json")
-    _fid_options(p)
-    p.add_argument("--device", **DEVICE)
-    p.set_defaults(func=cmd_ablate)
-    p = sub.add_parser("generate", help="one-step samples of a trained HKD model (PNG grid and files, optional .npz)")
-    _model_option(p)
-    p.add_argument("--num", type=count(1, MAX_SAMPLES), default=64, help="number of samples (default 64)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--trajectory", type=count(0, 100), default=0, metavar="K", help="also K states from T to eps per sample"
-    )
-    p.add_argument("--npz", action="store_true", help="also samples.npz (float32 arrays)")
-    p.add_argument("--seed", type=seed, default=0, help="noise seed (default 0)")
-    p.add_argument("--batch-size", type=count(1, 65536), default=256, help="samples per forward pass (default 256)")
-    p.add_argument("--device", **DEVICE)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("train-teacher", help="train an EDM teacher (default: the embedded digits)")
-    _config_options(p, "teacher.steps=500")
-    p.add_argument("--out", default="runs/teacher", help="folder for teacher.pt and samples.png")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its teacher.pt")
-    p.add_argument("--device", **DEVICE)
-    p.set_defaults(func=cmd_train_teacher)
-
-    p = sub.add_parser("trajectories", help="write (or resume, or --verify) a sharded store of teacher trajectories")
-    p.add_argument(
-        "--teacher",
-        help="teacher.pt (or its folder), an EDM .pkl or import-teacher folder, or a diffusers UNet2DModel folder",
-    )
-    p.add_argument("--out", help="store folder (an unfinished store there is completed)")
-    p.add_argument("--num", type=count(1), help="number of trajectories (trajectories.num_trajectories)")
-    _config_options(p, "trajectories.shard_size=500")
-    p.add_argument(
-        "--workers", type=count(1, 256), default=1, help="local worker processes (CPU); torchrun ranks add up"
-    )
-    p.add_argument(
-        "--max-shards", type=count(1), help="stop after this many new shards per worker (run again to go on)"
-    )
-    p.add_argument("--verify", metavar="DIR", help="check every shard of the store DIR against its manifest")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--device", **DEVICE)
-    p.set_defaults(func=cmd_trajectories)
-
-    p = sub.add_parser("train", help="train HKD on a trajectory store (Algorithm 1); torchrun for several GPUs")
-    _config_options(p, "train.store=DIR train.batch=128")
-    p.add_argument("--resume", action="store_true", help="continue the run in train.out from its checkpoint.pt")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser(
-        "bench",
-        help="time the fused ops against their baselines (copy floor, torch.compile, torch.linalg.matrix_exp)",
-        description="Every usable backend of the fused ops side by side with its baseline, as ratios, in one run. "
-        "spectral: workload W (B x three levels of 256 channels at 32x32, 16x16, 8x8, per-position "
-        "generators, per-sample tau) against the copy floor and torch.compile of the composite, forward and forward + "
-        "backward. dense: dense_propagate with per-sample tau against the better plain-PyTorch composite, and expm "
-        "against torch.linalg.matrix_exp. Workloads and rows are described in hkd/bench.py.",
-    )
-    p.add_argument("op", nargs="?", choices=("spectral", "dense", "all"), default="all", help="which op (default all)")
-    p.add_argument(
-        "--batch", type=count(1, 4096), nargs="+", default=[64, 128], help="spectral batch sizes (default 64 128)"
-    )
-    p.add_argument(
-        "--repeats", type=count(0, 10_000), default=0, help="timed rounds per row (default 15 spectral, 5 dense)"
-    )
-    p.add_argument("--threads", type=count(0, 1024), default=0, help="CPU threads (default: torch's default)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the spectral op")
-    p.add_argument("--device", **DEVICE)
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("explore", help="a local web app: the trajectory, bands, edits and the teacher in the browser")
-    p.add_argument("--model", help="HKD model folder (default: the demo's, runs/demo/hkd/model)")
-    p.add_argument("--teacher", help="also show the teacher's Heun trajectory (teacher.pt, its folder, diffusers)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=port, default=7860, help="port (default 7860; 0: any free port)")
-    p.add_argument("--device", **DEVICE)
-    p.set_defaults(func=cmd_explore)
-
-    p = sub.add_parser(
-        "import-teacher",
-        help="an EDM snapshot .pkl as a pickle-free teacher folder (model.safetensors + config.json)",
-        description="Read an EDM snapshot pickle (edm-*.pkl, network-snapshot-*.pkl) without executing anything in it "
-        "and write its EMA network as a teacher folder that every --teacher option accepts. DDPM++ (SongUNet) "
-        "networks with EDM, VP or VE preconditioning, unconditional or class-conditional.",
-    )
-    p.add_argument("pkl", help="the EDM snapshot pickle")
-    p.add_argument("--out", required=True, help="the folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier import-teacher output in --out")
-    p.set_defaults(func=cmd_import_teacher)
-
-    p = sub.add_parser(
-        "fid-ref",
-        help="FID reference statistics (mu, sigma as .npz, the format of EDM's fid.py ref) of a dataset",
-        description="Inception-v3 (torch-fidelity's FID network, weights from a local file) statistics of every image "
-        "of SOURCE, quantised to uint8 as EDM does. SOURCE: a config (name or YAML path) whose data section names the "
-        "dataset, e.g. cifar10, or an image folder.",
-    )
-    p.add_argument("source", help="a config (its data section) or an image folder")
-    p.add_argument("--out", required=True, help="the .npz to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier fid-ref output at --out")
-    p.add_argument("--resolution", type=count(1, 8192), default=32, help="image size (for a folder; default 32)")
-    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="for a folder (default 3)")
-    p.add_argument("--inception-weights", help="the weights file (default $HKD_INCEPTION_WEIGHTS or the hub cache)")
-    p.set_defaults(func=cmd_fid_ref)
-
-    p = sub.add_parser(
-        "export",
-        help="the one-step generator (noise -> image) as a .pt2 (torch.export) or .onnx file, no hkd needed to run it",
-        description="Export x = D(exp((eps - T) A) E(T n)) for standard-normal noise n, exp(tau A) folded into "
-        "constants: the graph holds only standard ops. Input 'noise' (B, C, R, R), output 'images' (the teacher's "
-        "denoised-image space, about [-1, 1]). Load a .pt2 with torch.export.load(FILE).module(); run a .onnx with "
-        "ONNX Runtime (needs pip install 'hkd[export]' to write).",
-    )
-    _model_option(p)
-    p.add_argument("--format", required=True, metavar="{pt2,onnx,diffusers}",
-                   help="pt2 (torch.export), onnx, or diffusers (an HKDPipeline folder, see hkd.pipeline)")  # fmt: skip
-    p.add_argument("--out", required=True, help="output file, or new folder for diffusers (its parent must exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export of this format at --out")
-    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: a fixed batch, --batch)")
-    p.add_argument(
-        "--batch", type=count(1, 2**16), default=1, help="the fixed batch size without --dynamic-batch (default 1)"
-    )
-    p.add_argument("--dtype", default="float32", metavar="{float32,float16}", help="weights and I/O (default float32)")
-    p.add_argument("--time-input", action="store_true", help="also take t (B,) float32 in (0, T]: the trajectory "
-                   "at t instead of the endpoint (spectral generators)")  # fmt: skip
-    p.set_defaults(func=cmd_export)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
