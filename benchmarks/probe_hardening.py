@@ -621,7 +621,7 @@ def no_data_lost_probes(root: Path, tmp: Path) -> dict[str, str]:
 
 def silent_nan_probes(root: Path, tmp: Path) -> dict[str, str]:
     """Non-finite values in configs and reference statistics: silent when the command does its work anyway."""
-    import hkd.metrics
+    import hkd.evaluation
     from hkd import metrics, trajectories
 
     teacher = imported_teacher(tmp / "n")
@@ -677,14 +677,13 @@ def silent_nan_probes(root: Path, tmp: Path) -> dict[str, str]:
         "bool arrays": (np.zeros(d, bool), good > 0),
     }
     (tmp / "weights.pth").write_bytes(b"")
-    real = metrics._inception, metrics.teacher_samples
+    real = metrics._inception, hkd.evaluation.teacher_samples
     metrics._inception = lambda path: _FakeInception(1 * 8 * 8)
 
     def sampling(*args, **kwargs):
         raise WorkStarted
 
-    metrics.teacher_samples = sampling
-    hkd.metrics.teacher_samples = sampling
+    hkd.evaluation.teacher_samples = sampling
     try:
         for name, (mu, sigma) in bad.items():
             np.savez(tmp / "n_ref.npz", mu=mu, sigma=sigma)
@@ -692,7 +691,7 @@ def silent_nan_probes(root: Path, tmp: Path) -> dict[str, str]:
             argv += ["--reference", tmp / "n_ref.npz", "--inception-weights", tmp / "weights.pth", "--out", tmp / "n_e"]
             outcomes[f"reference .npz: {name} (eval, before sampling)"] = classify(*cli(argv))
     finally:
-        metrics._inception, metrics.teacher_samples = real
+        metrics._inception, hkd.evaluation.teacher_samples = real
     return outcomes
 
 
@@ -958,57 +957,58 @@ def main() -> None:
     import hkd.teacher
 
     outcomes: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        tmp = Path(folder)
-        root = tmp / "fixtures"
-        root.mkdir()
-        os.chdir(tmp)
-        paths = fixtures(root)
-        if args.only is not None:
-            probes = {
-                "files": lambda: file_probes(root, tmp),
-                "explore": lambda: explore_probes(tmp),
-                "leftovers": lambda: leftover_probes(root, tmp) | connection_probes(tmp),
-            }
-            outcomes |= probes[args.only]()
-            os.chdir(ROOT)
-            return report(outcomes, args.out)
-        import hkd.bench
-        import hkd.train
+    try:  # a probe that breaks still leaves the outcomes so far
+        with tempfile.TemporaryDirectory() as folder:
+            tmp = Path(folder)
+            root = tmp / "fixtures"
+            root.mkdir()
+            os.chdir(tmp)
+            paths = fixtures(root)
+            if args.only is not None:
+                probes = {
+                    "files": lambda: file_probes(root, tmp),
+                    "explore": lambda: explore_probes(tmp),
+                    "leftovers": lambda: leftover_probes(root, tmp) | connection_probes(tmp),
+                }
+                outcomes |= probes[args.only]()
+                return
+            import hkd.bench
+            import hkd.train
 
-        def refuse(*a, **k):
-            raise WorkStarted
+            def refuse(*a, **k):
+                raise WorkStarted
 
-        # the points where real work starts: a bad call must have failed before them
-        patched = [(hkd.teacher, "_batches"), (hkd.train, "StoreBatches"), (hkd.train, "OnlineBatches")]
-        patched += [(hkd.bench, "bench_spectral"), (hkd.bench, "bench_dense")]
-        real = [getattr(module, name) for module, name in patched]
-        for module, name in patched:
-            setattr(module, name, refuse)
-        for i, (line, fragment) in enumerate(CASES):
-            if fragment is None:
-                continue
-            argv = [part.format(**paths, out=str(tmp / f"out{i}"), sp=" ") for part in line.split()]
-            outcomes[f"hkd {line}"] = classify(*cli(argv))
-        outcomes["demo --fresh on a folder hkd did not make"] = fresh_on_a_user_folder(paths, tmp)
-        for (module, name), value in zip(patched, real, strict=True):
-            setattr(module, name, value)
-        outcomes |= pickle_places(root, tmp)
-        outcomes["a NaN/inf weight at a checkpoint step"] = nonfinite_weights(tmp)
-        outcomes["flipped byte in checkpoint.pt"] = flipped_checkpoint(tmp)
-        outcomes["flipped byte in model.safetensors (generate)"] = flipped_model(root, tmp)
-        outcomes |= store_probes(root, tmp)
-        outcomes["kill -9 during a checkpoint save, then resume"] = stale_temporaries(root, tmp)
-        outcomes["file mode under umask 022"] = umask_probe(root, tmp)
-        outcomes |= config_probes(root, tmp)
-        outcomes |= sigterm_and_lock(tmp)
-        outcomes["--workers 2, parent killed -9"] = orphan_workers(tmp)
-        outcomes |= file_probes(root, tmp)
-        outcomes |= leftover_probes(root, tmp)
-        outcomes |= explore_probes(tmp)
-        outcomes |= connection_probes(tmp)
+            # the points where real work starts: a bad call must have failed before them
+            patched = [(hkd.teacher, "_batches"), (hkd.train, "StoreBatches"), (hkd.train, "OnlineBatches")]
+            patched += [(hkd.bench, "bench_spectral"), (hkd.bench, "bench_dense")]
+            real = [getattr(module, name) for module, name in patched]
+            for module, name in patched:
+                setattr(module, name, refuse)
+            for i, (line, fragment) in enumerate(CASES):
+                if fragment is None:
+                    continue
+                argv = [part.format(**paths, out=str(tmp / f"out{i}"), sp=" ") for part in line.split()]
+                outcomes[f"hkd {line}"] = classify(*cli(argv))
+            outcomes["demo --fresh on a folder hkd did not make"] = fresh_on_a_user_folder(paths, tmp)
+            for (module, name), value in zip(patched, real, strict=True):
+                setattr(module, name, value)
+            outcomes |= pickle_places(root, tmp)
+            outcomes["a NaN/inf weight at a checkpoint step"] = nonfinite_weights(tmp)
+            outcomes["flipped byte in checkpoint.pt"] = flipped_checkpoint(tmp)
+            outcomes["flipped byte in model.safetensors (generate)"] = flipped_model(root, tmp)
+            outcomes |= store_probes(root, tmp)
+            outcomes["kill -9 during a checkpoint save, then resume"] = stale_temporaries(root, tmp)
+            outcomes["file mode under umask 022"] = umask_probe(root, tmp)
+            outcomes |= config_probes(root, tmp)
+            outcomes |= sigterm_and_lock(tmp)
+            outcomes["--workers 2, parent killed -9"] = orphan_workers(tmp)
+            outcomes |= file_probes(root, tmp)
+            outcomes |= leftover_probes(root, tmp)
+            outcomes |= explore_probes(tmp)
+            outcomes |= connection_probes(tmp)
+    finally:
         os.chdir(ROOT)
-    report(outcomes, args.out)
+        report(outcomes, args.out)
 
 
 def report(outcomes: dict[str, str], out: str | None) -> None:
