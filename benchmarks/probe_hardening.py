@@ -1,6 +1,6 @@
 """Probe `hkd` as a careless user and an attacker would: bad arguments, planted pickles, flipped bytes, kills.
 
-    python benchmarks/probe_hardening.py [--out FILE.json] [--only files]
+    python benchmarks/probe_hardening.py [--out FILE.json] [--only files|explore|leftovers] [--timeout S]
 
 Runs every probe against the hkd that Python imports (PYTHONPATH=... selects another checkout, e.g. an older
 commit unpacked with `git archive`), and prints one line per probe with its outcome:
@@ -13,7 +13,10 @@ commit unpacked with `git archive`), and prints one line per probe with its outc
     data loss   a file hkd did not make, or the last good checkpoint, was deleted or overwritten
     silent      an altered file or store was used without a word, or NaN/inf made a result
     hang        still running after the probe's timeout
-    unbounded   a refused file made the process grow beyond 64 MiB + 4x the file's size (peak resident memory)
+    unbounded   a refused file made the process grow beyond 64 MiB + 4x the file's size (peak resident memory), or
+                the explorer started more than 64 threads for 100 silent connections (a capped server: at most
+                32 connections, each a thread and its head timer)
+    left a folder  a refused run created its --out folder (nothing replaced, but litter)
     ok          a protection works (files kept, exit code 143, workers gone, umask respected)
 
 The bad-argument table is tests/test_cli_errors.py's CASES. Nothing here downloads anything.
@@ -353,6 +356,7 @@ def config_probes(root: Path, tmp: Path) -> dict[str, str]:
 
 
 BOUND_MIB = 64  # peak memory a refused file may add, beyond 4x its size
+TIMEOUT = 120  # seconds before a fresh process counts as a hang (--timeout: raise it on a loaded machine)
 PEAKS: list[int] = []  # each bounded probe's peak memory above the baseline, MiB
 
 
@@ -528,7 +532,7 @@ def bounded_cost_probes(root: Path, tmp: Path) -> dict[str, str]:
     }  # fmt: skip
     outcomes = {}
     for name, (argv, file) in probes.items():
-        outcomes[name] = bounded(argv, size.get(file, 1 << 20), baseline, timeout=120)
+        outcomes[name] = bounded(argv, size.get(file, 1 << 20), baseline, timeout=TIMEOUT)
         print(f"peak +{PEAKS[-1]} MiB over {baseline} MiB, file {size.get(file, 0)} bytes: {name}", flush=True)
     return outcomes
 
@@ -617,7 +621,7 @@ def no_data_lost_probes(root: Path, tmp: Path) -> dict[str, str]:
 
 def silent_nan_probes(root: Path, tmp: Path) -> dict[str, str]:
     """Non-finite values in configs and reference statistics: silent when the command does its work anyway."""
-    import hkd.metrics
+    import hkd.evaluation
     from hkd import metrics, trajectories
 
     teacher = imported_teacher(tmp / "n")
@@ -673,14 +677,13 @@ def silent_nan_probes(root: Path, tmp: Path) -> dict[str, str]:
         "bool arrays": (np.zeros(d, bool), good > 0),
     }
     (tmp / "weights.pth").write_bytes(b"")
-    real = metrics._inception, metrics.teacher_samples
+    real = metrics._inception, hkd.evaluation.teacher_samples
     metrics._inception = lambda path: _FakeInception(1 * 8 * 8)
 
     def sampling(*args, **kwargs):
         raise WorkStarted
 
-    metrics.teacher_samples = sampling
-    hkd.metrics.teacher_samples = sampling
+    hkd.evaluation.teacher_samples = sampling
     try:
         for name, (mu, sigma) in bad.items():
             np.savez(tmp / "n_ref.npz", mu=mu, sigma=sigma)
@@ -688,7 +691,7 @@ def silent_nan_probes(root: Path, tmp: Path) -> dict[str, str]:
             argv += ["--reference", tmp / "n_ref.npz", "--inception-weights", tmp / "weights.pth", "--out", tmp / "n_e"]
             outcomes[f"reference .npz: {name} (eval, before sampling)"] = classify(*cli(argv))
     finally:
-        metrics._inception, metrics.teacher_samples = real
+        metrics._inception, hkd.evaluation.teacher_samples = real
     return outcomes
 
 
@@ -846,61 +849,170 @@ def explore_probes(tmp: Path) -> dict[str, str]:
     return outcomes
 
 
+# The leftovers of the second round: NaN with several trajectory workers, --out made before the inputs are read,
+# and the number of explorer connections
+
+NAN_CLI = (  # hkd's CLI in a fresh process, with a teacher that gives NaN (the workers' stderr is the process's)
+    "import sys, torch, hkd.teacher\nfrom hkd.cli import main\n"
+    "class NaNTeacher(torch.nn.Module):\n"
+    "    img_channels, img_resolution, identity = 1, 4, {'source': 'probe', 'config': {}, 'hash': '0'}\n"
+    "    def forward(self, x, sigma):\n        return x * float('nan')\n"
+    "hkd.teacher.load_teacher = lambda path, device: NaNTeacher()\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def leftover_probes(root: Path, tmp: Path) -> dict[str, str]:
+    outcomes = {}
+    for workers in (1, 2):
+        store = tmp / f"l_nan{workers}"
+        argv = [sys.executable, "-c", NAN_CLI, "trajectories", "--teacher", tmp / "unused", "--out", store]
+        argv += ["--device", "cpu", "--quiet", "--workers", workers, "trajectories.num_trajectories=4"]
+        code, err, _ = child([*argv, "trajectories.shard_size=2", "trajectories.num_steps=2"], TIMEOUT)
+        manifest = store / "manifest.json"
+        finished = manifest.is_file() and json.loads(manifest.read_text())["shards"]
+        outcome = "hang" if code == "hang" else "traceback" if "Traceback" in err else classify(code, err)
+        outcomes[f"a teacher giving NaN, --workers {workers} (trajectories, CLI)"] = (
+            "silent" if finished or code == 0 else outcome
+        )
+    wrong = edited_folder(
+        root / "model", tmp / "l_wrong", lambda t: t.replace('"num_blocks": 1', '"num_blocks": 1000000')
+    )
+    commands = {
+        "generate, a refused model": ["generate", "--model", wrong],
+        "generate, a missing model": ["generate", "--model", tmp / "missing"],
+        "trajectories, a refused teacher": ["trajectories", "--teacher", wrong, "--device", "cpu"],
+        "trajectories --workers 2, a missing teacher": ["trajectories", "--teacher", tmp / "missing", "--workers", 2],
+        "analyze, a refused model": ["analyze", "--model", wrong],
+        "edit, a refused model": ["edit", "--model", wrong],
+        "ablate, a refused teacher": ["ablate", "--teacher", wrong, "--device", "cpu"],
+    }
+    for i, (name, argv) in enumerate(commands.items()):
+        out = tmp / f"l_out{i}" / "new"
+        code, err = cli([*argv, "--out", out])
+        outcomes[f"{name}: no --out folder made"] = "left a folder" if out.parent.exists() else classify(code, err)
+    return outcomes
+
+
+def connection_probes(tmp: Path, silent: int = 100) -> dict[str, str]:
+    """`hkd explore` with `silent` clients that connect and say nothing: threads started, a request beside them,
+    and a request after they leave."""
+    import socket
+    import threading
+
+    from hkd import explore
+    from hkd.model import HKDModel, ModelConfig
+
+    torch.manual_seed(0)
+    model = HKDModel(ModelConfig(img_resolution=8, img_channels=1, model_channels=4, channel_mult=(1,))).eval()
+    server = explore.make_server(explore.Explorer(model), "127.0.0.1", 0)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    info = f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}"
+    # the silent clients keep their connections for the whole probe, however slowly a loaded machine accepts them
+    timeouts = explore.Handler.timeout, explore.HEAD_DEADLINE
+    explore.Handler.timeout = explore.HEAD_DEADLINE = 300
+    outcomes, err = {}, io.StringIO()
+    with contextlib.redirect_stderr(err):
+        threads = threading.active_count()
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(silent)]
+        counts, deadline = [-1, -2, -3, -4, -5], time.monotonic() + 120
+        while len(set(counts[-5:])) > 1 and time.monotonic() < deadline:  # every connection accepted and handled
+            time.sleep(1)
+            counts.append(threading.active_count() - threads)
+        result = _http(port, info, wait=45.0)
+        outcomes[f"explore: {silent} silent connections (threads)"] = "unbounded" if counts[-1] > 64 else "ok"
+        print(f"explore: {silent} silent connections started {counts[-1]} threads", flush=True)
+        if result not in (None, "hang") and result[0] == 503:
+            one_line = isinstance(result[1], dict) and "\n" not in str(result[1].get("error", "\n"))
+            outcome = "ok" if one_line else "503 without a one-line error"
+        else:
+            outcome = _served(result)
+        outcomes[f"explore: a request beside {silent} silent connections"] = outcome
+        for c in clients:
+            c.close()
+        deadline, result = time.monotonic() + 30, None
+        while time.monotonic() < deadline and (result in (None, "hang") or result[0] != 200):
+            result = _http(port, info, wait=45.0)
+            time.sleep(0.2)
+        outcomes["explore: a request after the silent clients leave"] = "ok" if result[0] == 200 else _served(result)
+    explore.Handler.timeout, explore.HEAD_DEADLINE = timeouts
+    server.shutdown()
+    server.server_close()
+    if "Traceback" in err.getvalue():
+        outcomes["explore: the server's console (connections)"] = "traceback"
+    return outcomes
+
+
 def main() -> None:
+    global TIMEOUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the outcomes as JSON here")
     parser.add_argument(
-        "--only", choices=("files",), help="run only these probes (files: bounded cost, data loss, NaN)"
+        "--only",
+        choices=("files", "explore", "leftovers"),
+        help="run only these probes (files: bounded cost, data loss, NaN; explore: the explorer's server; "
+        "leftovers: NaN with several workers, --out made before the inputs are read, explorer connections)",
     )
+    parser.add_argument("--timeout", type=int, default=TIMEOUT, help=f"hang timeout, s (default {TIMEOUT})")
     args = parser.parse_args()
+    TIMEOUT = args.timeout
     torch.set_num_threads(1)
     import hkd.teacher
 
     outcomes: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        tmp = Path(folder)
-        root = tmp / "fixtures"
-        root.mkdir()
-        os.chdir(tmp)
-        paths = fixtures(root)
-        if args.only == "files":
+    try:  # a probe that breaks still leaves the outcomes so far
+        with tempfile.TemporaryDirectory() as folder:
+            tmp = Path(folder)
+            root = tmp / "fixtures"
+            root.mkdir()
+            os.chdir(tmp)
+            paths = fixtures(root)
+            if args.only is not None:
+                probes = {
+                    "files": lambda: file_probes(root, tmp),
+                    "explore": lambda: explore_probes(tmp),
+                    "leftovers": lambda: leftover_probes(root, tmp) | connection_probes(tmp),
+                }
+                outcomes |= probes[args.only]()
+                return
+            import hkd.bench
+            import hkd.train
+
+            def refuse(*a, **k):
+                raise WorkStarted
+
+            # the points where real work starts: a bad call must have failed before them
+            patched = [(hkd.teacher, "_batches"), (hkd.train, "StoreBatches"), (hkd.train, "OnlineBatches")]
+            patched += [(hkd.bench, "bench_spectral"), (hkd.bench, "bench_dense")]
+            real = [getattr(module, name) for module, name in patched]
+            for module, name in patched:
+                setattr(module, name, refuse)
+            for i, (line, fragment) in enumerate(CASES):
+                if fragment is None:
+                    continue
+                argv = [part.format(**paths, out=str(tmp / f"out{i}"), sp=" ") for part in line.split()]
+                outcomes[f"hkd {line}"] = classify(*cli(argv))
+            outcomes["demo --fresh on a folder hkd did not make"] = fresh_on_a_user_folder(paths, tmp)
+            for (module, name), value in zip(patched, real, strict=True):
+                setattr(module, name, value)
+            outcomes |= pickle_places(root, tmp)
+            outcomes["a NaN/inf weight at a checkpoint step"] = nonfinite_weights(tmp)
+            outcomes["flipped byte in checkpoint.pt"] = flipped_checkpoint(tmp)
+            outcomes["flipped byte in model.safetensors (generate)"] = flipped_model(root, tmp)
+            outcomes |= store_probes(root, tmp)
+            outcomes["kill -9 during a checkpoint save, then resume"] = stale_temporaries(root, tmp)
+            outcomes["file mode under umask 022"] = umask_probe(root, tmp)
+            outcomes |= config_probes(root, tmp)
+            outcomes |= sigterm_and_lock(tmp)
+            outcomes["--workers 2, parent killed -9"] = orphan_workers(tmp)
             outcomes |= file_probes(root, tmp)
-            os.chdir(ROOT)
-            return report(outcomes, args.out)
-        import hkd.bench
-        import hkd.train
-
-        def refuse(*a, **k):
-            raise WorkStarted
-
-        # the points where real work starts: a bad call must have failed before them
-        patched = [(hkd.teacher, "_batches"), (hkd.train, "StoreBatches"), (hkd.train, "OnlineBatches")]
-        patched += [(hkd.bench, "bench_spectral"), (hkd.bench, "bench_dense")]
-        real = [getattr(module, name) for module, name in patched]
-        for module, name in patched:
-            setattr(module, name, refuse)
-        for i, (line, fragment) in enumerate(CASES):
-            if fragment is None:
-                continue
-            argv = [part.format(**paths, out=str(tmp / f"out{i}"), sp=" ") for part in line.split()]
-            outcomes[f"hkd {line}"] = classify(*cli(argv))
-        outcomes["demo --fresh on a folder hkd did not make"] = fresh_on_a_user_folder(paths, tmp)
-        for (module, name), value in zip(patched, real, strict=True):
-            setattr(module, name, value)
-        outcomes |= pickle_places(root, tmp)
-        outcomes["a NaN/inf weight at a checkpoint step"] = nonfinite_weights(tmp)
-        outcomes["flipped byte in checkpoint.pt"] = flipped_checkpoint(tmp)
-        outcomes["flipped byte in model.safetensors (generate)"] = flipped_model(root, tmp)
-        outcomes |= store_probes(root, tmp)
-        outcomes["kill -9 during a checkpoint save, then resume"] = stale_temporaries(root, tmp)
-        outcomes["file mode under umask 022"] = umask_probe(root, tmp)
-        outcomes |= config_probes(root, tmp)
-        outcomes |= sigterm_and_lock(tmp)
-        outcomes["--workers 2, parent killed -9"] = orphan_workers(tmp)
-        outcomes |= file_probes(root, tmp)
-        outcomes |= explore_probes(tmp)
+            outcomes |= leftover_probes(root, tmp)
+            outcomes |= explore_probes(tmp)
+            outcomes |= connection_probes(tmp)
+    finally:
         os.chdir(ROOT)
-    report(outcomes, args.out)
+        report(outcomes, args.out)
 
 
 def report(outcomes: dict[str, str], out: str | None) -> None:

@@ -233,9 +233,10 @@ def resume_from(path: str | os.PathLike, resume: bool, where: str, map_location=
     return load(path, map_location) if resume else None
 
 
-def output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+def output_folder(path: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
     """`path` as a folder hkd may write into, created if needed; a file in the way, a read-only place or a missing
-    permission is a UserError naming `what` and the path, found before any work."""
+    permission is a UserError naming `what` and the path, found before any work. create=False only checks (a
+    command checks its --out with its other inputs, and the folder is made when the work starts)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {str(path)!r} is a file, not a folder")
@@ -244,6 +245,8 @@ def output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
         raise UserError(f"{what} {str(path)!r}: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} {str(path)!r}: {str(existing)!r} is read-only (no permission to write there)")
+    if not create:
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:

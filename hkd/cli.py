@@ -232,8 +232,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     from hkd import analysis
 
-    _out(args.out)
     model = _model(args.model, _device(args.device))
+    _out(args.out)  # after the model is read: a refused run creates nothing
     shape = (args.num, model.img_channels, model.img_resolution, model.img_resolution)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     summary = analysis.analyze(model, noise.to(next(model.parameters()).device), args.out, num_times=args.times)
@@ -264,7 +264,6 @@ def parser_edit(sub: argparse._SubParsersAction) -> None:
 def cmd_edit(args: argparse.Namespace) -> None:
     from hkd import editing
 
-    _out(args.out)
     model = _model(args.model, _device(args.device))
     if args.t_edit is not None and not model.eps <= args.t_edit <= model.T:
         raise UserError(f"--t-edit must lie in [eps, T] = [{model.eps}, {model.T}] for this model, got {args.t_edit}")
@@ -278,6 +277,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
             raise UserError(f"--known digits: the model makes {model.img_channels}-channel images")
     elif source != "none":
         known = _known_images(source, model, args.num, args.seed)
+    _out(args.out)  # after every check of the inputs: a refused run creates nothing
     written = editing.run(
         model, args.out, num=args.num, ratios=args.ratios, band=args.band, region=args.region, t_edit=args.t_edit,
         known=known, steps=args.steps, seed=args.seed,
@@ -315,12 +315,12 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     from hkd import experiments
 
     cfg = _config(args)
-    _out(args.out)
     teacher_path = args.teacher or (cfg.get("train") or {}).get("teacher")
     if not teacher_path:
         raise UserError("--teacher is needed (or train.teacher in the config): the ablation evaluates against it")
     teacher = _teacher(teacher_path, _device(args.device))
     reference = _fid_reference(args, teacher)
+    _out(args.out)  # after every check of the inputs: a refused run creates nothing
     rows, written = experiments.ablate(
         cfg, teacher, out_dir=args.out, num=args.num, seed=args.seed, reference=reference,
         inception_weights=args.inception_weights,
@@ -348,11 +348,12 @@ def parser_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from hkd.checkpoint import output_folder
     from hkd.model import generate_to
 
     if args.trajectory == 1:
         raise UserError("--trajectory K needs K >= 2 (the states at T and at eps), or 0 for none")
-    _out(args.out)
+    output_folder(args.out, "--out", create=False)  # made by generate_to, once the model is read
     model = _model(args.model, _device(args.device))
     written = generate_to(
         model, args.out, args.num, seed=args.seed, trajectory=args.trajectory, npz=args.npz, batch_size=args.batch_size
@@ -412,6 +413,7 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     import torch
 
     from hkd import trajectories
+    from hkd.checkpoint import output_folder
     from hkd.config import section
 
     if args.verify:
@@ -432,7 +434,7 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     device = _device(args.device)
     if args.workers > 1 and device.type != "cpu":
         raise UserError("--workers > 1 runs local processes on the CPU; for several GPUs use torchrun")
-    _out(args.out)
+    output_folder(args.out, "--out", create=False)  # made by write_store, once the teacher is read
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     teacher = _teacher(args.teacher, device)

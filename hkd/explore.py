@@ -32,6 +32,7 @@ import math
 import socket
 import sys
 import threading
+import time
 from collections import OrderedDict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +55,7 @@ MAX_SEED = 2**63 - 1
 SOCKET_TIMEOUT = 10.0  # seconds one read from or write to a client may wait
 BODY_DEADLINE = 30.0  # seconds a whole request body may take to arrive
 HEAD_DEADLINE = 30.0  # seconds the request line and headers may take (a trickle of header lines included)
+MAX_CONNECTIONS = 32  # open at once (a browser keeps about 6 per server); more are answered 503 at once
 PAGE_PATHS = ("/", "/index.html")
 EDIT_FIELDS = {"seed", "t", "box", "band", "r", "reference", "base"}
 MAX_SCATTER_POINTS = 3000  # per level, for the page's eigenvalue scatter
@@ -503,7 +505,47 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS at once. One more is refused at once with a 503 (a
+    one-line JSON error and Retry-After), not queued: a queued connection would wait unseen behind slow clients with
+    no deadline of its own, while a refusal costs no thread and tells the page to retry."""
+
     daemon_threads = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.limit = MAX_CONNECTIONS
+        self.slots = threading.BoundedSemaphore(self.limit)
+        self.refused_at = -math.inf  # when the last refusal was printed (one console line per 10 s at most)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            return self._busy(request, client_address)
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _busy(self, request, client_address):  # on the serving thread: a short answer, a short timeout
+        body = json.dumps({"error": f"the server has {self.limit} connections open (its limit); retry"})
+        head = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        head += f"Cache-Control: no-store\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        with contextlib.suppress(OSError):
+            request.settimeout(0.1)
+            with contextlib.suppress(TimeoutError):
+                request.recv(65536)  # the request, if it is there: closing over unread bytes would reset the answer
+            request.sendall((head + body).encode())
+        self.shutdown_request(request)
+        if time.monotonic() - self.refused_at > 10:
+            self.refused_at = time.monotonic()
+            print(f"hkd explore: {client_address[0]}: refused: {self.limit} connections open (the limit)",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     def handle_error(self, request, client_address):  # whatever escapes a handler: one line, not a traceback
         error = sys.exc_info()[1]

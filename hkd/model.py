@@ -409,7 +409,7 @@ def generate_to(
         raise ValueError(
             f"need num >= 1, batch_size >= 1 and trajectory 0 or >= 2, got {num}, {batch_size}, {trajectory}"
         )
-    out, device = Path(out), next(model.parameters()).device
+    out, device = checkpoint.output_folder(out), next(model.parameters()).device
     shape = (num, model.img_channels, model.img_resolution, model.img_resolution)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     times = torch.logspace(math.log10(model.T), math.log10(model.eps), trajectory, dtype=torch.float64)

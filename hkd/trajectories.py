@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hkd.checkpoint import atomic_write, read_json
+from hkd.checkpoint import TMP_SUFFIX, atomic_write, output_folder, read_json
 from hkd.config import Section, section
 from hkd.edm import heun_sampler, time_steps
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError, UserError, brief
@@ -275,7 +275,9 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _run_worker(denoiser, store_dir, spec, shards, device, threads, counter, parent=None) -> None:
+def _run_worker(denoiser, store_dir, spec, shards, device, threads, counter, parent=None, reasons=None) -> None:
+    """Write `shards`. A forked worker (parent set) sends a UserError to the parent through `reasons` and exits
+    with code 2, so the parent reports it as one line; any other exception is a bug and keeps its traceback."""
     if parent is not None:
         _die_with_parent(parent)
     if threads:
@@ -285,8 +287,14 @@ def _run_worker(denoiser, store_dir, spec, shards, device, threads, counter, par
         with counter.get_lock():
             counter.value += n
 
-    for k in shards:
-        _write_shard(denoiser, store_dir, spec, k, device, advance)
+    try:
+        for k in shards:
+            _write_shard(denoiser, store_dir, spec, k, device, advance)
+    except UserError as error:
+        if reasons is None:
+            raise
+        reasons.put((type(error), str(error)))
+        os._exit(2)  # no traceback: the parent raises the error
 
 
 def write_store(
@@ -309,12 +317,13 @@ def write_store(
     """
     if workers > 1 and torch.device(device).type != "cpu":
         raise UserError("local workers run on the CPU; for several GPUs start one process per GPU with torchrun")
-    store_dir = Path(store_dir)
-    store_dir.mkdir(parents=True, exist_ok=True)
+    store_dir = output_folder(store_dir, "trajectory store")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     spec = make_spec(denoiser.identity, cfg, shape)
     with _locked(store_dir):
+        for tmp in store_dir.glob(f".{MANIFEST}.*{TMP_SUFFIX}"):  # a writer killed while it held the lock
+            tmp.unlink()
         if (store_dir / MANIFEST).exists():
             manifest = read_manifest(store_dir)
             old, new = _content(manifest), _content(spec)
@@ -359,13 +368,21 @@ def write_store(
             _run_worker(denoiser, store_dir, spec, mine[0], device, 0, counter)
         else:
             threads = max(1, torch.get_num_threads() // workers)
-            args = [(denoiser, store_dir, spec, shards, device, threads, counter, os.getpid()) for shards in mine]
+            reasons = ctx.SimpleQueue()
+            args = [(denoiser, store_dir, spec, s, device, threads, counter, os.getpid(), reasons) for s in mine]
             processes = [ctx.Process(target=_run_worker, args=a, daemon=True) for a in args]
             for p in processes:
                 p.start()
-            while any(p.is_alive() for p in processes):
+            while any(p.is_alive() for p in processes) and reasons.empty():
                 time.sleep(0.2)
                 bar.update(counter.value - bar.n)
+            if not reasons.empty():  # a worker's UserError (a non-finite shard): the others would meet it too
+                kind, message = reasons.get()
+                for p in processes:
+                    p.kill()  # finished shards stay recorded; a half-written one is only a temporary file
+                for p in processes:
+                    p.join()
+                raise kind(message)
             failed = [j for j, p in enumerate(processes) if p.exitcode != 0]
             if failed:
                 raise RuntimeError(

@@ -223,6 +223,37 @@ def test_a_client_that_leaves_is_one_line(server, monkeypatch, capsys):
     assert request(port)[0] == 200
 
 
+def test_connections_are_bounded_in_number(monkeypatch, capsys):
+    monkeypatch.setattr(explore, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(explore.Handler, "timeout", 60)  # the silent clients hold their slots for the whole test
+    monkeypatch.setattr(explore, "HEAD_DEADLINE", 60)
+    torch.manual_seed(0)
+    server, _ = serve(explore.Explorer(tiny_model(**SHAPE).eval()))
+    port, idle = server.server_address[1], []
+    try:
+        assert request(port)[0] == 200
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4)]  # connect, say nothing
+        deadline = time.monotonic() + 30
+        while server.slots._value and time.monotonic() < deadline:  # every slot taken by a silent client
+            time.sleep(0.05)
+        threads = threading.active_count()
+        for _ in range(5):  # refused at once, one line, each with no thread of its own
+            status, answer = request(port)
+            assert status == 503 and "4 connections open (its limit)" in one_line(answer), (status, answer)
+        assert threading.active_count() <= threads
+        idle.pop().close()  # one leaves: its slot comes back
+        while (status := request(port)[0]) == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status == 200
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert err.count("refused: 4 connections open") == 1 and "Traceback" not in err, err  # one line per 10 s
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Values
 

@@ -315,17 +315,49 @@ def test_nonfinite_values_in_config_json_are_refused_before_work(imported, tmp_p
     assert not (tmp_path / "m.pt2").exists()
 
 
-def test_a_nonfinite_shard_is_never_marked_finished(tmp_path):
-    class NaNTeacher(torch.nn.Module):
-        img_channels, img_resolution, identity = 1, 4, {"source": "test", "config": {}, "hash": "0"}
+class NaNTeacher(torch.nn.Module):
+    img_channels, img_resolution, identity = 1, 4, {"source": "test", "config": {}, "hash": "0"}
 
-        def forward(self, x, sigma):
-            return x * float("nan")
+    def forward(self, x, sigma):
+        return x * float("nan")
 
-    cfg = trajectories.TrajectoryConfig(num_trajectories=2, num_steps=2, shard_size=2)
-    with pytest.raises(NonFiniteError, match="NaN or inf"):
-        trajectories.write_store(NaNTeacher(), tmp_path, cfg, progress=False)
-    assert trajectories.read_manifest(tmp_path)["shards"] == {} and not (tmp_path / "shard_00000.npy").exists()
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_nonfinite_shard_is_never_marked_finished(tmp_path, capfd, workers):
+    cfg = trajectories.TrajectoryConfig(num_trajectories=4, num_steps=2, shard_size=2, batch_size=2)
+    with pytest.raises(NonFiniteError, match="NaN or inf"):  # a worker's error, raised in the parent
+        trajectories.write_store(NaNTeacher(), tmp_path, cfg, workers=workers, progress=False)
+    assert trajectories.read_manifest(tmp_path)["shards"] == {} and not list(tmp_path.glob("shard_*"))
+    assert "Traceback" not in capfd.readouterr().err  # no worker printed one
+
+
+def test_a_nonfinite_shard_with_workers_is_one_line(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr("hkd.teacher.load_teacher", lambda path, device: NaNTeacher())
+    args = ["trajectories", "--teacher", tmp_path / "t", "--out", tmp_path / "s", "--device", "cpu", "--quiet"]
+    code, err = run([*args, "--workers", 2, "trajectories.num_trajectories=4", "trajectories.shard_size=2",
+                     "trajectories.num_steps=2"], capfd)  # fmt: skip
+    one_line(code, err, "NaN or inf values")
+    assert trajectories.read_manifest(tmp_path / "s")["shards"] == {}
+
+
+def test_a_refused_model_or_teacher_creates_no_out_folder(imported, tmp_path, capsys):
+    wrong = edited(imported / "model", tmp_path, "wrong", lambda c: c["model"].update(num_blocks=1_000_000))
+    out = tmp_path / "new" / "out"
+    for argv in [
+        ["generate", "--model", wrong, "--out", out],
+        ["generate", "--model", tmp_path / "missing", "--out", out],
+        ["trajectories", "--teacher", wrong, "--out", out],
+        ["trajectories", "--teacher", tmp_path / "missing", "--out", out],
+        ["trajectories", "--teacher", imported / "teacher", "--out", out, "--device", "cpu", "--workers", 2,
+         "trajectories.sigma_max=.inf"],
+        ["analyze", "--model", wrong, "--out", out],
+        ["edit", "--model", wrong, "--out", out],
+    ]:  # fmt: skip
+        code, err = run(argv, capsys)
+        assert code == 2 and not (tmp_path / "new").exists(), (argv, err)
+    (tmp_path / "file").write_text("mine")  # a file in the way is still refused before the model is read
+    code, err = run(["generate", "--model", tmp_path / "missing", "--out", tmp_path / "file"], capsys)
+    one_line(code, err, "is a file, not a folder")
 
 
 def stats_file(path, mu, sigma):
