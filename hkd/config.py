@@ -1,10 +1,12 @@
 """Run configurations: YAML files (hkd/configs/NAME.yaml or any path) plus `section.key=value` overrides.
 
-A config is a nested dict with one section per stage (data, teacher, trajectories, model, train). Each section is a
-dataclass deriving from `Section` (`class TrainConfig(Section, name="train")`): its fields' annotations are the
-types, checked (and lists made tuples, ints made floats) whenever the dataclass is built, and its `check()` holds
-the rules on values. `load` builds every section, so an unknown section or key, a value of the wrong type or out of
-range is a ConfigError naming it (and the closest valid name) before any work starts.
+A config has one section per stage (data, teacher, trajectories, model, train). Each section is a frozen dataclass
+deriving from `Section` (`class TrainConfig(Section, name="train")`): its fields' annotations are the types, checked
+(and lists made tuples, ints made floats) whenever the dataclass is built, and its `check()` holds the rules on
+values. `load` parses a config once into a `RunConfig`, one typed attribute per section (`config.train.lr`), so an
+unknown section or key, a value of the wrong type or out of range is a ConfigError naming it (and the closest valid
+name) before any work starts; each stage is then handed the section(s) it needs. The sections as written
+(`RunConfig.raw`, a plain dict) are what checkpoints and run folders store; `section` reads one back from such a dict.
 
 YAML is read as YAML 1.2 reads numbers: `1e-4` is a float (PyYAML's YAML 1.1 would make it a string). Aliases
 (`*name`) are refused, in files and overrides alike: a few hundred bytes of nested aliases expand to gigabytes. A
@@ -22,11 +24,18 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from hkd.errors import ConfigError, brief
+
+if TYPE_CHECKING:
+    from hkd.data import DataConfig
+    from hkd.model import ModelConfig
+    from hkd.teacher import TeacherConfig
+    from hkd.train import TrainConfig
+    from hkd.trajectories import TrajectoryConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The modules that define the sections: importing them registers their dataclasses in SECTIONS.
@@ -37,6 +46,7 @@ CONFIG_BYTES = 1 << 20  # the largest config file read
 
 __all__ = [
     "ConfigError",
+    "RunConfig",
     "Section",
     "apply_overrides",
     "available",
@@ -44,7 +54,6 @@ __all__ = [
     "choose_device",
     "load",
     "section",
-    "validate",
 ]
 
 
@@ -126,9 +135,9 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 
 class Section:
-    """Base of the config dataclasses. `class XConfig(Section, name="x")` registers the section `x`; building one
-    checks every field against its annotation, then calls `check()` (override it for the rules on values and raise
-    ConfigError naming the key)."""
+    """Base of the config dataclasses. `@dataclass(frozen=True) class XConfig(Section, name="x")` registers the
+    section `x`; building one checks every field against its annotation, then calls `check()` (override it for the
+    rules on values and raise ConfigError naming the key)."""
 
     section_name = ""
 
@@ -176,7 +185,7 @@ def check_types(obj: Any, name: str) -> None:
     for field in dataclasses.fields(obj):
         value = getattr(obj, field.name)
         try:
-            setattr(obj, field.name, _coerce(value, hints[field.name]))
+            object.__setattr__(obj, field.name, _coerce(value, hints[field.name]))  # frozen dataclasses too
         except TypeError:
             rule = _describe(hints[field.name])
             raise ConfigError(f"{name}.{field.name} must be {rule}, got {brief(value)}") from None
@@ -204,16 +213,40 @@ def sections() -> dict[str, type[Section]]:
     return SECTIONS
 
 
-def validate(config: dict[str, Any]) -> dict[str, Any]:
-    """Build every section of `config`: an unknown section, key or value is a ConfigError naming it."""
-    known = sections()
-    for name in config:
-        if name not in known:
-            hint = _suggest(str(name)[:100], known)
-            raise ConfigError(f"unknown config section {brief(name)}{hint}; valid: {', '.join(known)}")
-    for name, cls in known.items():
-        section(config, name, cls)
-    return config
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A run's config, parsed once: one typed section per stage, and `raw`, the sections as written (file plus
+    overrides; a section or key left out takes its default), which checkpoints and run folders store. Built by
+    `load` (a named config or a YAML file) or `RunConfig.parse` (a dict of sections); `override` gives a new one."""
+
+    data: DataConfig
+    teacher: TeacherConfig
+    trajectories: TrajectoryConfig
+    model: ModelConfig
+    train: TrainConfig
+    raw: dict[str, Any] = dataclasses.field(repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, config: RunConfig | dict[str, Any]) -> RunConfig:
+        """Every section of the dict `config` built (a RunConfig is returned as it is): an unknown section, key or
+        value is a ConfigError naming it."""
+        if isinstance(config, RunConfig):
+            return config
+        known = sections()
+        for name in config:
+            if name not in known:
+                hint = _suggest(str(name)[:100], known)
+                raise ConfigError(f"unknown config section {brief(name)}{hint}; valid: {', '.join(known)}")
+        built = {name: section(config, name, kind) for name, kind in known.items()}
+        return cls(**built, raw=copy.deepcopy(config))
+
+    def given(self, name: str) -> dict[str, Any]:
+        """The keys that the config sets in section `name`, as written (the section's other keys are defaults)."""
+        return dict(self.raw.get(name) or {})
+
+    def override(self, overrides: list[str]) -> RunConfig:
+        """A new RunConfig with `section.key=value` overrides (YAML values) applied to this one's sections."""
+        return RunConfig.parse(apply_overrides(self.raw, overrides))
 
 
 def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -233,9 +266,9 @@ def available() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def load(name_or_path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+def load(name_or_path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a named config (see `available()`) or a YAML path, apply `a.b=value` overrides (YAML values), and
-    check every section (`validate`)."""
+    parse every section (`RunConfig.parse`)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
@@ -250,7 +283,7 @@ def load(name_or_path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     config = config or {}
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config is a mapping of sections")
-    return validate(apply_overrides(config, overrides))
+    return RunConfig.parse(apply_overrides(config, overrides))
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

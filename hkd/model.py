@@ -52,7 +52,7 @@ GENERATOR_INITS = ("zero", "spread")
 ENCODER_SCALES = ("fixed", "estimated")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(Section, name="model"):
     """The `model:` section of a run config."""
 

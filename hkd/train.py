@@ -39,7 +39,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -47,17 +47,21 @@ from torch import Tensor, nn
 
 from hkd import checkpoint, loop
 from hkd import config as configs
-from hkd.config import Section, section, to_dict
+from hkd.config import RunConfig, Section
 from hkd.errors import ConfigError, UserError
 from hkd.losses import PERCEPTUAL, Distance, lambda1_schedule, trajectory_loss
 from hkd.runstate import RunState, checkpoint_state, last_good, restore, resume_changes, save_checkpoint
 from hkd.trajectories import OnlineBatches, StoreBatches, trajectory_batch
 
+if TYPE_CHECKING:
+    from hkd.model import ModelConfig
+    from hkd.trajectories import TrajectoryConfig
+
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_FIELDS = ("step", "epoch", "loss", "lambda1", "lr", "grad_norm", "skipped", "seconds")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig(Section, name="train"):
     """The `train:` section."""
 
@@ -163,31 +167,29 @@ def _distributed(device: str) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def build_model(config: dict[str, Any], teacher: nn.Module | None = None) -> nn.Module:
+def build_model(model: ModelConfig, teacher: nn.Module | None = None, given: dict[str, Any] | None = None) -> nn.Module:
     """HKDModel of the `model:` section. With a teacher (Algorithm 1, step 1), encoder and decoder start as its
-    U-Net, and the sizes the section leaves out are the teacher's."""
-    from hkd.model import HKDModel, ModelConfig
+    U-Net, and the sizes that the section does not set (the keys outside `given`) are the teacher's."""
+    from hkd.model import HKDModel
 
     if teacher is None:
-        return HKDModel(section(config, "model", ModelConfig))
-    model = HKDModel.from_teacher(teacher)
-    if not config.get("model"):
-        return model
-    settings = {"model": {**to_dict(model.config), **config["model"]}}
-    return HKDModel.from_teacher(teacher, section(settings, "model", ModelConfig))
+        return HKDModel(model)
+    derived = HKDModel.from_teacher(teacher)
+    if not given:
+        return derived
+    return HKDModel.from_teacher(teacher, dataclasses.replace(derived.config, **{k: getattr(model, k) for k in given}))
 
 
-def build_dataset(config: dict[str, Any], cfg: TrainConfig, teacher: nn.Module | None, model: nn.Module):
+def build_dataset(cfg: TrainConfig, trajectories: TrajectoryConfig, teacher: nn.Module | None, model: nn.Module):
     """The store at train.store; refused (naming the differences) unless it was made with the `trajectories:`
-    settings of this config, by this teacher (when given), with images of the model's shape."""
-    from hkd.trajectories import TrajectoryConfig, TrajectoryDataset, expectation
+    settings, by this teacher (when given), with images of the model's shape."""
+    from hkd.trajectories import TrajectoryDataset, expectation
 
     if cfg.store is None:
         raise ConfigError("train.store is not set: make a store with `hkd trajectories` and pass train.store=DIR")
     teacher_hash = getattr(teacher, "identity", {}).get("hash") if teacher is not None else None
     shape = (model.img_channels, model.img_resolution, model.img_resolution) if hasattr(model, "img_channels") else None
-    expect = expectation(section(config, "trajectories", TrajectoryConfig), teacher_hash, shape)
-    return TrajectoryDataset(cfg.store, expect=expect)
+    return TrajectoryDataset(cfg.store, expect=expectation(trajectories, teacher_hash, shape))
 
 
 class _Log:
@@ -255,22 +257,22 @@ def _save_samples(ema: nn.Module, first: tuple[Tensor, Tensor], cfg: TrainConfig
     save_grid(images, path, nrow=int(math.sqrt(cfg.sample_count)), scale=2)
 
 
-def _prepare(config, cfg: TrainConfig, model, dataset, rank: int, world: int, device: torch.device):
+def _prepare(config: RunConfig, model, dataset, rank: int, world: int, device: torch.device):
     """(this rank's batches, the RunState at step 0, the network to train: the model, or its DDP wrapper, and the
     teacher: loaded when the model starts from it, the data come from it, or lambda4 compares with it)."""
-    teacher = None
+    cfg, teacher = config.train, None
     if cfg.teacher is not None and (model is None or dataset is None or cfg.lambda4 > 0):
         from hkd.teacher import load_teacher
 
         teacher = load_teacher(cfg.teacher, device if cfg.online else "cpu")
-    raw = build_model(config, teacher) if model is None else model
+    raw = build_model(config.model, teacher, config.given("model")) if model is None else model
     if teacher is not None:  # after build_model: the model's U-Net starts as a copy of the teacher's, trainable
         teacher.requires_grad_(False).eval()
     local_batch = cfg.batch // world
     if cfg.online and dataset is None:
-        batches = OnlineBatches(teacher, config, local_batch, rank, world, device)
+        batches = OnlineBatches(teacher, config.trajectories, local_batch, rank, world, device)
     else:
-        dataset = build_dataset(config, cfg, teacher, raw) if dataset is None else dataset
+        dataset = build_dataset(cfg, config.trajectories, teacher, raw) if dataset is None else dataset
         batches = StoreBatches(dataset, local_batch, rank, world, cfg.seed, cfg.workers, device.type == "cuda")
     raw = raw.to(device)
     T = float(batches.first[1].max())
@@ -289,26 +291,29 @@ def _prepare(config, cfg: TrainConfig, model, dataset, rank: int, world: int, de
 
 
 def train(
-    config: dict[str, Any],
+    config: RunConfig | dict[str, Any],
     *,
     resume: bool = False,
     model: nn.Module | None = None,
     dataset=None,
     log=print,
 ) -> dict[str, Any]:
-    """Train HKD as configured (`train:` section, plus `model:` when `model` is not given). `dataset` items are dicts
+    """Train HKD as configured: `config` (a RunConfig, or a dict of sections, parsed here) gives the `train:` section,
+    `model:` when `model` is not given, and `trajectories:` for the store or online data. `dataset` items are dicts
     with "states" (K, C, H, W) and "times" (K,) (default: the store at train.store). Returns {"step", "checkpoint",
     "losses": [(step, mean loss since the previous log row)], "skipped", "model", "ema", "rank"}; rank 0's run folder
     holds the rest. Rank 0 locks train.out for the run. resume=True continues the run in train.out from its
     checkpoint (which must exist; without resume it must not). A SIGTERM/SIGINT stop writes the checkpoint, then
     raises RunStopped (continue with resume=True)."""
-    cfg = section(config, "train", TrainConfig)
+    config = RunConfig.parse(config)
     first = int(os.environ.get("RANK", "0")) == 0
-    with checkpoint.run_lock(checkpoint.output_folder(cfg.out, "train.out")) if first else contextlib.nullcontext():
-        return _train(config, cfg, resume, model, dataset, log)
+    lock = checkpoint.run_lock(checkpoint.output_folder(config.train.out, "train.out"))
+    with lock if first else contextlib.nullcontext():
+        return _train(config, resume, model, dataset, log)
 
 
-def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[str, Any]:
+def _train(config: RunConfig, resume: bool, model, dataset, log) -> dict[str, Any]:
+    cfg = config.train
     # Setup: processes, the checks that need no work, then data, model, optimiser.
     rank, world, device = _distributed(cfg.device)
     log = log if rank == 0 else (lambda line: None)
@@ -318,12 +323,12 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
     path = out / CHECKPOINT_NAME
     saved = checkpoint.resume_from(path, resume, "train.out", map_location=device)
     if saved is not None:
-        resume_changes(saved["config"], config, path)
+        resume_changes(saved["config"], config.raw, path)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     distance = Distance(cfg.perceptual, cfg.lambda2, cfg.lpips_net, cfg.lpips_weights, cfg.lpips_resize).to(device)
-    batches, run, net, teacher = _prepare(config, cfg, model, dataset, rank, world, device)
+    batches, run, net, teacher = _prepare(config, model, dataset, rank, world, device)
     raw, ema, optimizer = run.model, run.ema, run.optimizer
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     steps_per_epoch = batches.steps_per_epoch
@@ -346,7 +351,7 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
 
     # The loop: one optimiser step per batch, until the step budget is spent or a signal stops every rank, which
     # writes the checkpoint (rank 0, also every checkpoint_every steps and at the end).
-    save = (lambda: save_checkpoint(path, checkpoint_state(config, run, steps_per_epoch))) if rank == 0 else None
+    save = (lambda: save_checkpoint(path, checkpoint_state(config.raw, run, steps_per_epoch))) if rank == 0 else None
     last_log = time.perf_counter()
     net.train()
     stream = _stream(batches, run.step, steps_per_epoch)

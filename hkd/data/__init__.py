@@ -20,7 +20,7 @@ NAMES = ("digits", "photos", "folder", "cifar10")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig(Section, name="data"):
     """The `data` section. name: digits (embedded, default), photos (patches of scikit-image's bundled colour
     photographs, hkd.data.photos; `patches` of them), folder (images under `root`), cifar10 (torchvision's python
@@ -146,7 +146,7 @@ def images_from(source: str | Path, resolution: int, channels: int) -> Dataset:
         raise MissingFileError(
             f"{str(source)!r} is neither an image folder nor a config ({', '.join(config.available())} or a YAML path)"
         )
-    data = config.section(config.load(source), "data", DataConfig)
+    data = config.load(source).data
     if (data.channels, data.resolution) != (channels, resolution):
         raise ValueError(
             f"{str(source)!r} has {data.channels}x{data.resolution}x{data.resolution} images, "
