@@ -16,7 +16,7 @@ from hkd.evaluation import one_step, sample_metrics, teacher_samples, write_tabl
 from hkd.model import HKDModel
 
 if TYPE_CHECKING:
-    from hkd.train import TrainConfig
+    from hkd.train_config import TrainConfig
 
 ABLATION = (  # name, model.koopman, train.consistency, model.hierarchy, the paper's CIFAR-10 FID
     ("direct regression", False, False, True, 5.72),

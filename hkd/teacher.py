@@ -29,11 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from hkd import checkpoint, loop
-from hkd.config import Section, section, to_dict
 from hkd.data import DataConfig, load_dataset
 from hkd.edm import EDMPrecond, edm_loss, edm_noise, ema_halflife_decay, heun_sampler, sigma_column
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, UserError
 from hkd.runstate import RunState, last_good, restore, save_checkpoint
+from hkd.sections import Section, section, to_dict
 from hkd.unet import UNet, architecture, check_size
 
 CHECKPOINT_NAME = "teacher.pt"

@@ -47,9 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from hkd.checkpoint import atomic_write, read_json
-from hkd.config import Section
 from hkd.edm import heun_sampler, time_steps
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError, UserError, brief
+from hkd.sections import Section
 
 MANIFEST = "manifest.json"
 FORMAT = "hkd-trajectories"

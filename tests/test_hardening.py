@@ -415,5 +415,7 @@ def test_config_errors_name_the_key_and_the_closest_valid_one():
         trajectories.TrajectoryConfig(batch_size=0)
     assert ModelConfig(channel_mult=[1, 2]).channel_mult == (1, 2) and isinstance(ModelConfig(dropout=0).dropout, float)
     assert set(config.sections()) == {"data", "teacher", "trajectories", "model", "train"}
-    changed = config.changes(config.load("digits").raw, config.load("digits", ["train.lr=0.002", "model.clock=log"]).raw)
+    changed = config.changes(
+        config.load("digits").raw, config.load("digits", ["train.lr=0.002", "model.clock=log"]).raw
+    )
     assert sorted(changed) == ["model.clock: 'identity' -> 'log'", "train.lr: 0.001 -> 0.002"]
