@@ -11,6 +11,7 @@ time spent waiting for a core. Everything is written to a temporary folder and r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -19,10 +20,10 @@ from pathlib import Path
 import torch
 
 from hkd import config
-from hkd.data import DataConfig, load_dataset
+from hkd.data import load_dataset
 from hkd.edm import edm_loss
-from hkd.teacher import TeacherConfig, _batches, build_net, weights_hash
-from hkd.trajectories import TrajectoryConfig, TrajectoryDataset, write_store
+from hkd.teacher import _batches, build_net, weights_hash
+from hkd.trajectories import TrajectoryDataset, write_store
 
 
 def clock():
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     cfg = config.load(args.config)
-    data, teacher_cfg = config.section(cfg, "data", DataConfig), config.section(cfg, "teacher", TeacherConfig)
+    data, teacher_cfg = cfg.data, cfg.teacher
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, device {args.device}")
 
     denoiser = build_net(data, teacher_cfg).to(args.device)
@@ -71,9 +72,13 @@ def main() -> None:
     teacher = denoiser.eval().requires_grad_(False)
     teacher.img_channels, teacher.img_resolution = data.channels, data.resolution
     teacher.identity = {"source": "benchmark", "config": {}, "hash": weights_hash(teacher, {})}
-    traj = config.section(cfg, "trajectories", TrajectoryConfig)
-    traj.num_trajectories, traj.shard_size = args.trajectories, args.trajectories // 4
-    traj.batch_size = min(traj.batch_size, traj.shard_size)
+    shard = args.trajectories // 4
+    traj = dataclasses.replace(
+        cfg.trajectories,
+        num_trajectories=args.trajectories,
+        shard_size=shard,
+        batch_size=min(cfg.trajectories.batch_size, shard),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         rates = {}
         for workers in (1, 2):

@@ -196,12 +196,12 @@ def cost(args, device: torch.device) -> None:
     from hkd.config import load
 
     cfg = load("cifar10")
-    steps_total = cfg["train"]["epochs"] * (cfg["trajectories"]["num_trajectories"] // cfg["train"]["batch"])
+    steps_total = cfg.train.epochs * (cfg.trajectories.num_trajectories // cfg.train.batch)
     best = min(results.values()) / args.batch  # seconds per trajectory; a step's cost is linear in its batch
-    hours = steps_total * cfg["train"]["batch"] * best / 3600
+    hours = steps_total * cfg.train.batch * best / 3600
     note = "" if args.preset == "cifar" else " (not the cifar preset: an illustration only)"
     print(
-        f"the cifar10 config ({steps_total} steps of {cfg['train']['batch']} trajectories) at the fastest row's rate: "
+        f"the cifar10 config ({steps_total} steps of {cfg.train.batch} trajectories) at the fastest row's rate: "
         f"{hours:.0f} {device.type.upper()}-hours on this device{note}"
     )
 

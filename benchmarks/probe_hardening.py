@@ -341,7 +341,7 @@ def config_probes(root: Path, tmp: Path) -> dict[str, str]:
 
     outcomes = {}
     try:
-        lr = config.load("digits", ["train.lr=1e-4"])["train"]["lr"]
+        lr = config.load("digits", ["train.lr=1e-4"]).train.lr
         outcomes["train.lr=1e-4 is a number"] = "ok" if isinstance(lr, float) else "silent"
     except Exception:  # noqa: BLE001
         outcomes["train.lr=1e-4 is a number"] = "traceback"

@@ -34,11 +34,11 @@ def flops(fn) -> float:
 
 def main() -> None:
     cfg = load("cifar10")
-    teacher, trajectories, train = cfg["teacher"], cfg["trajectories"], cfg["train"]
+    teacher, trajectories, train = cfg.teacher, cfg.trajectories, cfg.train
     with torch.device("meta"):
-        unet = UNet(32, 3, 3, model_channels=teacher["model_channels"], channel_mult=tuple(teacher["channel_mult"]),
-                    num_blocks=teacher["num_blocks"], attn_resolutions=tuple(teacher["attn_resolutions"]),
-                    stem_channels=teacher["model_channels"])  # fmt: skip
+        unet = UNet(32, 3, 3, model_channels=teacher.model_channels, channel_mult=tuple(teacher.channel_mult),
+                    num_blocks=teacher.num_blocks, attn_resolutions=tuple(teacher.attn_resolutions),
+                    stem_channels=teacher.model_channels)  # fmt: skip
         x, sigma = torch.randn(1, 3, 32, 32), torch.ones(1)
         inception = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).eval()
         vgg = torchvision.models.vgg16(weights=None).features
@@ -50,22 +50,22 @@ def main() -> None:
     print(f"per image: DDPM++ forward {unet_forward / 1e9:.2f} GFLOP, Inception-v3 {inception_forward / 1e9:.2f}, "
           f"VGG16 features {vgg_forward / 1e9:.2f}")  # fmt: skip
 
-    per_solve = 2 * trajectories["num_steps"] - 1  # Heun: 35 evaluations at 18 steps
-    times = train["time_samples"] + 1  # images per trajectory in a step
-    steps = train["epochs"] * (trajectories["num_trajectories"] // train["batch"])
-    trained = steps * train["batch"]  # trajectories through the step
+    per_solve = 2 * trajectories.num_steps - 1  # Heun: 35 evaluations at 18 steps
+    times = train.time_samples + 1  # images per trajectory in a step
+    steps = train.epochs * (trajectories.num_trajectories // train.batch)
+    trained = steps * train.batch  # trajectories through the step
     lpips = 3 * vgg_forward  # per image: forward on x_hat and x_eps, backward through x_hat (frozen weights: ~1)
     fid_images = 50_000
     stages = [  # name, FLOP, precision index
-        ("trajectories (teacher, Heun)", trajectories["num_trajectories"] * per_solve * unet_forward, 0),
+        ("trajectories (teacher, Heun)", trajectories.num_trajectories * per_solve * unet_forward, 0),
         ("HKD training, U-Net", trained * times * 3 * unet_forward, 1),
         ("HKD training, LPIPS-VGG", trained * times * lpips, 1),
         ("FID reference (hkd fid-ref)", fid_images * inception_forward, 0),
         ("eval: teacher Heun + Euler 3 + HKD", fid_images * (per_solve + 3 + 1) * unet_forward, 0),
         ("eval: Inception on 3 x 50k samples", 3 * fid_images * inception_forward, 0),
     ]
-    print(f"\n{steps} steps of {train['batch']} trajectories x {times} images; "
-          f"{trajectories['num_trajectories']} trajectories of {per_solve} evaluations; FID on {fid_images} samples; "
+    print(f"\n{steps} steps of {train.batch} trajectories x {times} images; "
+          f"{trajectories.num_trajectories} trajectories of {per_solve} evaluations; FID on {fid_images} samples; "
           f"{UTILISATION:.0%} of peak assumed")  # fmt: skip
     print(f"\n| stage | PFLOP | {' | '.join(f'{gpu} GPU-h' for gpu in PEAK)} |")
     print(f"|---|---:|{'---:|' * len(PEAK)}")

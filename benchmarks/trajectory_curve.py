@@ -17,7 +17,6 @@ from pathlib import Path
 
 from hkd import demo, experiments
 from hkd.checkpoint import output_folder
-from hkd.config import apply_overrides
 from hkd.errors import UserError
 from hkd.teacher import load_teacher
 
@@ -31,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     source, out = Path(args.demo), Path(args.out)
     config = demo.settings(source, quick=False, overrides=[f"train.epochs={args.epochs}", *args.overrides])
-    config = apply_overrides(config, [f"train.out={out}", "train.progress=false"])
+    config = config.override([f"train.out={out}", "train.progress=false"])
     output_folder(out, "--out")  # a file in the way or a read-only place: refused before the teacher's samples
     teacher = load_teacher(source / "teacher" / "teacher.pt")
     _, rows = experiments.learning_curve(config, **experiments.curve_inputs(config, teacher))

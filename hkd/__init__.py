@@ -5,10 +5,10 @@ from hkd.openmp import choose_wait_policy
 
 choose_wait_policy()
 
-from hkd import ops
-from hkd.model import HKDModel, ModelConfig
-from hkd.propagator import HKDPropagator
-from hkd.unet import UNet
+from hkd import ops  # noqa: E402 (after the wait policy is chosen)
+from hkd.model import HKDModel, ModelConfig  # noqa: E402
+from hkd.propagator import HKDPropagator  # noqa: E402
+from hkd.unet import UNet  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["HKDModel", "HKDPropagator", "ModelConfig", "UNet", "ops", "__version__"]

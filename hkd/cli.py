@@ -315,7 +315,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     from hkd import experiments
 
     cfg = _config(args)
-    teacher_path = args.teacher or (cfg.get("train") or {}).get("teacher")
+    teacher_path = args.teacher or cfg.train.teacher
     if not teacher_path:
         raise UserError("--teacher is needed (or train.teacher in the config): the ablation evaluates against it")
     teacher = _teacher(teacher_path, _device(args.device))
@@ -385,7 +385,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
 
     config, device = _config(args), _device(args.device)
     with run_lock(_out(args.out)):
-        result = train_teacher(config, args.out, resume=args.resume, device=device)
+        result = train_teacher(config.data, config.teacher, args.out, resume=args.resume, device=device)
     print(f"wrote {result['checkpoint']} (step {result['step']})")
 
 
@@ -408,13 +408,13 @@ def parser_trajectories(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_trajectories(args: argparse.Namespace) -> None:
+    import dataclasses
     import os
 
     import torch
 
     from hkd import trajectories
     from hkd.checkpoint import output_folder
-    from hkd.config import section
 
     if args.verify:
         problems = trajectories.verify_store(args.verify)
@@ -427,10 +427,9 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
         return
     if not args.teacher or not args.out:
         raise UserError("--teacher and --out are required (or --verify DIR)")
-    config = _config(args)
+    cfg = _config(args).trajectories
     if args.num is not None:
-        config.setdefault("trajectories", {})["num_trajectories"] = args.num
-    cfg = section(config, "trajectories", trajectories.TrajectoryConfig)
+        cfg = dataclasses.replace(cfg, num_trajectories=args.num)
     device = _device(args.device)
     if args.workers > 1 and device.type != "cpu":
         raise UserError("--workers > 1 runs local processes on the CPU; for several GPUs use torchrun")

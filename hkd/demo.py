@@ -81,7 +81,9 @@ CONFIGS = {
 }
 
 
-def settings(out: Path, quick: bool, overrides: list[str] = (), quality: bool = False, name: str = "digits") -> dict:
+def settings(
+    out: Path, quick: bool, overrides: list[str] = (), quality: bool = False, name: str = "digits"
+) -> configs.RunConfig:
     paths = [
         f"train.out={out / 'hkd'}",
         f"train.store={out / 'trajectories'}",
@@ -138,7 +140,7 @@ def run(
         data_dir()
     config = settings(out, quick, list(overrides), quality, name)
     device = configs.choose_device(device, "--device")
-    config = configs.validate(configs.apply_overrides(config, [f"train.device={device.type}"]))
+    config = config.override([f"train.device={device.type}"])
     if out.is_symlink():
         raise UserError(f"--out {out} is a symbolic link: give the folder itself")
     if fresh and out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
@@ -148,12 +150,14 @@ def run(
         return _stages(out, config, device, quick, quality, log, name)
 
 
-def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality: bool, log, name: str) -> Path:
+def _stages(
+    out: Path, config: configs.RunConfig, device: torch.device, quick: bool, quality: bool, log, name: str
+) -> Path:
     from hkd import analysis, checkpoint, editing, experiments, feature_space
-    from hkd.data import DataConfig, examples
+    from hkd.data import examples
     from hkd.figures import write_json
     from hkd.teacher import CHECKPOINT_NAME, load_teacher, train_teacher
-    from hkd.trajectories import TrajectoryConfig, read_manifest, write_store
+    from hkd.trajectories import read_manifest, write_store
 
     timings_file = out / "timings.json"  # seconds per stage, kept across re-runs for the report
     try:
@@ -174,12 +178,12 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
         log(f"[demo] {name}: {timings[name]:.0f} s")
         return result
 
-    data = configs.section(config, "data", DataConfig)
+    data = config.data
     if name == "photos":
         feature_space.use_photos(data.resolution)
     space = feature_space.space_for((data.channels, data.resolution, data.resolution))
     teacher_ckpt = out / "teacher" / CHECKPOINT_NAME
-    steps = config["teacher"]["steps"]
+    steps = config.teacher.steps
 
     def teacher_done() -> bool:
         return teacher_ckpt.is_file() and checkpoint.load(teacher_ckpt)["step"] >= steps
@@ -188,12 +192,11 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
     stage(
         "1/8 teacher",
         teacher_done(),
-        lambda: train_teacher(config, out / "teacher", resume=resume, device=device, log=log),
+        lambda: train_teacher(data, config.teacher, out / "teacher", resume=resume, device=device, log=log),
     )
     teacher = load_teacher(teacher_ckpt, device=device)
 
     store = out / "trajectories"
-    trajectory_cfg = configs.section(config, "trajectories", TrajectoryConfig)
 
     def store_done() -> bool:
         if not (store / "manifest.json").is_file():
@@ -205,7 +208,7 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
     stage(
         "2/8 trajectories",
         store_done(),
-        lambda: write_store(teacher, store, trajectory_cfg, workers=workers, device=device),
+        lambda: write_store(teacher, store, config.trajectories, workers=workers, device=device),
     )
 
     # Learning curves: each run stops at milestones; its one-step samples (500 noises) and its Koopman trajectory
@@ -217,8 +220,8 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
 
     def trained(label: str, name: str, switches: list[str]):
         """One run as a stage, trained (or resumed) through its learning curve, or reused when done earlier."""
-        cfg = configs.apply_overrides(config, [*switches, f"train.out={out / name}"])
-        done = experiments.finished(cfg) and experiments.run_steps(cfg) >= total
+        cfg = config.override([*switches, f"train.out={out / name}"])
+        done = experiments.finished(cfg.train) and experiments.run_steps(cfg.train) >= total
         work = lambda: experiments.learning_curve(cfg, **measured_on, device=device, log=log)  # noqa: E731
         model, curves[label.split(" ", 1)[1]] = stage(label, done, work) or work()
         return model
@@ -243,7 +246,7 @@ def _stages(out: Path, config: dict, device: torch.device, quick: bool, quality:
         ablation = out / "ablation"
         work = lambda: experiments.ablate(config, teacher, out_dir=ablation, num=num, folders=runs, log=log)  # noqa: E731
         stage("9 ablation", (ablation / "ablation.md").is_file(), work)
-    report = write_report(out, config, timings, quick, quality, name)
+    report = write_report(out, timings, quick, quality, name)
     log(f"[demo] report: {report}")
     return report
 
@@ -308,7 +311,7 @@ def _edit_errors(path: Path) -> str:
 
 
 def write_report(
-    out: Path, config: dict, timings: dict[str, float], quick: bool, quality: bool = False, name: str = "digits"
+    out: Path, timings: dict[str, float], quick: bool, quality: bool = False, name: str = "digits"
 ) -> Path:
     """report.md: sample grids, the evaluation table, the spectral analysis and the edits, with relative links."""
     from hkd.figures import atomic_write

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from hkd import checkpoint
-from hkd.config import finite
 from hkd.edm import EDMPrecond, sigma_column
 from hkd.errors import ConfigError, CorruptFileError, UserError, brief
+from hkd.sections import finite
 from hkd.unet import UNet, check_size
 
 FORMAT = "hkd-edm-teacher"

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from hkd.config import apply_overrides, section
+from hkd.config import RunConfig
 from hkd.evaluation import one_step, sample_metrics, teacher_samples, write_table
 from hkd.model import HKDModel
+
+if TYPE_CHECKING:
+    from hkd.train_config import TrainConfig
 
 ABLATION = (  # name, model.koopman, train.consistency, model.hierarchy, the paper's CIFAR-10 FID
     ("direct regression", False, False, True, 5.72),
@@ -22,45 +26,37 @@ ABLATION = (  # name, model.koopman, train.consistency, model.hierarchy, the pap
 )
 
 
-def run_folder(config: dict) -> Path:
-    """The run folder, train.out."""
-    from hkd.train import TrainConfig
-
-    return Path(section(config, "train", TrainConfig).out)
-
-
-def finished(config: dict) -> bool:
+def finished(cfg: TrainConfig) -> bool:
     """Whether the run in train.out finished: its final model/ folder exists."""
-    return (run_folder(config) / "model").is_dir()
+    return (Path(cfg.out) / "model").is_dir()
 
 
-def trained_model(config: dict, *, dataset=None, device: str | torch.device = "cpu", log=print) -> HKDModel:
+def trained_model(config: RunConfig | dict, *, dataset=None, device: str | torch.device = "cpu", log=print) -> HKDModel:
     """The EMA model of the run in train.out, in eval mode: the saved one when the run finished (loaded on `device`),
-    else the run resumed from its checkpoint, else trained from the start (hkd.train.train, on train.device)."""
+    else the run resumed from its checkpoint, else trained from the start (hkd.train.train, on train.device).
+    `config`: a RunConfig, or a dict of sections (parsed here)."""
     from hkd import train as training
 
-    run = run_folder(config)
-    if finished(config):
+    config = RunConfig.parse(config)
+    run = Path(config.train.out)
+    if finished(config.train):
         return HKDModel.from_pretrained(run / "model", device=device).eval()
     resume = (run / training.CHECKPOINT_NAME).is_file()
     return training.train(config, resume=resume, dataset=dataset, log=log)["ema"].eval()
 
 
-def forward_passes(config: dict, steps: int) -> int:
+def forward_passes(cfg: TrainConfig, steps: int) -> int:
     """(x_t, t) forward passes of `steps` optimiser steps: batch * s per step with the trajectory loss (s - 1
     intermediate times + T), batch without it. The budget that makes HKD and direct regression comparable."""
-    from hkd.train import TrainConfig
-
-    cfg = section(config, "train", TrainConfig)
     return steps * cfg.batch * (cfg.time_samples + 1 if cfg.consistency else 1)
 
 
-def run_steps(config: dict) -> int:
+def run_steps(cfg: TrainConfig) -> int:
     """The optimiser steps the run in train.out has taken (its checkpoint's), 0 before the first."""
     from hkd import checkpoint
     from hkd.train import CHECKPOINT_NAME
 
-    path = run_folder(config) / CHECKPOINT_NAME
+    path = Path(cfg.out) / CHECKPOINT_NAME
     return int(checkpoint.load(path)["step"]) if path.is_file() else 0
 
 
@@ -69,19 +65,19 @@ def milestones(total: int) -> list[int]:
     return sorted({max(1, round(total * f)) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 1)})
 
 
-def curve_inputs(config: dict, teacher, *, num: int = 500, held_out: int = 64, device="cpu") -> dict:
+def curve_inputs(config: RunConfig, teacher, *, num: int = 500, held_out: int = 64, device="cpu") -> dict:
     """What a run's learning curve is measured on (learning_curve's keywords): the milestones of its training,
     `num` noises (seed 0) with the teacher's 18-step Heun endpoints for them, and `held_out` fresh teacher
     trajectories (seed 1) with the teacher, for the faithfulness of the Koopman trajectory."""
     from hkd.faithfulness import teacher_trajectories
     from hkd.train import total_steps
 
-    train = config["train"]
-    per_epoch = config["trajectories"]["num_trajectories"] // train["batch"]
+    train = config.train
+    per_epoch = config.trajectories.num_trajectories // train.batch
     shape = (num, teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     return dict(
-        milestones=milestones(total_steps(train["epochs"], per_epoch, train.get("max_steps"))),
+        milestones=milestones(total_steps(train.epochs, per_epoch, train.max_steps)),
         noise=noise,
         endpoint=teacher_samples(teacher, noise, 18),
         trajectories=(*teacher_trajectories(teacher, held_out), teacher),
@@ -89,7 +85,7 @@ def curve_inputs(config: dict, teacher, *, num: int = 500, held_out: int = 64, d
 
 
 def learning_curve(
-    config: dict,
+    config: RunConfig,
     milestones: list[int],
     noise: torch.Tensor,
     endpoint: torch.Tensor,
@@ -109,22 +105,23 @@ def learning_curve(
     from hkd import train as training
     from hkd.figures import write_json
 
-    path = run_folder(config) / "curve.json"
+    run = Path(config.train.out)
+    path = run / "curve.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     model = None
     for k in sorted(set(milestones)):
-        step = run_steps(config)
+        step = run_steps(config.train)
         if any(row["step"] == k for row in rows) or step > k:
             continue  # measured earlier, or passed (the model at k is gone)
-        if step == k and finished(config):  # stopped at k earlier, before its row was written
-            model = HKDModel.from_pretrained(run_folder(config) / "model", device=device).eval()
+        if step == k and finished(config.train):  # stopped at k earlier, before its row was written
+            model = HKDModel.from_pretrained(run / "model", device=device).eval()
         else:
-            staged = apply_overrides(config, [f"train.max_steps={k}"])
+            staged = config.override([f"train.max_steps={k}"])
             model = training.train(staged, resume=step > 0, log=log)["ema"].eval()
         metrics = sample_metrics(one_step(model, noise), endpoint)
         if trajectories is not None:
             metrics |= faithfulness.summary(faithfulness.measure(model, *trajectories))
-        rows.append({"step": k, "forward_passes": forward_passes(config, k), **metrics})
+        rows.append({"step": k, "forward_passes": forward_passes(config.train, k), **metrics})
         write_json(path, rows)
     return model if model is not None else trained_model(config, device=device, log=log), rows
 
@@ -179,7 +176,7 @@ def curve_table(curves: dict[str, list[dict]], out_dir: str | Path, metric: str 
 
 
 def ablate(
-    config: dict,
+    config: RunConfig | dict,
     teacher,
     *,
     out_dir: str | Path,
@@ -191,15 +188,15 @@ def ablate(
     inception_weights=None,
     folders: dict[str, str | Path] | None = None,
 ):
-    """The paper's four ablation configurations, trained with `config` (same data, steps, batch and seed: equal
-    budgets) through hkd.train.train, each in out_dir/<name>/ (a finished run is reused, an interrupted one resumed),
-    then evaluated on the same noise. `dataset`: trajectories for hkd.train.train (default: train.store).
-    `reference`: FID reference images or statistics (needed, and checked before training, for images without a
-    feature space in hkd.feature_space). `folders`: run folders by ablation name for runs made elsewhere with the
-    same settings (hkd demo passes its HKD and baseline runs). Each row states its budget: optimiser steps and
-    (x_t, t) forward passes (the runs without the trajectory loss see one time per trajectory, the others s).
-    Returns (rows, written files)."""
-    out_dir = Path(out_dir)
+    """The paper's four ablation configurations, trained with `config` (a RunConfig, or a dict of sections parsed
+    here; same data, steps, batch and seed: equal budgets) through hkd.train.train, each in out_dir/<name>/ (a
+    finished run is reused, an interrupted one resumed), then evaluated on the same noise. `dataset`: trajectories
+    for hkd.train.train (default: train.store). `reference`: FID reference images or statistics (needed, and checked
+    before training, for images without a feature space in hkd.feature_space). `folders`: run folders by ablation
+    name for runs made elsewhere with the same settings (hkd demo passes its HKD and baseline runs). Each row states
+    its budget: optimiser steps and (x_t, t) forward passes (the runs without the trajectory loss see one time per
+    trajectory, the others s). Returns (rows, written files)."""
+    config, out_dir = RunConfig.parse(config), Path(out_dir)
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     from hkd.feature_space import space_for
 
@@ -212,13 +209,13 @@ def ablate(
         run = out_dir / name.replace(" ", "_").replace(",", "").replace("+", "and").replace("(", "").replace(")", "")
         run = Path((folders or {}).get(name, run))
         switches = [f"model.koopman={koopman}", f"model.hierarchy={hierarchy}", f"train.consistency={consistency}"]
-        cfg = apply_overrides(config, [*switches, f"train.out={run}"])
+        cfg = config.override([*switches, f"train.out={run}"])
         log(f"ablation: {name} ({', '.join(switches)}) -> {run}")
         model = trained_model(cfg, dataset=dataset, device=next(teacher.parameters()).device, log=log)
         row = {"name": name, "evaluations": 1, "koopman": koopman, "trajectory_loss": consistency}
         row["hierarchy"] = hierarchy
-        row["steps"] = run_steps(cfg)
-        row["forward_passes"] = forward_passes(cfg, row["steps"])
+        row["steps"] = run_steps(cfg.train)
+        row["forward_passes"] = forward_passes(cfg.train, row["steps"])
         metrics = sample_metrics(
             one_step(model, noise), endpoint, inception_weights=inception_weights, reference=reference
         )
@@ -233,7 +230,7 @@ def ablate(
     return rows, write_table(rows, out_dir, "ablation", "Ablation (the paper's four configurations)", notes)
 
 
-def _budget(config: dict) -> str:
-    train = config.get("train") or {}
+def _budget(config: RunConfig) -> str:
+    train = config.given("train")
     keys = ("epochs", "max_steps", "batch", "lr", "time_samples", "seed")
     return ", ".join(f"{k}={train[k]}" for k in keys if k in train) or "the trainer's defaults"

@@ -40,10 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from hkd import checkpoint
-from hkd.config import Section, section, to_dict
 from hkd.edm import EDMPrecond, preconditioning
 from hkd.errors import ConfigError, TeacherSplitError
 from hkd.propagator import HKDPropagator
+from hkd.sections import Section, section, to_dict
 from hkd.unet import ARCHITECTURE, UNet, architecture, check_size
 
 FORMAT = "hkd-model"
@@ -52,7 +52,7 @@ GENERATOR_INITS = ("zero", "spread")
 ENCODER_SCALES = ("fixed", "estimated")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(Section, name="model"):
     """The `model:` section of a run config."""
 

@@ -34,9 +34,9 @@ try:
 except ImportError as error:
     raise ImportError("HKDPipeline needs `pip install hkd[diffusers]`") from error
 
-from hkd.config import section, to_dict
 from hkd.errors import UserError
 from hkd.model import HKDModel, ModelConfig
+from hkd.sections import section, to_dict
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hkd import checkpoint
-from hkd import config as configs
+from hkd import checkpoint, sections
 from hkd.errors import ConfigError, NonFiniteError
 
 # What `--resume` lets change: the step budget, and settings that change no number of the run
@@ -100,7 +99,7 @@ def save_checkpoint(
 def resume_changes(saved: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """ConfigError listing what `config` changes from the checkpoint's, beyond RESUME_MAY_CHANGE."""
     try:
-        changed = [c for c in configs.changes(saved, config) if c.split(":")[0] not in RESUME_MAY_CHANGE]
+        changed = [c for c in sections.changes(saved, config) if c.split(":")[0] not in RESUME_MAY_CHANGE]
     except ConfigError as error:
         raise ConfigError(f"--resume: the config saved in {path} is not readable here ({error})") from error
     if changed:

@@ -29,11 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from hkd import checkpoint, loop
-from hkd.config import Section, section, to_dict
 from hkd.data import DataConfig, load_dataset
 from hkd.edm import EDMPrecond, edm_loss, edm_noise, ema_halflife_decay, heun_sampler, sigma_column
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, UserError
 from hkd.runstate import RunState, last_good, restore, save_checkpoint
+from hkd.sections import Section, section, to_dict
 from hkd.unet import UNet, architecture, check_size
 
 CHECKPOINT_NAME = "teacher.pt"
@@ -43,7 +43,7 @@ CHECKPOINT_NAME = "teacher.pt"
 # Training
 
 
-@dataclass
+@dataclass(frozen=True)
 class TeacherConfig(Section, name="teacher"):
     """The `teacher` section: the U-Net (hkd.unet.UNet), EDM's loss, Adam with a linear warm-up, and EMA with
     EDM's half-life (in images) ramped up to `ema_rampup` of the images seen so far."""
@@ -114,16 +114,24 @@ def _batches(dataset, batch_size: int, seed: int, step: int):
 
 
 def train_teacher(
-    config: dict[str, Any], out_dir: str | Path, *, resume: bool = False, device: str | torch.device = "cpu", log=print
+    data: DataConfig,
+    cfg: TeacherConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    log=print,
 ) -> dict[str, Any]:
-    """Train an EDM teacher on the `data` section's images, in the training loop of hkd.loop. resume=True continues
+    """Train an EDM teacher (the `teacher` section `cfg`) on the images of the `data` section, in the training loop
+    of hkd.loop: `train_teacher(config.data, config.teacher, out)` for a RunConfig `config`. resume=True continues
     from out_dir/teacher.pt (which must exist; without resume it must not), as hkd.train.train does.
 
     The checkpoint (written atomically every `checkpoint_every` steps, at the end, and on SIGTERM/SIGINT) holds the
     network, its EMA, the optimizer, the step, the RNG states and the config. Returns {"checkpoint": path,
     "losses": [(step, mean loss over the last log_every steps)], "step": last step}.
     """
-    data, cfg = section(config, "data", DataConfig), section(config, "teacher", TeacherConfig)
+    if not (isinstance(data, DataConfig) and isinstance(cfg, TeacherConfig)):
+        raise TypeError("train_teacher(data, cfg, out_dir) takes the sections config.data and config.teacher")
     out_dir = Path(out_dir)
     path = out_dir / CHECKPOINT_NAME
     saved_config = {"data": to_dict(data), "teacher": to_dict(cfg)}

@@ -46,100 +46,24 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from hkd import checkpoint, loop
-from hkd import config as configs
-from hkd.config import Section, section, to_dict
+from hkd.config import RunConfig
 from hkd.errors import ConfigError, UserError
-from hkd.losses import PERCEPTUAL, Distance, lambda1_schedule, trajectory_loss
+from hkd.losses import Distance, lambda1_schedule, trajectory_loss
+from hkd.model import HKDModel, ModelConfig
 from hkd.runstate import RunState, checkpoint_state, last_good, restore, resume_changes, save_checkpoint
-from hkd.trajectories import OnlineBatches, StoreBatches, trajectory_batch
+from hkd.sections import choose_device
+from hkd.train_config import TrainConfig, accumulation_rounds
+from hkd.trajectories import (
+    OnlineBatches,
+    StoreBatches,
+    TrajectoryConfig,
+    TrajectoryDataset,
+    expectation,
+    trajectory_batch,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_FIELDS = ("step", "epoch", "loss", "lambda1", "lr", "grad_norm", "skipped", "seconds")
-
-
-@dataclasses.dataclass
-class TrainConfig(Section, name="train"):
-    """The `train:` section."""
-
-    out: str = "runs/hkd"  # run folder
-    store: str | None = None  # trajectory store folder (hkd trajectories --out)
-    teacher: str | None = None  # teacher checkpoint: E and D start as its U-Net (Algorithm 1, step 1); None: random
-    online: bool = False  # draw fresh trajectories from the teacher each step instead of reading train.store
-    batch: int = 64  # global batch (trajectories per step, all ranks together)
-    micro_batch: int | None = None  # trajectories per forward per process; None: batch / world (no accumulation)
-    epochs: int = 100
-    max_steps: int | None = None  # stop earlier (the schedules still run over `epochs`)
-    lr: float = 1e-3
-    lr_decay: float = 0.95  # exponential learning-rate decay per epoch
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    ema: float = 0.999  # EMA decay per step (0: the EMA is the model)
-    grad_clip: float = 1.0  # max global gradient norm (0: off)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with a GradScaler; bf16/fp16 need a GPU)
-    compile: bool = False  # run the model (fused propagation included) under torch.compile
-    time_samples: int = 4  # s - 1 intermediate times per trajectory (plus T)
-    time_sampling: str = "uniform"  # uniform (t ~ U[eps, T], nearest grid point) | grid (uniform grid index)
-    consistency: bool = True  # trajectory-consistency loss; false: only t = T
-    perceptual: str = "pseudo_huber"  # lpips | pseudo_huber | none
-    lambda1_start: float = 1.0  # MSE weight decays geometrically from start to end over the epochs
-    lambda1_end: float = 1e-3
-    lambda2: float = 1.0  # weight of the perceptual term
-    lambda3: float = 0.0  # latent consistency between sampled times (hkd.losses): the project's addition
-    lambda4: float = 0.0  # decoded trajectory: D(exp((t - T) A) E(x_T)) against the teacher's D(x_t; t) (addition)
-    lpips_net: str = "alex"
-    lpips_weights: str | None = None  # backbone weights file (default: the torch hub cache)
-    lpips_resize: int = 224
-    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    sample_every: int = 1000  # 0: only at the end
-    sample_count: int = 64
-    seed: int = 0
-    workers: int = 0  # DataLoader worker processes per rank
-    threads: int = 0  # torch CPU threads per process (0: torch's default); 1 is faster on a busy or shared CPU
-    device: str = "auto"  # auto | cpu | cuda
-    progress: bool = True
-
-    def check(self) -> None:
-        choices = {
-            "precision": ("fp32", "bf16", "fp16"),
-            "time_sampling": ("uniform", "grid"),
-            "perceptual": PERCEPTUAL,
-            "on_nonfinite": ("stop", "skip"),
-            "device": ("auto", "cpu", "cuda"),
-        }
-        for key, valid in choices.items():
-            self.require(getattr(self, key) in valid, key, f"one of {', '.join(valid)}")
-        for key in ("batch", "epochs", "checkpoint_every", "log_every", "sample_count", "lpips_resize"):
-            self.require(getattr(self, key) >= 1, key, ">= 1")
-        self.require(self.max_steps is None or self.max_steps >= 1, "max_steps", ">= 1 (or null: all epochs)")
-        nonnegative = ("time_samples", "sample_every", "workers", "threads", "grad_clip", "lambda2", "lambda3")
-        for key in (*nonnegative, "lambda4", "seed"):
-            self.require(getattr(self, key) >= 0, key, ">= 0")
-        for key, limit in (("workers", 256), ("threads", 1024), ("seed", 2**63 - 1), ("time_samples", 1000)):
-            self.require(getattr(self, key) <= limit, key, f"<= {limit} (hkd's limit)")
-        self.require(self.out.strip() != "", "out", "a folder name (empty would write the run into the current folder)")
-        intermediate = self.consistency and self.time_samples >= 1
-        self.require(self.lambda4 == 0 or intermediate, "lambda4", "0 unless consistency=true and time_samples >= 1")
-        self.require(self.lr > 0, "lr", "> 0")
-        self.require(0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]")
-        self.require(all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "two numbers in [0, 1)")
-        self.require(0 <= self.ema < 1, "ema", "in [0, 1)")
-        self.require(self.lambda1_start > 0, "lambda1_start", "> 0 (the MSE weight decays geometrically)")
-        self.require(self.lambda1_end > 0, "lambda1_end", "> 0 (the MSE weight decays geometrically)")
-        accumulation_rounds(self.batch, self.micro_batch, 1)
-
-
-def accumulation_rounds(batch: int, micro_batch: int | None, world: int) -> int:
-    """Micro-batches per step and process: batch / (micro_batch * world) (1 without a micro_batch). A split that
-    does not come out even is an error naming the numbers; batch % world is checked where the processes start."""
-    if micro_batch is None:
-        return 1
-    local = batch // world
-    if not (1 <= micro_batch <= local and local % micro_batch == 0):
-        share = f"the {local} trajectories per process of " if world > 1 else ""
-        processes = f" on {world} processes" if world > 1 else ""
-        raise ConfigError(f"train.micro_batch = {micro_batch} must divide {share}train.batch = {batch}{processes}")
-    return local // micro_batch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,7 +73,7 @@ def accumulation_rounds(batch: int, micro_batch: int | None, world: int) -> int:
 def _distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); starts the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = configs.choose_device(device, "train.device").type == "cuda"
+    cuda = choose_device(device, "train.device").type == "cuda"
     if world > 1 and not dist.is_initialized():
         try:
             dist.init_process_group("nccl" if cuda else "gloo")
@@ -163,31 +87,25 @@ def _distributed(device: str) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def build_model(config: dict[str, Any], teacher: nn.Module | None = None) -> nn.Module:
+def build_model(model: ModelConfig, teacher: nn.Module | None = None, given: dict[str, Any] | None = None) -> nn.Module:
     """HKDModel of the `model:` section. With a teacher (Algorithm 1, step 1), encoder and decoder start as its
-    U-Net, and the sizes the section leaves out are the teacher's."""
-    from hkd.model import HKDModel, ModelConfig
-
+    U-Net, and the sizes that the section does not set (the keys outside `given`) are the teacher's."""
     if teacher is None:
-        return HKDModel(section(config, "model", ModelConfig))
-    model = HKDModel.from_teacher(teacher)
-    if not config.get("model"):
-        return model
-    settings = {"model": {**to_dict(model.config), **config["model"]}}
-    return HKDModel.from_teacher(teacher, section(settings, "model", ModelConfig))
+        return HKDModel(model)
+    derived = HKDModel.from_teacher(teacher)
+    if not given:
+        return derived
+    return HKDModel.from_teacher(teacher, dataclasses.replace(derived.config, **{k: getattr(model, k) for k in given}))
 
 
-def build_dataset(config: dict[str, Any], cfg: TrainConfig, teacher: nn.Module | None, model: nn.Module):
+def build_dataset(cfg: TrainConfig, trajectories: TrajectoryConfig, teacher: nn.Module | None, model: nn.Module):
     """The store at train.store; refused (naming the differences) unless it was made with the `trajectories:`
-    settings of this config, by this teacher (when given), with images of the model's shape."""
-    from hkd.trajectories import TrajectoryConfig, TrajectoryDataset, expectation
-
+    settings, by this teacher (when given), with images of the model's shape."""
     if cfg.store is None:
         raise ConfigError("train.store is not set: make a store with `hkd trajectories` and pass train.store=DIR")
     teacher_hash = getattr(teacher, "identity", {}).get("hash") if teacher is not None else None
     shape = (model.img_channels, model.img_resolution, model.img_resolution) if hasattr(model, "img_channels") else None
-    expect = expectation(section(config, "trajectories", TrajectoryConfig), teacher_hash, shape)
-    return TrajectoryDataset(cfg.store, expect=expect)
+    return TrajectoryDataset(cfg.store, expect=expectation(trajectories, teacher_hash, shape))
 
 
 class _Log:
@@ -255,22 +173,22 @@ def _save_samples(ema: nn.Module, first: tuple[Tensor, Tensor], cfg: TrainConfig
     save_grid(images, path, nrow=int(math.sqrt(cfg.sample_count)), scale=2)
 
 
-def _prepare(config, cfg: TrainConfig, model, dataset, rank: int, world: int, device: torch.device):
+def _prepare(config: RunConfig, model, dataset, rank: int, world: int, device: torch.device):
     """(this rank's batches, the RunState at step 0, the network to train: the model, or its DDP wrapper, and the
     teacher: loaded when the model starts from it, the data come from it, or lambda4 compares with it)."""
-    teacher = None
+    cfg, teacher = config.train, None
     if cfg.teacher is not None and (model is None or dataset is None or cfg.lambda4 > 0):
         from hkd.teacher import load_teacher
 
         teacher = load_teacher(cfg.teacher, device if cfg.online else "cpu")
-    raw = build_model(config, teacher) if model is None else model
+    raw = build_model(config.model, teacher, config.given("model")) if model is None else model
     if teacher is not None:  # after build_model: the model's U-Net starts as a copy of the teacher's, trainable
         teacher.requires_grad_(False).eval()
     local_batch = cfg.batch // world
     if cfg.online and dataset is None:
-        batches = OnlineBatches(teacher, config, local_batch, rank, world, device)
+        batches = OnlineBatches(teacher, config.trajectories, local_batch, rank, world, device)
     else:
-        dataset = build_dataset(config, cfg, teacher, raw) if dataset is None else dataset
+        dataset = build_dataset(cfg, config.trajectories, teacher, raw) if dataset is None else dataset
         batches = StoreBatches(dataset, local_batch, rank, world, cfg.seed, cfg.workers, device.type == "cuda")
     raw = raw.to(device)
     T = float(batches.first[1].max())
@@ -289,26 +207,29 @@ def _prepare(config, cfg: TrainConfig, model, dataset, rank: int, world: int, de
 
 
 def train(
-    config: dict[str, Any],
+    config: RunConfig | dict[str, Any],
     *,
     resume: bool = False,
     model: nn.Module | None = None,
     dataset=None,
     log=print,
 ) -> dict[str, Any]:
-    """Train HKD as configured (`train:` section, plus `model:` when `model` is not given). `dataset` items are dicts
+    """Train HKD as configured: `config` (a RunConfig, or a dict of sections, parsed here) gives the `train:` section,
+    `model:` when `model` is not given, and `trajectories:` for the store or online data. `dataset` items are dicts
     with "states" (K, C, H, W) and "times" (K,) (default: the store at train.store). Returns {"step", "checkpoint",
     "losses": [(step, mean loss since the previous log row)], "skipped", "model", "ema", "rank"}; rank 0's run folder
     holds the rest. Rank 0 locks train.out for the run. resume=True continues the run in train.out from its
     checkpoint (which must exist; without resume it must not). A SIGTERM/SIGINT stop writes the checkpoint, then
     raises RunStopped (continue with resume=True)."""
-    cfg = section(config, "train", TrainConfig)
+    config = RunConfig.parse(config)
     first = int(os.environ.get("RANK", "0")) == 0
-    with checkpoint.run_lock(checkpoint.output_folder(cfg.out, "train.out")) if first else contextlib.nullcontext():
-        return _train(config, cfg, resume, model, dataset, log)
+    lock = checkpoint.run_lock(checkpoint.output_folder(config.train.out, "train.out"))
+    with lock if first else contextlib.nullcontext():
+        return _train(config, resume, model, dataset, log)
 
 
-def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[str, Any]:
+def _train(config: RunConfig, resume: bool, model, dataset, log) -> dict[str, Any]:
+    cfg = config.train
     # Setup: processes, the checks that need no work, then data, model, optimiser.
     rank, world, device = _distributed(cfg.device)
     log = log if rank == 0 else (lambda line: None)
@@ -318,12 +239,12 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
     path = out / CHECKPOINT_NAME
     saved = checkpoint.resume_from(path, resume, "train.out", map_location=device)
     if saved is not None:
-        resume_changes(saved["config"], config, path)
+        resume_changes(saved["config"], config.raw, path)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     distance = Distance(cfg.perceptual, cfg.lambda2, cfg.lpips_net, cfg.lpips_weights, cfg.lpips_resize).to(device)
-    batches, run, net, teacher = _prepare(config, cfg, model, dataset, rank, world, device)
+    batches, run, net, teacher = _prepare(config, model, dataset, rank, world, device)
     raw, ema, optimizer = run.model, run.ema, run.optimizer
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     steps_per_epoch = batches.steps_per_epoch
@@ -346,7 +267,7 @@ def _train(config, cfg: TrainConfig, resume: bool, model, dataset, log) -> dict[
 
     # The loop: one optimiser step per batch, until the step budget is spent or a signal stops every rank, which
     # writes the checkpoint (rank 0, also every checkpoint_every steps and at the end).
-    save = (lambda: save_checkpoint(path, checkpoint_state(config, run, steps_per_epoch))) if rank == 0 else None
+    save = (lambda: save_checkpoint(path, checkpoint_state(config.raw, run, steps_per_epoch))) if rank == 0 else None
     last_log = time.perf_counter()
     net.train()
     stream = _stream(batches, run.step, steps_per_epoch)

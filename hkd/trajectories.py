@@ -47,9 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from hkd.checkpoint import TMP_SUFFIX, atomic_write, output_folder, read_json
-from hkd.config import Section, section
 from hkd.edm import heun_sampler, time_steps
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError, UserError, brief
+from hkd.sections import Section
 
 MANIFEST = "manifest.json"
 FORMAT = "hkd-trajectories"
@@ -58,7 +58,7 @@ MAX_SHARDS = 100_000  # shards in a store (a manifest may declare no more: the s
 MAX_STEPS = 10_000  # solver steps (its time grid is allocated from the manifest's number)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrajectoryConfig(Section, name="trajectories"):
     """The `trajectories` section: the solver (EDM Heun), which of its states to keep, and the store's layout."""
 
@@ -645,8 +645,7 @@ class OnlineBatches:
     draws trajectories k B .. (k + 1) B - 1 (noise from (trajectories.seed, index)), rank r the ones = r mod world,
     so the position is the step itself; an epoch is trajectories.num_trajectories trajectories."""
 
-    def __init__(self, teacher, config: dict[str, Any], local_batch: int, rank: int, world: int, device):
-        trajectories = section(config, "trajectories", TrajectoryConfig)
+    def __init__(self, teacher, trajectories: TrajectoryConfig, local_batch: int, rank: int, world: int, device):
         self.online = OnlineTrajectories(teacher, trajectories, device=device, rank=rank, world_size=world)
         self.local_batch = local_batch
         self.steps_per_epoch = trajectories.num_trajectories // (local_batch * world)

@@ -14,7 +14,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 # hkd chooses the OpenMP wait policy before torch loads (passive when other processes keep a core busy; see
 # hkd/openmp.py), so it is imported first.
-import hkd  # noqa: E402, F401
+import hkd  # noqa: E402, F401, I001 (before torch)
 import torch  # noqa: E402
 
 # Triton kernels run on the CPU through the interpreter here; it must be set before they are imported.

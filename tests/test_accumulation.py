@@ -228,17 +228,18 @@ TEACHER += ["teacher.sample_grid=0", "teacher.checkpoint_every=2", "teacher.lr_w
 def test_teacher_micro_batches_draw_the_batch_noise_once_and_resume_exactly(tmp_path):
     quiet = lambda line: None
     cfg = config.load("digits", [*TEACHER, "teacher.steps=3"])
-    whole = train_teacher(cfg, tmp_path / "whole", log=quiet)
+    whole = train_teacher(cfg.data, cfg.teacher, tmp_path / "whole", log=quiet)
     micro = config.load("digits", [*TEACHER, "teacher.steps=3", "teacher.micro_batch=4"])
-    split = train_teacher(micro, tmp_path / "split", log=quiet)
+    split = train_teacher(micro.data, micro.teacher, tmp_path / "split", log=quiet)
     for (step_a, loss_a), (step_b, loss_b) in zip(split["losses"], whole["losses"], strict=True):
         assert step_a == step_b and loss_a == pytest.approx(loss_b, rel=1e-5)  # the same sigma and noise per image
     a, b = (torch.load(tmp_path / run / "teacher.pt", weights_only=True) for run in ("whole", "split"))
     assert_same(a["net"], b["net"], rtol=1e-4, atol=1e-5)
 
     # stopped after step 2 (a checkpoint), then resumed: the same as the uninterrupted split run
-    train_teacher(config.load("digits", [*TEACHER, "teacher.steps=2", "teacher.micro_batch=4"]), tmp_path / "resumed")
-    assert train_teacher(micro, tmp_path / "resumed", resume=True, log=quiet)["step"] == 3
+    stopped = config.load("digits", [*TEACHER, "teacher.steps=2", "teacher.micro_batch=4"])
+    train_teacher(stopped.data, stopped.teacher, tmp_path / "resumed")
+    assert train_teacher(micro.data, micro.teacher, tmp_path / "resumed", resume=True, log=quiet)["step"] == 3
     c = torch.load(tmp_path / "resumed" / "teacher.pt", weights_only=True)
     assert_same(c["net"], b["net"])
     assert_same(c["ema"], b["ema"])

@@ -78,10 +78,10 @@ def test_digits_config_sections():
     from hkd.trajectories import TrajectoryConfig
 
     cfg = config.load("digits")
-    assert config.section(cfg, "data", DataConfig) == DataConfig()
-    teacher = config.section(cfg, "teacher", TeacherConfig)
-    assert teacher.channel_mult == (1, 2, 2) and teacher.sigma_data == 0.5
-    trajectories = config.section(cfg, "trajectories", TrajectoryConfig)
+    assert cfg.data == DataConfig() and isinstance(cfg.teacher, TeacherConfig)
+    assert cfg.teacher.channel_mult == (1, 2, 2) and cfg.teacher.sigma_data == 0.5
+    trajectories = cfg.trajectories
+    assert isinstance(trajectories, TrajectoryConfig)
     assert trajectories.solver() == {
         "sampler": "heun",
         "num_steps": 18,

@@ -46,6 +46,7 @@ def test_an_interrupted_ablation_run_stops_the_ablation(tmp_path, monkeypatch):
 def test_trained_model_trains_a_new_run_resumes_an_interrupted_one_and_reuses_a_finished_one(tmp_path, monkeypatch):
     import hkd.train
     from hkd.model import HKDModel, ModelConfig
+    from hkd.train import TrainConfig
 
     config = tiny_config(tmp_path)
     model = HKDModel(ModelConfig(**config["model"]))
@@ -57,12 +58,12 @@ def test_trained_model_trains_a_new_run_resumes_an_interrupted_one_and_reuses_a_
 
     monkeypatch.setattr(hkd.train, "train", train)
     assert experiments.trained_model(config) is model and calls == [False]
-    assert not experiments.finished(config)
+    assert not experiments.finished(TrainConfig(**config["train"]))
     (tmp_path / hkd.train.CHECKPOINT_NAME).write_bytes(b"")  # an interrupted run
     experiments.trained_model(config)
     assert calls == [False, True]
     model.save_pretrained(tmp_path / "model")  # a finished run: loaded, not trained again
     reused = experiments.trained_model(config)
-    assert calls == [False, True] and experiments.finished(config) and not reused.training
+    assert calls == [False, True] and experiments.finished(TrainConfig(**config["train"])) and not reused.training
     for (name, ours), theirs in zip(model.state_dict().items(), reused.state_dict().values(), strict=True):
         assert torch.equal(ours, theirs), name

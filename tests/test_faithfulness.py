@@ -169,11 +169,12 @@ def test_decoded_trajectory_is_measured_against_the_teachers_denoised_estimate()
 
 def test_decoded_trajectory_term_lowers_the_measured_decoded_error(tmp_path):
     from hkd import train
-    from hkd.teacher import load_teacher, train_teacher
+    from hkd.data import DataConfig
+    from hkd.teacher import TeacherConfig, load_teacher, train_teacher
 
     tiny = {"model_channels": 8, "channel_mult": [1, 2], "steps": 2, "batch_size": 8, "log_every": 1}
     quiet = lambda line: None  # noqa: E731
-    train_teacher({"data": {"name": "digits", "resolution": 8}, "teacher": tiny}, tmp_path / "teacher", log=quiet)
+    train_teacher(DataConfig(name="digits", resolution=8), TeacherConfig(**tiny), tmp_path / "teacher", log=quiet)
     teacher = load_teacher(tmp_path / "teacher" / "teacher.pt")
     times, states = trajectories(count=32)
     before = faithfulness.summary(faithfulness.measure(HKDModel.from_teacher(teacher).eval(), times, states, teacher))

@@ -396,7 +396,7 @@ def test_store_times_and_shard_names_are_checked(made, tmp_path):
 
 
 def test_config_errors_name_the_key_and_the_closest_valid_one():
-    assert config.load("digits", ["train.lr=1e-4", "teacher.lr=5E-3"])["train"]["lr"] == 1e-4
+    assert config.load("digits", ["train.lr=1e-4", "teacher.lr=5E-3"]).train.lr == 1e-4
     assert config.parse_yaml("[1e-4, -2.5e+3, 1_000, .5e1]") == [1e-4, -2500.0, 1000, 5.0]
     with pytest.raises(ConfigError, match="unknown config section 'trian' .did you mean train"):
         config.load("digits", ["trian.batch=8"])
@@ -415,5 +415,7 @@ def test_config_errors_name_the_key_and_the_closest_valid_one():
         trajectories.TrajectoryConfig(batch_size=0)
     assert ModelConfig(channel_mult=[1, 2]).channel_mult == (1, 2) and isinstance(ModelConfig(dropout=0).dropout, float)
     assert set(config.sections()) == {"data", "teacher", "trajectories", "model", "train"}
-    changed = config.changes(config.load("digits"), config.load("digits", ["train.lr=0.002", "model.clock=log"]))
+    changed = config.changes(
+        config.load("digits").raw, config.load("digits", ["train.lr=0.002", "model.clock=log"]).raw
+    )
     assert sorted(changed) == ["model.clock: 'identity' -> 'log'", "train.lr: 0.001 -> 0.002"]

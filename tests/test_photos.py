@@ -79,7 +79,7 @@ def test_without_scikit_image_the_photos_demo_stops_in_one_line(monkeypatch, tmp
 
 def test_photos_config_and_dataset():
     cfg = config.load("photos")
-    assert cfg["data"] == {"name": "photos", "resolution": 16, "channels": 3, "patches": 20000}
+    assert cfg.raw["data"] == {"name": "photos", "resolution": 16, "channels": 3, "patches": 20000}
     data = load_dataset(DataConfig(name="photos", resolution=16, channels=3, patches=64))
     assert len(data) == 64 and data[0].shape == (3, 16, 16)
     with pytest.raises(ValueError, match="channels must be 3"):

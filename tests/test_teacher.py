@@ -113,12 +113,12 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
 
     images = digits.load()[0][:256]
     cfg = tiny_config(30)
-    data, cfg_t = config.section(cfg, "data", teacher.DataConfig), config.section(cfg, "teacher", teacher.TeacherConfig)
+    data, cfg_t = cfg.data, cfg.teacher
     torch.manual_seed(cfg_t.seed)
     initial = fixed_loss(teacher.build_net(data, cfg_t).eval(), images)
 
     logs = []
-    full = train_teacher(cfg, tmp_path / "full", log=logs.append)
+    full = train_teacher(data, cfg_t, tmp_path / "full", log=logs.append)
     assert full["step"] == 30 and len(full["losses"]) == 3
     trained = load_teacher(tmp_path / "full")
     state = torch.load(tmp_path / "full" / "teacher.pt", weights_only=True)
@@ -127,10 +127,10 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     assert fixed_loss(net.eval(), images) < 0.7 * initial
 
     # interrupted after 10 steps (a checkpoint every 10), then resumed: the same weights as the uninterrupted run
-    train_teacher(tiny_config(10), tmp_path / "resumed", log=logs.append)
+    train_teacher(data, tiny_config(10).teacher, tmp_path / "resumed", log=logs.append)
     with pytest.raises(ValueError, match="exists: pass --resume"):
-        train_teacher(cfg, tmp_path / "resumed", log=logs.append)
-    resumed = train_teacher(cfg, tmp_path / "resumed", resume=True, log=logs.append)
+        train_teacher(data, cfg_t, tmp_path / "resumed", log=logs.append)
+    resumed = train_teacher(data, cfg_t, tmp_path / "resumed", resume=True, log=logs.append)
     assert resumed["step"] == 30 and any("resumed" in line for line in logs)
     again = torch.load(tmp_path / "resumed" / "teacher.pt", weights_only=True)
     for key in ("net", "ema"):
@@ -151,11 +151,13 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     assert fd[18] < 0.5 * fd[2]
 
     with pytest.raises(ValueError, match="model_channels"):  # resuming with another network is refused
-        train_teacher(config.load("digits", [*TINY, "teacher.model_channels=4"]), tmp_path / "full", resume=True)
+        train_teacher(data, config.load("digits", [*TINY, "teacher.model_channels=4"]).teacher, tmp_path / "full",
+                      resume=True)  # fmt: skip
 
 
 def test_teacher_identity_hash_tracks_weights_and_config(tmp_path):
-    train_teacher(tiny_config(1), tmp_path / "a", log=lambda line: None)
+    cfg = tiny_config(1)
+    train_teacher(cfg.data, cfg.teacher, tmp_path / "a", log=lambda line: None)
     a = load_teacher(tmp_path / "a")
     assert a.identity["source"] == "hkd" and len(a.identity["hash"]) == 64
     assert (a.img_channels, a.img_resolution) == (1, 16)

@@ -56,17 +56,20 @@ def test_wait_policy_rule(monkeypatch, busy, policy):
 
 def test_teacher_threads(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="teacher.threads"):
-        config.section(config.load("digits", ["teacher.threads=-1"]), "teacher", teacher.TeacherConfig)
+        config.load("digits", ["teacher.threads=-1"])
     with pytest.raises(ConfigError, match="teacher.threads"):
-        config.section(config.load("digits", ["teacher.threads=1000000"]), "teacher", teacher.TeacherConfig)
+        config.load("digits", ["teacher.threads=1000000"])
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     with pytest.raises(ConfigError, match="teacher.threads = 3 is more than this machine's 2 CPUs"):
-        teacher.train_teacher(config.load("digits", [*TINY, "teacher.threads=3"]), tmp_path / "over")
+        over = config.load("digits", [*TINY, "teacher.threads=3"])
+        teacher.train_teacher(over.data, over.teacher, tmp_path / "over")
     assert not (tmp_path / "over").exists()  # refused before any work
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     tiny = [*TINY, "teacher.steps=1", "teacher.batch_size=8", "teacher.model_channels=4", "teacher.channel_mult=[1]"]
-    teacher.train_teacher(config.load("digits", [*tiny, "teacher.threads=1"]), tmp_path / "one", log=lambda _: None)
+    one = config.load("digits", [*tiny, "teacher.threads=1"])
+    teacher.train_teacher(one.data, one.teacher, tmp_path / "one", log=lambda _: None)
     assert calls == [1]
-    teacher.train_teacher(config.load("digits", tiny), tmp_path / "default", log=lambda _: None)
+    default = config.load("digits", tiny)
+    teacher.train_teacher(default.data, default.teacher, tmp_path / "default", log=lambda _: None)
     assert calls == [1]  # 0: torch's default, untouched

@@ -301,10 +301,9 @@ def test_hkd_train_command_on_a_real_store(tmp_path, capsys):
     sizes += ["teacher.sample_grid=0", "teacher.log_every=1"]
     solver = ["trajectories.num_trajectories=24", "trajectories.num_steps=4", "trajectories.shard_size=12"]
     cfg = config.load("digits", sizes + solver)
-    teacher.train_teacher(cfg, tmp_path / "teacher", log=lambda line: None)
+    teacher.train_teacher(cfg.data, cfg.teacher, tmp_path / "teacher", log=lambda line: None)
     denoiser = teacher.load_teacher(tmp_path / "teacher")
-    solver_cfg = config.section(cfg, "trajectories", trajectories.TrajectoryConfig)
-    trajectories.write_store(denoiser, tmp_path / "store", solver_cfg, progress=False)
+    trajectories.write_store(denoiser, tmp_path / "store", cfg.trajectories, progress=False)
     run = [f"train.store={tmp_path / 'store'}", f"train.teacher={tmp_path / 'teacher' / 'teacher.pt'}"]
     run += [f"train.out={tmp_path / 'hkd'}", "train.batch=8", "train.epochs=2", "train.progress=false"]
     run += ["train.sample_count=4", "train.checkpoint_every=2"]

@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hkd.config import ConfigError, Section
 from hkd.errors import MissingFileError
+from hkd.sections import ConfigError, Section, available, read, section
 
 NAMES = ("digits", "photos", "folder", "cifar10")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig(Section, name="data"):
     """The `data` section. name: digits (embedded, default), photos (patches of scikit-image's bundled colour
     photographs, hkd.data.photos; `patches` of them), folder (images under `root`), cifar10 (torchvision's python
@@ -138,15 +138,14 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 def images_from(source: str | Path, resolution: int, channels: int) -> Dataset:
     """The images a command names by one word: an image folder (brought to resolution and channels), or a config
     (name or YAML path) whose data section names a dataset of exactly that resolution and channels."""
-    from hkd import config
-
     if Path(source).is_dir():
         return ImageFolder(source, resolution, channels)
-    if str(source) not in config.available() and not Path(source).is_file():
+    named = available()
+    if str(source) not in named and not Path(source).is_file():
         raise MissingFileError(
-            f"{str(source)!r} is neither an image folder nor a config ({', '.join(config.available())} or a YAML path)"
+            f"{str(source)!r} is neither an image folder nor a config ({', '.join(named)} or a YAML path)"
         )
-    data = config.section(config.load(source), "data", DataConfig)
+    data = section(read(source), "data", DataConfig)
     if (data.channels, data.resolution) != (channels, resolution):
         raise ValueError(
             f"{str(source)!r} has {data.channels}x{data.resolution}x{data.resolution} images, "
