@@ -241,6 +241,23 @@ Args make_args(const Tensors& latents, const Tensors& alphas, const Tensors& bet
   return args;
 }
 
+// The backward's launch arguments: make_args with the upstream gradients, and where the results go: the gradients of
+// the latents and the per-slice parameter partials (each empty when not wanted).
+template <typename Tensors, typename Tensor>
+Args backward_args(const Tensors& latents, const Tensors& alphas, const Tensors& betas, const Tensor& tau,
+                   const Tensors& grads, const Tensors& grad_latents, const Tensors& partial_alphas,
+                   const Tensors& partial_betas, size_t begin, size_t end) {
+  Args args = make_args(latents, alphas, betas, tau, begin, end);
+  for (size_t l = begin; l < end; ++l) {
+    LevelArgs& L = args.level[l - begin];
+    L.grad = grads[l].const_data_ptr();
+    L.out = grad_latents.empty() ? nullptr : grad_latents[l].mutable_data_ptr();
+    L.grad_alpha = partial_alphas.empty() ? nullptr : partial_alphas[l].mutable_data_ptr();
+    L.grad_beta = partial_betas.empty() ? nullptr : partial_betas[l].mutable_data_ptr();
+  }
+  return args;
+}
+
 // Both return a cudaError_t (0: launched). stream: a cudaStream_t.
 int launch_forward(const Args& args, DType dtype, void* stream);
 // chunks: the batch is split into `chunks` slices (gridDim.y), each with its own parameter and tau partials.

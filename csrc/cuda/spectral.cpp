@@ -76,14 +76,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, Tensor
     }
   for (size_t begin = 0; begin < latents.size() && (need_latents || need_terms); begin += cuda::kMaxLevels) {
     const size_t end = std::min(latents.size(), begin + cuda::kMaxLevels);
-    cuda::Args args = cuda::make_args(latents, alphas, betas, tau, begin, end);
-    for (size_t l = begin; l < end; ++l) {
-      auto& L = args.level[l - begin];
-      L.grad = grads[l].const_data_ptr();
-      L.out = need_latents ? grad_latents[l].mutable_data_ptr() : nullptr;
-      L.grad_alpha = need_params ? partial_alphas[l].mutable_data_ptr() : nullptr;
-      L.grad_beta = need_params ? partial_betas[l].mutable_data_ptr() : nullptr;
-    }
+    cuda::Args args = cuda::backward_args(latents, alphas, betas, tau, grads, grad_latents, partial_alphas,
+                                          partial_betas, begin, end);
     const int64_t blocks = cuda::plan_blocks(args, true);
     std::optional<Tensor> tau_partial;
     if (need_tau) {  // every (slice, warp) row writes only its slice's samples: start from zeros

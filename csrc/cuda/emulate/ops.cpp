@@ -137,14 +137,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     }
   for (size_t begin = 0; begin < latents.size() && (need_latents || need_terms); begin += sc::kMaxLevels) {
     const size_t end = std::min(latents.size(), begin + sc::kMaxLevels);
-    sc::Args args = sc::make_args(latents, alphas, betas, tau, begin, end);
-    for (size_t l = begin; l < end; ++l) {
-      auto& L = args.level[l - begin];
-      L.grad = grads[l].const_data_ptr();
-      L.out = need_latents ? grad_latents[l].mutable_data_ptr() : nullptr;
-      L.grad_alpha = need_params ? partial_alphas[l].mutable_data_ptr() : nullptr;
-      L.grad_beta = need_params ? partial_betas[l].mutable_data_ptr() : nullptr;
-    }
+    sc::Args args = sc::backward_args(latents, alphas, betas, tau, grads, grad_latents, partial_alphas,
+                                      partial_betas, begin, end);
     const int64_t blocks = sc::plan_blocks(args, true);
     at::Tensor tau_partial;
     if (need_tau) {
