@@ -157,6 +157,16 @@ HKD_HD void generator_terms(const Rotation<T>& r, T x, T y, T gx, T gy, T& P, T&
   Q = gy * xe - gx * ye;
 }
 
+#ifndef __CUDACC_RTC__
+// The product of the sizes from dimension 2 on: a latent's positions (B, d, *S). Any tensor type with dim() and size().
+template <typename Tensor>
+int64_t positions_of(const Tensor& z) {
+  int64_t n = 1;
+  for (int64_t i = 2; i < z.dim(); ++i) n *= z.size(i);
+  return n;
+}
+#endif
+
 }  // namespace hkd::spectral
 
 // --- the CUDA launchers' interface (csrc/cuda/spectral.cu), torch-free: raw pointers and sizes -------------------
@@ -207,6 +217,45 @@ inline int backward_chunks(long long entries, long long batch, int sms) {
   const long long target = 4 * (long long)sms * 2048, most = batch / 4 < 1 ? 1 : batch / 4 > 65535 ? 65535 : batch / 4;
   const long long chunks = target / (entries > 1 ? entries : 1);
   return static_cast<int>(chunks < 1 ? 1 : chunks > most ? most : chunks);
+}
+
+// The levels [begin, end) of contiguous latents (B, d, *S), alphas and betas (d/2,) or (d/2, *S) and tau as launch
+// arguments, without outputs. Any tensor type (stable or ATen) with dim(), size() and const_data_ptr().
+template <typename Tensors, typename Tensor>
+Args make_args(const Tensors& latents, const Tensors& alphas, const Tensors& betas, const Tensor& tau,
+               size_t begin, size_t end) {
+  Args args{};
+  args.levels = static_cast<int>(end - begin);
+  args.batch = latents[0].size(0);
+  args.tau = tau.const_data_ptr();
+  args.tau_stride = tau.dim() == 1 ? 1 : 0;
+  for (size_t l = begin; l < end; ++l) {
+    LevelArgs& L = args.level[l - begin];
+    L.z = latents[l].const_data_ptr();
+    L.alpha = alphas[l].const_data_ptr();
+    L.beta = betas[l].const_data_ptr();
+    L.pairs = latents[l].size(1) / 2;
+    L.positions = positions_of(latents[l]);
+    L.per_position = alphas[l].dim() > 1;
+  }
+  return args;
+}
+
+// The backward's launch arguments: make_args with the upstream gradients, and where the results go: the gradients of
+// the latents and the per-slice parameter partials (each empty when not wanted).
+template <typename Tensors, typename Tensor>
+Args backward_args(const Tensors& latents, const Tensors& alphas, const Tensors& betas, const Tensor& tau,
+                   const Tensors& grads, const Tensors& grad_latents, const Tensors& partial_alphas,
+                   const Tensors& partial_betas, size_t begin, size_t end) {
+  Args args = make_args(latents, alphas, betas, tau, begin, end);
+  for (size_t l = begin; l < end; ++l) {
+    LevelArgs& L = args.level[l - begin];
+    L.grad = grads[l].const_data_ptr();
+    L.out = grad_latents.empty() ? nullptr : grad_latents[l].mutable_data_ptr();
+    L.grad_alpha = partial_alphas.empty() ? nullptr : partial_alphas[l].mutable_data_ptr();
+    L.grad_beta = partial_betas.empty() ? nullptr : partial_betas[l].mutable_data_ptr();
+  }
+  return args;
 }
 
 // Both return a cudaError_t (0: launched). stream: a cudaStream_t.

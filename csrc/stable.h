@@ -100,13 +100,6 @@ T* mutable_data(const Tensor& t) {
   return static_cast<T*>(t.mutable_data_ptr());
 }
 
-// The product of the sizes from dimension 2 on: a latent's positions (B, d, *S).
-inline int64_t positions_of(const Tensor& z) {
-  int64_t n = 1;
-  for (int64_t i = 2; i < z.dim(); ++i) n *= z.size(i);
-  return n;
-}
-
 inline Tensor empty(std::vector<int64_t> sizes, ScalarType dtype, const Tensor& like) {
   return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
 }

@@ -16,8 +16,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+from hkd.kernels.launch import wrap_triton
 from torch import Tensor
-from torch.library import wrap_triton
 
 from hkd.ops.dense_plan import THETA, action_substeps
 

@@ -15,8 +15,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+from hkd.kernels.launch import wrap_triton
 from torch import Tensor
-from torch.library import wrap_triton
 
 MAX_LEVELS = 4
 FORWARD_BLOCK = 1024

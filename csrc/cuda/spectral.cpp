@@ -23,26 +23,6 @@ cuda::DType dtype_of(const Tensor& z) {
   return cuda::kFloat32;
 }
 
-// The levels [begin, end) as launch arguments.
-cuda::Args make_args(const std::vector<Tensor>& latents, const std::vector<Tensor>& alphas,
-                     const std::vector<Tensor>& betas, const Tensor& tau, size_t begin, size_t end) {
-  cuda::Args args{};
-  args.levels = static_cast<int>(end - begin);
-  args.batch = latents[0].size(0);
-  args.tau = tau.const_data_ptr();
-  args.tau_stride = tau.dim() == 1 ? 1 : 0;
-  for (size_t l = begin; l < end; ++l) {
-    auto& L = args.level[l - begin];
-    L.z = latents[l].const_data_ptr();
-    L.alpha = alphas[l].const_data_ptr();
-    L.beta = betas[l].const_data_ptr();
-    L.pairs = latents[l].size(1) / 2;
-    L.positions = positions_of(latents[l]);
-    L.per_position = alphas[l].dim() > 1;
-  }
-  return args;
-}
-
 void check_launch(int error) {
   HKD_CHECK(error == 0, "spectral_propagate: CUDA error: ", cudaGetErrorString(cudaError_t(error)));
 }
@@ -57,7 +37,7 @@ std::vector<Tensor> forward_cuda(std::vector<Tensor> latents_in, std::vector<Ten
   for (const auto& z : latents) out.push_back(torch::stable::empty_like(z));
   for (size_t begin = 0; begin < latents.size(); begin += cuda::kMaxLevels) {
     const size_t end = std::min(latents.size(), begin + cuda::kMaxLevels);
-    cuda::Args args = make_args(latents, alphas, betas, tau, begin, end);
+    cuda::Args args = cuda::make_args(latents, alphas, betas, tau, begin, end);
     for (size_t l = begin; l < end; ++l) args.level[l - begin].out = out[l].mutable_data_ptr();
     cuda::plan_blocks(args, false);
     check_launch(cuda::launch_forward(args, dtype_of(latents[0]), current_cuda_stream(latents[0])));
@@ -96,14 +76,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, Tensor
     }
   for (size_t begin = 0; begin < latents.size() && (need_latents || need_terms); begin += cuda::kMaxLevels) {
     const size_t end = std::min(latents.size(), begin + cuda::kMaxLevels);
-    cuda::Args args = make_args(latents, alphas, betas, tau, begin, end);
-    for (size_t l = begin; l < end; ++l) {
-      auto& L = args.level[l - begin];
-      L.grad = grads[l].const_data_ptr();
-      L.out = need_latents ? grad_latents[l].mutable_data_ptr() : nullptr;
-      L.grad_alpha = need_params ? partial_alphas[l].mutable_data_ptr() : nullptr;
-      L.grad_beta = need_params ? partial_betas[l].mutable_data_ptr() : nullptr;
-    }
+    cuda::Args args = cuda::backward_args(latents, alphas, betas, tau, grads, grad_latents, partial_alphas,
+                                          partial_betas, begin, end);
     const int64_t blocks = cuda::plan_blocks(args, true);
     std::optional<Tensor> tau_partial;
     if (need_tau) {  // every (slice, warp) row writes only its slice's samples: start from zeros

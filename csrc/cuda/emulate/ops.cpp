@@ -85,29 +85,8 @@ sc::DType dtype_of(const at::Tensor& z) {
   }
 }
 
-int64_t positions_of(const at::Tensor& z) { return c10::multiply_integers(z.sizes().slice(2)); }
-
 void check_contiguous(at::TensorList tensors, const char* what) {
   for (const auto& t : tensors) TORCH_CHECK(t.is_contiguous() && t.is_cpu(), "hkd_emu: ", what, " must be contiguous");
-}
-
-sc::Args make_args(at::TensorList latents, at::TensorList alphas, at::TensorList betas, const at::Tensor& tau,
-                   size_t begin, size_t end) {
-  sc::Args args{};
-  args.levels = static_cast<int>(end - begin);
-  args.batch = latents[0].size(0);
-  args.tau = tau.const_data_ptr();
-  args.tau_stride = tau.dim() == 1 ? 1 : 0;
-  for (size_t l = begin; l < end; ++l) {
-    auto& L = args.level[l - begin];
-    L.z = latents[l].const_data_ptr();
-    L.alpha = alphas[l].const_data_ptr();
-    L.beta = betas[l].const_data_ptr();
-    L.pairs = latents[l].size(1) / 2;
-    L.positions = positions_of(latents[l]);
-    L.per_position = alphas[l].dim() > 1;
-  }
-  return args;
 }
 
 std::vector<at::Tensor> spectral_forward(at::TensorList latents_in, at::TensorList alphas_in, at::TensorList betas_in,
@@ -120,7 +99,7 @@ std::vector<at::Tensor> spectral_forward(at::TensorList latents_in, at::TensorLi
   for (const auto& z : latents) out.push_back(poisoned(z));
   for (size_t begin = 0; begin < latents.size(); begin += sc::kMaxLevels) {
     const size_t end = std::min(latents.size(), begin + sc::kMaxLevels);
-    sc::Args args = make_args(latents, alphas, betas, tau, begin, end);
+    sc::Args args = sc::make_args(latents, alphas, betas, tau, begin, end);
     for (size_t l = begin; l < end; ++l) args.level[l - begin].out = out[l].mutable_data_ptr();
     sc::plan_blocks(args, false);
     check_launch(sc::launch_forward(args, dtype_of(latents[0]), nullptr), "spectral_propagate");
@@ -144,28 +123,22 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   if (need_latents)
     for (const auto& z : latents) grad_latents.push_back(poisoned(z));
   int64_t entries = 0;
-  for (const auto& z : latents) entries += z.size(1) / 2 * positions_of(z);
+  for (const auto& z : latents) entries += z.size(1) / 2 * hkd::spectral::positions_of(z);
   int sms = 0;
   check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "spectral_propagate_backward");
   const int chunks = sc::backward_chunks(entries, batch, sms);
   std::vector<at::Tensor> partial_alphas, partial_betas;
   if (need_params)
     for (size_t l = 0; l < latents.size(); ++l) {
-      const auto shape = std::vector<int64_t>{chunks, alphas[l].size(0), positions_of(latents[l])};
+      const auto shape = std::vector<int64_t>{chunks, alphas[l].size(0), hkd::spectral::positions_of(latents[l])};
       const auto options = alphas[l].options();
       partial_alphas.push_back(batch ? poisoned(at::empty(shape, options)) : at::zeros(shape, options));
       partial_betas.push_back(poisoned(partial_alphas.back()));
     }
   for (size_t begin = 0; begin < latents.size() && (need_latents || need_terms); begin += sc::kMaxLevels) {
     const size_t end = std::min(latents.size(), begin + sc::kMaxLevels);
-    sc::Args args = make_args(latents, alphas, betas, tau, begin, end);
-    for (size_t l = begin; l < end; ++l) {
-      auto& L = args.level[l - begin];
-      L.grad = grads[l].const_data_ptr();
-      L.out = need_latents ? grad_latents[l].mutable_data_ptr() : nullptr;
-      L.grad_alpha = need_params ? partial_alphas[l].mutable_data_ptr() : nullptr;
-      L.grad_beta = need_params ? partial_betas[l].mutable_data_ptr() : nullptr;
-    }
+    sc::Args args = sc::backward_args(latents, alphas, betas, tau, grads, grad_latents, partial_alphas,
+                                      partial_betas, begin, end);
     const int64_t blocks = sc::plan_blocks(args, true);
     at::Tensor tau_partial;
     if (need_tau) {
