@@ -7,7 +7,9 @@ the stable ABI) is timed against its predecessor in one window of a shared machi
 
 Each round runs one fresh process per folder (old first, then new, alternating), each on one thread taking the min
 of its repeats in process CPU time (the op rows; the training step is wall time, as bench_train_step.py measures it);
-the table gives the median over rounds of each and the ratio new / old (< 1: the new build is faster).
+the table gives the median over rounds of each and the ratio new / old (< 1: the new build is faster). The training
+step runs FOLDER/benchmarks/bench_train_step.py where a folder has one (an older tree's script follows its API),
+else this tree's.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def probe(folder: str, repeats: int) -> dict[str, float]:
 
 
 def train_step(folder: str, repeats: int) -> dict[str, float]:
-    script = str(ROOT / "benchmarks" / "bench_train_step.py")
+    own = Path(folder) / "benchmarks" / "bench_train_step.py"  # the script of the folder's own tree: it follows its API
+    script = str(own if own.is_file() else ROOT / "benchmarks" / "bench_train_step.py")
     out = subprocess.run(
         [sys.executable, "-c", TRAIN_STEP, folder, script, str(repeats)], capture_output=True, text=True, check=True
     )
