@@ -1,9 +1,9 @@
 """Every file hkd writes and reads back: atomic, checksummed, pickle-free; plus resume state and run control, and
 model folders (save_pretrained / load_pretrained: safetensors weights and a JSON config).
 
-    checkpoint.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), ...,
-                           "rng": checkpoint.rng_state(), "step": step})
-    state = checkpoint.load(path); model.load_state_dict(state["model"]); checkpoint.set_rng_state(state["rng"])
+    files.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), ...,
+                      "rng": files.rng_state(), "step": step})
+    state = files.load(path); model.load_state_dict(state["model"]); files.set_rng_state(state["rng"])
 
 * `atomic_write` is the one way hkd writes a file: a temporary file in the same folder (created with the user's
   umask), flushed to disk and renamed over the target (os.replace is atomic), so a kill at any moment leaves either
