@@ -349,8 +349,18 @@ def save_pretrained(directory: str | os.PathLike, state: dict[str, torch.Tensor]
     if bad:
         raise NonFiniteError(f"not saving the model to {directory}: non-finite weights in {', '.join(bad[:5])}")
     metadata = {"format": config["format"], DIGEST_KEY: digest(state)}
-    atomic_write(Path(directory) / WEIGHTS_NAME, save(state, metadata=metadata))
+    atomic_write(Path(directory) / WEIGHTS_NAME, _sorted_header(save(state, metadata=metadata)))
     atomic_write(Path(directory) / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+
+
+def _sorted_header(blob: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted: safetensors writes the metadata in the order of a hash
+    map, which changes from process to process, so the same weights gave different files. Offsets are relative to
+    the data, which is unchanged; the header stays padded to 8 bytes, as the format asks."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + blob[8 + n :]
 
 
 def load_pretrained(directory: str | os.PathLike, kind: str, build: Callable[[dict[str, Any]], torch.nn.Module]):

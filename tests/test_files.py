@@ -1,10 +1,13 @@
 import os
 import random
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from hkd import files
 
@@ -74,3 +77,22 @@ def test_stop_signal_is_a_request_then_handlers_are_restored(signum):
         os.kill(os.getpid(), signum)
         assert stop.requested == signum
     assert signal.getsignal(signum) is before
+
+
+SAVE_PRETRAINED = """
+import sys, torch
+from hkd import files
+torch.manual_seed(0)
+files.save_pretrained(sys.argv[1], {"b.weight": torch.randn(3, 5), "a.bias": torch.randn(7).double()}, {"format": "t"})
+"""
+
+
+def test_model_folders_are_the_same_bytes_from_every_process(tmp_path):
+    """The same weights make the same file: safetensors orders its metadata by a per-process hash, hkd sorts it."""
+
+    for name in ("one", "two", "three"):
+        subprocess.run([sys.executable, "-c", SAVE_PRETRAINED, str(tmp_path / name)], check=True, timeout=300)
+    blobs = {(tmp_path / name / files.WEIGHTS_NAME).read_bytes() for name in ("one", "two", "three")}
+    assert len(blobs) == 1
+    with safe_open(str(tmp_path / "one" / files.WEIGHTS_NAME), "pt") as f:
+        assert f.metadata()["format"] == "t" and sorted(f.keys()) == ["a.bias", "b.weight"]
