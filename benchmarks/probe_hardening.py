@@ -166,7 +166,7 @@ def fresh_on_a_user_folder(paths: dict, tmp: Path) -> str:
 def nonfinite_weights(tmp: Path) -> str:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from hkd import checkpoint, train
+    from hkd import files, train
     from hkd.model import HKDModel, ModelConfig
 
     class Trajectories(torch.utils.data.Dataset):
@@ -191,20 +191,20 @@ def nonfinite_weights(tmp: Path) -> str:
     with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
         train.train({"train": settings}, dataset=Trajectories(), model=model)
     handle.remove()
-    state = checkpoint.load(tmp / "nf" / "checkpoint.pt")
+    state = files.load(tmp / "nf" / "checkpoint.pt")
     finite = all(torch.isfinite(v).all() for v in state["model"].values())
     return "ok" if finite else "data loss"
 
 
 def flipped_checkpoint(tmp: Path) -> str:
-    from hkd import checkpoint
+    from hkd import files
 
     path = tmp / "flip.pt"
     weights = torch.linspace(0, 1, 4096)
-    checkpoint.save(path, {"step": 3, "w": weights})
+    files.save(path, {"step": 3, "w": weights})
     flip(path, path.read_bytes().find(weights[2000:2004].numpy().tobytes()) + 1)
     try:
-        checkpoint.load(path)
+        files.load(path)
         return "silent"
     except ValueError:
         return "clean"

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from hkd import demo, experiments
-from hkd.checkpoint import output_folder
 from hkd.errors import UserError
+from hkd.files import output_folder
 from hkd.teacher import load_teacher
 
 

@@ -68,7 +68,7 @@ def fractions(text: str) -> tuple[float, ...]:
 
 
 def _out(path: str, what: str = "--out"):
-    from hkd.checkpoint import output_folder
+    from hkd.files import output_folder
 
     return output_folder(path, what)
 
@@ -348,7 +348,7 @@ def parser_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from hkd.checkpoint import output_folder
+    from hkd.files import output_folder
     from hkd.model import generate_to
 
     if args.trajectory == 1:
@@ -380,7 +380,7 @@ def parser_train_teacher(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> None:
-    from hkd.checkpoint import run_lock
+    from hkd.files import run_lock
     from hkd.teacher import train_teacher
 
     config, device = _config(args), _device(args.device)
@@ -414,7 +414,7 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     import torch
 
     from hkd import trajectories
-    from hkd.checkpoint import output_folder
+    from hkd.files import output_folder
 
     if args.verify:
         problems = trajectories.verify_store(args.verify)
@@ -608,7 +608,7 @@ def cmd_fid_ref(args: argparse.Namespace) -> None:
 
     if not args.out.endswith(".npz") or Path(args.out).is_dir():
         raise UserError(f"--out {args.out}: the statistics are written as an .npz file (e.g. --out cifar10-ref.npz)")
-    from hkd.checkpoint import refuse_replace
+    from hkd.files import refuse_replace
 
     refuse_replace(args.out, metrics.is_stats_file, args.overwrite)
     metrics.inception(args.inception_weights)  # the weights, then the place to write, before any work
@@ -716,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(args, f"{error.strerror}: {error.filename}" if error.filename else str(error))
     except RunStopped as stop:
-        from hkd.checkpoint import RESUME_HINT
+        from hkd.files import RESUME_HINT
 
         message = str(stop)
         if not hasattr(args, "resume"):  # demo, ablate: they resume a run when the same command runs again

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from hkd import config as configs
-from hkd.checkpoint import LOCK_NAME, atomic_write, output_folder, run_lock
 from hkd.errors import UserError
+from hkd.files import LOCK_NAME, atomic_write, output_folder, run_lock
 
 MARKER = ".hkd-demo"
 
@@ -153,7 +153,7 @@ def run(
 def _stages(
     out: Path, config: configs.RunConfig, device: torch.device, quick: bool, quality: bool, log, name: str
 ) -> Path:
-    from hkd import analysis, checkpoint, editing, experiments, feature_space
+    from hkd import analysis, editing, experiments, feature_space, files
     from hkd.data import examples
     from hkd.figures import write_json
     from hkd.teacher import CHECKPOINT_NAME, load_teacher, train_teacher
@@ -186,7 +186,7 @@ def _stages(
     steps = config.teacher.steps
 
     def teacher_done() -> bool:
-        return teacher_ckpt.is_file() and checkpoint.load(teacher_ckpt)["step"] >= steps
+        return teacher_ckpt.is_file() and files.load(teacher_ckpt)["step"] >= steps
 
     resume = teacher_ckpt.is_file()
     stage(

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hkd import checkpoint
+from hkd import files
 from hkd.edm import EDMPrecond, sigma_column
 from hkd.errors import ConfigError, CorruptFileError, UserError, brief
 from hkd.sections import finite
@@ -107,7 +107,7 @@ def _load_storage(data: bytes):
     if not isinstance(data, bytes):
         raise UnsafePickleError("a tensor storage that is not bytes")
     blob = io.BytesIO(data)
-    checkpoint.check_archive(blob, "a tensor storage", len(data))  # EDM's are legacy blobs; a zip may not inflate
+    files.check_archive(blob, "a tensor storage", len(data))  # EDM's are legacy blobs; a zip may not inflate
     return torch.load(blob, map_location="cpu", weights_only=True)
 
 
@@ -452,7 +452,7 @@ def load_edm_pickle(path: str | Path) -> nn.Module:
 def imported(directory: Path) -> bool:
     """Whether `directory` holds a teacher `import_teacher` wrote (its config.json says so)."""
     try:
-        config = checkpoint.read_json(Path(directory) / checkpoint.CONFIG_NAME)
+        config = files.read_json(Path(directory) / files.CONFIG_NAME)
     except UserError:
         return False
     return isinstance(config, dict) and config.get("format") == FORMAT
@@ -462,29 +462,29 @@ def import_teacher(path: str | Path, out_dir: str | Path, overwrite: bool = Fals
     """Write out_dir/model.safetensors and out_dir/config.json (format hkd-edm-teacher) from an EDM pickle. An
     earlier import in out_dir is replaced only with `overwrite`; any other file of those names is never replaced."""
     out_dir = Path(out_dir)
-    names = (checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME)
+    names = (files.WEIGHTS_NAME, files.CONFIG_NAME)
     ours = imported(out_dir)
     for name in names:  # before any work
-        checkpoint.refuse_replace(out_dir / name, lambda _: ours, overwrite, f"--out {str(out_dir)!r}:")
+        files.refuse_replace(out_dir / name, lambda _: ours, overwrite, f"--out {str(out_dir)!r}:")
     denoiser = load_edm_pickle(path)
-    out_dir = checkpoint.output_folder(out_dir, "--out")  # after the pickle passed its checks
+    out_dir = files.output_folder(out_dir, "--out")  # after the pickle passed its checks
     config = {"format": FORMAT, "version": 1, "source": str(Path(path).resolve()), **denoiser.identity["config"]}
-    checkpoint.save_pretrained(out_dir, denoiser.net.state_dict(), config)
+    files.save_pretrained(out_dir, denoiser.net.state_dict(), config)
     return out_dir
 
 
 def load_imported(directory: str | Path) -> nn.Module:
     """The teacher `import_teacher` wrote (identity source "edm-import"; same hash as the pickle it came from), read
-    by hkd.checkpoint.load_pretrained: the declared network is checked against the weights before it is built."""
+    by hkd.files.load_pretrained: the declared network is checked against the weights before it is built."""
     directory = Path(directory)
     built = {}
 
     def build(config: dict[str, Any]) -> nn.Module:
         built["core"] = {"unet": config.get("unet"), "precond": config.get("precond")}
-        built["denoiser"] = from_config(built["core"], str(directory / checkpoint.CONFIG_NAME))
+        built["denoiser"] = from_config(built["core"], str(directory / files.CONFIG_NAME))
         return built["denoiser"].net
 
-    checkpoint.load_pretrained(directory, FORMAT, build)
+    files.load_pretrained(directory, FORMAT, build)
     denoiser = built["denoiser"]
     denoiser.identity = {"source": "edm-import", "path": str(directory.resolve()), "config": built["core"]}
     return denoiser

@@ -53,11 +53,11 @@ def forward_passes(cfg: TrainConfig, steps: int) -> int:
 
 def run_steps(cfg: TrainConfig) -> int:
     """The optimiser steps the run in train.out has taken (its checkpoint's), 0 before the first."""
-    from hkd import checkpoint
+    from hkd import files
     from hkd.train import CHECKPOINT_NAME
 
     path = Path(cfg.out) / CHECKPOINT_NAME
-    return int(checkpoint.load(path)["step"]) if path.is_file() else 0
+    return int(files.load(path)["step"]) if path.is_file() else 0
 
 
 def milestones(total: int) -> list[int]:

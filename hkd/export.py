@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from hkd import checkpoint
+from hkd import files
 from hkd.errors import UserError
 from hkd.model import HKDModel
 from hkd.ops import reference
@@ -196,7 +196,7 @@ def export(
 
         return export_pipeline(model if isinstance(model, HKDModel) else load_model(model), out)
     try:
-        checkpoint.refuse_replace(out, lambda path: is_export(path, format), overwrite)
+        files.refuse_replace(out, lambda path: is_export(path, format), overwrite)
     except UserError as error:
         raise ExportError(str(error)) from None
     if not isinstance(model, HKDModel):
@@ -228,7 +228,7 @@ def save_program(module: nn.Module, inputs: tuple[Tensor, ...], out: Path, forma
         except Exception as error:
             raise ExportError(f"torch.export failed: {_one_line(error)}") from error
         _check_ops(program, format)
-        with checkpoint.replacing(out) as tmp:
+        with files.replacing(out) as tmp:
             if format == "pt2":
                 with open(tmp, "wb") as file:
                     torch.export.save(program, file, extra_files={MARK: MARK})

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from hkd.checkpoint import atomic_write  # noqa: E402 (also hkd.figures.atomic_write, as before)
+from hkd.files import atomic_write  # noqa: E402 (also hkd.figures.atomic_write, as before)
 from hkd.image_grid import tile_array  # noqa: E402
 
 

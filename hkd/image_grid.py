@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from hkd.checkpoint import atomic_write
+from hkd.files import atomic_write
 
 
 def tile_array(x: np.ndarray, nrow: int, padding: int, fill) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from hkd import checkpoint
+from hkd import files
 from hkd.edm import ema_update
 from hkd.errors import RunStopped
 from hkd.runstate import NonFiniteLoss, RunState
@@ -75,7 +75,7 @@ def train_step(
     return value, True, grad_norm
 
 
-def stop_requested(stop: checkpoint.StopSignal, world: int, device: torch.device) -> bool:
+def stop_requested(stop: files.StopSignal, world: int, device: torch.device) -> bool:
     """Whether a SIGTERM/SIGINT reached any rank (all ranks then stop at the same step)."""
     flag = torch.tensor(float(stop.requested is not None), device=device)
     if world > 1:
@@ -115,7 +115,7 @@ def advance(
     run.step += 1
 
 
-def steps(run: RunState, total: int, stop: checkpoint.StopSignal, save, every: int, world: int = 1, device=None):
+def steps(run: RunState, total: int, stop: files.StopSignal, save, every: int, world: int = 1, device=None):
     """The steps run.step .. total - 1 of a run. The caller's loop body takes one optimiser step (and `advance`s);
     after it, save() (None: not this rank) writes the checkpoint every `every` steps, at the end, and when a
     SIGTERM/SIGINT reached any rank, which ends the steps (every rank at the same step; raise_if_stopped then says
@@ -129,9 +129,9 @@ def steps(run: RunState, total: int, stop: checkpoint.StopSignal, save, every: i
             return
 
 
-def raise_if_stopped(stop: checkpoint.StopSignal, run: RunState, total: int, path) -> None:
+def raise_if_stopped(stop: files.StopSignal, run: RunState, total: int, path) -> None:
     """RunStopped naming the signal and the checkpoint written, when a signal ended the steps before `total`."""
     if run.step < total:
         signum = stop.requested or signal.SIGTERM  # another rank's signal
         name = signal.Signals(signum).name
-        raise RunStopped(f"stopped by {name} at step {run.step}: {path} written; {checkpoint.RESUME_HINT}", signum)
+        raise RunStopped(f"stopped by {name} at step {run.step}: {path} written; {files.RESUME_HINT}", signum)

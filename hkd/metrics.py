@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hkd import checkpoint
+from hkd import files
 from hkd.errors import CorruptFileError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -93,7 +93,7 @@ def to_uint8(images: Tensor) -> Tensor:
 
 class Inception(nn.Module):
     """torch-fidelity's FID Inception-v3 (the TF-FID port; pool3, 2048 features) with weights from a local file.
-    The file's zip records may declare no more bytes than the file holds (hkd.checkpoint.torch_load).
+    The file's zip records may declare no more bytes than the file holds (hkd.files.torch_load).
 
     The file is first read with torch.load(weights_only=True), so only a plain tensor file gets to torch-fidelity
     (whose own loader unpickles without that restriction)."""
@@ -110,7 +110,7 @@ class Inception(nn.Module):
             ) from error
         self.path = inception_weights(weights)
         try:
-            state = checkpoint.torch_load(self.path)
+            state = files.torch_load(self.path)
             if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
                 raise ValueError("not a state dict of tensors")
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(self.path)).eval()
@@ -179,7 +179,7 @@ def save_stats(path: str | os.PathLike, mu: Tensor, sigma: Tensor) -> Path:
     import numpy as np
 
     mu, sigma = mu.double().numpy(), sigma.double().numpy()
-    return checkpoint.atomic_write(path, lambda file: np.savez(file, mu=mu, sigma=sigma, format=np.str_(STATS_FORMAT)))
+    return files.atomic_write(path, lambda file: np.savez(file, mu=mu, sigma=sigma, format=np.str_(STATS_FORMAT)))
 
 
 def is_stats_file(path: str | os.PathLike) -> bool:
@@ -209,7 +209,7 @@ def load_stats(path: str | os.PathLike, features: int | None = None) -> tuple[Te
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {str(path)!r} not found")
     d = features or INCEPTION_FEATURES
-    checkpoint.check_archive(path, str(path), 8 * (d * d + d) + (1 << 16))  # a deflate bomb is refused unread
+    files.check_archive(path, str(path), 8 * (d * d + d) + (1 << 16))  # a deflate bomb is refused unread
     try:
         with np.load(path, allow_pickle=False) as data:
             mu, sigma = data["mu"], data["sigma"]
@@ -312,19 +312,19 @@ def recipe(*parts: bytes) -> str:
 
 
 def cached(path: Path, build: Callable[[], nn.Module], train: Callable[[], nn.Module]) -> nn.Module:
-    """build() with the weights in `path` (hkd.checkpoint: checksummed, weights only), else train() written there
+    """build() with the weights in `path` (hkd.files: checksummed, weights only), else train() written there
     atomically. A corrupt or foreign cache file is replaced, never executed; a read-only place keeps it in memory."""
-    from hkd import checkpoint
+    from hkd import files
     from hkd.errors import UserError
 
     model = build()
     try:
-        model.load_state_dict(checkpoint.load(path)["model"])
+        model.load_state_dict(files.load(path)["model"])
         return model.eval().requires_grad_(False)
     except (UserError, KeyError, RuntimeError, OSError):
         model = train()
         with contextlib.suppress(OSError, UserError):
-            checkpoint.save(path, {"model": model.state_dict()})
+            files.save(path, {"model": model.state_dict()})
         return model
 
 

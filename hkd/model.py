@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hkd import checkpoint
+from hkd import files
 from hkd.edm import EDMPrecond, preconditioning
 from hkd.errors import ConfigError, TeacherSplitError
 from hkd.propagator import HKDPropagator
@@ -369,14 +369,14 @@ class HKDModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """directory/model.safetensors and directory/config.json (format and model config), as
-        hkd.checkpoint.save_pretrained writes them."""
+        hkd.files.save_pretrained writes them."""
         config = {"format": FORMAT, "version": 1, "model": to_dict(self.config)}
-        checkpoint.save_pretrained(directory, self.state_dict(), config)
+        files.save_pretrained(directory, self.state_dict(), config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> HKDModel:
-        """The model written by save_pretrained, checked and loaded by hkd.checkpoint.load_pretrained."""
-        model = checkpoint.load_pretrained(directory, FORMAT, lambda saved: cls(section(saved, "model", ModelConfig)))
+        """The model written by save_pretrained, checked and loaded by hkd.files.load_pretrained."""
+        model = files.load_pretrained(directory, FORMAT, lambda saved: cls(section(saved, "model", ModelConfig)))
         return model.to(device)
 
 
@@ -409,7 +409,7 @@ def generate_to(
         raise ValueError(
             f"need num >= 1, batch_size >= 1 and trajectory 0 or >= 2, got {num}, {batch_size}, {trajectory}"
         )
-    out, device = checkpoint.output_folder(out), next(model.parameters()).device
+    out, device = files.output_folder(out), next(model.parameters()).device
     shape = (num, model.img_channels, model.img_resolution, model.img_resolution)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     times = torch.logspace(math.log10(model.T), math.log10(model.eps), trajectory, dtype=torch.float64)
@@ -440,6 +440,6 @@ def generate_to(
     if npz:
         import numpy as np
 
-        checkpoint.atomic_write(out / "samples.npz", lambda file: np.savez(file, seed=seed, **arrays))
+        files.atomic_write(out / "samples.npz", lambda file: np.savez(file, seed=seed, **arrays))
         written.append(out / "samples.npz")
     return written

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hkd import checkpoint, sections
+from hkd import files, sections
 from hkd.errors import ConfigError, NonFiniteError
 
 # What `--resume` lets change: the step budget, and settings that change no number of the run
@@ -54,7 +54,7 @@ def checkpoint_state(config: dict[str, Any], run: RunState, steps_per_epoch: int
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
-        "rng": checkpoint.rng_state(),
+        "rng": files.rng_state(),
         "step": run.step,
         "epoch": run.step // steps_per_epoch,
         "skipped": run.skipped,
@@ -73,22 +73,22 @@ def restore(run: RunState, state: dict[str, Any]) -> None:
         run.scheduler.load_state_dict(state["scheduler"])
     if "scaler" in state:
         run.scaler.load_state_dict(state["scaler"])
-    checkpoint.set_rng_state(state["rng"])
+    files.set_rng_state(state["rng"])
     run.step, run.skipped, run.losses = state["step"], state.get("skipped", 0), [tuple(x) for x in state["losses"]]
     run.running, run.count = state.get("running", (0.0, 0))
 
 
 def last_good(path: Path) -> str:
     """The checkpoint at `path` and its step, for messages ("none yet" before the first)."""
-    return f"{path} (step {checkpoint.load(path)['step']})" if path.exists() else "none yet"
+    return f"{path} (step {files.load(path)['step']})" if path.exists() else "none yet"
 
 
 def save_checkpoint(
     path: Path, state: dict[str, Any], hint: str = "Lower train.lr, set train.grad_clip or use train.precision=fp32"
 ) -> None:
-    """checkpoint.save; non-finite weights are a NonFiniteLoss naming the last good checkpoint, which is kept."""
+    """files.save; non-finite weights are a NonFiniteLoss naming the last good checkpoint, which is kept."""
     try:
-        checkpoint.save(path, state)
+        files.save(path, state)
     except NonFiniteError as error:
         raise NonFiniteLoss(
             f"the weights are not finite at step {state['step']} ({error}); the last good checkpoint is "

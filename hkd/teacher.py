@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hkd import checkpoint, loop
+from hkd import files, loop
 from hkd.data import DataConfig, load_dataset
 from hkd.edm import EDMPrecond, edm_loss, edm_noise, ema_halflife_decay, heun_sampler, sigma_column
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, UserError
@@ -137,7 +137,7 @@ def train_teacher(
     saved_config = {"data": to_dict(data), "teacher": to_dict(cfg)}
     if cfg.threads > (os.cpu_count() or 1):
         raise ConfigError(f"teacher.threads = {cfg.threads} is more than this machine's {os.cpu_count()} CPUs")
-    state = checkpoint.resume_from(path, resume, "--out")
+    state = files.resume_from(path, resume, "--out")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -165,7 +165,7 @@ def train_teacher(
             "optimizer": optimizer.state_dict(),
             "step": run.step,
             "losses": run.losses,
-            "rng": checkpoint.rng_state(),
+            "rng": files.rng_state(),
         }
         save_checkpoint(path, teacher_state, hint="Lower teacher.lr")
 
@@ -175,7 +175,7 @@ def train_teacher(
     batches = _batches(dataset, cfg.batch_size, cfg.seed, run.step)
     rounds = cfg.batch_size // (cfg.micro_batch or cfg.batch_size)
     start, start_step = time.perf_counter(), run.step
-    with checkpoint.StopSignal() as stop:
+    with files.StopSignal() as stop:
         for step in loop.steps(run, cfg.steps, stop, save, cfg.checkpoint_every):
             # Data: a batch, and EDM's noise for all of it at once (so the micro-batches change nothing).
             images = next(batches).to(device)
@@ -239,7 +239,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     if edm is not None:
         denoiser = edm
     elif path.is_file():
-        state = checkpoint.load(path)
+        state = files.load(path)
         if state.get("format") != "hkd-teacher":
             raise CorruptFileError(f"{path} is not an hkd teacher checkpoint (written by `hkd train-teacher`)")
         data = section(state["config"], "data", DataConfig)
@@ -279,7 +279,7 @@ def _json(path: Path) -> dict[str, Any]:
     numbers, too large) is a CorruptFileError naming it."""
     if not path.is_file():
         return {}
-    value = checkpoint.read_json(path)
+    value = files.read_json(path)
     return value if isinstance(value, dict) else {}
 
 

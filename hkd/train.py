@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from hkd import checkpoint, loop
+from hkd import files, loop
 from hkd.config import RunConfig
 from hkd.errors import ConfigError, UserError
 from hkd.losses import Distance, lambda1_schedule, trajectory_loss
@@ -121,7 +121,7 @@ class _Log:
         writer = csv.DictWriter(text, LOG_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-        checkpoint.atomic_write(self.path, text.getvalue())
+        files.atomic_write(self.path, text.getvalue())
         self.file = open(self.path, "a", newline="")  # noqa: SIM115 (closed in close())
         self.csv = csv.DictWriter(self.file, LOG_FIELDS)
         try:
@@ -223,7 +223,7 @@ def train(
     raises RunStopped (continue with resume=True)."""
     config = RunConfig.parse(config)
     first = int(os.environ.get("RANK", "0")) == 0
-    lock = checkpoint.run_lock(checkpoint.output_folder(config.train.out, "train.out"))
+    lock = files.run_lock(files.output_folder(config.train.out, "train.out"))
     with lock if first else contextlib.nullcontext():
         return _train(config, resume, model, dataset, log)
 
@@ -237,7 +237,7 @@ def _train(config: RunConfig, resume: bool, model, dataset, log) -> dict[str, An
     rounds = accumulation_rounds(cfg.batch, cfg.micro_batch, world)
     out = Path(cfg.out)
     path = out / CHECKPOINT_NAME
-    saved = checkpoint.resume_from(path, resume, "train.out", map_location=device)
+    saved = files.resume_from(path, resume, "train.out", map_location=device)
     if saved is not None:
         resume_changes(saved["config"], config.raw, path)
     if cfg.threads > 0:
@@ -271,7 +271,7 @@ def _train(config: RunConfig, resume: bool, model, dataset, log) -> dict[str, An
     last_log = time.perf_counter()
     net.train()
     stream = _stream(batches, run.step, steps_per_epoch)
-    with checkpoint.StopSignal() as stop:
+    with files.StopSignal() as stop:
         for _ in loop.steps(run, total, stop, save, cfg.checkpoint_every, world, device):
             # Data: this rank's trajectories, and the times of the whole global batch from (seed, step) (this
             # rank's rows, as the sampler splits data).

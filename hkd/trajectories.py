@@ -46,9 +46,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hkd.checkpoint import TMP_SUFFIX, atomic_write, output_folder, read_json
 from hkd.edm import heun_sampler, time_steps
 from hkd.errors import ConfigError, CorruptFileError, MissingFileError, NonFiniteError, UserError, brief
+from hkd.files import TMP_SUFFIX, atomic_write, output_folder, read_json
 from hkd.sections import Section
 
 MANIFEST = "manifest.json"

@@ -14,7 +14,7 @@ import torch
 from test_train import MODEL, assert_same, parameters
 from torch import nn
 
-from hkd import checkpoint, cli, config, loop, losses, train
+from hkd import cli, config, files, loop, losses, train
 from hkd.edm import time_steps
 from hkd.errors import RunStopped
 from hkd.propagator import HKDPropagator
@@ -213,7 +213,7 @@ def test_train_with_micro_batches_matches_and_resumes_mid_epoch_exactly(tmp_path
     stopping.kill_at, stopping.calls = 2 * 8 + 3, 0
     with pytest.raises(RunStopped, match="stopped by SIGTERM at step 3"):
         train.train(cfg, dataset=stopping)
-    assert checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["step"] == 3
+    assert files.load(tmp_path / "resumed" / "checkpoint.pt")["step"] == 3
     torch.manual_seed(12345)  # another global RNG state: it must not matter
     resumed = train.train(cfg, dataset=data, resume=True)
     assert resumed["step"] == 6 and resumed["losses"] == straight["losses"]

@@ -8,7 +8,7 @@ import torch
 from test_train import Trajectories
 from test_train import config as train_config
 
-from hkd import checkpoint, config, sections, train
+from hkd import config, files, sections, train
 from hkd.config import ConfigError, RunConfig
 from hkd.data import DataConfig
 from hkd.model import ModelConfig
@@ -68,7 +68,7 @@ def test_train_stores_the_dict_as_written_for_a_dict_and_a_run_config(tmp_path):
     for name in ("dict", "parsed"):
         raw = train_config(tmp_path, name, max_steps=1, seed=1)
         train.train(raw if name == "dict" else RunConfig.parse(raw), dataset=data)
-        written[name] = (raw, checkpoint.load(tmp_path / name / "checkpoint.pt")["config"])
+        written[name] = (raw, files.load(tmp_path / name / "checkpoint.pt")["config"])
     for raw, saved in written.values():
         assert saved == raw and list(saved["train"]) == list(raw["train"])  # as written: no defaults, same order
 

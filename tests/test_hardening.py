@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hkd import checkpoint, config, demo, metrics, trajectories
+from hkd import config, demo, files, metrics, trajectories
 from hkd.cli import main
 from hkd.errors import ConfigError, CorruptFileError, NonFiniteError, RunStopped, UserError
 from hkd.model import HKDModel, ModelConfig
@@ -113,9 +113,7 @@ def test_a_planted_pickle_never_runs_in_any_place_a_command_reads(made, tmp_path
     plant(metrics.classifier_cache(), marker)
     assert isinstance(metrics.digits_classifier(), metrics.DigitsClassifier)
     assert not marker.exists()
-    assert (
-        checkpoint.load(metrics.classifier_cache())["model"].keys() == metrics.digits_classifier().state_dict().keys()
-    )
+    assert files.load(metrics.classifier_cache())["model"].keys() == metrics.digits_classifier().state_dict().keys()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,16 +149,16 @@ def flip(path, offset):
 def test_flipped_bytes_in_checkpoints_and_model_weights_are_errors(tmp_path, capsys):
     path = tmp_path / "checkpoint.pt"
     weights = torch.linspace(0, 1, 4096)
-    checkpoint.save(path, {"step": 3, "w": weights})
+    files.save(path, {"step": 3, "w": weights})
     offset = path.read_bytes().find(weights[2000:2004].numpy().tobytes())
     assert offset > 0
     flip(path, offset + 1)
     with pytest.raises(CorruptFileError, match="checkpoint.pt.*checksum differs"):
-        checkpoint.load(path)
+        files.load(path)
 
     legacy = tmp_path / "legacy.pt"  # a file from before checksums still loads
     torch.save({"step": 1, "w": weights}, legacy)
-    assert checkpoint.load(legacy)["step"] == 1
+    assert files.load(legacy)["step"] == 1
 
     model = HKDModel(ModelConfig(img_resolution=8, img_channels=1, model_channels=4, channel_mult=(1,)))
     model.save_pretrained(tmp_path / "model")
@@ -191,10 +189,10 @@ def test_model_sizes_are_checked_before_anything_is_allocated(tmp_path):
 
 def test_a_checkpoint_with_nonfinite_weights_never_replaces_the_last_good_one(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    checkpoint.save(path, {"step": 4, "model": {"w": torch.ones(3)}})
+    files.save(path, {"step": 4, "model": {"w": torch.ones(3)}})
     with pytest.raises(NonFiniteError, match="model.w"):
-        checkpoint.save(path, {"step": 5, "model": {"w": torch.tensor([1.0, float("inf"), 0.0])}})
-    assert checkpoint.load(path)["step"] == 4 and sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+        files.save(path, {"step": 5, "model": {"w": torch.tensor([1.0, float("inf"), 0.0])}})
+    assert files.load(path)["step"] == 4 and sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
 
 
 class Trajectories(torch.utils.data.Dataset):
@@ -232,8 +230,8 @@ def test_training_stops_on_nonfinite_weights_and_keeps_the_last_good_checkpoint(
             train.train({"train": settings}, dataset=Trajectories(16), model=model)
     finally:
         handle.remove()
-    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
-    assert state["step"] == 4 and not checkpoint.nonfinite(state)
+    state = files.load(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 4 and not files.nonfinite(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,37 +242,37 @@ def test_atomic_write_respects_the_umask_and_a_lock_cleans_what_a_kill_left(tmp_
     for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
         previous = os.umask(umask)
         try:
-            path = checkpoint.atomic_write(tmp_path / f"f{umask:o}.txt", "x")
+            path = files.atomic_write(tmp_path / f"f{umask:o}.txt", "x")
         finally:
             os.umask(previous)
         assert path.stat().st_mode & 0o777 == mode
 
     # a writer killed (-9) in the middle of a save leaves its temporary file, never a half-written target
-    checkpoint.save(tmp_path / "run" / "checkpoint.pt", {"step": 1})
+    files.save(tmp_path / "run" / "checkpoint.pt", {"step": 1})
     script = (
         "import os, signal, torch; from hkd import checkpoint\n"
         "def die(file): file.write(b'partial'); file.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
         f"checkpoint.atomic_write({str(tmp_path / 'run' / 'checkpoint.pt')!r}, die)\n"
     )
     assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
-    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 1
-    stale = list((tmp_path / "run").glob(f".*{checkpoint.TMP_SUFFIX}"))
+    assert files.load(tmp_path / "run" / "checkpoint.pt")["step"] == 1
+    stale = list((tmp_path / "run").glob(f".*{files.TMP_SUFFIX}"))
     assert len(stale) == 1
     (tmp_path / "run" / ".notes.tmp").write_text("the user's")  # not hkd's: kept
-    with checkpoint.run_lock(tmp_path / "run"):
+    with files.run_lock(tmp_path / "run"):
         assert not stale[0].exists() and (tmp_path / "run" / ".notes.tmp").exists()
 
 
 def test_one_run_per_folder(made, tmp_path, capsys):
-    with checkpoint.run_lock(tmp_path / "run"):
+    with files.run_lock(tmp_path / "run"):
         with pytest.raises(UserError, match=f"in use by another hkd run .pid {os.getpid()}"):
-            with checkpoint.run_lock(tmp_path / "run"):
+            with files.run_lock(tmp_path / "run"):
                 pass
         code, err = run(train_args(made, tmp_path / "run"), capsys)
         assert code == 2 and "in use by another hkd run" in err
         code, err = run(["train-teacher", "--out", tmp_path / "run", *TINY_TEACHER], capsys)
         assert code == 2 and "in use by another hkd run" in err
-    with checkpoint.run_lock(tmp_path / "run"):  # released with the run
+    with files.run_lock(tmp_path / "run"):  # released with the run
         pass
 
 
@@ -284,7 +282,7 @@ def test_resume_refuses_a_changed_config_and_says_what_changed(made, tmp_path, c
     assert code == 2 and "train.lr: 0.001 -> 0.0001" in err
     code, err = run([*train_args(made, tmp_path / "run", "train.max_steps=2"), "--resume"], capsys)
     assert code == 0, err  # the step budget may change
-    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    assert files.load(tmp_path / "run" / "checkpoint.pt")["step"] == 2
 
 
 def test_sigterm_checkpoints_then_exits_143(tmp_path):
@@ -298,7 +296,7 @@ def test_sigterm_checkpoints_then_exits_143(tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM at step" in err and "Traceback" not in err
-    assert checkpoint.load(tmp_path / "teacher.pt")["step"] >= 1
+    assert files.load(tmp_path / "teacher.pt")["step"] >= 1
 
 
 def test_run_stopped_is_its_exit_code_in_the_cli(monkeypatch, capsys):
@@ -314,7 +312,7 @@ def test_run_stopped_is_its_exit_code_in_the_cli(monkeypatch, capsys):
 def test_a_stopped_demo_says_to_run_it_again_not_to_pass_resume(monkeypatch, capsys, tmp_path):
     """hkd train's stop message names --resume; hkd demo has no such option (it resumes when run again)."""
     from hkd import demo
-    from hkd.checkpoint import RESUME_HINT
+    from hkd.files import RESUME_HINT
 
     def stopped(*args, **kwargs):
         raise RunStopped(f"stopped by SIGTERM at step 3: checkpoint.pt written; {RESUME_HINT}")

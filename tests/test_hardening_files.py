@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import edm_format
 
-from hkd import checkpoint, config, edm_pickle, metrics, trajectories
+from hkd import config, edm_pickle, files, metrics, trajectories
 from hkd.cli import main
 from hkd.errors import ConfigError, NonFiniteError, UserError
 from hkd.model import HKDModel, ModelConfig
@@ -40,7 +40,7 @@ def one_line(code, err, fragment):
 
 def peak_growth(code: str) -> tuple[str, int]:
     """(stdout, growth of the peak resident memory in MiB) of `code` run in a fresh process after the imports."""
-    script = "import resource, torch, numpy, hkd.checkpoint, hkd.edm_pickle, hkd.metrics\n"
+    script = "import resource, torch, numpy, hkd.files, hkd.edm_pickle, hkd.metrics\n"
     script += "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
     script += "try:\n" + textwrap.indent(textwrap.dedent(code), "    ") + "\n"
     script += "except Exception as error:\n    print(type(error).__name__, str(error)[:300])\n"
@@ -76,7 +76,7 @@ def test_a_deflated_teacher_checkpoint_is_refused_before_it_inflates(tmp_path, c
     path = tmp_path / "teacher.pt"
     path.write_bytes(deflate_bomb(torch_bytes({"format": "hkd-teacher", "w": torch.zeros(4)})))
     assert path.stat().st_size < BOMB // 100
-    output, growth = peak_growth(f"hkd.checkpoint.load({str(path)!r})")
+    output, growth = peak_growth(f"hkd.files.load({str(path)!r})")
     assert "CorruptFileError" in output and "declares" in output and growth < 40, (output, growth)
     code, err = run(["trajectories", "--teacher", path, "--out", tmp_path / "s", "--device", "cpu"], capsys)
     one_line(code, err, "more than its")
@@ -290,7 +290,7 @@ def test_fid_ref_never_replaces_an_npz_it_did_not_write(tmp_path, capsys):
     code, err = run(["fid-ref", "digits", "--out", ours], capsys)
     one_line(code, err, "pass --overwrite to replace it")
     with pytest.raises(UserError, match="is a folder"):
-        checkpoint.refuse_replace(tmp_path, lambda p: True, True)
+        files.refuse_replace(tmp_path, lambda p: True, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

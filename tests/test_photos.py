@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from hkd import checkpoint, config
+from hkd import config, files
 from hkd.data import DataConfig, examples, load_dataset, photos
 
 
@@ -118,7 +118,7 @@ def test_photos_feature_space_tells_real_patches_from_corrupted_ones(monkeypatch
     monkeypatch.setattr(feature_space, "_PHOTOS", {})
     monkeypatch.setattr(feature_space, "train_classifier", lambda build, *a, **k: build().eval().requires_grad_(False))
     feature_space.photos_classifier(16)
-    assert set(checkpoint.load(cache)["model"]) == set(feature_space.photos_classifier(16).state_dict())
+    assert set(files.load(cache)["model"]) == set(feature_space.photos_classifier(16).state_dict())
     assert feature_space.space_for((3, 32, 32)) is None  # CIFAR-10's shape: FID, unless asked for
 
 

@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 
-from hkd import checkpoint, losses, runstate, train
+from hkd import files, losses, runstate, train
 from hkd.config import ConfigError
 from hkd.edm import time_steps
 from hkd.errors import RunStopped
@@ -134,7 +134,7 @@ def test_smoke_run_lowers_the_loss_and_writes_the_run_folder(tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
     out = tmp_path / "run"
     assert (out / "samples" / "step_00000032.png").is_file()
-    state = checkpoint.load(out / "checkpoint.pt")
+    state = files.load(out / "checkpoint.pt")
     assert state["step"] == 32 and state["epoch"] == 8
     assert state["scheduler"]["last_epoch"] == 8
     torch.testing.assert_close(
@@ -180,7 +180,7 @@ def test_resume_after_sigterm_is_exact(tmp_path):
     with pytest.raises(RunStopped, match="stopped by SIGTERM at step .*checkpoint.pt written") as stopped:
         train.train(config(tmp_path, "resumed", seed=3, max_steps=14), dataset=SignalAt(data, at=6 * 8 + 2))
     assert stopped.value.exit_code == 128 + signal.SIGTERM  # what `hkd train` exits with
-    assert 5 <= checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["step"] < 14
+    assert 5 <= files.load(tmp_path / "resumed" / "checkpoint.pt")["step"] < 14
     torch.manual_seed(987654321)  # a global RNG state unlike the first run's: it must not matter
     resumed = train.train(config(tmp_path, "resumed", seed=3, max_steps=14), dataset=data, resume=True)
     assert resumed["step"] == 14
@@ -188,7 +188,7 @@ def test_resume_after_sigterm_is_exact(tmp_path):
     assert_same(parameters(resumed["ema"]), parameters(straight["ema"]))
     assert resumed["losses"] == straight["losses"]
     a_b = ("straight", "resumed")
-    a, b = (checkpoint.load(tmp_path / run / "checkpoint.pt") for run in a_b)
+    a, b = (files.load(tmp_path / run / "checkpoint.pt") for run in a_b)
     assert_same(a["optimizer"]["state"][0], b["optimizer"]["state"][0])
     assert a["scheduler"] == b["scheduler"]
     columns = [[row.split(",")[:3] for row in (tmp_path / run / "log.csv").read_text().splitlines()] for run in a_b]
@@ -215,7 +215,7 @@ def test_nonfinite_loss_stops_keeping_the_last_good_checkpoint_or_is_skipped(tmp
     model = NaNAt(HKDModel(ModelConfig(**(MODEL | {"channel_mult": (1, 2)}))), at=6)
     with pytest.raises(runstate.NonFiniteLoss, match=r"nan at step 5 .*checkpoint\.pt \(step 4\)"):
         train.train(config(tmp_path, checkpoint_every=2, epochs=5), dataset=data, model=model)
-    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    state = files.load(tmp_path / "run" / "checkpoint.pt")
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
 
     model = NaNAt(HKDModel(ModelConfig(**(MODEL | {"channel_mult": (1, 2)}))), at=6)
@@ -249,7 +249,7 @@ def test_mixed_precision_on_gpu_trains_and_resumes(tmp_path, precision):
     result = train.train(cfg, dataset=data)
     losses = [loss for _, loss in result["losses"]]
     assert result["step"] == 6 and all(map(math.isfinite, losses))
-    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    state = files.load(tmp_path / "run" / "checkpoint.pt")
     if precision == "fp16":
         assert state["scaler"]["scale"] > 0  # the GradScaler's state travels with the checkpoint
     else:
@@ -308,7 +308,7 @@ def test_hkd_train_command_on_a_real_store(tmp_path, capsys):
     run += [f"train.out={tmp_path / 'hkd'}", "train.batch=8", "train.epochs=2", "train.progress=false"]
     run += ["train.sample_count=4", "train.checkpoint_every=2"]
     assert cli.main(["train", *solver, *run]) == 0
-    state = checkpoint.load(tmp_path / "hkd" / "checkpoint.pt")
+    state = files.load(tmp_path / "hkd" / "checkpoint.pt")
     assert state["step"] == 6 and (tmp_path / "hkd" / "samples" / "step_00000006.png").is_file()
     assert "wrote" in capsys.readouterr().out
     # a store made with other solver settings than the config's is refused, naming the difference
@@ -325,7 +325,7 @@ def test_hkd_train_command_on_a_real_store(tmp_path, capsys):
     assert train.train(stopped)["step"] == 2
     resumed = train.train(config.load("digits", [*online, f"train.out={tmp_path / 'online2'}", "train.max_steps=4"]),
                           resume=True)  # fmt: skip
-    a, b = (checkpoint.load(tmp_path / run / "checkpoint.pt") for run in ("online", "online2"))
+    a, b = (files.load(tmp_path / run / "checkpoint.pt") for run in ("online", "online2"))
     assert resumed["step"] == 4
     assert_same(a["model"], b["model"])
     assert_same(a["ema"], b["ema"])

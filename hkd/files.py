@@ -1,9 +1,9 @@
 """Every file hkd writes and reads back: atomic, checksummed, pickle-free; plus resume state and run control, and
 model folders (save_pretrained / load_pretrained: safetensors weights and a JSON config).
 
-    checkpoint.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), ...,
-                           "rng": checkpoint.rng_state(), "step": step})
-    state = checkpoint.load(path); model.load_state_dict(state["model"]); checkpoint.set_rng_state(state["rng"])
+    files.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), ...,
+                      "rng": files.rng_state(), "step": step})
+    state = files.load(path); model.load_state_dict(state["model"]); files.set_rng_state(state["rng"])
 
 * `atomic_write` is the one way hkd writes a file: a temporary file in the same folder (created with the user's
   umask), flushed to disk and renamed over the target (os.replace is atomic), so a kill at any moment leaves either
@@ -349,8 +349,18 @@ def save_pretrained(directory: str | os.PathLike, state: dict[str, torch.Tensor]
     if bad:
         raise NonFiniteError(f"not saving the model to {directory}: non-finite weights in {', '.join(bad[:5])}")
     metadata = {"format": config["format"], DIGEST_KEY: digest(state)}
-    atomic_write(Path(directory) / WEIGHTS_NAME, save(state, metadata=metadata))
+    atomic_write(Path(directory) / WEIGHTS_NAME, _sorted_header(save(state, metadata=metadata)))
     atomic_write(Path(directory) / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+
+
+def _sorted_header(blob: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted: safetensors writes the metadata in the order of a hash
+    map, which changes from process to process, so the same weights gave different files. Offsets are relative to
+    the data, which is unchanged; the header stays padded to 8 bytes, as the format asks."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + blob[8 + n :]
 
 
 def load_pretrained(directory: str | os.PathLike, kind: str, build: Callable[[dict[str, Any]], torch.nn.Module]):
