@@ -124,12 +124,14 @@ def test_photos_feature_space_tells_real_patches_from_corrupted_ones(monkeypatch
 
 @pytest.mark.slow
 def test_quick_photos_demo_runs_every_stage(tmp_path):
-    """The photos pipeline at toy scale: every stage, the ablation, the band spectra under both readings, the
-    colour edits, and the report's links."""
+    """The photos pipeline at toy scale (--quality at the quick preset's sizes, overrides last): every stage, the
+    ablation, the band spectra under both readings, the colour edits, and the report's links."""
+    from hkd.demo import QUICK
+
     out = tmp_path / "demo"
     env = {**__import__("os").environ, "HKD_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "hkd.cli", "demo", "--config", "photos", "--quick", "--out", str(out),
-           "train.threads=1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "hkd.cli", "demo", "--config", "photos", "--quality", "--out", str(out),
+           "train.threads=1", *QUICK]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=2400, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (out / "report.md").read_text()
