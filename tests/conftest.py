@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 import zlib
@@ -12,12 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-# hkd chooses the OpenMP wait policy before torch loads (passive when other processes keep a core busy; see
-# hkd/openmp.py), so it is imported first.
-import hkd  # noqa: E402, F401, I001 (before torch)
+# hkd's entry point chooses the OpenMP wait policy before torch loads (passive when other processes keep a core busy:
+# hkd/openmp.py). The tests choose the same way, from that module's file: importing the hkd package here would load
+# torch (and, through torch._dynamo, triton.language) before TRITON_INTERPRET is set below.
+_spec = importlib.util.spec_from_file_location("_hkd_openmp", Path(__file__).resolve().parents[1] / "hkd" / "openmp.py")
+_openmp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_openmp)
+_openmp.choose_wait_policy()
 import torch  # noqa: E402
 
-# Triton kernels run on the CPU through the interpreter here; it must be set before they are imported.
+# Triton kernels run on the CPU through the interpreter here; it must be set before triton.language is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
