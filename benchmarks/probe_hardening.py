@@ -258,10 +258,10 @@ def stale_temporaries(root: Path, tmp: Path) -> str:
     code, _ = cli(train_args(root, run))
     assert code == 0, code
     script = (
-        "import os, signal, torch, sys\nfrom hkd import checkpoint\n"
+        "import os, signal, torch, sys\nfrom hkd import files\n"
         "def die(obj, file, *a, **k): file.write(b'partial'); file.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = die\n"
-        f"checkpoint.save({str(run / 'checkpoint.pt')!r}, {{'step': 1}})\n"
+        f"files.save({str(run / 'checkpoint.pt')!r}, {{'step': 1}})\n"
     )
     subprocess.run([sys.executable, "-c", script], env={**os.environ}, check=False)
     left = list(run.glob(".*tmp"))

@@ -250,9 +250,9 @@ def test_atomic_write_respects_the_umask_and_a_lock_cleans_what_a_kill_left(tmp_
     # a writer killed (-9) in the middle of a save leaves its temporary file, never a half-written target
     files.save(tmp_path / "run" / "checkpoint.pt", {"step": 1})
     script = (
-        "import os, signal, torch; from hkd import checkpoint\n"
+        "import os, signal, torch; from hkd import files\n"
         "def die(file): file.write(b'partial'); file.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"checkpoint.atomic_write({str(tmp_path / 'run' / 'checkpoint.pt')!r}, die)\n"
+        f"files.atomic_write({str(tmp_path / 'run' / 'checkpoint.pt')!r}, die)\n"
     )
     assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
     assert files.load(tmp_path / "run" / "checkpoint.pt")["step"] == 1
