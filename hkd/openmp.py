@@ -13,6 +13,7 @@ Time at a higher nice value than hkd's own counts as idle: the kernel runs hkd's
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def choose_wait_policy() -> str | None:
     """Set OMP_WAIT_POLICY=PASSIVE if other processes keep a core busy; returns the policy set (None: left alone).
 
     Only before torch loads (the policy is read once, then), and only where the user has not chosen one."""
-    if "torch" in __import__("sys").modules or "OMP_WAIT_POLICY" in os.environ:
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
         return None
     try:
         busy = busy_cores()
